@@ -1,0 +1,399 @@
+"""Resolve model references and load / save models in the diffusers folder layout.
+
+A model reference is, in this order: a local folder, a built-in name (the embedded default model),
+or a Hugging Face hub repo id (downloaded through huggingface_hub when online). Weights are
+safetensors, one file or sharded with an index; pickle checkpoints are refused unless the caller
+passes ``allow_pickle=True``. Models are built on the meta device and filled with
+``load_state_dict(assign=True)``, so loading never allocates random weights first.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import os
+from collections.abc import Callable, Mapping
+from importlib import resources
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from torch import nn
+
+from .errors import CheckpointError, ConfigError, suggest
+from .utils import atomic_path, atomic_write_text
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAMES = ("diffusion_pytorch_model.safetensors", "model.safetensors")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+DIFFUSERS_VERSION = "0.42.1"  # the diffusers version whose folder layout we write
+
+# Built-in model names -> folder inside the installed package (see sanaflow/assets/).
+BUILTIN_MODELS: dict[str, str] = {
+    "sanaflow/shapes-tiny": "shapes-tiny",
+}
+DEFAULT_MODEL = "sanaflow/shapes-tiny"
+
+T = TypeVar("T", bound="ModelMixin")
+
+
+# --------------------------------------------------------------------------------------------
+# Reference resolution
+# --------------------------------------------------------------------------------------------
+
+
+def builtin_path(name: str) -> Path | None:
+    """Folder of a built-in model (installed with the package), or None for other names."""
+    folder = BUILTIN_MODELS.get(name)
+    if folder is None:
+        return None
+    return Path(str(resources.files("sanaflow") / "assets" / folder))
+
+
+def resolve_model_path(ref: str | os.PathLike | None, subfolder: str | None = None) -> Path:
+    """Return the local folder holding model `ref` (local path, built-in name, or hub repo id).
+
+    `None` means the embedded default model. Hub repos are downloaded with huggingface_hub;
+    when that is impossible (offline, unknown repo) a `CheckpointError` says so.
+    """
+    ref = DEFAULT_MODEL if ref is None else ref
+    path = Path(ref).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise CheckpointError(f"model reference {str(ref)!r} is a file; expected a folder in diffusers layout")
+        root = path
+    elif (builtin := builtin_path(str(ref))) is not None:
+        if not builtin.is_dir():
+            raise CheckpointError(f"built-in model {str(ref)!r} is not installed (missing {builtin})")
+        root = builtin
+    else:
+        root = _download(str(ref), subfolder)
+    if subfolder:
+        sub = root / subfolder
+        if not sub.is_dir():
+            raise CheckpointError(f"{root} has no subfolder {subfolder!r}")
+        return sub
+    return root
+
+
+def _looks_like_repo_id(ref: str) -> bool:
+    parts = ref.split("/")
+    return len(parts) == 2 and all(parts) and not ref.startswith((".", "~"))
+
+
+def _download(ref: str, subfolder: str | None) -> Path:
+    if not _looks_like_repo_id(ref):
+        raise CheckpointError(
+            f"model {ref!r} not found: it is not a local folder, not a built-in model "
+            f"({', '.join(BUILTIN_MODELS)}), and not a hub repo id of the form 'owner/name'"
+        )
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as e:  # pragma: no cover - huggingface_hub is a hard dependency
+        raise CheckpointError(f"cannot download {ref!r}: huggingface_hub is not installed") from e
+    patterns = None
+    if subfolder:
+        patterns = [f"{subfolder}/*", "model_index.json"]
+    try:
+        return Path(snapshot_download(ref, allow_patterns=patterns))
+    except Exception as e:  # huggingface_hub raises many types: offline, 404, gated, auth
+        raise CheckpointError(
+            f"model {ref!r} is not a local folder and could not be downloaded from the hub "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no details'}); "
+            "pass a local diffusers-format folder or connect to the network"
+        ) from e
+
+
+# --------------------------------------------------------------------------------------------
+# Config files
+# --------------------------------------------------------------------------------------------
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """Read a JSON object from `path`, raising `CheckpointError` when missing or malformed."""
+    if not path.is_file():
+        raise CheckpointError(f"missing {path.name} in {path.parent}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"cannot read {path}: {e}") from e
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} does not hold a JSON object")
+    return data
+
+
+class FrozenConfig(Mapping[str, Any]):
+    """Read-only constructor arguments of a model, reachable as keys and as attributes."""
+
+    def __init__(self, data: Mapping[str, Any]):
+        object.__setattr__(self, "_data", dict(data))
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self._data[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("model configs are read-only; build a new model instead")
+
+    def __getitem__(self, key: str) -> Any:
+        return self._data[key]
+
+    def __iter__(self):
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain-dict copy, JSON-serialisable."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in self._data.items()}
+
+    def __repr__(self) -> str:
+        return f"FrozenConfig({self._data!r})"
+
+
+def register_to_config(init: Callable) -> Callable:
+    """Decorate a model's ``__init__`` so that its bound arguments become ``self.config``."""
+    sig = inspect.signature(init)
+
+    @functools.wraps(init)
+    def wrapper(self, *args, **kwargs):
+        bound = sig.bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        values = {k: v for k, v in bound.arguments.items() if k != "self"}
+        init(self, *args, **kwargs)
+        object.__setattr__(self, "_config", FrozenConfig(values))
+
+    return wrapper
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    return value
+
+
+# --------------------------------------------------------------------------------------------
+# Weights
+# --------------------------------------------------------------------------------------------
+
+
+def _safetensors_load(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises SafetensorError / OSError on corrupt files
+        raise CheckpointError(f"cannot read weights file {path} (truncated or corrupt?): {e}") from e
+
+
+def find_weight_files(folder: Path, allow_pickle: bool = False) -> list[Path]:
+    """The weight files of a model folder: one safetensors file, or the shards of an index."""
+    for name in WEIGHTS_NAMES:
+        index = folder / f"{name}.index.json"
+        if index.is_file():
+            weight_map = read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise CheckpointError(f"{index} has no 'weight_map'")
+            shards = sorted({folder / v for v in weight_map.values()})
+            missing = [s.name for s in shards if not s.is_file()]
+            if missing:
+                raise CheckpointError(f"{index} names shard files that are missing: {', '.join(missing)}")
+            return shards
+        if (folder / name).is_file():
+            return [folder / name]
+    others = sorted(p for p in folder.glob("*.safetensors"))
+    if len(others) == 1:
+        return others
+    pickles = sorted(p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES) if folder.is_dir() else []
+    if pickles:
+        if allow_pickle:
+            return pickles[:1]
+        raise CheckpointError(
+            f"{folder} holds only pickle checkpoint(s) ({', '.join(p.name for p in pickles)}), which can run "
+            "arbitrary code when loaded; convert them to safetensors or pass allow_pickle=True"
+        )
+    raise CheckpointError(
+        f"no weights in {folder}: expected {' or '.join(WEIGHTS_NAMES)} (or a sharded *.safetensors.index.json)"
+    )
+
+
+def load_state_dict_files(files: list[Path]) -> dict[str, torch.Tensor]:
+    """Read and merge the tensors of safetensors files (or one pickle file, when allowed)."""
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        if f.suffix == ".safetensors":
+            part = _safetensors_load(f)
+        else:
+            try:
+                part = torch.load(f, map_location="cpu", weights_only=True)
+            except Exception as e:
+                raise CheckpointError(f"cannot read pickle checkpoint {f}: {e}") from e
+            part = part.get("state_dict", part) if isinstance(part, dict) else part
+        state.update(part)
+    return state
+
+
+def save_state_dict(state: Mapping[str, torch.Tensor], folder: Path, name: str, max_shard_bytes: int | None) -> None:
+    """Write `state` as `name` (one file) or as shards with an index when above `max_shard_bytes`."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    if max_shard_bytes is None or total <= max_shard_bytes:
+        with atomic_path(folder / name) as tmp:
+            save_file(state, str(tmp), metadata={"format": "pt"})
+        return
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for k, t in state.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k] = t
+        size += nbytes
+    stem, ext = name.rsplit(".", 1)
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        shard_name = f"{stem}-{i + 1:05d}-of-{len(shards):05d}.{ext}"
+        with atomic_path(folder / shard_name) as tmp:
+            save_file(shard, str(tmp), metadata={"format": "pt"})
+        weight_map.update({k: shard_name for k in shard})
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    atomic_write_text(folder / f"{name}.index.json", json.dumps(index, indent=2))
+
+
+# --------------------------------------------------------------------------------------------
+# The model mixin
+# --------------------------------------------------------------------------------------------
+
+
+class ModelMixin(nn.Module):
+    """Config, ``from_pretrained`` and ``save_pretrained`` in diffusers' folder layout.
+
+    Subclasses decorate ``__init__`` with `register_to_config` and set ``diffusers_class_name``
+    (written as ``_class_name`` in config.json) and ``weights_name``.
+    """
+
+    diffusers_class_name: str = ""
+    weights_name: str = "diffusion_pytorch_model.safetensors"
+
+    @property
+    def config(self) -> FrozenConfig:
+        """The constructor arguments (diffusers' config.json keys)."""
+        return self._config
+
+    @classmethod
+    def config_keys(cls) -> list[str]:
+        """The keys a config.json for this class may hold (its constructor arguments)."""
+        init = inspect.unwrap(cls.__init__)
+        return [p for p in inspect.signature(init).parameters if p != "self"]
+
+    @classmethod
+    def validate_config(cls, config: Mapping[str, Any], source: str = "config") -> dict[str, Any]:
+        """Drop diffusers' bookkeeping keys (``_class_name`` ...), reject unknown keys by name."""
+        valid = cls.config_keys()
+        clean = {k: v for k, v in config.items() if not k.startswith("_")}
+        unknown = [k for k in clean if k not in valid]
+        if unknown:
+            hints = "; ".join(f"{k!r}{suggest(k, valid)}" for k in unknown)
+            raise ConfigError(
+                f"{source}: unknown key(s) for {cls.__name__}: {hints}; valid keys: {', '.join(valid)}"
+            )
+        return clean
+
+    @classmethod
+    def from_config(cls: type[T], config: Mapping[str, Any], source: str = "config") -> T:
+        """Build a randomly initialised model from a config mapping (validated)."""
+        return cls(**cls.validate_config(config, source))
+
+    def _init_computed_buffers(self) -> None:
+        """Recompute buffers that are not stored in checkpoints (after loading on meta)."""
+
+    @classmethod
+    def from_pretrained(
+        cls: type[T],
+        ref: str | os.PathLike | None,
+        subfolder: str | None = None,
+        torch_dtype: torch.dtype | None = None,
+        device: str | torch.device | None = None,
+        allow_pickle: bool = False,
+    ) -> T:
+        """Load a model from a diffusers-format folder, a built-in name or a hub repo id."""
+        folder = resolve_model_path(ref, subfolder)
+        config_path = folder / CONFIG_NAME
+        config = cls.validate_config(read_json(config_path), source=str(config_path))
+        state = load_state_dict_files(find_weight_files(folder, allow_pickle=allow_pickle))
+        dtype = torch_dtype or torch.float32
+        with torch.device("meta"):
+            model = cls(**config)
+        model.load_weights(state, dtype=dtype, source=str(folder))
+        if device is not None:
+            model.to(device)
+        return model.eval()
+
+    def load_weights(self, state: Mapping[str, torch.Tensor], dtype: torch.dtype | None = None, source: str = "") -> None:
+        """Assign a full state dict (strict), checking keys and shapes with readable errors."""
+        expected = self.state_dict(keep_vars=True)
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        where = f" in {source}" if source else ""
+        if missing or unexpected:
+            parts = []
+            if missing:
+                parts.append(f"missing keys: {_abbrev(missing)}")
+            if unexpected:
+                parts.append(f"unexpected keys: {_abbrev(unexpected)}")
+            raise CheckpointError(
+                f"checkpoint{where} does not match {type(self).__name__} (another architecture or config?): "
+                + "; ".join(parts)
+            )
+        wrong = [
+            f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+            for k, v in expected.items()
+            if tuple(state[k].shape) != tuple(v.shape)
+        ]
+        if wrong:
+            raise CheckpointError(f"checkpoint{where} has tensors of the wrong shape: {_abbrev(wrong)}")
+        cast = {}
+        for k, v in state.items():
+            ref = expected[k]
+            target = dtype if (dtype is not None and v.is_floating_point()) else None
+            if target is None and ref.is_floating_point() and v.is_floating_point() and ref.device.type != "meta":
+                target = ref.dtype
+            cast[k] = v.to(target) if target is not None else v
+        self.load_state_dict(cast, strict=True, assign=True)
+        leftovers = [n for n, t in [*self.named_parameters(), *self.named_buffers()] if t.is_meta]
+        if leftovers:
+            self._init_computed_buffers()
+            leftovers = [n for n, t in [*self.named_parameters(), *self.named_buffers()] if t.is_meta]
+        if leftovers:
+            raise CheckpointError(f"checkpoint{where} left tensors uninitialised: {_abbrev(leftovers)}")
+
+    def save_pretrained(self, path: str | os.PathLike, max_shard_size: int | None = 5 * 2**30) -> Path:
+        """Write ``config.json`` and safetensors weights (sharded above `max_shard_size` bytes)."""
+        folder = Path(path)
+        folder.mkdir(parents=True, exist_ok=True)
+        config = {"_class_name": self.diffusers_class_name or type(self).__name__,
+                  "_diffusers_version": DIFFUSERS_VERSION}
+        config.update(_jsonable(self.config.to_dict()))
+        save_state_dict(self.state_dict(), folder, self.weights_name, max_shard_size)
+        atomic_write_text(folder / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=False) + "\n")
+        return folder
+
+    def num_parameters(self) -> int:
+        """Number of parameters."""
+        return sum(p.numel() for p in self.parameters())
+
+
+def _abbrev(items: list[str], n: int = 8) -> str:
+    shown = ", ".join(items[:n])
+    return shown + (f" ... (+{len(items) - n} more)" if len(items) > n else "")
