@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "sanaflow.commands.shapes",
     "sanaflow.commands.train",
     "sanaflow.commands.video",
+    "sanaflow.commands.quantize",
 )
 
 EXIT_USAGE = 2

@@ -28,6 +28,8 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAMES = ("diffusion_pytorch_model.safetensors", "model.safetensors")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 DIFFUSERS_VERSION = "0.42.1"  # the diffusers version whose folder layout we write
+# config.json entry of a quantized model folder (written by sanaflow.quant.save_quantized)
+QUANTIZATION_KEY = "_sanaflow_quantization"
 
 # Built-in model names -> folder inside the installed package (see sanaflow/assets/).
 BUILTIN_MODELS: dict[str, str] = {
@@ -95,9 +97,17 @@ def _download(ref: str, subfolder: str | None) -> Path:
     patterns = None
     if subfolder:
         patterns = [f"{subfolder}/*", "model_index.json"]
+    # Read the switch now, not at huggingface_hub's import: a caller (or a test) may set it later.
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
     try:
-        return Path(snapshot_download(ref, allow_patterns=patterns))
+        return Path(snapshot_download(ref, allow_patterns=patterns, local_files_only=offline))
     except Exception as e:  # huggingface_hub raises many types: offline, 404, gated, auth
+        if offline:
+            raise CheckpointError(
+                f"model {ref!r} is not a local folder and is not in the hub cache, and the hub is offline "
+                "(HF_HUB_OFFLINE is set); pass a local diffusers-format folder, or unset HF_HUB_OFFLINE "
+                "on a machine with network access"
+            ) from e
         raise CheckpointError(
             f"model {ref!r} is not a local folder and could not be downloaded from the hub "
             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no details'}); "
@@ -212,6 +222,11 @@ def find_weight_files(folder: Path, allow_pickle: bool = False) -> list[Path]:
     others = sorted(p for p in folder.glob("*.safetensors"))
     if len(others) == 1:
         return others
+    if len(others) > 1:
+        raise CheckpointError(
+            f"{folder} holds several safetensors files ({', '.join(p.name for p in others)}) but no "
+            f"*.safetensors.index.json saying how they combine; expected {' or '.join(WEIGHTS_NAMES)}"
+        )
     pickles = sorted(p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES) if folder.is_dir() else []
     if pickles:
         if allow_pickle:
@@ -247,9 +262,14 @@ def save_state_dict(state: Mapping[str, torch.Tensor], folder: Path, name: str, 
 
     state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     total = sum(t.numel() * t.element_size() for t in state.values())
+    stem, ext = name.rsplit(".", 1)
+    # Files of an earlier save into the same folder: a leftover index would shadow a new single
+    # file (the index is looked up first), and leftover shards would mix two checkpoints.
+    stale = {*folder.glob(f"{stem}-*-of-*.{ext}"), folder / f"{name}.index.json", folder / name}
     if max_shard_bytes is None or total <= max_shard_bytes:
         with atomic_path(folder / name) as tmp:
             save_file(state, str(tmp), metadata={"format": "pt"})
+        _remove(stale - {folder / name})
         return
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
@@ -260,7 +280,6 @@ def save_state_dict(state: Mapping[str, torch.Tensor], folder: Path, name: str, 
             size = 0
         shards[-1][k] = t
         size += nbytes
-    stem, ext = name.rsplit(".", 1)
     weight_map = {}
     for i, shard in enumerate(shards):
         shard_name = f"{stem}-{i + 1:05d}-of-{len(shards):05d}.{ext}"
@@ -269,6 +288,12 @@ def save_state_dict(state: Mapping[str, torch.Tensor], folder: Path, name: str, 
         weight_map.update({k: shard_name for k in shard})
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     atomic_write_text(folder / f"{name}.index.json", json.dumps(index, indent=2))
+    _remove(stale - {folder / f"{name}.index.json"} - {folder / n for n in weight_map.values()})
+
+
+def _remove(paths: set[Path]) -> None:
+    for p in paths:
+        p.unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -308,6 +333,15 @@ class ModelMixin(nn.Module):
             raise ConfigError(
                 f"{source}: unknown key(s) for {cls.__name__}: {hints}; valid keys: {', '.join(valid)}"
             )
+        params = inspect.signature(inspect.unwrap(cls.__init__)).parameters
+        required = [
+            k for k in valid
+            if params[k].default is inspect.Parameter.empty
+            and params[k].kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+            and k not in clean
+        ]
+        if required:
+            raise ConfigError(f"{source}: missing required key(s) for {cls.__name__}: {', '.join(map(repr, required))}")
         return clean
 
     @classmethod
@@ -328,9 +362,16 @@ class ModelMixin(nn.Module):
         allow_pickle: bool = False,
     ) -> T:
         """Load a model from a diffusers-format folder, a built-in name or a hub repo id."""
+        if torch_dtype is not None and not isinstance(torch_dtype, torch.dtype):
+            raise ConfigError(f"torch_dtype must be a torch.dtype such as torch.bfloat16, got {torch_dtype!r}")
         folder = resolve_model_path(ref, subfolder)
         config_path = folder / CONFIG_NAME
-        config = cls.validate_config(read_json(config_path), source=str(config_path))
+        raw_config = read_json(config_path)
+        if QUANTIZATION_KEY in raw_config:  # int8 / fp8 weights: the quantized layers are rebuilt first
+            from .quant import load_quantized
+
+            return load_quantized(cls, folder, torch_dtype=torch_dtype, device=device)
+        config = cls.validate_config(raw_config, source=str(config_path))
         state = load_state_dict_files(find_weight_files(folder, allow_pickle=allow_pickle))
         dtype = torch_dtype or torch.float32
         with torch.device("meta"):
@@ -388,6 +429,21 @@ class ModelMixin(nn.Module):
         save_state_dict(self.state_dict(), folder, self.weights_name, max_shard_size)
         atomic_write_text(folder / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=False) + "\n")
         return folder
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the model's first parameter (or buffer), as in diffusers."""
+        for t in [*self.parameters(), *self.buffers()]:
+            return t.device
+        return torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Dtype of the model's first floating-point parameter (or buffer), as in diffusers."""
+        for t in [*self.parameters(), *self.buffers()]:
+            if t.is_floating_point():
+                return t.dtype
+        return torch.get_default_dtype()
 
     def num_parameters(self) -> int:
         """Number of parameters."""

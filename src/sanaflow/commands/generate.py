@@ -1,0 +1,220 @@
+"""`sanaflow generate` (prompts -> PNGs with metadata) and `sanaflow info` (what a model folder holds)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError, InputError, SanaflowError
+
+MAX_SIDE = 4096
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the `generate` and `info` subcommands."""
+    p = sub.add_parser("generate", help="generate images from text prompts",
+                       description="Generate images from text prompts (default model: the embedded shapes model).")
+    p.add_argument("prompt", nargs="*", help="one or more prompts (quote each)")
+    p.add_argument("--prompts-file", type=Path, help="a text file with one prompt per line")
+    p.add_argument("--model", default=None, help="model folder, built-in name or hub repo id (default: embedded)")
+    p.add_argument("--negative", default="", help="negative prompt")
+    p.add_argument("--size", default=None, help="WIDTHxHEIGHT, multiples of 32 (default: the model's native size)")
+    p.add_argument("--steps", type=int, default=20, help="sampling steps (default 20)")
+    p.add_argument("--cfg", type=float, default=4.5, help="classifier-free guidance scale (default 4.5)")
+    p.add_argument("--pag", type=float, default=0.0, help="perturbed-attention guidance scale (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first image; image k uses seed+k (default 0)")
+    p.add_argument("-n", "--num-images", type=int, default=1, help="images per prompt (default 1)")
+    p.add_argument("--sampler", default="dpm++2m", help="dpm++2m (default) or euler")
+    p.add_argument("--out", type=Path, default=Path("outputs"), help="output folder (default ./outputs)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--batch-size", type=int, default=4, help="images per model call (default 4)")
+    p.set_defaults(func=run_generate)
+
+    i = sub.add_parser("info", help="print a model's config, parameter counts and dtype")
+    i.add_argument("model", nargs="?", default=None, help="model folder, built-in name or hub repo id (default: embedded)")
+    i.add_argument("--json", action="store_true", help="print JSON instead of text")
+    i.set_defaults(func=run_info)
+
+
+def parse_size(text: str | None) -> tuple[int, int] | None:
+    """'WxH' -> (width, height), validated: multiples of 32, at most MAX_SIDE."""
+    if text is None:
+        return None
+    m = re.fullmatch(r"\s*(\d+)\s*[xX*]\s*(\d+)\s*", text)
+    if not m:
+        raise InputError(f"--size {text!r} is not WIDTHxHEIGHT, e.g. 1024x768")
+    w, h = int(m.group(1)), int(m.group(2))
+    from ..pipelines.resolution import check_size
+
+    check_size(h, w, 32, MAX_SIDE)
+    return w, h
+
+
+def read_prompts(args: argparse.Namespace) -> list[str]:
+    """Prompts from the command line and the prompts file; each must be non-empty."""
+    prompts = list(args.prompt)
+    if args.prompts_file is not None:
+        try:
+            lines = args.prompts_file.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise InputError(f"cannot read prompts file {args.prompts_file}: {e}") from e
+        prompts += [line.strip() for line in lines if line.strip()]
+    if not prompts:
+        raise InputError("no prompt given; pass a prompt or --prompts-file")
+    for p in prompts:
+        if not p.strip():
+            raise InputError("empty prompt; describe the image you want")
+    return prompts
+
+
+def check_writable(folder: Path) -> None:
+    """Create `folder` and make sure files can be written there, before any work is done."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise InputError(f"cannot write to output folder {folder}: {e.strerror or e}") from e
+
+
+def slug(text: str, n: int = 40) -> str:
+    """A short filename-safe form of a prompt."""
+    s = re.sub(r"[^a-zA-Z0-9]+", "-", text.lower()).strip("-")
+    return s[:n].rstrip("-") or "image"
+
+
+def png_metadata(meta: dict[str, Any]):
+    """PNG text chunks: one per field, plus a JSON 'sanaflow' chunk and an A1111-style 'parameters' line."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    for k, v in meta.items():
+        info.add_text(k, str(v))
+    info.add_text("sanaflow", json.dumps(meta))
+    info.add_text("parameters", f"{meta['prompt']}\nNegative prompt: {meta['negative_prompt']}\n"
+                                f"Steps: {meta['steps']}, Sampler: {meta['sampler']}, CFG scale: {meta['guidance_scale']}, "
+                                f"Seed: {meta['seed']}, Size: {meta['width']}x{meta['height']}, Model: {meta['model']}")
+    return info
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    """Generate images for every prompt and write PNGs (atomically) with their settings."""
+    from tqdm import tqdm
+
+    from .. import __version__, sampling
+    from ..pipelines import load_pipeline
+    from ..utils import atomic_path, atomic_write_text
+
+    # Validate everything cheap before loading a model.
+    prompts = read_prompts(args)
+    size = parse_size(args.size)
+    if args.sampler not in sampling.SAMPLERS:
+        from ..errors import unknown_choice
+
+        raise unknown_choice("sampler", args.sampler, [s for s in sampling.SAMPLERS if s != "scm"])
+    for name, v, lo in (("--steps", args.steps, 1), ("-n", args.num_images, 1), ("--batch-size", args.batch_size, 1)):
+        if v < lo:
+            raise InputError(f"{name} must be >= {lo}, got {v}")
+    if args.steps > 1000:
+        raise InputError(f"--steps {args.steps} is above the limit of 1000")
+    check_writable(args.out)
+
+    pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype)
+    width, height = size if size is not None else (pipe.native_size, pipe.native_size)
+
+    jobs = [(p, args.seed + k * args.num_images + j) for k, p in enumerate(prompts) for j in range(args.num_images)]
+    written = []
+    bar = tqdm(total=len(jobs), desc="images", unit="img", file=sys.stderr, disable=None)
+    for start in range(0, len(jobs), args.batch_size):
+        chunk = jobs[start : start + args.batch_size]
+        out = pipe([p for p, _ in chunk], negative_prompt=args.negative, height=height, width=width,
+                   num_inference_steps=args.steps, guidance_scale=args.cfg, pag_scale=args.pag,
+                   seed=[s for _, s in chunk], sampler=args.sampler, output_type="pil")
+        for (p, s), img in zip(chunk, out.images):
+            meta = {"prompt": p, "negative_prompt": args.negative, "seed": s, "steps": args.steps,
+                    "guidance_scale": args.cfg, "pag_scale": args.pag, "sampler": args.sampler,
+                    "model": pipe.name, "width": width, "height": height, "sanaflow_version": __version__}
+            path = args.out / f"{len(written):04d}-{slug(p)}-{s}.png"
+            with atomic_path(path) as tmp:
+                img.save(tmp, format="PNG", pnginfo=png_metadata(meta))
+            written.append(path)
+            bar.update(1)
+    bar.close()
+    settings = {"model": pipe.name, "prompts": prompts, "negative_prompt": args.negative, "width": width,
+                "height": height, "steps": args.steps, "guidance_scale": args.cfg, "pag_scale": args.pag,
+                "seed": args.seed, "num_images": args.num_images, "sampler": args.sampler,
+                "device": str(pipe.device), "dtype": str(pipe.transformer.dtype).removeprefix("torch."),
+                "files": [p.name for p in written]}
+    import yaml
+
+    atomic_write_text(args.out / "config.yaml", yaml.safe_dump(settings, sort_keys=False))
+    for p in written:
+        print(p)
+    return 0
+
+
+def _weights_summary(folder: Path) -> dict[str, Any]:
+    """Parameter count and dtypes of a model folder, read from safetensors headers (no tensors loaded)."""
+    from safetensors import safe_open
+
+    from ..hub import find_weight_files
+
+    count, dtypes = 0, set()
+    for f in find_weight_files(folder):
+        try:
+            with safe_open(str(f), framework="pt") as st:
+                for k in st.keys():
+                    sl = st.get_slice(k)
+                    n = 1
+                    for d in sl.get_shape():
+                        n *= d
+                    count += n
+                    dtypes.add(sl.get_dtype())
+        except Exception as e:
+            raise SanaflowError(f"cannot read weights file {f}: {e}") from e
+    return {"parameters": count, "dtype": ",".join(sorted(dtypes))}
+
+
+def run_info(args: argparse.Namespace) -> int:
+    """Print each component's config, parameter count and stored dtype."""
+    from ..hub import read_json, resolve_model_path
+
+    root = resolve_model_path(args.model)
+    report: dict[str, Any] = {"model": args.model or "embedded default", "path": str(root)}
+    index_path = root / "model_index.json"
+    parts = ["transformer", "vae"] if index_path.is_file() else [None]
+    if index_path.is_file():
+        index = read_json(index_path)
+        report["pipeline"] = index.get("_class_name")
+        report["text_encoder"] = index.get("text_encoder")
+        sched = root / "scheduler" / "scheduler_config.json"
+        if sched.is_file():
+            report["scheduler"] = read_json(sched)
+    for part in parts:
+        folder = root / part if part else root
+        if not (folder / "config.json").is_file():
+            raise ConfigError(f"{folder} has no config.json; is it a diffusers-format model folder?")
+        entry = {"config": {k: v for k, v in read_json(folder / "config.json").items() if not k.startswith("_")}}
+        entry.update(_weights_summary(folder))
+        report[part or "model"] = entry
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"model: {report['model']}  ({report['path']})")
+    for key in ("pipeline", "text_encoder"):
+        if report.get(key):
+            print(f"{key}: {report[key]}")
+    for part in parts:
+        entry = report[part or "model"]
+        print(f"[{part or 'model'}] {entry['parameters'] / 1e6:.2f} M parameters, dtype {entry['dtype']}")
+        for k, v in entry["config"].items():
+            print(f"  {k}: {v}")
+    if "scheduler" in report:
+        print(f"[scheduler] {report['scheduler'].get('_class_name')}")
+    return 0

@@ -1,0 +1,150 @@
+"""`sanaflow edit VIDEO --prompt P` (TokenFlow video editing) and `sanaflow invert VIDEO`."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+from pathlib import Path
+
+from ..errors import InputError
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("video", help="video file (mp4, mov, webm, gif, ...) or a folder of frames")
+    p.add_argument("--model", default=None, help="model folder / hub id (default: the embedded model)")
+    p.add_argument("--source-prompt", default="", help="prompt describing the source video (default: empty)")
+    p.add_argument("--steps", type=int, default=50, help="editing steps; latents are cached at these times")
+    p.add_argument("--inversion-steps", type=int, default=None,
+                   help="inversion steps (default: --steps, the fast setting; TokenFlow's public code uses 500)")
+    p.add_argument("--batch-size", type=int, default=8, help="frames per chunk and per model call")
+    p.add_argument("--frames", type=int, default=None, help="use at most N frames")
+    p.add_argument("--start", type=int, default=0, help="first frame to use")
+    p.add_argument("--stride", type=int, default=1, help="use every K-th frame")
+    p.add_argument("--size", type=int, default=None,
+                   help="longer side in pixels (default: the video's, at most 512), cropped to the model's multiple")
+    p.add_argument("--cache-dir", default=None, help="inversion cache folder (default: ~/.cache/sanaflow/inversions)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--dtype", default=None, help="model dtype: float32, bfloat16 or float16")
+    p.add_argument("--fps", type=float, default=None, help="frame rate of the output (default: the source's)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def register(subparsers) -> None:
+    """Add the `edit` and `invert` subcommands."""
+    from ..tokenflow.correspondence import CORRESPONDENCES
+    from ..tokenflow.editor import DEFAULT_NEGATIVE, MODES
+
+    edit = subparsers.add_parser("edit", help="edit a video with a text prompt (TokenFlow)",
+                                 description="Edit a video with a text prompt, keeping its motion (TokenFlow).")
+    _add_common(edit)
+    edit.add_argument("--prompt", required=True, help="what the edited video should show")
+    edit.add_argument("--negative", default=DEFAULT_NEGATIVE, help="negative prompt")
+    edit.add_argument("--mode", default="tokenflow-pnp", choices=MODES, help="editing method")
+    edit.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale")
+    edit.add_argument("--seed", type=int, default=1, help="seed of the keyframe draws")
+    edit.add_argument("--pnp-feature", type=float, default=0.8, help="fraction of steps with PnP feature injection")
+    edit.add_argument("--pnp-attn", type=float, default=0.5, help="fraction of steps with PnP attention injection")
+    edit.add_argument("--strength", type=float, default=0.9, help="tokenflow-sdedit: fraction of the schedule re-run")
+    edit.add_argument("--correspondence", default="features", choices=CORRESPONDENCES,
+                      help="token correspondences: diffusion-feature nearest neighbours or DIS optical flow")
+    edit.add_argument("--controlnet", default=None, choices=("canny",), help="extra conditioning (SD only)")
+    edit.add_argument("--controlnet-model", default=None,
+                      help="ControlNet folder (default: the model folder's controlnet/ subfolder)")
+    edit.add_argument("--controlnet-scale", type=float, default=1.0, help="ControlNet weight")
+    edit.add_argument("--out", default=None, help="output video (.mp4, .gif or a folder; default: VIDEO_edit.mp4)")
+    edit.add_argument("--side-by-side", default=None, metavar="FILE", help="also write source | edit")
+    edit.add_argument("--reconstruct", action="store_true",
+                      help="also write the inversion's reconstruction (OUT_reconstruction.mp4)")
+    edit.set_defaults(func=run_edit)
+
+    inv = subparsers.add_parser("invert", help="invert a video into cached latents and write its reconstruction",
+                                description="Invert a video (cached for later edits) and write the reconstruction.")
+    _add_common(inv)
+    inv.add_argument("--out", default=None, help="reconstruction video (default: VIDEO_reconstruction.mp4)")
+    inv.add_argument("--no-reconstruction", action="store_true", help="only fill the cache")
+    inv.set_defaults(func=run_invert)
+
+
+def _controlnet_ref(args) -> str | None:
+    if args.controlnet is None:
+        return None
+    if args.controlnet_model is not None:
+        return args.controlnet_model
+    from ..hub import resolve_model_path
+
+    folder = resolve_model_path(args.model) / "controlnet"
+    if not folder.is_dir():
+        raise InputError(f"--controlnet canny needs --controlnet-model (no controlnet/ folder in {folder.parent})")
+    return str(folder)
+
+
+def _read(args):
+    """Read the frames before any model loads, so bad input fails fast."""
+    from ..video import read_video
+
+    return read_video(args.video, frames=args.frames, start=args.start, stride=args.stride, fps=args.fps)
+
+
+def _pipeline(args, controlnet: str | None = None):
+    from ..pipelines.video_edit import VideoEditPipeline
+
+    if args.quiet:
+        # Loading bars of transformers / diffusers would break the one-line output of --quiet.
+        for name in ("transformers", "diffusers"):
+            if importlib.util.find_spec(name) is not None:
+                importlib.import_module(name).utils.logging.disable_progress_bar()
+    return VideoEditPipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype,
+                                             controlnet=controlnet, cache_dir=args.cache_dir)
+
+
+def _default_out(video: str, suffix: str) -> Path:
+    p = Path(video)
+    return p.with_name(f"{p.stem if p.is_file() else p.name}{suffix}.mp4")
+
+
+def run_edit(args) -> int:
+    """The `edit` subcommand."""
+    from ..video import side_by_side, write_video
+
+    clip = _read(args)
+    pipe = _pipeline(args, _controlnet_ref(args))
+    out = pipe(
+        clip, args.prompt, source_prompt=args.source_prompt, negative_prompt=args.negative, mode=args.mode,
+        steps=args.steps, inversion_steps=args.inversion_steps, guidance_scale=args.cfg,
+        pnp_feature=args.pnp_feature, pnp_attention=args.pnp_attn, strength=args.strength,
+        batch_size=args.batch_size, seed=args.seed, correspondence=args.correspondence,
+        control_scale=args.controlnet_scale if args.controlnet else None, size=args.size,
+        reconstruct=args.reconstruct, progress=not args.quiet,
+    )
+    fps = out.fps
+    target = Path(args.out) if args.out else _default_out(args.video, "_edit")
+    write_video(target, out.frames, fps)
+    inv = out.inversion
+    print(f"{'reused' if inv.reused else 'cached'} inversion: {inv.cache.folder}")
+    if inv.reconstruction is not None:
+        recon = target.with_name(f"{target.stem}_reconstruction.mp4")
+        write_video(recon, inv.reconstruction, fps)
+        print(f"wrote {recon}")
+    if args.side_by_side:
+        write_video(args.side_by_side, side_by_side(out.source, out.frames), fps)
+        print(f"wrote {args.side_by_side}")
+    print(f"wrote {target} ({len(out.frames)} frames, {out.frames.shape[2]}x{out.frames.shape[1]})")
+    return 0
+
+
+def run_invert(args) -> int:
+    """The `invert` subcommand."""
+    from ..video import write_video
+
+    source = _read(args)
+    pipe = _pipeline(args)
+    clip = pipe.prepare(source, size=args.size)
+    result = pipe.invert(clip, args.source_prompt, args.steps, args.inversion_steps, args.batch_size,
+                         reconstruct=not args.no_reconstruction, progress=not args.quiet)
+    print(f"{'reused' if result.reused else 'cached'} inversion: {result.cache.folder}")
+    if result.reconstruction is not None:
+        target = Path(args.out) if args.out else _default_out(args.video, "_reconstruction")
+        write_video(target, result.reconstruction, clip.fps)
+        print(f"wrote {target}")
+    return 0

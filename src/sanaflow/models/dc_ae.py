@@ -1,0 +1,718 @@
+"""DCAE: the deep-compression autoencoder of SANA, weight-compatible with diffusers' ``AutoencoderDC``.
+
+Constructor arguments, ``config.json`` keys and ``state_dict()`` keys are those of diffusers'
+``AutoencoderDC``, so its checkpoints (e.g. ``mit-han-lab/dc-ae-f32c32-sana-1.0-diffusers``) load
+strictly. The network is a stack of stages; each stage holds ResBlocks or EfficientViT blocks
+(multi-scale ReLU linear attention + GLU MBConv) and a down/up-sampling block with a
+channel-averaging / channel-repeating shortcut.
+
+Latents are *unscaled*: the diffusion model works on ``latents * config.scaling_factor``.
+
+Tiling. ``tiled_encode`` / ``tiled_decode`` cut the input into equal, overlapping tiles laid on the
+latent grid, run them through the network several at a time (one batched call per ``tile_batch``
+tiles), and accumulate each tile times a separable blending weight into one output buffer. The
+weights are a partition of unity: 1 in a tile's interior, and a raised-cosine cross-fade centred in
+each overlap, so a tile's border pixels (the ones distorted by zero padding) get almost no weight
+and no seam is visible. The EfficientViT attention is global, so a tiled result is close to, but
+not bit-equal to, the untiled one.
+
+Tiling policy (``decode(..., tiling="auto")``, also for ``encode``): tile when the image (output of
+decode, input of encode) has more than ``AUTO_TILE_PIXELS`` pixels (2048 x 2048); below that the
+untiled network is faster and fits in a few GiB; above it the untiled SANA-1.0 decoder needs about
+20 GiB at 4096 px. ``tiling=True`` / ``False`` force either path.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..errors import ConfigError, InputError, unknown_choice
+from ..hub import ModelMixin, register_to_config
+
+BLOCK_TYPES = ("ResBlock", "EfficientViTBlock")
+NORM_TYPES = ("rms_norm", "batch_norm")
+ACT_FNS = ("silu", "swish", "relu", "gelu", "mish")  # diffusers' get_activation names
+DOWNSAMPLE_TYPES = ("pixel_unshuffle", "Conv")
+UPSAMPLE_TYPES = ("pixel_shuffle", "interpolate")
+TILING_CHOICES = ("auto", True, False)
+
+NORM_EPS = 1e-5  # every norm of the reference (RMS and batch norm)
+ATTN_EPS = 1e-15  # linear-attention normaliser guard, as in the reference
+
+AUTO_TILE_PIXELS = 2048 * 2048  # tiling="auto" tiles images with more pixels than this
+DEFAULT_TILE = 1024  # tile side, image pixels
+DEFAULT_OVERLAP = 256  # overlap of neighbouring tiles, image pixels
+DEFAULT_TILE_BATCH = 4  # tiles run through the network in one call
+
+
+# --------------------------------------------------------------------------------------------
+# Layers
+# --------------------------------------------------------------------------------------------
+
+
+class RMSNorm2d(nn.Module):
+    """RMS norm over the channel axis of a (B, C, H, W) map, with weight and bias."""
+
+    def __init__(self, channels: int, eps: float = NORM_EPS):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # statistics in fp32 even for bf16 weights, as the reference does
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(dim=1, keepdim=True) + self.eps)  # (B, C, H, W)
+        y = y.to(self.weight.dtype)
+        return y * self.weight[:, None, None] + self.bias[:, None, None]
+
+
+def make_norm(norm_type: str, channels: int) -> nn.Module:
+    """A channel norm for (B, C, H, W) maps: 'rms_norm' or 'batch_norm'."""
+    if norm_type == "rms_norm":
+        return RMSNorm2d(channels)
+    if norm_type == "batch_norm":
+        return nn.BatchNorm2d(channels, eps=NORM_EPS)
+    raise unknown_choice("norm type", str(norm_type), NORM_TYPES)
+
+
+def make_act(name: str | None) -> nn.Module:
+    """An activation by diffusers' name (case-insensitive); None is the identity."""
+    if name is None:
+        return nn.Identity()
+    key = name.lower()
+    if key in ("silu", "swish"):
+        return nn.SiLU()
+    if key == "relu":
+        return nn.ReLU()
+    if key == "gelu":
+        return nn.GELU()
+    if key == "mish":
+        return nn.Mish()
+    raise unknown_choice("activation", name, ACT_FNS)
+
+
+def _pointwise(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Apply a Linear weight (out, in) across the channels of a (B, in, H, W) map."""
+    return F.conv2d(x, weight[:, :, None, None])  # (B, out, H, W)
+
+
+class ResBlock(nn.Module):
+    """conv3x3 -> act -> conv3x3 (no bias) -> norm, plus the input."""
+
+    def __init__(self, channels: int, norm_type: str, act_fn: str | None):
+        super().__init__()
+        self.nonlinearity = make_act(act_fn)
+        self.conv1 = nn.Conv2d(channels, channels, 3, 1, 1)
+        self.conv2 = nn.Conv2d(channels, channels, 3, 1, 1, bias=False)
+        self.norm = make_norm(norm_type, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv2(self.nonlinearity(self.conv1(x)))  # (B, C, H, W)
+        return self.norm(h) + x
+
+
+class MultiscaleProjection(nn.Module):
+    """Depthwise kxk conv then grouped 1x1 conv: the qkv of one extra attention scale."""
+
+    def __init__(self, inner: int, num_heads: int, kernel_size: int):
+        super().__init__()
+        channels = 3 * inner  # q, k and v together
+        self.proj_in = nn.Conv2d(channels, channels, kernel_size, padding=kernel_size // 2, groups=channels, bias=False)
+        self.proj_out = nn.Conv2d(channels, channels, 1, groups=3 * num_heads, bias=False)
+
+    def forward(self, qkv: torch.Tensor) -> torch.Tensor:
+        return self.proj_out(self.proj_in(qkv))  # (B, 3I, H, W)
+
+
+def multiscale_relu_attention(qkv: torch.Tensor, head_dim: int, eps: float = ATTN_EPS) -> torch.Tensor:
+    """ReLU attention of DC-AE over (B, heads * 3 * head_dim, H, W), q/k/v contiguous per head.
+
+    Linear (O(N d^2), fp32) when the map has more positions than head_dim, otherwise the small
+    quadratic form; both normalise by the summed ReLU scores, as the reference does.
+    """
+    b, _, h, w = qkv.shape
+    n = h * w
+    dtype = qkv.dtype
+    linear = n > head_dim
+    if linear:
+        qkv = qkv.float()  # the k^T v sums overflow / lose precision in half precision
+    qkv = qkv.reshape(b, -1, 3 * head_dim, n)  # (B, heads, 3d, N)
+    q, k, v = qkv.chunk(3, dim=2)  # each (B, heads, d, N)
+    q = F.relu(q)
+    k = F.relu(k)
+    if linear:
+        kv = v @ k.transpose(-1, -2)  # (B, heads, d, d)
+        num = kv @ q  # (B, heads, d, N)
+        den = k.sum(dim=-1, keepdim=True).transpose(-1, -2) @ q  # (B, heads, 1, N)
+        out = (num / (den + eps)).to(dtype)
+    else:
+        scores = (k.transpose(-1, -2) @ q).float()  # (B, heads, N_k, N_q)
+        scores = scores / (scores.sum(dim=2, keepdim=True) + eps)
+        out = v @ scores.to(v.dtype)  # (B, heads, d, N)
+    return out.reshape(b, -1, h, w)  # (B, heads * d, H, W)
+
+
+class MultiscaleLinearAttention(nn.Module):
+    """Multi-scale ReLU linear attention with output norm and residual (EfficientViT)."""
+
+    def __init__(self, channels: int, head_dim: int, norm_type: str, kernel_sizes: Sequence[int]):
+        super().__init__()
+        self.head_dim = head_dim
+        num_heads = int(channels // head_dim * 1.0)
+        inner = num_heads * head_dim
+        self.to_q = nn.Linear(channels, inner, bias=False)
+        self.to_k = nn.Linear(channels, inner, bias=False)
+        self.to_v = nn.Linear(channels, inner, bias=False)
+        self.to_qkv_multiscale = nn.ModuleList(MultiscaleProjection(inner, num_heads, k) for k in kernel_sizes)
+        self.to_out = nn.Linear(inner * (1 + len(kernel_sizes)), channels, bias=False)
+        self.norm_out = make_norm(norm_type, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w_qkv = torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight])  # (3I, C): one GEMM
+        qkv = _pointwise(x, w_qkv)  # (B, 3I, H, W)
+        qkv = torch.cat([qkv, *(proj(qkv) for proj in self.to_qkv_multiscale)], dim=1)  # (B, 3I(1+S), H, W)
+        out = multiscale_relu_attention(qkv, self.head_dim)  # (B, I(1+S), H, W)
+        out = _pointwise(out, self.to_out.weight)  # (B, C, H, W)
+        return self.norm_out(out) + x
+
+
+class GLUMBConv(nn.Module):
+    """1x1 expand -> SiLU -> depthwise 3x3 -> GLU gate -> 1x1 project -> RMS norm, plus the input."""
+
+    def __init__(self, channels: int, expand_ratio: float = 4.0):
+        super().__init__()
+        hidden = int(expand_ratio * channels)
+        self.conv_inverted = nn.Conv2d(channels, 2 * hidden, 1)
+        self.conv_depth = nn.Conv2d(2 * hidden, 2 * hidden, 3, 1, 1, groups=2 * hidden)
+        self.conv_point = nn.Conv2d(hidden, channels, 1, bias=False)
+        self.norm = RMSNorm2d(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv_depth(F.silu(self.conv_inverted(x)))  # (B, 2h, H, W)
+        h, gate = h.chunk(2, dim=1)  # (B, h, H, W) each
+        h = self.conv_point(h * F.silu(gate))  # (B, C, H, W)
+        return self.norm(h) + x
+
+
+class EfficientViTBlock(nn.Module):
+    """Global context (multi-scale linear attention) then local mixing (GLU MBConv)."""
+
+    def __init__(self, channels: int, head_dim: int, norm_type: str, qkv_multiscales: Sequence[int]):
+        super().__init__()
+        self.attn = MultiscaleLinearAttention(channels, head_dim, norm_type, qkv_multiscales)
+        self.conv_out = GLUMBConv(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv_out(self.attn(x))
+
+
+def make_block(block_type: str, channels: int, head_dim: int, norm_type: str, act_fn: str | None,
+               qkv_multiscales: Sequence[int]) -> nn.Module:
+    """One stage layer by name ('ResBlock' or 'EfficientViTBlock')."""
+    if block_type == "ResBlock":
+        return ResBlock(channels, norm_type, act_fn)
+    if block_type == "EfficientViTBlock":
+        return EfficientViTBlock(channels, head_dim, norm_type, qkv_multiscales)
+    raise unknown_choice("block type", str(block_type), BLOCK_TYPES)
+
+
+class DownBlock(nn.Module):
+    """Halve H and W: strided conv ('Conv') or conv + pixel-unshuffle, plus a channel-mean shortcut."""
+
+    def __init__(self, in_channels: int, out_channels: int, pixel_unshuffle: bool, shortcut: bool):
+        super().__init__()
+        self.pixel_unshuffle = pixel_unshuffle
+        self.shortcut = shortcut
+        self.group_size = in_channels * 4 // out_channels
+        conv_out = out_channels // 4 if pixel_unshuffle else out_channels
+        self.conv = nn.Conv2d(in_channels, conv_out, 3, stride=1 if pixel_unshuffle else 2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        if self.pixel_unshuffle:
+            y = F.pixel_unshuffle(y, 2)  # (B, out, H/2, W/2)
+        if self.shortcut:
+            s = F.pixel_unshuffle(x, 2)  # (B, 4 in, H/2, W/2)
+            y = y + s.unflatten(1, (-1, self.group_size)).mean(dim=2)  # (B, out, H/2, W/2)
+        return y
+
+
+class UpBlock(nn.Module):
+    """Double H and W: nearest upsample + conv ('interpolate') or conv + pixel-shuffle, plus a repeat shortcut."""
+
+    def __init__(self, in_channels: int, out_channels: int, interpolate: bool, shortcut: bool):
+        super().__init__()
+        self.interpolate = interpolate
+        self.shortcut = shortcut
+        self.repeats = out_channels * 4 // in_channels
+        conv_out = out_channels if interpolate else out_channels * 4
+        self.conv = nn.Conv2d(in_channels, conv_out, 3, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.interpolate:
+            y = self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))  # (B, out, 2H, 2W)
+        else:
+            y = F.pixel_shuffle(self.conv(x), 2)  # (B, out, 2H, 2W)
+        if self.shortcut:
+            s = x.repeat_interleave(self.repeats, dim=1, output_size=x.shape[1] * self.repeats)  # (B, 4 out, H, W)
+            y = y + F.pixel_shuffle(s, 2)
+        return y
+
+
+@dataclass(frozen=True)
+class Step:
+    """One layer of a network as the tiler sees it."""
+
+    fn: Callable[[torch.Tensor], torch.Tensor]
+    radius: float  # receptive-field radius in input positions; inf for global (attention) layers
+    scale: float  # output resolution / input resolution
+
+
+def layer_step(layer: nn.Module) -> Step:
+    """The tiling geometry of a DC-AE layer (conservative radii)."""
+    if isinstance(layer, ResBlock):
+        return Step(layer, 2, 1)  # two 3x3 convs
+    if isinstance(layer, EfficientViTBlock):
+        return Step(layer, math.inf, 1)  # linear attention sees the whole map
+    if isinstance(layer, UpBlock):
+        return Step(layer, 1, 2)
+    if isinstance(layer, DownBlock):
+        return Step(layer, 2, 0.5)  # 3x3 conv + the 2x2 block it folds
+    if isinstance(layer, nn.Conv2d):
+        return Step(layer, layer.kernel_size[0] // 2 * layer.dilation[0], 1 / layer.stride[0])
+    raise TypeError(f"no tiling geometry for {type(layer).__name__}")
+
+
+class _Stages(nn.Module):
+    """Encoder / decoder base: layers run in order, optionally under gradient checkpointing."""
+
+    gradient_checkpointing: bool = False
+
+    def steps(self) -> list[Step]:
+        """The network as an ordered list of steps (stem, stage layers, head)."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ckpt = self.gradient_checkpointing and torch.is_grad_enabled()
+        for step in self.steps():
+            # stems and heads are cheap; checkpoint the real layers only
+            x = checkpoint(step.fn, x, use_reentrant=False) if ckpt and isinstance(step.fn, nn.Module) else step.fn(x)
+        return x
+
+
+class Encoder(_Stages):
+    """Image (B, 3, H, W) -> latent (B, C, H/f, W/f)."""
+
+    def __init__(self, in_channels: int, latent_channels: int, head_dim: int, block_types: Sequence[str],
+                 channels: Sequence[int], layers: Sequence[int], qkv_multiscales: Sequence[Sequence[int]],
+                 downsample_block_type: str, out_shortcut: bool):
+        super().__init__()
+        pixel_unshuffle = downsample_block_type == "pixel_unshuffle"
+        if layers[0] > 0:
+            self.conv_in = nn.Conv2d(in_channels, channels[0], 3, 1, 1)
+        else:  # an empty first stage: the input conv does its downsampling
+            self.conv_in = DownBlock(in_channels, channels[1], pixel_unshuffle, shortcut=False)
+        stages = []
+        for i, (ch, n) in enumerate(zip(channels, layers)):
+            stage = [make_block(block_types[i], ch, head_dim, "rms_norm", "silu", qkv_multiscales[i]) for _ in range(n)]
+            if i < len(channels) - 1 and n > 0:
+                stage.append(DownBlock(ch, channels[i + 1], pixel_unshuffle, shortcut=True))
+            stages.append(nn.Sequential(*stage))
+        self.down_blocks = nn.ModuleList(stages)
+        self.conv_out = nn.Conv2d(channels[-1], latent_channels, 3, 1, 1)
+        self.out_shortcut = out_shortcut
+        self.out_group = channels[-1] // latent_channels
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """Deepest features (B, C_last, h, w) -> latent (B, latent, h, w), with the channel-mean shortcut."""
+        z = self.conv_out(x)
+        if self.out_shortcut:
+            z = z + x.unflatten(1, (-1, self.out_group)).mean(dim=2)
+        return z
+
+    def steps(self) -> list[Step]:
+        """conv_in, every stage layer, then the head."""
+        layers = [layer_step(self.conv_in)] + [layer_step(m) for stage in self.down_blocks for m in stage]
+        return layers + [Step(self.head, 1, 1)]
+
+
+class Decoder(_Stages):
+    """Latent (B, C, h, w) -> image (B, 3, h f, w f)."""
+
+    def __init__(self, in_channels: int, latent_channels: int, head_dim: int, block_types: Sequence[str],
+                 channels: Sequence[int], layers: Sequence[int], qkv_multiscales: Sequence[Sequence[int]],
+                 norm_types: Sequence[str], act_fns: Sequence[str | None], upsample_block_type: str,
+                 in_shortcut: bool, conv_act_fn: str):
+        super().__init__()
+        interpolate = upsample_block_type == "interpolate"
+        self.conv_in = nn.Conv2d(latent_channels, channels[-1], 3, 1, 1)
+        self.in_shortcut = in_shortcut
+        self.in_repeats = channels[-1] // latent_channels
+        stages = []
+        for i, (ch, n) in enumerate(zip(channels, layers)):
+            stage = []
+            if i < len(channels) - 1 and n > 0:
+                stage.append(UpBlock(channels[i + 1], ch, interpolate, shortcut=True))
+            stage += [make_block(block_types[i], ch, head_dim, norm_types[i], act_fns[i], qkv_multiscales[i])
+                      for _ in range(n)]
+            stages.append(nn.Sequential(*stage))
+        self.up_blocks = nn.ModuleList(stages)  # indexed by stage; run from the deepest one up
+        out_ch = channels[0] if layers[0] > 0 else channels[1]
+        self.norm_out = RMSNorm2d(out_ch)
+        self.conv_act = make_act(conv_act_fn)
+        if layers[0] > 0:
+            self.conv_out = nn.Conv2d(out_ch, in_channels, 3, 1, 1)
+        else:  # an empty first stage: the output conv does its upsampling
+            self.conv_out = UpBlock(out_ch, in_channels, interpolate, shortcut=False)
+
+    def stem(self, z: torch.Tensor) -> torch.Tensor:
+        """Latent (B, C, h, w) -> deepest features (B, C_last, h, w), with the channel-repeat shortcut."""
+        x = self.conv_in(z)
+        if self.in_shortcut:
+            x = x + z.repeat_interleave(self.in_repeats, dim=1, output_size=z.shape[1] * self.in_repeats)
+        return x
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """Shallowest features -> image: RMS norm, activation, output conv."""
+        return self.conv_out(self.conv_act(self.norm_out(x)))
+
+    def steps(self) -> list[Step]:
+        """The stem, every stage layer from the deepest stage up, then the head."""
+        out = layer_step(self.conv_out)
+        layers = [layer_step(m) for stage in reversed(self.up_blocks) for m in stage]
+        return [Step(self.stem, 1, 1), *layers, Step(self.head, out.radius, out.scale)]
+
+
+# --------------------------------------------------------------------------------------------
+# Tiling
+# --------------------------------------------------------------------------------------------
+
+
+def _smoothstep(t: torch.Tensor) -> torch.Tensor:
+    """Raised cosine from 0 to 1 on t in [0, 1]; s(t) + s(1 - t) = 1."""
+    return 0.5 - 0.5 * torch.cos(math.pi * t.clamp(0.0, 1.0))
+
+
+def _share(positions: torch.Tensor, mid: float, width: float) -> torch.Tensor:
+    """The later tile's share at absolute `positions` of a cross-fade of `width` centred on `mid`."""
+    if width <= 0:  # a hard cut
+        return (positions > mid).double()
+    return _smoothstep((positions - (mid - width / 2)) / width)
+
+
+def tile_starts(size: int, tile: int, overlap: int) -> tuple[list[int], int]:
+    """Equal tiles covering [0, size): (starts, tile length).
+
+    As few tiles of at most `tile` as overlap by >= `overlap`, each then shrunk to the smallest
+    length that still covers, and spread evenly (least wasted work, one shape for batching).
+    """
+    if size <= tile:
+        return [0], size
+    n = math.ceil((size - overlap) / (tile - overlap))
+    tile = min(tile, math.ceil((size - overlap) / n) + overlap)
+    return [round(i * (size - tile) / (n - 1)) for i in range(n)], tile
+
+
+def tile_weights(starts: Sequence[int], tile: int, scale: int, halo: int = 0) -> torch.Tensor:
+    """Per-tile 1-D blending weights (n, tile * scale) on the output grid; they sum to 1 at every position.
+
+    The boundary between tiles k and k+1 sits in the middle of their overlap. Where the overlap
+    leaves room beyond the `halo` each tile needs for exact values, the tiles cross-fade (raised
+    cosine) inside that exact zone, else they are cut hard there (halo == overlap / 2: exact, no
+    seam). Where the overlap is smaller than 2 * halo (approximate tiling), they cross-fade over
+    the whole overlap, so a tile's inexact border gets almost no weight. Fades never intersect.
+    """
+    n = len(starts)
+    pos = torch.arange(tile * scale, dtype=torch.float64) + 0.5  # pixel centres within a tile
+    weights = torch.ones(n, tile * scale, dtype=torch.float64)
+    for k in range(n - 1):
+        overlap = starts[k] + tile - starts[k + 1]
+        stride = starts[k + 1] - starts[k]
+        exact_zone = overlap - 2 * halo
+        width = min(exact_zone if exact_zone >= 0 else overlap, stride) * scale
+        mid = (starts[k + 1] + starts[k] + tile) * scale / 2  # absolute position of the boundary
+        weights[k + 1] *= _share(starts[k + 1] * scale + pos, mid, width)  # tile k+1 takes over ...
+        weights[k] *= 1.0 - _share(starts[k] * scale + pos, mid, width)  # ... from tile k
+    return weights.float()
+
+
+def run_tiled(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tile: int, overlap: int, halo: int,
+              in_scale: int, out_scale: int, tile_batch: int) -> torch.Tensor:
+    """Apply `fn` to overlapping tiles of `x` and blend the results into one buffer.
+
+    Tiles live on a grid whose unit is `in_scale` input positions and `out_scale` output
+    positions; `x` is (B, C, gh * in_scale, gw * in_scale) and `fn` maps a (b, C, t * in_scale, ...)
+    batch of tiles to (b, C_out, t * out_scale, ...). `tile` (the largest tile), `overlap` and `halo` (the receptive
+    field of `fn` in grid units; overlap >= 2 * halo makes the result exact) are grid units.
+    Tiles run `tile_batch` at a time. Returns fn's dtype, accumulated in fp32.
+    """
+    b = x.shape[0]
+    gh, gw = x.shape[-2] // in_scale, x.shape[-1] // in_scale
+    ys, th = tile_starts(gh, tile, overlap)
+    xs, tw = tile_starts(gw, tile, overlap)
+    wy = tile_weights(ys, th, out_scale, halo).to(x.device)  # (ny, th * out_scale), computed once
+    wx = tile_weights(xs, tw, out_scale, halo).to(x.device)  # (nx, tw * out_scale)
+    out: torch.Tensor | None = None
+    jobs = [(i, j) for i in range(len(ys)) for j in range(len(xs))]
+    for c in range(0, len(jobs), tile_batch):
+        chunk = jobs[c: c + tile_batch]
+        tiles = torch.cat([x[:, :, ys[i] * in_scale: (ys[i] + th) * in_scale, xs[j] * in_scale: (xs[j] + tw) * in_scale]
+                           for i, j in chunk])  # (len(chunk) * B, C, th * in_scale, tw * in_scale)
+        res = fn(tiles)  # (len(chunk) * B, C_out, th * out_scale, tw * out_scale)
+        if out is None:
+            out = res.new_zeros(b, res.shape[1], gh * out_scale, gw * out_scale, dtype=torch.float32)
+        for n, (i, j) in enumerate(chunk):
+            w = (wy[i][:, None] * wx[j][None, :]).to(res.dtype)  # (th * out_scale, tw * out_scale)
+            y0, x0 = ys[i] * out_scale, xs[j] * out_scale
+            out[:, :, y0: y0 + th * out_scale, x0: x0 + tw * out_scale] += res[n * b: (n + 1) * b] * w
+        dtype = res.dtype
+        del res, tiles
+    return out.to(dtype)
+
+
+def _chain(steps: Sequence[Step]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """One function running `steps` in order."""
+    def run(x: torch.Tensor) -> torch.Tensor:
+        for step in steps:
+            x = step.fn(x)
+        return x
+    return run
+
+
+def local_geometry(steps: Sequence[Step], in_per_grid: float) -> tuple[float, float]:
+    """Receptive-field radius (grid units) and total scale of a run of local steps.
+
+    `in_per_grid` is how many input positions of the first step make one grid unit.
+    """
+    radius, per_grid = 0.0, in_per_grid
+    for step in steps:
+        radius += step.radius / per_grid
+        per_grid *= step.scale
+    return radius, per_grid / in_per_grid
+
+
+# --------------------------------------------------------------------------------------------
+# The model
+# --------------------------------------------------------------------------------------------
+
+
+def _per_stage(value, n: int, name: str) -> tuple:
+    """A config value given once (str) or per stage (list/tuple of length n), as a tuple of n."""
+    if value is None or isinstance(value, str):
+        return (value,) * n
+    value = tuple(value)
+    if len(value) != n:
+        raise ConfigError(f"{name} has {len(value)} entries; expected one per stage ({n}) or a single value")
+    return value
+
+
+def _check_choice(kind: str, values: Sequence, choices: Sequence) -> None:
+    for v in values:
+        if v not in choices:
+            raise unknown_choice(kind, str(v), [str(c) for c in choices])
+
+
+class DCAE(ModelMixin):
+    """Deep-compression autoencoder (diffusers ``AutoencoderDC`` layout): images <-> unscaled latents."""
+
+    diffusers_class_name = "AutoencoderDC"
+
+    @register_to_config
+    def __init__(
+        self,
+        in_channels: int = 3,
+        latent_channels: int = 32,
+        attention_head_dim: int = 32,
+        encoder_block_types: str | tuple[str, ...] = "ResBlock",
+        decoder_block_types: str | tuple[str, ...] = "ResBlock",
+        encoder_block_out_channels: tuple[int, ...] = (128, 256, 512, 512, 1024, 1024),
+        decoder_block_out_channels: tuple[int, ...] = (128, 256, 512, 512, 1024, 1024),
+        encoder_layers_per_block: tuple[int, ...] = (2, 2, 2, 3, 3, 3),
+        decoder_layers_per_block: tuple[int, ...] = (3, 3, 3, 3, 3, 3),
+        encoder_qkv_multiscales: tuple[tuple[int, ...], ...] = ((), (), (), (5,), (5,), (5,)),
+        decoder_qkv_multiscales: tuple[tuple[int, ...], ...] = ((), (), (), (5,), (5,), (5,)),
+        upsample_block_type: str = "pixel_shuffle",
+        downsample_block_type: str = "pixel_unshuffle",
+        decoder_norm_types: str | tuple[str, ...] = "rms_norm",
+        decoder_act_fns: str | tuple[str, ...] = "silu",
+        encoder_out_shortcut: bool = True,
+        decoder_in_shortcut: bool = True,
+        decoder_conv_act_fn: str = "relu",
+        scaling_factor: float = 1.0,
+    ) -> None:
+        super().__init__()
+        enc_ch, dec_ch = tuple(encoder_block_out_channels), tuple(decoder_block_out_channels)
+        ne, nd = len(enc_ch), len(dec_ch)
+        if ne < 2 or ne != nd:
+            raise ConfigError(
+                f"encoder_block_out_channels ({ne} stages) and decoder_block_out_channels ({nd} stages) "
+                "must have the same number of stages, at least 2"
+            )
+        enc_layers = _per_stage(encoder_layers_per_block, ne, "encoder_layers_per_block")
+        dec_layers = _per_stage(decoder_layers_per_block, nd, "decoder_layers_per_block")
+        enc_types = _per_stage(encoder_block_types, ne, "encoder_block_types")
+        dec_types = _per_stage(decoder_block_types, nd, "decoder_block_types")
+        enc_scales = _per_stage(encoder_qkv_multiscales, ne, "encoder_qkv_multiscales")
+        dec_scales = _per_stage(decoder_qkv_multiscales, nd, "decoder_qkv_multiscales")
+        norms = _per_stage(decoder_norm_types, nd, "decoder_norm_types")
+        acts = _per_stage(decoder_act_fns, nd, "decoder_act_fns")
+        _check_choice("block type", enc_types + dec_types, BLOCK_TYPES)
+        _check_choice("decoder norm type", norms, NORM_TYPES)
+        _check_choice("decoder activation", [a.lower() for a in acts if a is not None], ACT_FNS)
+        _check_choice("decoder_conv_act_fn", [decoder_conv_act_fn.lower()], ACT_FNS)
+        _check_choice("downsample_block_type", [downsample_block_type], DOWNSAMPLE_TYPES)
+        _check_choice("upsample_block_type", [upsample_block_type], UPSAMPLE_TYPES)
+        if (encoder_out_shortcut and enc_ch[-1] % latent_channels) or (decoder_in_shortcut and dec_ch[-1] % latent_channels):
+            raise ConfigError(
+                f"the deepest stage's channels ({enc_ch[-1]}, {dec_ch[-1]}) must be a multiple of "
+                f"latent_channels ({latent_channels}) for the latent shortcuts"
+            )
+        self.encoder = Encoder(in_channels, latent_channels, attention_head_dim, enc_types, enc_ch, enc_layers,
+                               enc_scales, downsample_block_type, encoder_out_shortcut)
+        self.decoder = Decoder(in_channels, latent_channels, attention_head_dim, dec_types, dec_ch, dec_layers,
+                               dec_scales, norms, acts, upsample_block_type, decoder_in_shortcut, decoder_conv_act_fn)
+
+    # ---- properties -----------------------------------------------------------------------
+
+    @property
+    def spatial_compression_ratio(self) -> int:
+        """Image pixels per latent position along each axis (32 for SANA's f32c32)."""
+        return 2 ** (len(self.config.encoder_block_out_channels) - 1)
+
+    @property
+    def scaling_factor(self) -> float:
+        """Multiply latents by this before the diffusion model, divide before `decode`."""
+        return float(self.config.scaling_factor)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Dtype of the weights."""
+        return self.decoder.conv_in.weight.dtype
+
+    # ---- training -------------------------------------------------------------------------
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute each block's activations in backward instead of storing them (training)."""
+        self.encoder.gradient_checkpointing = True
+        self.decoder.gradient_checkpointing = True
+
+    def disable_gradient_checkpointing(self) -> None:
+        """Store activations again (the default)."""
+        self.encoder.gradient_checkpointing = False
+        self.decoder.gradient_checkpointing = False
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Reconstruct images (B, 3, H, W) in [-1, 1] through encode and decode, untiled (for training)."""
+        return self.decode(self.encode(images, tiling=False), tiling=False)
+
+    # ---- input checks ---------------------------------------------------------------------
+
+    def _check_images(self, images: torch.Tensor) -> None:
+        c, f = self.config.in_channels, self.spatial_compression_ratio
+        if images.ndim != 4 or images.shape[1] != c:
+            raise InputError(f"images must be (B, {c}, H, W); got shape {tuple(images.shape)}")
+        h, w = images.shape[-2:]
+        if h % f or w % f:
+            raise InputError(
+                f"image size {h}x{w} is not divisible by the compression ratio {f}; "
+                f"crop or resize to a multiple of {f} (e.g. {h // f * f or f}x{w // f * f or f})"
+            )
+
+    def _check_latents(self, latents: torch.Tensor) -> None:
+        c = self.config.latent_channels
+        if latents.ndim != 4:
+            raise InputError(f"latents must be (B, {c}, h, w); got shape {tuple(latents.shape)}")
+        if latents.shape[1] != c:
+            raise InputError(
+                f"latents have {latents.shape[1]} channels; this DCAE expects {c} "
+                f"(shape {tuple(latents.shape)}, expected (B, {c}, h, w))"
+            )
+
+    def _tile_grid(self, tile: int | None, overlap: int | None, px_per_grid: int, halo: int) -> tuple[int, int]:
+        """Tile and overlap in image pixels -> grid units of `px_per_grid` pixels, validated."""
+        f = self.spatial_compression_ratio
+        tile = DEFAULT_TILE if tile is None else tile
+        if tile <= 0 or tile % f or (overlap is not None and (overlap < 0 or overlap % f)):
+            raise InputError(f"tile ({tile}) and overlap ({overlap}) must be non-negative multiples of {f} pixels")
+        t = tile // px_per_grid
+        o = 2 * halo if overlap is None else overlap // px_per_grid
+        if o >= t:
+            what = f"overlap ({overlap} px)" if overlap is not None else f"receptive-field overlap ({o * px_per_grid} px)"
+            raise InputError(f"the {what} must be smaller than the tile ({tile} px); use a larger tile")
+        return t, o
+
+    def wants_tiling(self, height: int, width: int, tiling: bool | str = "auto") -> bool:
+        """Whether an image of height x width pixels goes through the tiled path under `tiling`."""
+        if tiling not in TILING_CHOICES or not isinstance(tiling, bool | str):
+            raise InputError(f"tiling must be 'auto', True or False; got {tiling!r}")
+        if tiling == "auto":
+            return height * width > AUTO_TILE_PIXELS
+        return bool(tiling)
+
+    # ---- encode / decode ------------------------------------------------------------------
+
+    def encode(self, images: torch.Tensor, tiling: bool | str = "auto", tile: int | None = None,
+               overlap: int | None = None, tile_batch: int = DEFAULT_TILE_BATCH) -> torch.Tensor:
+        """Images (B, 3, H, W) in [-1, 1] -> unscaled latents (B, C, H/f, W/f); tiled per `tiling`."""
+        self._check_images(images)
+        if self.wants_tiling(images.shape[-2], images.shape[-1], tiling):
+            return self.tiled_encode(images, tile=tile, overlap=overlap, tile_batch=tile_batch)
+        return self.encoder(images.to(self.dtype))
+
+    def decode(self, latents: torch.Tensor, tiling: bool | str = "auto", tile: int | None = None,
+               overlap: int | None = None, tile_batch: int = DEFAULT_TILE_BATCH) -> torch.Tensor:
+        """Unscaled latents (B, C, h, w) -> images (B, 3, h f, w f) in about [-1, 1]; tiled per `tiling`."""
+        self._check_latents(latents)
+        f = self.spatial_compression_ratio
+        if self.wants_tiling(latents.shape[-2] * f, latents.shape[-1] * f, tiling):
+            return self.tiled_decode(latents, tile=tile, overlap=overlap, tile_batch=tile_batch)
+        return self.decoder(latents.to(self.dtype))
+
+    def tiled_encode(self, images: torch.Tensor, tile: int | None = None, overlap: int | None = None,
+                     tile_batch: int = DEFAULT_TILE_BATCH) -> torch.Tensor:
+        """Encode with the local (conv) stages in tiles of at most `tile` pixels; equal to `encode` by default.
+
+        The stages before the first attention layer run in tiles overlapping by `overlap` pixels
+        (None: twice their receptive field, which makes the result exact); the attention stages
+        then run on the whole, 2^k times smaller, feature map.
+        """
+        self._check_images(images)
+        steps = self.encoder.steps()
+        first_global = next((i for i, st in enumerate(steps) if math.isinf(st.radius)), len(steps))
+        local, rest = steps[:first_global], steps[first_global:]
+        px_per_grid = round(1 / math.prod(st.scale for st in local))  # image pixels per local-output position
+        radius, _ = local_geometry(local, px_per_grid)
+        halo = math.ceil(radius)
+        t, o = self._tile_grid(tile, overlap, px_per_grid, halo)
+        x = run_tiled(_chain(local), images.to(self.dtype), t, o, halo, in_scale=px_per_grid, out_scale=1,
+                      tile_batch=max(1, tile_batch))  # (B, C_k, H / px_per_grid, W / px_per_grid)
+        return _chain(rest)(x)  # (B, latent, H / f, W / f)
+
+    def tiled_decode(self, latents: torch.Tensor, tile: int | None = None, overlap: int | None = None,
+                     tile_batch: int = DEFAULT_TILE_BATCH) -> torch.Tensor:
+        """Decode with the local (conv) stages in tiles of at most `tile` output pixels; equal to `decode` by default.
+
+        The stem and the attention stages (deep, small maps) run on the whole map; the stages
+        after the last attention layer, which hold nearly all the pixels and memory, run in tiles
+        overlapping by `overlap` pixels (None: twice their receptive field, which makes the result
+        exact), `tile_batch` tiles per call, accumulated into one output buffer.
+        """
+        self._check_latents(latents)
+        steps = self.decoder.steps()
+        last_global = max((i for i, st in enumerate(steps) if math.isinf(st.radius)), default=-1)
+        rest, local = steps[: last_global + 1], steps[last_global + 1:]
+        x = _chain(rest)(latents.to(self.dtype))  # (B, C_k, h 2^k, w 2^k)
+        radius, px_per_grid = local_geometry(local, 1)
+        px_per_grid = round(px_per_grid)  # image pixels per position of x
+        halo = math.ceil(radius)
+        t, o = self._tile_grid(tile, overlap, px_per_grid, halo)
+        return run_tiled(_chain(local), x, t, o, halo, in_scale=1, out_scale=px_per_grid,
+                         tile_batch=max(1, tile_batch))  # (B, 3, h f, w f)

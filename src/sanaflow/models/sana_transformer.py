@@ -1,0 +1,708 @@
+"""SanaTransformer: the SANA linear diffusion transformer, weight-compatible with diffusers.
+
+Constructor arguments, ``config.json`` keys and ``state_dict()`` keys are those of diffusers'
+``SanaTransformer2DModel``, so an official checkpoint folder loads strictly with
+``SanaTransformer.from_pretrained(folder)``.
+
+Architecture (one block): adaLN-single modulation from the timestep; ReLU linear self-attention
+(O(N), no mask); softmax cross-attention to the projected + RMS-normalised caption with the caption
+mask; Mix-FFN (GLUMBConv: 1x1 conv, SiLU, depthwise 3x3, gated SiLU, 1x1 conv) on the token grid.
+
+Attention processors
+--------------------
+Every self-attention (``transformer_blocks.{i}.attn1``, a `SanaSelfAttention`) and cross-attention
+(``transformer_blocks.{i}.attn2``, a `SanaCrossAttention`) module delegates its math to a
+*processor* object, so that guidance (PAG) and video editing (TokenFlow) change attention without
+touching this file. ``model.attn_processors`` maps names to processors and
+``model.set_attn_processor(...)`` swaps them (one processor for every module of its kind, or a
+dict ``{name: processor}`` for some modules).
+
+To write a processor, subclass `SelfAttnProcessor` or `CrossAttnProcessor` and implement
+``__call__``:
+
+- self-attention: ``processor(attn, hidden_states, height, width) -> (B, N, D)``.
+  ``hidden_states`` (B, N, D) is the block input after LayerNorm and adaLN modulation; the N = height
+  * width tokens are the latent grid in row-major order (``x.unflatten(1, (height, width))`` gives
+  the grid). Use ``attn.project_qkv(hidden_states)`` for q, k, v as (B, heads, N, head_dim) (qk-norm
+  applied, ReLU not yet applied), `sanaflow.ops.linear_attention.linear_attention` for the ReLU
+  linear attention, and finish with ``attn.project_out(out)`` on (B, N, heads * head_dim), which
+  applies ``to_out`` (and the fp16 clip). The result must be (B, N, D).
+- cross-attention: ``processor(attn, hidden_states, encoder_hidden_states, attention_bias) -> (B, N, D)``
+  with ``hidden_states`` (B, N, D) the block's running tokens, ``encoder_hidden_states`` (B, L, D) the
+  normalised caption tokens, and ``attention_bias`` None or an additive (B, 1, 1, L) bias (0 keep,
+  -10000 masked). Use ``attn.project_q``, ``attn.project_kv`` and ``attn.project_out``.
+
+Processors keep any state they need themselves (e.g. a per-step state object that an editor sets
+before each call); the defaults are stateless and one instance may serve many modules.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..errors import ConfigError, InputError, suggest
+from ..hub import ModelMixin, register_to_config
+from ..ops.linear_attention import linear_attention
+
+QK_NORMS = (None, "rms_norm_across_heads")
+TIMESTEP_CHANNELS = 256  # sinusoidal timestep features before the MLP
+MASK_BIAS = -10000.0  # additive bias of a masked caption token (finite, so an all-masked row stays finite)
+FP16_MAX = 65504.0
+
+
+# --------------------------------------------------------------------------------------------
+# Small layers
+# --------------------------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    """RMS normalisation over the last dimension (statistics in float32), with a learned scale."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        variance = x.float().pow(2).mean(-1, keepdim=True)  # (..., 1)
+        x = (x * torch.rsqrt(variance + self.eps)).to(x.dtype)
+        return x * self.weight
+
+
+def timestep_sinusoid(
+    t: torch.Tensor, dim: int = TIMESTEP_CHANNELS, max_period: float = 10000.0
+) -> torch.Tensor:
+    """Sinusoidal features (cos half first) of a (B,) tensor of timesteps -> (B, dim) float32."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t[:, None].float() * freqs[None]  # (B, half)
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, dim)
+
+
+def sincos_pos_embed_2d(
+    dim: int,
+    height: int,
+    width: int,
+    base_size: int,
+    interpolation_scale: float,
+    device: torch.device | None = None,
+) -> torch.Tensor:
+    """2-D sin-cos position table (height * width, dim) float32, positions rescaled to a base grid.
+
+    Both axes are mapped onto ``[0, base_size)`` and divided by `interpolation_scale`, so a model
+    trained at one grid size sees familiar positions at another. Channels: first half encodes the
+    column (x), second half the row (y); each half is [sin, cos] over geometric frequencies.
+    """
+    ys = torch.arange(height, dtype=torch.float32, device=device) / (height / base_size) / interpolation_scale
+    xs = torch.arange(width, dtype=torch.float32, device=device) / (width / base_size) / interpolation_scale
+    grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")  # (H, W) each
+    emb_x = _sincos_1d(dim // 2, grid_x.reshape(-1))  # (H*W, dim/2)
+    emb_y = _sincos_1d(dim // 2, grid_y.reshape(-1))  # (H*W, dim/2)
+    return torch.cat([emb_x, emb_y], dim=1).float()  # (H*W, dim)
+
+
+def _sincos_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:
+    # float64 frequencies (float32 on MPS, which lacks float64): these tables are compared to
+    # diffusers' to 1e-6, and large positions need the precision.
+    dtype = torch.float32 if pos.device.type == "mps" else torch.float64
+    omega = torch.arange(dim // 2, dtype=dtype, device=pos.device) / (dim / 2.0)
+    omega = 1.0 / 10000**omega  # (dim/2,)
+    out = pos.to(dtype)[:, None] * omega[None]  # (M, dim/2)
+    return torch.cat([torch.sin(out), torch.cos(out)], dim=1)  # (M, dim)
+
+
+class PatchEmbed(nn.Module):
+    """Conv patchify (B, C, H, W) -> tokens (B, H/p * W/p, D), plus the optional sin-cos position table."""
+
+    def __init__(
+        self, in_channels: int, dim: int, patch_size: int, base_size: int, interpolation_scale: float | None
+    ):
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size, bias=True)
+        self.dim = dim
+        self.base_size = base_size
+        self.interpolation_scale = interpolation_scale
+        self.pos_embed: torch.Tensor | None
+        if interpolation_scale is None:
+            self.pos_embed = None
+        else:
+            # Computed, never stored in checkpoints (diffusers does the same): non-persistent.
+            self.register_buffer("pos_embed", self._base_table(None), persistent=False)
+
+    def _base_table(self, device: torch.device | None) -> torch.Tensor:
+        assert self.interpolation_scale is not None
+        table = sincos_pos_embed_2d(
+            self.dim, self.base_size, self.base_size, self.base_size, self.interpolation_scale, device
+        )
+        return table[None]  # (1, base*base, D)
+
+    def reset_pos_embed(self) -> None:
+        """Recompute the position table on the device of the weights (after loading on meta)."""
+        if self.pos_embed is not None:
+            self.pos_embed = self._base_table(self.proj.weight.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.shape[-2] // self.proj.stride[0]
+        w = x.shape[-1] // self.proj.stride[1]
+        x = self.proj(x).flatten(2).transpose(1, 2)  # (B, h*w, D)
+        if self.pos_embed is None:
+            return x
+        if h == self.base_size and w == self.base_size:
+            pos = self.pos_embed
+        else:
+            pos = sincos_pos_embed_2d(self.dim, h, w, self.base_size, self.interpolation_scale, x.device)[
+                None
+            ]
+        return (x + pos).to(x.dtype)  # (B, h*w, D)
+
+
+class TimestepMLP(nn.Module):
+    """Linear -> SiLU -> Linear on sinusoidal timestep features."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(TIMESTEP_CHANNELS, dim)
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(F.silu(self.linear_1(features)))
+
+
+class _TimestepEmbedding(nn.Module):
+    # Only exists so that weight names read `time_embed.emb.timestep_embedder.*` as in diffusers.
+    def __init__(self, dim: int):
+        super().__init__()
+        self.timestep_embedder = TimestepMLP(dim)
+
+
+class TimestepModulation(nn.Module):
+    """adaLN-single: timestep -> embedded t (B, D) and the shared block modulation (B, 6D)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.emb = _TimestepEmbedding(dim)
+        self.linear = nn.Linear(dim, 6 * dim)
+
+    def forward(
+        self, timestep: torch.Tensor, guidance: torch.Tensor | None, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        emb = self.emb.timestep_embedder(timestep_sinusoid(timestep).to(dtype))  # (B, D)
+        return self.linear(F.silu(emb)), emb  # (B, 6D), (B, D)
+
+
+class TimestepGuidanceModulation(nn.Module):
+    """adaLN-single with an embedded guidance scale summed into the timestep embedding (SANA-Sprint)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.timestep_embedder = TimestepMLP(dim)
+        self.guidance_embedder = TimestepMLP(dim)
+        self.linear = nn.Linear(dim, 6 * dim)
+
+    def forward(
+        self, timestep: torch.Tensor, guidance: torch.Tensor | None, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        assert guidance is not None  # checked by SanaTransformer.forward
+        emb = self.timestep_embedder(timestep_sinusoid(timestep).to(dtype))  # (B, D)
+        emb = emb + self.guidance_embedder(timestep_sinusoid(guidance).to(dtype))  # (B, D)
+        return self.linear(F.silu(emb)), emb  # (B, 6D), (B, D)
+
+
+class CaptionProjection(nn.Module):
+    """Caption features (B, L, C) -> (B, L, D): Linear -> GELU(tanh) -> Linear."""
+
+    def __init__(self, in_features: int, dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_features, dim)
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def forward(self, caption: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(F.gelu(self.linear_1(caption), approximate="tanh"))
+
+
+class GLUMBConv(nn.Module):
+    """Mix-FFN on the token grid (B, D, H, W): 1x1 up, SiLU, depthwise 3x3, x * SiLU(gate), 1x1 down."""
+
+    def __init__(self, dim: int, mlp_ratio: float):
+        super().__init__()
+        hidden = int(mlp_ratio * dim)
+        self.conv_inverted = nn.Conv2d(dim, 2 * hidden, 1)
+        self.conv_depth = nn.Conv2d(2 * hidden, 2 * hidden, 3, padding=1, groups=2 * hidden)
+        self.conv_point = nn.Conv2d(hidden, dim, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv_depth(F.silu(self.conv_inverted(x)))  # (B, 2h, H, W)
+        x, gate = x.chunk(2, dim=1)  # (B, h, H, W) each
+        return self.conv_point(x * F.silu(gate))  # (B, D, H, W)
+
+
+# --------------------------------------------------------------------------------------------
+# Attention modules and processors
+# --------------------------------------------------------------------------------------------
+
+
+class SelfAttnProcessor:
+    """Base of self-attention processors: ``__call__(attn, hidden_states, height, width) -> (B, N, D)``."""
+
+    def __call__(
+        self, attn: SanaSelfAttention, hidden_states: torch.Tensor, height: int, width: int
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class CrossAttnProcessor:
+    """Base of cross-attention processors: ``__call__(attn, x, encoder_hidden_states, attention_bias) -> (B, N, D)``."""
+
+    def __call__(
+        self,
+        attn: SanaCrossAttention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        attention_bias: torch.Tensor | None,
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class LinearSelfAttnProcessor(SelfAttnProcessor):
+    """The default self-attention: ReLU linear attention over all N tokens."""
+
+    def __call__(
+        self, attn: SanaSelfAttention, hidden_states: torch.Tensor, height: int, width: int
+    ) -> torch.Tensor:
+        q, k, v = attn.project_qkv(hidden_states)  # (B, h, N, d) each
+        out = linear_attention(q, k, v)  # (B, h, N, d)
+        return attn.project_out(out.transpose(1, 2).flatten(2))  # (B, N, D)
+
+
+class IdentitySelfAttnProcessor(SelfAttnProcessor):
+    """Self-attention with the identity attention map (each token attends only to itself): the PAG perturbation."""
+
+    def __call__(
+        self, attn: SanaSelfAttention, hidden_states: torch.Tensor, height: int, width: int
+    ) -> torch.Tensor:
+        return attn.project_out(attn.to_v(hidden_states))  # (B, N, D)
+
+
+class SoftmaxCrossAttnProcessor(CrossAttnProcessor):
+    """The default cross-attention: softmax attention to the caption tokens with an additive mask."""
+
+    def __call__(
+        self,
+        attn: SanaCrossAttention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        attention_bias: torch.Tensor | None,
+    ) -> torch.Tensor:
+        q = attn.project_q(hidden_states)  # (B, h, N, d)
+        k, v = attn.project_kv(encoder_hidden_states)  # (B, h, L, d) each
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_bias)  # (B, h, N, d)
+        return attn.project_out(out.transpose(1, 2).flatten(2))  # (B, N, D)
+
+
+class SanaSelfAttention(nn.Module):
+    """Self-attention projections (to_q/k/v, optional qk RMSNorm, to_out); the math lives in ``processor``."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int, bias: bool, qk_norm: str | None, dropout: float):
+        super().__init__()
+        inner = heads * head_dim
+        self.heads = heads
+        self.head_dim = head_dim
+        # qk_norm normalises over all heads at once (the full width), as in SANA-1.5 / Sprint.
+        # (Norms are created first so that state_dict() lists keys in diffusers' order.)
+        self.norm_q = RMSNorm(inner, eps=1e-5) if qk_norm else nn.Identity()
+        self.norm_k = RMSNorm(inner, eps=1e-5) if qk_norm else nn.Identity()
+        self.to_q = nn.Linear(dim, inner, bias=bias)
+        self.to_k = nn.Linear(dim, inner, bias=bias)
+        self.to_v = nn.Linear(dim, inner, bias=bias)
+        self.to_out = nn.ModuleList([nn.Linear(inner, dim, bias=True), nn.Dropout(dropout)])
+        self.processor: SelfAttnProcessor = LinearSelfAttnProcessor()
+
+    def split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, N, heads * d) -> (B, heads, N, d)."""
+        return x.unflatten(-1, (self.heads, -1)).transpose(1, 2)
+
+    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v of tokens (B, N, D), each (B, heads, N, d), with qk-norm applied (no ReLU yet)."""
+        q = self.split_heads(self.norm_q(self.to_q(x)))
+        k = self.split_heads(self.norm_k(self.to_k(x)))
+        v = self.split_heads(self.to_v(x))
+        return q, k, v
+
+    def project_out(self, x: torch.Tensor) -> torch.Tensor:
+        """Output projection of merged heads (B, N, heads * d) -> (B, N, D); clipped to the fp16 range in fp16."""
+        x = self.to_out[1](self.to_out[0](x))
+        if x.dtype == torch.float16:
+            # Linear attention can overflow fp16 in rare tokens; clip as the reference does.
+            x = x.clip(-FP16_MAX, FP16_MAX)
+        return x
+
+    def forward(self, hidden_states: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        return self.processor(self, hidden_states, height, width)
+
+
+class SanaCrossAttention(nn.Module):
+    """Cross-attention projections (to_q/k/v with biases, optional qk RMSNorm, to_out); math in ``processor``."""
+
+    def __init__(
+        self,
+        dim: int,
+        context_dim: int,
+        heads: int,
+        head_dim: int,
+        qk_norm: str | None,
+        out_bias: bool,
+        dropout: float,
+    ):
+        super().__init__()
+        inner = heads * head_dim
+        self.heads = heads
+        self.head_dim = head_dim
+        self.norm_q = RMSNorm(inner, eps=1e-5) if qk_norm else nn.Identity()
+        self.norm_k = RMSNorm(inner, eps=1e-5) if qk_norm else nn.Identity()
+        self.to_q = nn.Linear(dim, inner, bias=True)
+        self.to_k = nn.Linear(context_dim, inner, bias=True)
+        self.to_v = nn.Linear(context_dim, inner, bias=True)
+        self.to_out = nn.ModuleList([nn.Linear(inner, dim, bias=out_bias), nn.Dropout(dropout)])
+        self.processor: CrossAttnProcessor = SoftmaxCrossAttnProcessor()
+
+    def split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, N, heads * d) -> (B, heads, N, d)."""
+        return x.unflatten(-1, (self.heads, -1)).transpose(1, 2)
+
+    def project_q(self, x: torch.Tensor) -> torch.Tensor:
+        """Queries of image tokens (B, N, D) -> (B, heads, N, d), qk-norm applied."""
+        return self.split_heads(self.norm_q(self.to_q(x)))
+
+    def project_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of caption tokens (B, L, D) -> (B, heads, L, d) each, qk-norm applied to keys."""
+        return self.split_heads(self.norm_k(self.to_k(context))), self.split_heads(self.to_v(context))
+
+    def project_out(self, x: torch.Tensor) -> torch.Tensor:
+        """Output projection of merged heads (B, N, heads * d) -> (B, N, D)."""
+        return self.to_out[1](self.to_out[0](x))
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        attention_bias: torch.Tensor | None,
+    ) -> torch.Tensor:
+        return self.processor(self, hidden_states, encoder_hidden_states, attention_bias)
+
+
+# --------------------------------------------------------------------------------------------
+# Block and model
+# --------------------------------------------------------------------------------------------
+
+
+class SanaTransformerBlock(nn.Module):
+    """Linear self-attention, caption cross-attention and Mix-FFN, modulated by adaLN-single."""
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        head_dim: int,
+        cross_heads: int | None,
+        cross_head_dim: int | None,
+        cross_attention_dim: int | None,
+        attention_bias: bool,
+        norm_elementwise_affine: bool,
+        norm_eps: float,
+        mlp_ratio: float,
+        qk_norm: str | None,
+        dropout: float,
+    ):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=norm_eps)
+        self.attn1 = SanaSelfAttention(dim, heads, head_dim, attention_bias, qk_norm, dropout)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=norm_elementwise_affine, eps=norm_eps)
+        self.attn2: SanaCrossAttention | None = None
+        if cross_attention_dim is not None:
+            assert cross_heads is not None and cross_head_dim is not None
+            self.attn2 = SanaCrossAttention(
+                dim, cross_attention_dim, cross_heads, cross_head_dim, qk_norm, True, dropout
+            )
+        self.ff = GLUMBConv(dim, mlp_ratio)
+        self.scale_shift_table = nn.Parameter(torch.randn(6, dim) / dim**0.5)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor,
+        context_bias: torch.Tensor | None,
+        modulation: torch.Tensor,
+        height: int,
+        width: int,
+    ) -> torch.Tensor:
+        """x (B, N, D), context (B, L, D), context_bias (B, 1, 1, L) or None, modulation (B, 6D) -> (B, N, D)."""
+        mod = self.scale_shift_table[None] + modulation.unflatten(1, (6, -1))  # (B, 6, D)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=1)  # (B, 1, D) each
+
+        h = (self.norm1(x) * (1 + scale_msa) + shift_msa).to(x.dtype)  # (B, N, D)
+        x = x + gate_msa * self.attn1(h, height, width)
+
+        if self.attn2 is not None:
+            x = x + self.attn2(x, context, context_bias)
+
+        h = self.norm2(x) * (1 + scale_mlp) + shift_mlp  # (B, N, D)
+        h = self.ff(h.unflatten(1, (height, width)).permute(0, 3, 1, 2))  # (B, D, H, W)
+        return x + gate_mlp * h.flatten(2).transpose(1, 2)  # (B, N, D)
+
+
+class SanaTransformer(ModelMixin):
+    """The SANA linear DiT (weight- and config-compatible with diffusers' ``SanaTransformer2DModel``).
+
+    ``timestep_scale`` and ``guidance_embeds_scale`` are config values for the *caller* (as in
+    diffusers' pipelines): ``forward`` embeds `timestep` and `guidance` exactly as given.
+    """
+
+    diffusers_class_name = "SanaTransformer2DModel"
+
+    @register_to_config
+    def __init__(
+        self,
+        in_channels: int = 32,
+        out_channels: int | None = 32,
+        num_attention_heads: int = 70,
+        attention_head_dim: int = 32,
+        num_layers: int = 20,
+        num_cross_attention_heads: int | None = 20,
+        cross_attention_head_dim: int | None = 112,
+        cross_attention_dim: int | None = 2240,
+        caption_channels: int = 2304,
+        mlp_ratio: float = 2.5,
+        dropout: float = 0.0,
+        attention_bias: bool = False,
+        sample_size: int = 32,
+        patch_size: int = 1,
+        norm_elementwise_affine: bool = False,
+        norm_eps: float = 1e-6,
+        interpolation_scale: int | None = None,
+        guidance_embeds: bool = False,
+        guidance_embeds_scale: float = 0.1,
+        qk_norm: str | None = None,
+        timestep_scale: float = 1.0,
+    ) -> None:
+        super().__init__()
+        if qk_norm not in QK_NORMS:
+            raise ConfigError(f"unknown qk_norm {qk_norm!r}; choose from: {', '.join(map(repr, QK_NORMS))}")
+        dim = num_attention_heads * attention_head_dim
+        if cross_attention_dim is not None and (
+            num_cross_attention_heads is None or cross_attention_head_dim is None
+        ):
+            raise ConfigError(
+                "cross_attention_dim is set, so num_cross_attention_heads and cross_attention_head_dim must be too"
+            )
+        if interpolation_scale is not None and dim % 4:
+            raise ConfigError(f"the sin-cos position embedding needs a width divisible by 4, got {dim}")
+        self.in_channels = in_channels
+        self.out_channels = out_channels or in_channels
+        self.patch_size = patch_size
+        self.caption_channels = caption_channels
+        self.guidance_embeds = guidance_embeds
+        self.gradient_checkpointing = False
+
+        self.patch_embed = PatchEmbed(
+            in_channels, dim, patch_size, sample_size // patch_size, interpolation_scale
+        )
+        self.time_embed: TimestepModulation | TimestepGuidanceModulation = (
+            TimestepGuidanceModulation(dim) if guidance_embeds else TimestepModulation(dim)
+        )
+        self.caption_projection = CaptionProjection(caption_channels, dim)
+        self.caption_norm = RMSNorm(dim, eps=1e-5)
+        self.transformer_blocks = nn.ModuleList(
+            SanaTransformerBlock(
+                dim,
+                num_attention_heads,
+                attention_head_dim,
+                num_cross_attention_heads,
+                cross_attention_head_dim,
+                cross_attention_dim,
+                attention_bias,
+                norm_elementwise_affine,
+                norm_eps,
+                mlp_ratio,
+                qk_norm,
+                dropout,
+            )
+            for _ in range(num_layers)
+        )
+        self.scale_shift_table = nn.Parameter(torch.randn(2, dim) / dim**0.5)
+        self.norm_out = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.proj_out = nn.Linear(dim, patch_size * patch_size * self.out_channels)
+
+    def _init_computed_buffers(self) -> None:
+        self.patch_embed.reset_pos_embed()
+
+    # ---------------------------------------------------------------------------- processors
+
+    def _attention_modules(self) -> dict[str, SanaSelfAttention | SanaCrossAttention]:
+        return {
+            name: m
+            for name, m in self.named_modules()
+            if isinstance(m, (SanaSelfAttention, SanaCrossAttention))
+        }
+
+    @property
+    def attn_processors(self) -> dict[str, SelfAttnProcessor | CrossAttnProcessor]:
+        """The processor of every attention module, by name (``transformer_blocks.{i}.attn1`` / ``attn2``)."""
+        return {name: m.processor for name, m in self._attention_modules().items()}
+
+    def set_attn_processor(
+        self,
+        processor: SelfAttnProcessor
+        | CrossAttnProcessor
+        | Mapping[str, SelfAttnProcessor | CrossAttnProcessor],
+    ) -> None:
+        """Set one processor on every module of its kind (self or cross), or a ``{name: processor}`` dict."""
+        modules = self._attention_modules()
+        if isinstance(processor, Mapping):
+            unknown = [k for k in processor if k not in modules]
+            if unknown:
+                hints = "; ".join(f"{k!r}{suggest(k, modules)}" for k in unknown)
+                raise ConfigError(
+                    f"unknown attention module(s): {hints}; names look like 'transformer_blocks.0.attn1' "
+                    f"(self) or 'transformer_blocks.0.attn2' (cross), blocks 0..{len(self.transformer_blocks) - 1}"
+                )
+            assignments = dict(processor)
+        elif not isinstance(processor, (SelfAttnProcessor, CrossAttnProcessor)):
+            raise ConfigError(
+                f"set_attn_processor needs a SelfAttnProcessor, a CrossAttnProcessor or a dict of them, "
+                f"got {type(processor).__name__}"
+            )
+        else:
+            kind = SanaSelfAttention if isinstance(processor, SelfAttnProcessor) else SanaCrossAttention
+            assignments = {name: processor for name, m in modules.items() if isinstance(m, kind)}
+        for name, proc in assignments.items():
+            _assign_processor(name, modules[name], proc)
+
+    def set_default_attn_processor(self) -> None:
+        """Restore the default processors (linear self-attention, softmax cross-attention)."""
+        self.set_attn_processor(LinearSelfAttnProcessor())
+        self.set_attn_processor(SoftmaxCrossAttnProcessor())
+
+    def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each block's activations in the backward pass (less memory, ~30% more compute)."""
+        self.gradient_checkpointing = enabled
+
+    # ---------------------------------------------------------------------------- forward
+
+    def _check_inputs(
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor,
+        mask: torch.Tensor | None,
+        guidance: torch.Tensor | float | None,
+    ) -> None:
+        if x.ndim != 4:
+            raise InputError(f"hidden_states must be (B, C, H, W) latents, got shape {tuple(x.shape)}")
+        if x.shape[1] != self.in_channels:
+            raise InputError(
+                f"hidden_states has {x.shape[1]} channels but this transformer expects in_channels="
+                f"{self.in_channels} (latents of another autoencoder?)"
+            )
+        p = self.patch_size
+        if x.shape[-2] % p or x.shape[-1] % p:
+            raise InputError(f"latent size {tuple(x.shape[-2:])} is not divisible by patch_size={p}")
+        if context.ndim != 3 or context.shape[0] != x.shape[0] or context.shape[-1] != self.caption_channels:
+            raise InputError(
+                f"encoder_hidden_states must be (B={x.shape[0]}, L, caption_channels={self.caption_channels}), "
+                f"got shape {tuple(context.shape)}"
+            )
+        if mask is not None and tuple(mask.shape) != tuple(context.shape[:2]):
+            raise InputError(
+                f"encoder_attention_mask must be (B, L) = {tuple(context.shape[:2])} (1 = keep, 0 = padding), "
+                f"got shape {tuple(mask.shape)}"
+            )
+        if self.guidance_embeds and guidance is None:
+            raise InputError(
+                "this transformer embeds the guidance scale (guidance_embeds=True): pass guidance="
+            )
+        if not self.guidance_embeds and guidance is not None:
+            raise InputError(
+                "this transformer has no guidance embedding (guidance_embeds=False): pass guidance=None"
+            )
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        timestep: torch.Tensor | float,
+        encoder_attention_mask: torch.Tensor | None = None,
+        guidance: torch.Tensor | float | None = None,
+        controlnet_block_samples: Sequence[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Velocity for latents (B, C, H, W) given caption tokens (B, L, caption_channels) and timesteps.
+
+        `timestep` and `guidance` are (B,) tensors or scalars, embedded as given (callers apply
+        ``config.timestep_scale`` / ``config.guidance_embeds_scale``). `encoder_attention_mask` (B, L):
+        1 = keep, 0 = padding. `controlnet_block_samples[i - 1]` (B, N, D) is added after block i.
+        Returns (B, out_channels, H, W).
+        """
+        self._check_inputs(hidden_states, encoder_hidden_states, encoder_attention_mask, guidance)
+        batch, _, height, width = hidden_states.shape
+        p = self.patch_size
+        h, w = height // p, width // p
+
+        x = self.patch_embed(hidden_states)  # (B, N, D)
+        t = _batch_vector(timestep, batch, x.device, "timestep")  # (B,)
+        g = None if guidance is None else _batch_vector(guidance, batch, x.device, "guidance")  # (B,)
+        modulation, t_emb = self.time_embed(t, g, x.dtype)  # (B, 6D), (B, D)
+        context = self.caption_norm(self.caption_projection(encoder_hidden_states))  # (B, L, D)
+        context_bias = None
+        if encoder_attention_mask is not None:
+            context_bias = (1 - encoder_attention_mask.to(x.dtype)) * MASK_BIAS  # (B, L)
+            context_bias = context_bias[:, None, None, :]  # (B, 1, 1, L): broadcast over heads and queries
+
+        use_checkpoint = self.gradient_checkpointing and torch.is_grad_enabled()
+        for i, block in enumerate(self.transformer_blocks):
+            if use_checkpoint:
+                x = checkpoint(block, x, context, context_bias, modulation, h, w, use_reentrant=False)
+            else:
+                x = block(x, context, context_bias, modulation, h, w)  # (B, N, D)
+            if controlnet_block_samples is not None and 0 < i <= len(controlnet_block_samples):
+                x = x + controlnet_block_samples[i - 1]
+
+        shift, scale = (self.scale_shift_table[None] + t_emb[:, None]).chunk(2, dim=1)  # (B, 1, D) each
+        x = self.norm_out(x) * (1 + scale) + shift  # (B, N, D)
+        x = self.proj_out(x)  # (B, N, p*p*C)
+        x = x.reshape(batch, h, w, p, p, -1).permute(0, 5, 1, 3, 2, 4)  # (B, C, h, p, w, p)
+        return x.reshape(batch, -1, height, width)  # (B, C, H, W)
+
+
+def _batch_vector(value: torch.Tensor | float, batch: int, device: torch.device, name: str) -> torch.Tensor:
+    # A scalar (or one-element tensor) applies to the whole batch; otherwise one value per sample.
+    t = torch.as_tensor(value, device=device)
+    if t.numel() == 1:
+        return t.reshape(1).expand(batch)
+    if tuple(t.shape) != (batch,):
+        raise InputError(f"{name} must be a scalar or a ({batch},) tensor, got shape {tuple(t.shape)}")
+    return t
+
+
+def _assign_processor(
+    name: str,
+    module: SanaSelfAttention | SanaCrossAttention,
+    processor: SelfAttnProcessor | CrossAttnProcessor,
+) -> None:
+    if isinstance(module, SanaSelfAttention):
+        if not isinstance(processor, SelfAttnProcessor):
+            raise ConfigError(
+                f"{name} is a self-attention module: its processor must be a SelfAttnProcessor, "
+                f"got {type(processor).__name__}"
+            )
+        module.processor = processor
+    else:
+        if not isinstance(processor, CrossAttnProcessor):
+            raise ConfigError(
+                f"{name} is a cross-attention module: its processor must be a CrossAttnProcessor, "
+                f"got {type(processor).__name__}"
+            )
+        module.processor = processor

@@ -1,0 +1,43 @@
+"""ReLU linear attention, the self-attention of the SANA transformer.
+
+Layout: ``q`` is (B, heads, N, d), ``k`` and ``v`` are (B, heads, M, d) (M may differ from N, e.g.
+when keys and values are gathered from several frames). The kernel is ReLU: with
+``phi = relu``, token n gets
+
+    out_n = sum_m (phi(q_n) . phi(k_m)) v_m  /  sum_m (phi(q_n) . phi(k_m))
+
+computed in O((N + M) d^2) by first forming ``phi(k)^T [v, 1]`` (d, d + 1): the extra column of
+ones yields the normaliser in the same matmul as the numerator. Everything is accumulated in
+float32 (bf16/fp16 sums over thousands of tokens lose too much), and the result is returned in the
+dtype of ``q``.
+
+`linear_attention` is the one entry point the models call; `linear_attention_reference` is the
+pure-torch version (the numerical reference for any fused kernel).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# Added to the normaliser: a query whose features are all zero after ReLU gets output 0, not NaN.
+NORMALISER_EPS = 1e-15
+
+
+def linear_attention_reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float = NORMALISER_EPS
+) -> torch.Tensor:
+    """ReLU linear attention in pure torch: q (B,h,N,d), k/v (B,h,M,d) -> (B,h,N,d) in q's dtype."""
+    out_dtype = q.dtype
+    q = F.relu(q).float()  # (B, h, N, d)
+    k = F.relu(k).float()  # (B, h, M, d)
+    v = F.pad(v.float(), (0, 1), value=1.0)  # (B, h, M, d + 1): last column of ones -> normaliser
+    kv = torch.matmul(k.transpose(-1, -2), v)  # (B, h, d, d + 1)
+    out = torch.matmul(q, kv)  # (B, h, N, d + 1)
+    out = out[..., :-1] / (out[..., -1:] + eps)  # (B, h, N, d)
+    return out.to(out_dtype)
+
+
+def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """ReLU linear attention: q (B,h,N,d), k/v (B,h,M,d) -> (B,h,N,d) in q's dtype (fp32 accumulation)."""
+    return linear_attention_reference(q, k, v)

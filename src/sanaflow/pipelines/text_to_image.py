@@ -1,0 +1,335 @@
+"""Prompt in, images out: the SANA text-to-image pipeline (flow matching and SANA-Sprint).
+
+Steps of one call: (1) validate inputs and bin the size, (2) encode prompts, (3) draw the initial
+noise per image from its own seed, (4) run the solver over the guided model function, (5) decode
+with the DC-AE (tiled when large), resize back to the requested size, convert to the output type.
+The pipeline keeps no per-call state on ``self``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..errors import InputError, unknown_choice
+from ..models.sana_transformer import IdentitySelfAttnProcessor, LinearSelfAttnProcessor, SelfAttnProcessor
+from . import resolution
+from .components import SanaComponents, load_components
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+MAX_SIDE = 4096
+NUM_TRAIN_TIMESTEPS = 1000
+
+
+@dataclass
+class ImageOutput:
+    """Images of one call, with the seed of each (None when the caller gave the noise)."""
+
+    images: Any  # list[PIL.Image] | np.ndarray (B,H,W,3) | torch.Tensor (B,3,H,W) | latents
+    seeds: list[int | None] = field(default_factory=list)
+    prompts: list[str] = field(default_factory=list)
+
+
+def _as_prompt_list(prompt: str | Sequence[str], what: str = "prompt") -> list[str]:
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if not prompts:
+        raise InputError(f"{what} list is empty; give at least one prompt")
+    for p in prompts:
+        if not isinstance(p, str):
+            raise InputError(f"{what} must be a string or a list of strings, got {type(p).__name__}")
+    return prompts
+
+
+def noise_for_seeds(seeds: Sequence[int], shape: tuple[int, ...]) -> torch.Tensor:
+    """Initial noise, one image per seed, drawn on the CPU so every device gives the same noise."""
+    out = []
+    for s in seeds:
+        g = torch.Generator("cpu").manual_seed(int(s))
+        out.append(torch.randn(shape, generator=g, dtype=torch.float32))
+    return torch.stack(out)  # (B, C, h, w)
+
+
+def noise_from_generator(generator: torch.Generator | list[torch.Generator], shape: tuple[int, ...]) -> torch.Tensor:
+    """Initial noise from a caller's generator (one for the batch, or one per image), on its device."""
+    if isinstance(generator, list):
+        if len(generator) != shape[0]:
+            raise InputError(f"got {len(generator)} generators for {shape[0]} images")
+        return torch.cat([torch.randn((1, *shape[1:]), generator=g, device=g.device) for g in generator])
+    return torch.randn(shape, generator=generator, device=generator.device)
+
+
+def to_output(images: torch.Tensor, output_type: str) -> Any:
+    """Convert decoded images in [-1, 1] (B,3,H,W) to pil / np / pt in [0, 1]."""
+    images = (images.float() / 2 + 0.5).clamp(0, 1)
+    if output_type == "pt":
+        return images.cpu()
+    arr = images.cpu().permute(0, 2, 3, 1).numpy()  # (B, H, W, 3)
+    if output_type == "np":
+        return arr
+    return [Image.fromarray((a * 255).round().astype(np.uint8)) for a in arr]
+
+
+class TextToImagePipeline:
+    """SANA text-to-image: transformer + DC-AE + text encoder + a flow-matching solver."""
+
+    def __init__(self, components: SanaComponents, device: torch.device):
+        self.components = components
+        self.transformer = components.transformer
+        self.vae = components.vae
+        self.text_encoder = components.text_encoder
+        self.scheduler_config = components.scheduler_config
+        self.device = device
+
+    @classmethod
+    def from_pretrained(cls, ref: str | os.PathLike | None = None, device=None, dtype=None) -> TextToImagePipeline:
+        """Load from a diffusers-format folder, a built-in name or a hub repo id (None = embedded model)."""
+        components, dev = load_components(ref, device=device, dtype=dtype)
+        return cls(components, dev)
+
+    # ---------------------------------------------------------------------------------- info
+    @property
+    def name(self) -> str:
+        """The model reference this pipeline was loaded from."""
+        return self.components.name
+
+    @property
+    def vae_scale(self) -> int:
+        """Pixels per latent cell (32 for SANA's DC-AE)."""
+        return self.vae.spatial_compression_ratio
+
+    @property
+    def is_sprint(self) -> bool:
+        """True for guidance-distilled SANA-Sprint models (TrigFlow few-step sampling)."""
+        return bool(self.transformer.config.guidance_embeds)
+
+    @property
+    def native_size(self) -> int:
+        """The model's base resolution in pixels."""
+        return int(self.transformer.config.sample_size) * self.vae_scale
+
+    # ---------------------------------------------------------------------------------- parts
+    def encode_prompts(self, prompts: list[str], negative: list[str] | None):
+        """Text features (hidden, mask) of prompts and, when given, of negative prompts (no CHI prefix)."""
+        for p in prompts:
+            if not p.strip():
+                raise InputError("empty prompt; describe the image you want")
+        cond = self.text_encoder.encode(prompts)
+        uncond = self.text_encoder.encode(negative, use_instruction=False) if negative is not None else None
+        return cond, uncond
+
+    def _model_fn(self, timestep_of: Callable[[torch.Tensor], torch.Tensor], pag: PAGSelfAttnProcessor | None):
+        """The flow model function `(x, sigma, **cond) -> velocity` (float32) for one schedule."""
+        cfg = self.transformer.config
+        dtype = self.transformer.dtype
+
+        def model_fn(x, sigma, encoder_hidden_states, encoder_attention_mask, perturbed=None):
+            t = timestep_of(sigma).to(self.device, torch.float32) * cfg.timestep_scale  # (B,)
+            if pag is not None:
+                pag.rows = perturbed  # explicit per-call state of the PAG processors
+            v = self.transformer(
+                x.to(dtype), encoder_hidden_states.to(dtype), t.to(dtype), encoder_attention_mask=encoder_attention_mask
+            ).float()  # (B, C_out, h, w)
+            if cfg.out_channels == 2 * cfg.in_channels:  # learned sigma: keep the velocity half
+                v = v[:, : cfg.in_channels]
+            return v
+
+        return model_fn
+
+    def decode(self, latents: torch.Tensor, tiling: str | bool = "auto") -> torch.Tensor:
+        """Latents (scaled, as sampled) -> images in [-1, 1]."""
+        scaling = self.vae.config.scaling_factor
+        return self.vae.decode(latents.to(self.vae.dtype) / scaling, tiling=tiling)
+
+    # ---------------------------------------------------------------------------------- call
+    @torch.inference_mode()
+    def __call__(
+        self,
+        prompt: str | Sequence[str],
+        negative_prompt: str | Sequence[str] = "",
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 20,
+        guidance_scale: float = 4.5,
+        pag_scale: float = 0.0,
+        seed: int | Sequence[int] | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        sampler: str = "dpm++2m",
+        num_images_per_prompt: int = 1,
+        output_type: str = "pil",
+        callback: Callable[[dict], None] | None = None,
+        use_resolution_binning: bool = True,
+        pag_layers: Sequence[int] | None = None,
+        progress: bool = False,
+    ) -> ImageOutput:
+        """Generate images for `prompt` (a string or a list); see the class docstring for the steps."""
+        from .. import sampling
+
+        # 1. Inputs and size
+        prompts = _as_prompt_list(prompt)
+        if output_type not in OUTPUT_TYPES:
+            raise unknown_choice("output_type", output_type, OUTPUT_TYPES)
+        if num_inference_steps < 1:
+            raise InputError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+        if num_images_per_prompt < 1:
+            raise InputError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
+        sampler_name = "scm" if self.is_sprint else sampler
+        sample_fn = sampling.get_sampler(sampler_name)
+        height = height or self.native_size
+        width = width or self.native_size
+        resolution.check_size(height, width, 32, MAX_SIDE)
+        gen_h, gen_w = height, width
+        bins = resolution.bins_for_sample_size(self.transformer.config.sample_size)
+        if use_resolution_binning and bins is not None:
+            gen_h, gen_w = resolution.nearest_bin(height, width, bins)
+        if gen_h % self.vae_scale or gen_w % self.vae_scale:
+            raise InputError(f"size {gen_w}x{gen_h} is not a multiple of the autoencoder's {self.vae_scale} px")
+
+        # Prompts repeat per image: [p0, p0, p1, p1, ...] as diffusers orders them.
+        batch_prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
+        batch = len(batch_prompts)
+        negatives = None
+        if guidance_scale > 1.0 and not self.is_sprint:
+            negs = _as_prompt_list(negative_prompt, "negative_prompt") if not isinstance(negative_prompt, str) else [negative_prompt] * len(prompts)
+            if len(negs) != len(prompts):
+                raise InputError(f"got {len(negs)} negative prompts for {len(prompts)} prompts")
+            negatives = [n for n in negs for _ in range(num_images_per_prompt)]
+
+        # 2. Text features
+        cond, uncond = self.encode_prompts(batch_prompts, negatives)
+
+        # 3. Initial noise
+        c = self.transformer.config.in_channels
+        shape = (c, gen_h // self.vae_scale, gen_w // self.vae_scale)
+        seeds: list[int | None]
+        if latents is not None:
+            if tuple(latents.shape) != (batch, *shape):
+                raise InputError(f"latents have shape {tuple(latents.shape)}; expected {(batch, *shape)}")
+            x = latents.to(self.device, torch.float32)
+            seeds = [None] * batch
+            generators = generator
+        elif generator is not None:
+            x = noise_from_generator(generator, (batch, *shape)).to(self.device)
+            seeds = [None] * batch
+            generators = generator
+        else:
+            if seed is None:
+                seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
+            seeds = list(seed) if isinstance(seed, Sequence) else [int(seed) + i for i in range(batch)]
+            if len(seeds) != batch:
+                raise InputError(f"got {len(seeds)} seeds for {batch} images")
+            generators = [torch.Generator("cpu").manual_seed(int(sd)) for sd in seeds]
+            x = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(self.device)  # (B, C, h, w)
+
+        # 4. Sampling
+        x = self._sample(sample_fn, x, cond, uncond, num_inference_steps, guidance_scale, pag_scale,
+                         pag_layers, callback, progress, generators)
+
+        # 5. Decode and convert
+        if output_type == "latent":
+            return ImageOutput(x, seeds, batch_prompts)
+        images = self.decode(x)
+        if use_resolution_binning and (gen_h, gen_w) != (height, width):
+            images = resolution.resize_and_center_crop(images, height, width)
+        return ImageOutput(to_output(images, output_type), seeds, batch_prompts)
+
+    def _sample(self, sample_fn, x, cond, uncond, steps, guidance_scale, pag_scale, pag_layers, callback,
+                progress, generators):
+        from .. import sampling
+
+        hidden, mask = cond
+        cond_args = {"encoder_hidden_states": hidden, "encoder_attention_mask": mask}
+        uncond_args = None
+        if uncond is not None:
+            uncond_args = {"encoder_hidden_states": uncond[0], "encoder_attention_mask": uncond[1]}
+        if self.is_sprint:
+            return self._sample_sprint(sample_fn, x, cond_args, steps, guidance_scale, callback, progress, generators)
+        schedule = sampling.schedule_from_scheduler_config(self.scheduler_config, steps)
+        use_pag = pag_scale > 0
+        pag_proc = PAGSelfAttnProcessor() if use_pag else None
+        model = self._model_fn(schedule.timestep_of, pag_proc)
+        if use_pag:
+            guided = sampling.pag(model, guidance_scale, pag_scale)
+        elif guidance_scale > 1.0:
+            guided = sampling.cfg(model, guidance_scale)
+        else:  # as the reference pipeline: no negative branch at all for scale <= 1
+            guided = sampling.cfg(model, 1.0)
+        extra = {"cond": cond_args, "uncond": uncond_args}
+        if pag_proc is None:
+            return sample_fn(guided, x, schedule.sigmas, extra_args=extra, callback=callback, disable=not progress)
+        layers = list(pag_layers) if pag_layers is not None else list(DEFAULT_PAG_LAYERS(self.transformer.config.num_layers))
+        with swapped_self_attention(self.transformer, layers, pag_proc):
+            return sample_fn(guided, x, schedule.sigmas, extra_args=extra, callback=callback, disable=not progress)
+
+    def _sample_sprint(self, sample_fn, x, cond_args, steps, guidance_scale, callback, progress, generators):
+        from .. import sampling
+
+        cfg = self.transformer.config
+        dtype = self.transformer.dtype
+        guidance = torch.full((x.shape[0],), float(guidance_scale), device=self.device) * cfg.guidance_embeds_scale
+
+        def flow_model(x_in, s, encoder_hidden_states, encoder_attention_mask):
+            t = s.to(dtype)  # Sprint feeds the flow sigma itself (no x1000, no timestep_scale), as the reference
+            v = self.transformer(x_in.to(dtype), encoder_hidden_states.to(dtype), t,
+                                 encoder_attention_mask=encoder_attention_mask, guidance=guidance.to(dtype))
+            return v.float()
+
+        timesteps = sampling.scm_timesteps(steps).to(self.device)
+        return sample_fn(sampling.trigflow_model_fn(flow_model), x, timesteps, extra_args=cond_args,
+                         callback=callback, disable=not progress, generator=generators)
+
+
+def DEFAULT_PAG_LAYERS(num_layers: int) -> tuple[int, ...]:  # noqa: N802 - a constant rule
+    """PAG's default perturbed blocks: the middle one (SANA's PAG pipelines use a mid block)."""
+    return (num_layers // 2,)
+
+
+class PAGSelfAttnProcessor(SelfAttnProcessor):
+    """Self-attention that uses the identity attention map on the rows in `self.rows` (PAG's perturbed branch).
+
+    `rows` is the explicit per-call state: a (B,) bool tensor set by the model function before each
+    transformer call (None = no perturbed rows).
+    """
+
+    def __init__(self):
+        self.rows: torch.Tensor | None = None
+        self._normal = LinearSelfAttnProcessor()
+        self._identity = IdentitySelfAttnProcessor()
+
+    def __call__(self, attn, hidden_states, height, width):
+        rows = self.rows
+        if rows is None or not bool(rows.any()):
+            return self._normal(attn, hidden_states, height, width)
+        out = torch.empty_like(hidden_states)  # (B, N, D)
+        keep = ~rows
+        if bool(keep.any()):
+            out[keep] = self._normal(attn, hidden_states[keep], height, width)
+        out[rows] = self._identity(attn, hidden_states[rows], height, width)
+        return out
+
+
+@contextlib.contextmanager
+def swapped_self_attention(transformer, layers, processor):
+    """Use `processor` as the self-attention of blocks `layers` inside the `with` block."""
+    n = transformer.config.num_layers
+    bad = [i for i in layers if not 0 <= int(i) < n]
+    if bad:
+        raise InputError(f"PAG layers {bad} out of range; the transformer has blocks 0..{n - 1}")
+    old = transformer.attn_processors
+    transformer.set_attn_processor({f"transformer_blocks.{int(i)}.attn1": processor for i in layers})
+    try:
+        yield
+    finally:
+        transformer.set_attn_processor(old)
+
+
+def load_pipeline(ref: str | os.PathLike | None = None, device=None, dtype=None) -> TextToImagePipeline:
+    """Load a text-to-image pipeline (None = the embedded default model)."""
+    return TextToImagePipeline.from_pretrained(ref, device=device, dtype=dtype)

@@ -1,0 +1,220 @@
+"""VideoEditPipeline: a video and a prompt in, the TokenFlow-edited video out.
+
+Steps of one call: 1. read and resize the frames to the backbone's multiple; 2. find the inversion
+in the cache or invert (and optionally reconstruct) the video; 3. run the edit loop; 4. decode.
+The pipeline holds only the backbone and the cache folder; every per-call value stays local.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import InputError
+from ..tokenflow.backbones import Backbone, load_backbone
+from ..tokenflow.editor import DEFAULT_NEGATIVE, EditSettings, calls_per_step, edit_latents
+from ..tokenflow.inversion import (
+    InversionKey,
+    LatentCache,
+    decode_latents,
+    default_cache_dir,
+    encode_frames,
+    inversion_schedule,
+    invert_latents,
+    sample_plain,
+    video_hash,
+)
+from ..video import VideoClip, read_video, resize_crop
+
+DEFAULT_MAX_SIDE = 512  # frames above this are downsized unless a size is given (TokenFlow works at 512)
+
+
+@dataclass
+class InversionResult:
+    """A cached inversion, whether it was reused, and the reconstruction when one was made."""
+
+    cache: LatentCache
+    reused: bool
+    reconstruction: np.ndarray | None = None  # (T, H, W, 3) uint8
+
+
+@dataclass
+class VideoEditOutput:
+    """Edited frames (T, H, W, 3) uint8, the resized source frames, fps and the inversion used."""
+
+    frames: np.ndarray
+    source: np.ndarray
+    fps: float
+    inversion: InversionResult
+
+
+class _Progress:
+    """A tqdm bar (or nothing) counting denoiser calls."""
+
+    def __init__(self, total: int, desc: str, enabled: bool):
+        self.bar = None
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, unit="call", leave=False)
+
+    def __call__(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class VideoEditPipeline:
+    """Text-driven video editing with TokenFlow on a SANA or Stable Diffusion backbone."""
+
+    def __init__(self, backbone: Backbone, cache_dir: str | os.PathLike | None = None):
+        self.backbone = backbone
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        ref: str | os.PathLike | None = None,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        controlnet: str | os.PathLike | None = None,
+        cache_dir: str | os.PathLike | None = None,
+    ) -> VideoEditPipeline:
+        """Load the backbone of `ref` (None: the embedded default model); SD folders may add a ControlNet."""
+        from .components import pick_device, pick_dtype
+
+        dev = pick_device(device)
+        tdtype = None if dtype is None else pick_dtype(dtype, dev)
+        return cls(load_backbone(ref, device=dev, dtype=tdtype, controlnet=controlnet), cache_dir=cache_dir)
+
+    # 1. frames ------------------------------------------------------------------------------
+
+    def prepare(
+        self,
+        video: str | os.PathLike | np.ndarray | VideoClip,
+        frames: int | None = None,
+        start: int = 0,
+        stride: int = 1,
+        size: int | tuple[int, int] | None = None,
+        fps: float | None = None,
+    ) -> VideoClip:
+        """Read (if a path) and resize/crop frames to the backbone's multiple; `size` as in `resize_crop`."""
+        if isinstance(video, VideoClip):
+            clip = VideoClip(video.frames[start::stride][:frames], fps or video.fps / stride)
+        elif isinstance(video, np.ndarray):
+            if video.ndim != 4 or video.dtype != np.uint8:
+                raise InputError(f"frames must be a (T, H, W, 3) uint8 array, got {video.dtype} {tuple(video.shape)}")
+            clip = VideoClip(video[start::stride][:frames], fps or 24.0)
+        else:
+            clip = read_video(video, frames=frames, start=start, stride=stride, fps=fps)
+        if clip.num_frames == 0:
+            raise InputError("no frames selected (check --frames, --start and --stride)")
+        if size is None and max(clip.size) > DEFAULT_MAX_SIDE:
+            size = DEFAULT_MAX_SIDE
+        return VideoClip(resize_crop(clip.frames, self.backbone.multiple, size), clip.fps)
+
+    # 2. inversion ---------------------------------------------------------------------------
+
+    def invert(
+        self,
+        clip: VideoClip,
+        source_prompt: str = "",
+        steps: int = 50,
+        inversion_steps: int | None = None,
+        batch_size: int = 8,
+        reconstruct: bool = False,
+        progress: bool = True,
+    ) -> InversionResult:
+        """Invert the frames (or reuse the cached inversion); optionally sample the reconstruction back."""
+        if steps < 1 or (inversion_steps is not None and inversion_steps < 1):
+            raise InputError("--steps and --inversion-steps must be at least 1")
+        backbone = self.backbone
+        inversion_steps = inversion_steps or steps
+        h, w = clip.size
+        key = InversionKey(
+            video=video_hash(clip.frames), model=backbone.name, height=h, width=w, num_frames=clip.num_frames,
+            steps=steps, inversion_steps=inversion_steps, prompt=source_prompt,
+        )
+        cache = LatentCache.find(self.cache_dir, key)
+        reused = cache is not None
+        if cache is None:
+            clean = encode_frames(backbone, clip.frames, batch_size)  # (T, C, h, w)
+            cond = backbone.embed([source_prompt])
+            n_chunks = -(-clip.num_frames // batch_size)
+            bar = _Progress(n_chunks * len(inversion_schedule(backbone, steps, inversion_steps)), "inversion", progress)
+            try:
+                latents = invert_latents(backbone, clean, cond, steps, inversion_steps, batch_size, bar)
+            finally:
+                bar.close()
+            cache = LatentCache.write(self.cache_dir, key, backbone.timesteps(steps), latents)
+        recon = None
+        if reconstruct:
+            recon = self.reconstruct(cache, source_prompt, batch_size, progress)
+        return InversionResult(cache, reused, recon)
+
+    def reconstruct(self, cache: LatentCache, source_prompt: str = "", batch_size: int = 8,
+                    progress: bool = True) -> np.ndarray:
+        """Sample the inverted latents back to frames without guidance (judges the inversion)."""
+        x = cache.latents(0)
+        bar = _Progress(-(-len(x) // batch_size) * len(cache.timesteps), "reconstruction", progress)
+        try:
+            z = sample_plain(self.backbone, x, self.backbone.embed([source_prompt]), cache.timesteps, batch_size,
+                             progress=bar)
+        finally:
+            bar.close()
+        return decode_latents(self.backbone, z, batch_size)
+
+    # 3.-4. edit -----------------------------------------------------------------------------
+
+    def __call__(
+        self,
+        video: str | os.PathLike | np.ndarray | VideoClip,
+        prompt: str,
+        source_prompt: str = "",
+        negative_prompt: str = DEFAULT_NEGATIVE,
+        mode: str = "tokenflow-pnp",
+        steps: int = 50,
+        inversion_steps: int | None = None,
+        guidance_scale: float = 7.5,
+        pnp_feature: float = 0.8,
+        pnp_attention: float = 0.5,
+        strength: float = 0.9,
+        batch_size: int = 8,
+        seed: int = 1,
+        correspondence: str = "features",
+        control_scale: float | None = None,
+        offload_keyframes: bool | None = None,
+        frames: int | None = None,
+        start: int = 0,
+        stride: int = 1,
+        size: int | tuple[int, int] | None = None,
+        reconstruct: bool = False,
+        progress: bool = True,
+    ) -> VideoEditOutput:
+        """Edit `video` (path, frames array or VideoClip) towards `prompt`; see `EditSettings` for the knobs."""
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise InputError("the edit needs a non-empty --prompt")
+        settings = EditSettings(
+            prompt=prompt, source_prompt=source_prompt, negative_prompt=negative_prompt, mode=mode, steps=steps,
+            guidance_scale=guidance_scale, pnp_feature=pnp_feature, pnp_attention=pnp_attention, strength=strength,
+            batch_size=batch_size, seed=seed, correspondence=correspondence, control_scale=control_scale,
+            offload_keyframes=offload_keyframes,
+        )
+        settings.validate()
+        clip = self.prepare(video, frames=frames, start=start, stride=stride, size=size)
+        inversion = self.invert(clip, source_prompt, steps, inversion_steps, batch_size, reconstruct, progress)
+        run_steps = steps - settings.start_step()
+        bar = _Progress(run_steps * calls_per_step(settings, clip.num_frames), "edit", progress)
+        try:
+            latents = edit_latents(self.backbone, inversion.cache, settings, clip.frames, bar)
+        finally:
+            bar.close()
+        edited = decode_latents(self.backbone, latents, batch_size)
+        return VideoEditOutput(edited, clip.frames, clip.fps, inversion)

@@ -1,0 +1,187 @@
+"""Quantized replacements of ``nn.Linear`` and pointwise (1x1) ``nn.Conv2d`` layers.
+
+- `Int8WeightOnlyLinear`: int8 weight with one float32 scale per output channel (symmetric,
+  ``w ~ q * scale``); activations stay in the model dtype and the scale is applied to the matmul
+  output (``x W^T = (x q^T) * scale``). Runs anywhere; on CPU through torch's int8-weight kernel.
+- `Fp8Linear`: float8 e4m3 weight with a float32 scale per output channel, and the activation
+  quantized on the fly with one scale per token row; one ``torch._scaled_mm`` (cuBLASLt / CUTLASS
+  row-wise kernel, bf16 output) per call. Needs a GPU with FP8 tensor cores (sm_89+, e.g. H100).
+
+Both store plain tensors (``weight``, ``weight_scale``, ``bias``) so a quantized model is written
+and read with safetensors like any other. A pointwise conv is the same matmul over channels: the
+layer reads (B, C, H, W) through a (B, H, W, C) view (free for the channels-last grids that
+SANA's Mix-FFN produces) and returns (B, O, H, W) in the same layout.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import InputError
+
+INT8_MAX = 127.0
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
+_SCALE_MIN = 1e-12  # an all-zero row gets this scale instead of 0 (no division by zero)
+
+
+def is_pointwise_conv(module: nn.Module) -> bool:
+    """True for a 1x1, stride-1, unpadded, ungrouped Conv2d (a matmul over channels)."""
+    return (
+        isinstance(module, nn.Conv2d)
+        and module.kernel_size == (1, 1)
+        and module.stride == (1, 1)
+        and module.padding == (0, 0)
+        and module.dilation == (1, 1)
+        and module.groups == 1
+    )
+
+
+def quantize_int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8: w (O, I) float -> (q int8 (O, I), scale float32 (O,)), w ~ q * scale."""
+    w = w.detach().float()
+    scale = (w.abs().amax(dim=1) / INT8_MAX).clamp(min=_SCALE_MIN)  # (O,)
+    q = torch.round(w / scale[:, None]).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)  # (O, I)
+    return q, scale
+
+
+def quantize_fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row float8 e4m3: x (R, I) -> (q fp8 (R, I), scale float32 (R, 1)), x ~ q * scale."""
+    amax = x.abs().amax(dim=-1, keepdim=True).float()  # (R, 1)
+    scale = amax.clamp(min=_SCALE_MIN) / FP8_MAX  # (R, 1)
+    q = (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)  # (R, I)
+    return q, scale
+
+
+def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x (..., I) @ (int8 weight (O, I) * scale (O,))^T + bias -> (..., O) in x's dtype."""
+    x2 = x.reshape(-1, x.shape[-1])  # (M, I)
+    if x2.device.type == "cpu" and x2.dtype in (torch.float32, torch.bfloat16) and x2.shape[1] % 32 == 0:
+        # torch's CPU kernel reads the int8 weight directly (no dequantised copy of the weight).
+        # Only for in_features % 32 == 0: torch 2.13's bf16 kernel crashes (SIGSEGV) on K = 24 or 40.
+        out = torch._weight_int8pack_mm(x2.contiguous(), weight, scale.to(x2.dtype))  # (M, O)
+    else:
+        # int8 values are exact in any float dtype; the scale goes on the (smaller) output
+        out = F.linear(x2, weight.to(x2.dtype)) * scale.to(x2.dtype)  # (M, O)
+    if bias is not None:
+        out = out + bias.to(out.dtype)
+    return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x (..., I) @ (fp8 weight (O, I) * scale (O,))^T + bias, activations quantized per row -> (..., O)."""
+    x2 = x.reshape(-1, x.shape[-1])  # (M, I)
+    xq, x_scale = quantize_fp8_rows(x2)  # (M, I) fp8, (M, 1) float32
+    xq = xq.contiguous()  # _scaled_mm wants a row-major A (a no-op unless x was an odd view)
+    # row-wise scaled matmul: output is bf16 only; a bf16 bias is fused into the epilogue
+    fused_bias = bias if bias is not None and bias.dtype == torch.bfloat16 else None
+    out = torch._scaled_mm(
+        xq, weight.t(), scale_a=x_scale, scale_b=scale[None], bias=fused_bias,
+        out_dtype=torch.bfloat16, use_fast_accum=True,
+    )  # (M, O)
+    if bias is not None and fused_bias is None:
+        out = out + bias.to(out.dtype)
+    return out.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
+
+
+class _QuantizedLinear(nn.Module):
+    """Shared storage and layout handling; subclasses set `mode`, `weight_dtype` and `_matmul`."""
+
+    mode = ""
+    weight_dtype = torch.int8
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, pointwise_conv: bool,
+                 bias_dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.pointwise_conv = pointwise_conv
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=self.weight_dtype, device=device))
+        self.register_buffer("weight_scale", torch.empty(out_features, dtype=torch.float32, device=device))
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=bias_dtype, device=device),
+                                 requires_grad=False) if bias else None
+
+    @classmethod
+    def from_float(cls, module: nn.Linear | nn.Conv2d) -> _QuantizedLinear:
+        """Quantize the weight of a Linear or pointwise Conv2d (bias kept in its dtype)."""
+        pointwise = isinstance(module, nn.Conv2d)
+        w = module.weight.detach()
+        w = w.flatten(1) if pointwise else w  # (O, I)
+        bias = module.bias
+        layer = cls(w.shape[1], w.shape[0], bias is not None, pointwise,
+                    bias_dtype=bias.dtype if bias is not None else w.dtype, device=w.device)
+        q, scale = cls._quantize_weight(w)
+        layer.weight.copy_(q)
+        layer.weight_scale.copy_(scale)
+        if bias is not None:
+            layer.bias.data.copy_(bias.detach())
+        return layer
+
+    @staticmethod
+    def _quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.pointwise_conv:
+            return self._matmul(x)  # (..., O)
+        y = self._matmul(x.permute(0, 2, 3, 1))  # (B, H, W, O)
+        return y.permute(0, 3, 1, 2)  # (B, O, H, W), channels-last memory
+
+    def _apply(self, fn, recurse=True):
+        # model.to(dtype) / .half() cast every floating tensor, float8 included: move the quantized
+        # weight and its float32 scales to the new device only, never to another dtype.
+        weight, scale = self.weight, self.weight_scale
+        super()._apply(fn, recurse)
+        if self.weight.dtype != weight.dtype:
+            self.weight = weight.to(self.weight.device)
+        if self.weight_scale.dtype != scale.dtype:
+            self.weight_scale = scale.to(self.weight_scale.device)
+        return self
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The float32 weight this layer stands for, (O, I)."""
+        return self.weight.float() * self.weight_scale[:, None]
+
+    def extra_repr(self) -> str:
+        kind = "pointwise_conv" if self.pointwise_conv else "linear"
+        return f"{kind}, in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, {self.mode}"
+
+
+class Int8WeightOnlyLinear(_QuantizedLinear):
+    """Linear / pointwise conv with an int8 per-channel weight; activations in the model dtype."""
+
+    mode = "int8"
+    weight_dtype = torch.int8
+
+    @staticmethod
+    def _quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return quantize_int8_rows(w)
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return int8_linear(x, self.weight, self.weight_scale, self.bias)
+
+
+class Fp8Linear(_QuantizedLinear):
+    """Linear / pointwise conv with fp8 e4m3 weight and dynamic per-token fp8 activations (CUDA sm_89+)."""
+
+    mode = "fp8"
+    weight_dtype = FP8_DTYPE
+
+    @staticmethod
+    def _quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        q, scale = quantize_fp8_rows(w)
+        return q, scale[:, 0]
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if not x.is_cuda:
+            raise InputError(f"fp8 layers run on CUDA GPUs with FP8 tensor cores (compute capability >= 8.9); "
+                             f"got an input on {x.device}")
+        return fp8_linear(x, self.weight, self.weight_scale, self.bias)
+
+
+LAYER_CLASSES: dict[str, type[_QuantizedLinear]] = {"int8": Int8WeightOnlyLinear, "fp8": Fp8Linear}

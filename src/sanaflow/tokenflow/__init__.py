@@ -1,0 +1,49 @@
+"""TokenFlow video editing: the backbone protocol, inversion cache, attention processors, the edit loop."""
+
+from .attention import (
+    Pass,
+    TokenFlowAttnProcessor,
+    TokenFlowState,
+    extended_attention,
+    nearest_tokens,
+    propagate,
+)
+from .backbones import (
+    Backbone,
+    SanaBackbone,
+    StableDiffusionBackbone,
+    TextCond,
+    canny_edges,
+    load_backbone,
+    tokenflow_hooks,
+)
+from .correspondence import CORRESPONDENCES, FlowCorrespondence
+from .editor import DEFAULT_NEGATIVE, MODES, EditSettings, edit_latents
+from .inversion import InversionKey, LatentCache, default_cache_dir, invert_latents, sample_plain
+
+__all__ = [
+    "CORRESPONDENCES",
+    "DEFAULT_NEGATIVE",
+    "MODES",
+    "Backbone",
+    "EditSettings",
+    "FlowCorrespondence",
+    "InversionKey",
+    "LatentCache",
+    "Pass",
+    "SanaBackbone",
+    "StableDiffusionBackbone",
+    "TextCond",
+    "TokenFlowAttnProcessor",
+    "TokenFlowState",
+    "canny_edges",
+    "default_cache_dir",
+    "edit_latents",
+    "extended_attention",
+    "invert_latents",
+    "load_backbone",
+    "nearest_tokens",
+    "propagate",
+    "sample_plain",
+    "tokenflow_hooks",
+]

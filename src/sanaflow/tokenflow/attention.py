@@ -1,0 +1,209 @@
+"""TokenFlow's self-attention: keyframe extended attention and token propagation, as processors.
+
+Every denoiser call of the editor stacks three branches of `n` frames each along the batch axis:
+``[source (n), negative / unconditional (n), target (n)]``. A `TokenFlowAttnProcessor` sits on every
+self-attention site of the backbone and reads the explicit `TokenFlowState` the editor fills before
+each call:
+
+- `Pass.PLAIN`: the site's original processor runs (inversion, reconstruction, plain sampling).
+- `Pass.KEYFRAMES`: the joint keyframe pass. The source branch attends per frame; each edit branch
+  attends to the keys and values of *all* its keyframes concatenated along the token axis (one
+  batched attention call per branch, never a loop over frames). With PnP attention injection on, the
+  edit branches use the source branch's queries and keys. The site stores its normalised input
+  (source branch) and its output (all branches) for the propagation pass.
+- `Pass.PROPAGATE`: attention is not computed. Each token takes the stored outputs of its nearest
+  neighbours in the anchor keyframes and blends them (`propagate`).
+- `Pass.PER_FRAME`: PnP on each frame alone (the baseline): every branch attends per frame.
+
+The arithmetic of one attention (projections, softmax or linear kernel, output projection) belongs
+to the backbone and comes in as an `AttentionOps`; this module only decides who attends to whom.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+NUM_BRANCHES = 3  # source, negative (unconditional), target
+
+
+class Pass(enum.Enum):
+    """What the hooks do during one denoiser call."""
+
+    PLAIN = "plain"
+    KEYFRAMES = "keyframes"
+    PROPAGATE = "propagate"
+    PER_FRAME = "per-frame"
+
+
+# (site, source-branch inputs of the frames (n, N, D), anchor keyframe inputs (A, N, D)) -> (A, n, N)
+Matcher = Callable[[str, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class TokenFlowState:
+    """Per-call instructions the editor gives the hooks, and the keyframe tokens they store."""
+
+    mode: Pass = Pass.PLAIN
+    frames: int = 0  # frames per branch in the current call (the batch is NUM_BRANCHES * frames)
+    inject_attention: bool = False  # PnP: source queries/keys replace the edit branches' ones
+    inject_features: bool = False  # PnP: source residual features replace the edit branches' ones
+    # Propagation: keyframe slots (indices into the stored keyframes) the current frames copy from,
+    # and the weight of the first slot per frame (the second gets 1 - w).
+    anchors: list[int] = field(default_factory=list)
+    weights: torch.Tensor | None = None  # (frames,)
+    matcher: Matcher | None = None  # None: nearest neighbours of the normalised inputs
+    # Where keyframe tokens are kept between the passes (None: where they were computed). The CPU
+    # keeps device memory flat for long videos; propagation fetches only its two anchors.
+    store_device: torch.device | None = None
+    # Written by the keyframe pass, read by the propagation pass; per site.
+    keyframe_inputs: dict[str, torch.Tensor] = field(default_factory=dict)  # (K, N, D)
+    keyframe_outputs: dict[str, torch.Tensor] = field(default_factory=dict)  # (3, K, N, D)
+
+    def clear(self) -> None:
+        """Forget the stored keyframe tokens (between denoising steps)."""
+        self.keyframe_inputs.clear()
+        self.keyframe_outputs.clear()
+
+
+class AttentionOps(Protocol):
+    """The backbone's attention arithmetic, split so TokenFlow can regroup tokens between the steps."""
+
+    def project(self, attn: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys, values (B, heads, N, d) of the self-attention input x (B, N, D)."""
+
+    def attend(self, attn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Attention of q (B, h, Nq, d) over k, v (B, h, Nk, d) -> (B, h, Nq, d)."""
+
+    def output(self, attn: Any, o: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Output projection of o (B, h, N, d) -> (B, N, D) (x is the input, for residual settings)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Pure functions (tested against direct implementations)
+# --------------------------------------------------------------------------------------------
+
+
+def extended_attention(
+    ops: AttentionOps, attn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, frames: int
+) -> torch.Tensor:
+    """Source branch per frame; each edit branch over all its frames' tokens concatenated.
+
+    q, k, v: (3 * frames, h, N, d) in branch-major order. Returns (3 * frames, h, N, d).
+    """
+    n = frames
+    _, h, tokens, d = q.shape
+    source = ops.attend(attn, q[:n], k[:n], v[:n])  # (n, h, N, d)
+
+    def joint(t: torch.Tensor) -> torch.Tensor:
+        # (2n, h, N, d) -> (2, h, n*N, d): one sequence per edit branch holding every frame's tokens
+        return t[n:].reshape(2, n, h, tokens, d).permute(0, 2, 1, 3, 4).reshape(2, h, n * tokens, d)
+
+    edit = ops.attend(attn, joint(q), joint(k), joint(v))  # (2, h, n*N, d)
+    edit = edit.reshape(2, h, n, tokens, d).permute(0, 2, 1, 3, 4).reshape(2 * n, h, tokens, d)
+    return torch.cat([source, edit])  # (3n, h, N, d)
+
+
+def nearest_tokens(queries: torch.Tensor, keys: torch.Tensor, max_elements: int = 2**26) -> torch.Tensor:
+    """Index of the most cosine-similar key token for every query token.
+
+    queries: (n, N, D) frames; keys: (A, M, D) anchor frames. Returns (A, n, N) indices into M,
+    computed in slices of frames so the similarity matrix stays below `max_elements` entries.
+    """
+    q = torch.nn.functional.normalize(queries.float(), dim=-1)  # (n, N, D)
+    k = torch.nn.functional.normalize(keys.float(), dim=-1)  # (A, M, D)
+    n, tokens, _ = q.shape
+    step = max(1, max_elements // max(1, tokens * k.shape[1]))
+    out = torch.empty(k.shape[0], n, tokens, dtype=torch.long, device=q.device)
+    for a in range(k.shape[0]):
+        for s in range(0, n, step):
+            sim = q[s : s + step] @ k[a].T  # (step, N, M)
+            out[a, s : s + step] = sim.argmax(dim=-1)
+    return out
+
+
+def propagate(outputs: torch.Tensor, index: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """Gather anchor tokens along correspondences and blend two anchors by per-frame weights.
+
+    outputs: (B, A, M, D) stored attention outputs of A anchor keyframes (B branches); index:
+    (A, n, N) source token -> anchor token; weights: (n,) weight of anchor 0 (A == 2) or None
+    (A == 1). Returns (B, n, N, D).
+    """
+    b, a, _, dim = outputs.shape
+    _, n, tokens = index.shape
+    gathered = torch.gather(
+        outputs,  # (B, A, M, D)
+        2,
+        index.reshape(1, a, n * tokens, 1).expand(b, a, n * tokens, dim),
+    ).reshape(b, a, n, tokens, dim)  # (B, A, n, N, D)
+    if a == 1:
+        return gathered[:, 0]
+    w = weights.to(gathered.dtype).view(1, n, 1, 1)
+    return w * gathered[:, 0] + (1 - w) * gathered[:, 1]
+
+
+def blend_weights(frames: torch.Tensor, centre_a: float, centre_b: float) -> torch.Tensor:
+    """TokenFlow's weight of anchor a: sigmoid(d_b / (d_a + d_b)), d = distance to each anchor's centre."""
+    d_a = (frames.float() - centre_a).abs()
+    d_b = (frames.float() - centre_b).abs()
+    return torch.sigmoid(d_b / (d_a + d_b).clamp_min(1e-6))
+
+
+# --------------------------------------------------------------------------------------------
+# The processor
+# --------------------------------------------------------------------------------------------
+
+
+class TokenFlowAttnProcessor:
+    """Self-attention processor implementing the TokenFlow passes for one site (see module docs)."""
+
+    def __init__(self, site: str, state: TokenFlowState, ops: AttentionOps, original: Callable, pnp: bool):
+        self.site = site
+        self.state = state
+        self.ops = ops
+        self.original = original  # the processor this one stands in for, used in Pass.PLAIN
+        self.pnp = pnp  # whether this site takes PnP query/key injection
+
+    def __call__(self, attn: Any, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        state = self.state
+        if state.mode is Pass.PLAIN:
+            return self.original(attn, hidden_states, *args, **kwargs)
+        n = state.frames
+        if hidden_states.shape[0] != NUM_BRANCHES * n:
+            raise RuntimeError(
+                f"{self.site}: batch of {hidden_states.shape[0]} does not hold {NUM_BRANCHES} branches of {n} frames"
+            )
+        if state.mode is Pass.PROPAGATE:
+            return self._propagate(hidden_states)
+        q, k, v = self.ops.project(attn, hidden_states)  # (3n, h, N, d) each
+        if self.pnp and state.inject_attention:
+            q = torch.cat([q[:n]] * NUM_BRANCHES)
+            k = torch.cat([k[:n], k[:n], k[:n]])
+        if state.mode is Pass.KEYFRAMES:
+            o = extended_attention(self.ops, attn, q, k, v, n)
+        else:  # Pass.PER_FRAME
+            o = self.ops.attend(attn, q, k, v)
+        out = self.ops.output(attn, o, hidden_states)  # (3n, N, D)
+        if state.mode is Pass.KEYFRAMES:
+            device = state.store_device or out.device
+            state.keyframe_inputs[self.site] = hidden_states[:n].detach().to(device)  # (K, N, D)
+            state.keyframe_outputs[self.site] = out.detach().unflatten(0, (NUM_BRANCHES, n)).to(device)  # (3, K, N, D)
+        return out
+
+    def _propagate(self, x: torch.Tensor) -> torch.Tensor:
+        state = self.state
+        n = state.frames
+        stored = state.keyframe_inputs[self.site]
+        anchors = torch.tensor(state.anchors, device=stored.device)
+        keys = stored[anchors].to(x.device)  # (A, N, D)
+        if state.matcher is None:
+            index = nearest_tokens(x[:n], keys)  # (A, n, N)
+        else:
+            index = state.matcher(self.site, x[:n], keys)
+        outputs = state.keyframe_outputs[self.site][:, anchors].to(x.device)  # (3, A, N, D)
+        out = propagate(outputs, index, state.weights)  # (3, n, N, D)
+        return out.reshape(NUM_BRANCHES * n, *out.shape[2:])

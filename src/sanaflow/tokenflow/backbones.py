@@ -1,0 +1,463 @@
+"""The Backbone protocol TokenFlow is written against, and its Stable Diffusion implementation.
+
+A backbone gives the editor: frame encode/decode, text embedding, one denoiser call on a batch of
+frames, its self-attention sites (with the arithmetic of one attention, `AttentionOps`), the sites
+that take PnP attention and feature injection, and its scheduler as two functions: `timesteps`
+(the model-call times of a sampling run, noisiest first) and `move` (deterministic transport of a
+latent from one time to another given the model output: a DDIM step or a flow-ODE Euler step; the
+same function runs forward for sampling and backward for inversion). Hook sites are named once, here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import math
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import CheckpointError, ConfigError
+from .attention import AttentionOps, TokenFlowAttnProcessor, TokenFlowState
+from .injection import FeatureInjectionHook
+
+CANNY_THRESHOLDS = (100, 200)  # TokenFlow's announced ControlNet setting
+
+
+@dataclass
+class TextCond:
+    """Embedded prompts: hidden states (P, L, D) and an optional attention mask (P, L)."""
+
+    hidden: torch.Tensor
+    mask: torch.Tensor | None = None
+
+    def take(self, index: Sequence[int]) -> TextCond:
+        """The embeddings of prompts `index` (one row per batch element)."""
+        idx = torch.as_tensor(list(index), device=self.hidden.device)
+        return TextCond(self.hidden[idx], None if self.mask is None else self.mask[idx])
+
+
+class Backbone(Protocol):
+    """What TokenFlow needs from a text-to-image model (see the module docstring)."""
+
+    name: str  # identity of the weights, part of the inversion cache key
+    multiple: int  # frame sides must be multiples of this (VAE factor x patch size)
+    device: torch.device
+    dtype: torch.dtype
+    attention_ops: AttentionOps
+    processor_class: type[TokenFlowAttnProcessor]  # the processor type its attention modules accept
+    supports_control: bool
+
+    def encode(self, frames: torch.Tensor) -> torch.Tensor:
+        """Frames (B, 3, H, W) in [-1, 1] -> scaled latents (B, C, h, w)."""
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents (B, C, h, w) -> frames (B, 3, H, W) in [-1, 1]."""
+
+    def embed(self, prompts: Sequence[str]) -> TextCond:
+        """Text embeddings of `prompts`."""
+
+    def denoise(
+        self, x: torch.Tensor, t: float, cond: TextCond, control: torch.Tensor | None = None,
+        control_scale: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """One denoiser call on latents x (B, C, h, w) at time t; returns the raw model output."""
+
+    def control_images(self, frames: np.ndarray) -> torch.Tensor:
+        """Per-frame control images (T, 3, H, W) for the extra conditioning (Canny edges)."""
+
+    def self_attention_processors(self) -> dict[str, Any]:
+        """The current processors of every self-attention site, by site name."""
+
+    def set_self_attention_processors(self, processors: dict[str, Any]) -> None:
+        """Replace the processors of the named self-attention sites."""
+
+    def pnp_attention_sites(self) -> list[str]:
+        """Self-attention sites that take PnP query/key injection."""
+
+    def feature_modules(self) -> dict[str, torch.nn.Module]:
+        """Modules whose output takes PnP feature injection, by site name."""
+
+    def timesteps(self, steps: int) -> list[float]:
+        """Model-call times of a `steps`-step sampling run, noisiest first."""
+
+    def move(self, x: torch.Tensor, out: torch.Tensor, t_from: float | None, t_to: float | None) -> torch.Tensor:
+        """Transport x from time t_from to t_to given the model output (None = the clean end)."""
+
+    def inversion_time(self, t_from: float | None, t_to: float) -> float:
+        """The time at which inversion calls the model to move from t_from to t_to."""
+
+
+@contextlib.contextmanager
+def tokenflow_hooks(backbone: Backbone, state: TokenFlowState) -> Iterator[None]:
+    """Install TokenFlow processors and PnP feature hooks that read `state`; restore on exit."""
+    original = backbone.self_attention_processors()
+    pnp = set(backbone.pnp_attention_sites())
+    processors = {
+        site: backbone.processor_class(site, state, backbone.attention_ops, proc, pnp=site in pnp)
+        for site, proc in original.items()
+    }
+    hook = FeatureInjectionHook(state)
+    handles = [m.register_forward_hook(hook) for m in backbone.feature_modules().values()]
+    backbone.set_self_attention_processors(processors)
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        backbone.set_self_attention_processors(original)
+
+
+def canny_edges(frames: np.ndarray, low: int = CANNY_THRESHOLDS[0], high: int = CANNY_THRESHOLDS[1]) -> np.ndarray:
+    """Canny edge maps of frames (T, H, W, 3) uint8 -> (T, H, W, 3) uint8 (white edges on black)."""
+    import cv2
+
+    edges = [cv2.Canny(cv2.cvtColor(f, cv2.COLOR_RGB2GRAY), low, high) for f in frames]
+    return np.repeat(np.stack(edges)[..., None], 3, axis=-1)
+
+
+# --------------------------------------------------------------------------------------------
+# Stable Diffusion (diffusers)
+# --------------------------------------------------------------------------------------------
+
+
+class SDAttentionOps:
+    """Softmax attention with the projections of a diffusers `Attention` module."""
+
+    def project(self, attn, x):
+        b, n, _ = x.shape
+        q, k, v = attn.to_q(x), attn.to_k(x), attn.to_v(x)  # (B, N, inner)
+        d = k.shape[-1] // attn.heads
+        q, k, v = (t.view(b, n, attn.heads, d).transpose(1, 2) for t in (q, k, v))  # (B, h, N, d)
+        if attn.norm_q is not None:
+            q = attn.norm_q(q)
+        if attn.norm_k is not None:
+            k = attn.norm_k(k)
+        return q, k, v
+
+    def attend(self, attn, q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, scale=attn.scale)  # (B, h, Nq, d)
+
+    def output(self, attn, o, x):
+        b, h, n, d = o.shape
+        out = attn.to_out[1](attn.to_out[0](o.transpose(1, 2).reshape(b, n, h * d)))  # (B, N, D)
+        if attn.residual_connection:
+            out = out + x
+        return out / attn.rescale_output_factor
+
+
+class StableDiffusionBackbone:
+    """SD 1.5 / 2.x through diffusers: UNet2DConditionModel, AutoencoderKL, CLIP, DDIM (+ ControlNet)."""
+
+    # TokenFlow's PnP sites, named once: the residual branch of the second ResNet of the second decoder
+    # block, and every decoder self-attention except the first (SD: up_blocks[1] attentions 1-2 and
+    # up_blocks[2], [3] attentions 0-2).
+    FEATURE_SITE = "up_blocks.1.resnets.1.conv2"
+    SELF_ATTENTION = ".attn1"
+
+    supports_control = True
+    processor_class = TokenFlowAttnProcessor
+
+    def __init__(self, unet, vae, text_encoder, tokenizer, scheduler, controlnet=None, name: str = "sd"):
+        self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
+        self.scheduler = scheduler
+        self.controlnet = controlnet
+        self.name = name
+        self.device = unet.device
+        self.dtype = unet.dtype
+        self.attention_ops = SDAttentionOps()
+        self.multiple = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.scaling_factor = vae.config.scaling_factor
+        self.prediction_type = scheduler.config.prediction_type
+        if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
+            raise ConfigError(f"unsupported prediction_type {self.prediction_type!r}; expected epsilon, v_prediction or sample")
+        self.alphas_cumprod = scheduler.alphas_cumprod.double()  # (num_train_timesteps,)
+        self.final_alpha = float(scheduler.final_alpha_cumprod)
+        names = [n for n, _ in unet.named_modules()]
+        if self.FEATURE_SITE not in names:
+            raise CheckpointError(f"this UNet has no {self.FEATURE_SITE!r} (TokenFlow's feature-injection site)")
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        ref: str | os.PathLike,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+        controlnet: str | os.PathLike | None = None,
+    ) -> StableDiffusionBackbone:
+        """Load from a diffusers SD folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/)."""
+        if importlib.util.find_spec("diffusers") is None:
+            raise ConfigError("Stable Diffusion backbones need diffusers: pip install 'sanaflow[sd]'")
+        from diffusers import AutoencoderKL, ControlNetModel, DDIMScheduler, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        from ..hub import resolve_model_path
+
+        root = resolve_model_path(ref)
+        device = torch.device(device)
+        dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
+        missing = [s for s in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if not (root / s).is_dir()]
+        if missing:
+            raise CheckpointError(f"{root} is not a Stable Diffusion folder: missing {', '.join(missing)}")
+        try:
+            unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet", torch_dtype=dtype)
+            # The VAE stays in float32: SD's VAE overflows in float16 (black or NaN frames).
+            vae = AutoencoderKL.from_pretrained(root, subfolder="vae", torch_dtype=torch.float32)
+            text_encoder = CLIPTextModel.from_pretrained(root / "text_encoder", torch_dtype=dtype)
+            tokenizer = CLIPTokenizer.from_pretrained(root / "tokenizer")
+            scheduler = DDIMScheduler.from_pretrained(root, subfolder="scheduler")
+            cnet = None
+            if controlnet is not None:
+                cnet = ControlNetModel.from_pretrained(resolve_model_path(controlnet), torch_dtype=dtype).to(device)
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"cannot load Stable Diffusion from {root}: {e}") from e
+        for m in (unet, vae, text_encoder):
+            m.to(device).eval().requires_grad_(False)
+        return cls(unet, vae, text_encoder, tokenizer, scheduler, controlnet=cnet, name=str(root))
+
+    # frames <-> latents -------------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode(self, frames):
+        posterior = self.vae.encode(frames.to(self.device, torch.float32)).latent_dist
+        return (posterior.mean * self.scaling_factor).to(self.dtype)  # (B, 4, H/8, W/8)
+
+    @torch.no_grad()
+    def decode(self, latents):
+        return self.vae.decode(latents.to(self.device, torch.float32) / self.scaling_factor).sample
+
+    @torch.no_grad()
+    def embed(self, prompts):
+        ids = self.tokenizer(
+            list(prompts), padding="max_length", max_length=self.tokenizer.model_max_length,
+            truncation=True, return_tensors="pt",
+        ).input_ids.to(self.device)
+        return TextCond(self.text_encoder(ids)[0])  # (P, 77, D)
+
+    def control_images(self, frames):
+        edges = torch.from_numpy(canny_edges(frames)).permute(0, 3, 1, 2)  # (T, 3, H, W)
+        return edges.float() / 255.0
+
+    # the denoiser -------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def denoise(self, x, t, cond, control=None, control_scale=None):
+        x = x.to(self.device, self.dtype)
+        timestep = torch.tensor(t, device=self.device)
+        hidden = cond.hidden.to(self.device, self.dtype)
+        extra = {}
+        if control is not None:
+            if self.controlnet is None:
+                raise ConfigError("control images were given but no ControlNet is loaded")
+            down, mid = self.controlnet(
+                x, timestep, encoder_hidden_states=hidden,
+                controlnet_cond=control.to(self.device, self.dtype), return_dict=False,
+            )
+            scale = control_scale.to(self.device, self.dtype).view(-1, 1, 1, 1)  # (B, 1, 1, 1)
+            extra = {
+                "down_block_additional_residuals": [r * scale for r in down],
+                "mid_block_additional_residual": mid * scale,
+            }
+        return self.unet(x, timestep, encoder_hidden_states=hidden, return_dict=False, **extra)[0]
+
+    def self_attention_processors(self):
+        return {
+            name.removesuffix(".processor"): proc
+            for name, proc in self.unet.attn_processors.items()
+            if name.removesuffix(".processor").endswith(self.SELF_ATTENTION)
+        }
+
+    def set_self_attention_processors(self, processors):
+        # diffusers' set_attn_processor wants every processor of the UNet, keyed "<module>.processor".
+        current = dict(self.unet.attn_processors)
+        current.update({f"{site}.processor": proc for site, proc in processors.items()})
+        self.unet.set_attn_processor(current)
+
+    def pnp_attention_sites(self):
+        decoder = [s for s in self.self_attention_processors() if s.startswith("up_blocks.")]
+        return decoder[1:]
+
+    def feature_modules(self):
+        return {self.FEATURE_SITE: self.unet.get_submodule(self.FEATURE_SITE)}
+
+    # the scheduler ------------------------------------------------------------------------
+
+    def timesteps(self, steps):
+        self.scheduler.set_timesteps(steps)
+        return [int(t) for t in self.scheduler.timesteps]
+
+    def _alpha(self, t):
+        return self.final_alpha if t is None or t < 0 else float(self.alphas_cumprod[int(t)])
+
+    def move(self, x, out, t_from, t_to):
+        """DDIM (eta 0) from t_from to t_to: x0 and noise from the model output, then re-noise."""
+        a_from, a_to = self._alpha(t_from), self._alpha(t_to)
+        x, out = x.float(), out.float()
+        if self.prediction_type == "epsilon":
+            eps = out
+            x0 = (x - math.sqrt(1 - a_from) * eps) / math.sqrt(a_from)
+        elif self.prediction_type == "v_prediction":
+            x0 = math.sqrt(a_from) * x - math.sqrt(1 - a_from) * out
+            eps = math.sqrt(a_from) * out + math.sqrt(1 - a_from) * x
+        else:
+            x0 = out
+            eps = (x - math.sqrt(a_from) * x0) / math.sqrt(1 - a_from)
+        return math.sqrt(a_to) * x0 + math.sqrt(1 - a_to) * eps
+
+    def inversion_time(self, t_from, t_to):
+        # DDIM inversion evaluates the noise at the target time (the usual approximation).
+        return t_to
+
+
+# --------------------------------------------------------------------------------------------
+# Loading by reference
+# --------------------------------------------------------------------------------------------
+
+
+def load_backbone(
+    ref: str | os.PathLike | None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    controlnet: str | os.PathLike | None = None,
+) -> Backbone:
+    """Load the backbone a model folder holds: SD (has unet/) or SANA (has transformer/)."""
+    from ..hub import resolve_model_path
+
+    root: Path = resolve_model_path(ref)
+    if (root / "unet").is_dir():
+        return StableDiffusionBackbone.from_pretrained(root, device=device, dtype=dtype, controlnet=controlnet)
+    if (root / "transformer").is_dir():
+        if controlnet is not None:
+            raise ConfigError("--controlnet is only available with Stable Diffusion models")
+        return SanaBackbone.from_pretrained(root, device=device, dtype=dtype)
+    raise CheckpointError(
+        f"{root} is neither a Stable Diffusion folder (unet/) nor a SANA folder (transformer/) in diffusers layout"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# SANA (our linear DiT + DC-AE + text encoder, flow matching)
+# --------------------------------------------------------------------------------------------
+
+
+class SanaAttentionOps:
+    """ReLU linear attention with the projections of a `SanaSelfAttention`.
+
+    Attending to the concatenation of several frames' keys sums their k^T v summaries, so the
+    joint keyframe attention costs O(K N d^2) instead of softmax's O((K N)^2 d).
+    """
+
+    def project(self, attn, x):
+        return attn.project_qkv(x)  # (B, h, N, d) each, ReLU applied by the kernel
+
+    def attend(self, attn, q, k, v):
+        from ..ops.linear_attention import linear_attention
+
+        return linear_attention(q, k, v)  # (B, h, Nq, d)
+
+    def output(self, attn, o, x):
+        return attn.project_out(o.transpose(1, 2).flatten(2))  # (B, N, D)
+
+
+def _sana_processor_class() -> type[TokenFlowAttnProcessor]:
+    from ..models.sana_transformer import SelfAttnProcessor
+
+    # SanaTransformer accepts only SelfAttnProcessor instances on its self-attention modules.
+    return type("SanaTokenFlowAttnProcessor", (TokenFlowAttnProcessor, SelfAttnProcessor), {})
+
+
+class SanaBackbone:
+    """SANA: `SanaTransformer` (velocity), `DCAE` latents, a text encoder, flow-ODE Euler steps.
+
+    Times are flow sigmas in [0, 1] (0 = clean); the transformer gets sigma x 1000 x timestep_scale.
+    PnP sites: the Mix-FFN output of the middle block and the self-attention of the later half of the
+    blocks, playing the roles of SD's decoder ResNet and decoder attentions.
+    """
+
+    supports_control = False
+
+    def __init__(self, transformer, vae, text_encoder, scheduler_config: dict, name: str = "sana"):
+        if transformer.config.guidance_embeds:
+            raise ConfigError("guidance-distilled (SANA-Sprint) models cannot edit videos; use a flow-matching SANA model")
+        self.transformer, self.vae, self.text_encoder = transformer, vae, text_encoder
+        self.scheduler_config = dict(scheduler_config)
+        self.name = name
+        self.device = next(transformer.parameters()).device
+        self.dtype = next(transformer.parameters()).dtype
+        self.attention_ops = SanaAttentionOps()
+        self.processor_class = _sana_processor_class()
+        self.multiple = vae.spatial_compression_ratio * transformer.config.patch_size
+        self.scaling_factor = vae.scaling_factor
+        layers = len(transformer.transformer_blocks)
+        self.feature_site = f"transformer_blocks.{layers // 2}.ff"
+        self.pnp_sites = [f"transformer_blocks.{i}.attn1" for i in range(layers // 2, layers)]
+
+    @classmethod
+    def from_pretrained(cls, ref, device="cpu", dtype=None) -> SanaBackbone:
+        """Load a SANA folder in diffusers layout (transformer/, vae/, text_encoder/, scheduler/)."""
+        from ..pipelines.components import load_components
+
+        parts, _ = load_components(ref, device=device, dtype=dtype)
+        return cls(parts.transformer, parts.vae, parts.text_encoder, parts.scheduler_config,
+                   name=str(parts.root or parts.name))
+
+    @torch.no_grad()
+    def encode(self, frames):
+        z = self.vae.encode(frames.to(self.device, self.vae.dtype))  # (B, C, H/f, W/f)
+        return (z * self.scaling_factor).to(self.dtype)
+
+    @torch.no_grad()
+    def decode(self, latents):
+        return self.vae.decode(latents.to(self.device, self.vae.dtype) / self.scaling_factor).float()
+
+    @torch.no_grad()
+    def embed(self, prompts):
+        hidden, mask = self.text_encoder.encode(list(prompts), device=self.device)
+        return TextCond(hidden, mask)  # (P, L, C), (P, L)
+
+    def control_images(self, frames):
+        raise ConfigError("ControlNet conditioning is only available with Stable Diffusion models")
+
+    @torch.no_grad()
+    def denoise(self, x, t, cond, control=None, control_scale=None):
+        if control is not None:
+            raise ConfigError("ControlNet conditioning is only available with Stable Diffusion models")
+        x = x.to(self.device, self.dtype)
+        timestep = torch.full((x.shape[0],), float(t) * 1000.0 * self.transformer.config.timestep_scale,
+                              device=self.device, dtype=self.dtype)  # (B,)
+        mask = None if cond.mask is None else cond.mask.to(self.device)
+        return self.transformer(x, cond.hidden.to(self.device, self.dtype), timestep, encoder_attention_mask=mask)
+
+    def self_attention_processors(self):
+        return {n: p for n, p in self.transformer.attn_processors.items() if n.endswith(".attn1")}
+
+    def set_self_attention_processors(self, processors):
+        self.transformer.set_attn_processor(processors)
+
+    def pnp_attention_sites(self):
+        return list(self.pnp_sites)
+
+    def feature_modules(self):
+        return {self.feature_site: self.transformer.get_submodule(self.feature_site)}
+
+    def timesteps(self, steps):
+        from ..sampling import schedule_from_scheduler_config
+
+        sigmas = schedule_from_scheduler_config(self.scheduler_config, steps).sigmas  # (steps + 1,)
+        return [float(s) for s in sigmas[:-1]]
+
+    def move(self, x, out, t_from, t_to):
+        """Flow-ODE Euler step: x + (sigma_to - sigma_from) * velocity (forward or backward in time)."""
+        s_from = 0.0 if t_from is None else float(t_from)
+        s_to = 0.0 if t_to is None else float(t_to)
+        return x.float() + (s_to - s_from) * out.float()
+
+    def inversion_time(self, t_from, t_to):
+        # Explicit Euler towards noise: the velocity is taken where the latent is now.
+        return 0.0 if t_from is None else float(t_from)

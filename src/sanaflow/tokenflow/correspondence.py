@@ -1,0 +1,79 @@
+"""Token correspondences between frames: feature nearest neighbours (default) or optical flow.
+
+The feature matcher is `attention.nearest_tokens` on the source branch's normalised self-attention
+inputs. `FlowCorrespondence` is the alternative: OpenCV DIS optical flow between *source* frames,
+resampled to each attention site's token grid, so frame i's token at p copies the keyframe token at
+p + flow(p).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError
+from .attention import Matcher
+
+CORRESPONDENCES = ("features", "flow")
+
+
+class FlowCorrespondence:
+    """DIS optical flow between source frames, as token indices on any token grid."""
+
+    def __init__(self, frames: np.ndarray, max_cached: int = 4096):
+        import cv2
+
+        self.gray = [cv2.cvtColor(f, cv2.COLOR_RGB2GRAY) for f in frames]  # T x (H, W) uint8
+        self.height, self.width = frames.shape[1:3]
+        self.dis = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)
+        self.max_cached = max_cached
+        # Token indices per (frame, target frame, grid height, grid width); small (N int64 each).
+        self._index: OrderedDict[tuple[int, int, int, int], torch.Tensor] = OrderedDict()
+
+    def flow(self, i: int, j: int) -> np.ndarray:
+        """Flow (H, W, 2) in pixels: pixel p of frame i is at p + flow[p] in frame j."""
+        if i == j:
+            return np.zeros((self.height, self.width, 2), np.float32)
+        return self.dis.calc(self.gray[i], self.gray[j], None)
+
+    def grid(self, tokens: int) -> tuple[int, int]:
+        """Token grid (gh, gw) with gh * gw == tokens and the frames' aspect ratio."""
+        gh = round(math.sqrt(tokens * self.height / self.width))
+        if gh < 1 or tokens % gh:
+            raise ConfigError(f"{tokens} tokens do not form a grid with the frames' aspect ratio {self.width}x{self.height}")
+        return gh, tokens // gh
+
+    def token_index(self, i: int, j: int, tokens: int) -> torch.Tensor:
+        """For each token of frame i (row-major grid of `tokens`), the index of its token in frame j."""
+        gh, gw = self.grid(tokens)
+        key = (i, j, gh, gw)
+        if key in self._index:
+            self._index.move_to_end(key)
+            return self._index[key]
+        import cv2
+
+        flow = cv2.resize(self.flow(i, j), (gw, gh), interpolation=cv2.INTER_AREA)  # (gh, gw, 2) pixels
+        ys, xs = np.mgrid[0:gh, 0:gw].astype(np.float32)
+        tx = np.clip(np.round(xs + flow[..., 0] * gw / self.width), 0, gw - 1)
+        ty = np.clip(np.round(ys + flow[..., 1] * gh / self.height), 0, gh - 1)
+        index = torch.from_numpy((ty * gw + tx).astype(np.int64).reshape(-1))  # (N,)
+        self._index[key] = index
+        if len(self._index) > self.max_cached:
+            self._index.popitem(last=False)
+        return index
+
+    def matcher(self, frames: Sequence[int], anchors: Sequence[int]) -> Matcher:
+        """A propagation matcher for source frames `frames` copying from keyframes `anchors`."""
+
+        def match(site: str, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+            tokens = queries.shape[1]
+            index = torch.stack(
+                [torch.stack([self.token_index(f, a, tokens) for f in frames]) for a in anchors]
+            )  # (A, n, N)
+            return index.to(queries.device)
+
+        return match

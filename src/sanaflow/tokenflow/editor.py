@@ -1,0 +1,200 @@
+"""The TokenFlow editing loop, written once against the `Backbone` protocol.
+
+Per denoising step t (noisiest first), with the source latents of step t read from the inversion
+cache: pick one random keyframe per chunk of `batch_size` frames; run the keyframes jointly
+(`Pass.KEYFRAMES`: extended attention, PnP injection from the source branch) so every self-attention
+site stores its keyframe tokens; then run every chunk (`Pass.PROPAGATE`): self-attention outputs are
+copied from the chunk's keyframe and the previous chunk's keyframe along nearest-neighbour
+correspondences, blended by frame distance. Classifier-free guidance combines the two edit branches
+and the backbone's `move` takes the step. The current latents live on the CPU between chunks, so
+device memory holds one chunk plus the keyframe tokens, whatever the video length.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError, InputError, unknown_choice
+from .attention import NUM_BRANCHES, Pass, TokenFlowState, blend_weights
+from .backbones import Backbone, TextCond, tokenflow_hooks
+from .correspondence import CORRESPONDENCES, FlowCorrespondence
+from .injection import injection_steps
+from .inversion import LatentCache
+
+MODES = ("tokenflow-pnp", "tokenflow-sdedit", "per-frame")
+DEFAULT_NEGATIVE = "ugly, blurry, low res, unrealistic, unaesthetic"  # TokenFlow's default
+OFFLOAD_KEYFRAMES = 8
+
+
+@dataclass
+class EditSettings:
+    """Settings of one edit (TokenFlow's defaults)."""
+
+    prompt: str
+    source_prompt: str = ""
+    negative_prompt: str = DEFAULT_NEGATIVE
+    mode: str = "tokenflow-pnp"
+    steps: int = 50
+    guidance_scale: float = 7.5
+    pnp_feature: float = 0.8  # fraction of leading steps with residual-feature injection
+    pnp_attention: float = 0.5  # fraction of leading steps with self-attention q/k injection
+    strength: float = 0.9  # tokenflow-sdedit: fraction of the schedule that is re-run
+    batch_size: int = 8  # frames per chunk (one keyframe each) and per denoiser call
+    seed: int = 1
+    correspondence: str = "features"
+    control_scale: float | None = None  # ControlNet weight; None = no ControlNet
+    # Keep keyframe tokens on the CPU between the keyframe and propagation passes; None = when
+    # there are more than OFFLOAD_KEYFRAMES keyframes (device memory then stays flat with length).
+    offload_keyframes: bool | None = None
+
+    def validate(self) -> None:
+        """Raise a `ConfigError` naming the first invalid setting."""
+        if self.mode not in MODES:
+            raise unknown_choice("mode", self.mode, MODES)
+        if self.correspondence not in CORRESPONDENCES:
+            raise unknown_choice("correspondence", self.correspondence, CORRESPONDENCES)
+        if self.steps < 1:
+            raise ConfigError(f"--steps must be at least 1, got {self.steps}")
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size must be at least 1, got {self.batch_size}")
+        for name in ("pnp_feature", "pnp_attention", "strength"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ConfigError(f"--{name.replace('_', '-')} must lie in [0, 1], got {value}")
+        if self.mode == "tokenflow-sdedit" and int(self.strength * self.steps) < 1:
+            raise ConfigError(f"--strength {self.strength} leaves no step of {self.steps} to run; raise it")
+
+    def start_step(self) -> int:
+        """Index of the first editing step (SDEdit skips the noisiest part of the schedule)."""
+        if self.mode == "tokenflow-sdedit":
+            return self.steps - int(self.strength * self.steps)
+        return 0
+
+
+def chunks(num_frames: int, batch_size: int) -> list[range]:
+    """Consecutive frame ranges of at most `batch_size` frames."""
+    return [range(s, min(s + batch_size, num_frames)) for s in range(0, num_frames, batch_size)]
+
+
+def pick_keyframes(parts: list[range], generator: torch.Generator) -> list[int]:
+    """One random frame per chunk (TokenFlow draws anew at every step)."""
+    return [p.start + int(torch.randint(len(p), (1,), generator=generator)) for p in parts]
+
+
+def anchors_of(parts: list[range], b: int) -> tuple[list[int], torch.Tensor | None]:
+    """Keyframe slots chunk b copies from (its own, then the previous chunk's) and the weight of its own.
+
+    The weight follows the public implementation: w = sigmoid(d_prev / (d_own + d_prev)) with the
+    distances of each frame to the two chunks' centres.
+    """
+    if b == 0:
+        return [0], None
+    frames = torch.arange(parts[b].start, parts[b].stop)
+    own = parts[b].start + len(parts[b]) // 2
+    prev = parts[b - 1].start + len(parts[b - 1]) // 2
+    return [b, b - 1], blend_weights(frames, own, prev)
+
+
+class _Caller:
+    """One guided denoiser call on three branches [source, negative, target] of chosen frames."""
+
+    def __init__(self, backbone: Backbone, conds: TextCond, guidance: float, control: torch.Tensor | None,
+                 control_scale: float | None):
+        self.backbone, self.conds, self.guidance = backbone, conds, guidance
+        self.control, self.control_scale = control, control_scale
+
+    def __call__(self, source: torch.Tensor, current: torch.Tensor, t: float, frames: list[int]) -> torch.Tensor:
+        n = len(frames)
+        x = torch.cat([source, current, current])  # (3n, C, h, w)
+        cond = self.conds.take([0] * n + [1] * n + [2] * n)
+        control = scale = None
+        if self.control is not None:
+            control = self.control[frames].repeat(NUM_BRANCHES, 1, 1, 1)  # (3n, 3, H, W)
+            # The source branch rebuilds the source video: it gets no control.
+            scale = torch.tensor([0.0] * n + [float(self.control_scale)] * (2 * n))
+        out = self.backbone.denoise(x, t, cond, control, scale).float()  # (3n, C, h, w)
+        uncond, cond_out = out[n : 2 * n], out[2 * n :]
+        return uncond + self.guidance * (cond_out - uncond)  # (n, C, h, w)
+
+
+@torch.no_grad()
+def edit_latents(
+    backbone: Backbone,
+    cache: LatentCache,
+    settings: EditSettings,
+    source_frames: np.ndarray | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> torch.Tensor:
+    """Run the edit of `settings` on an inverted video; return the edited latents (T, C, h, w) on the CPU.
+
+    `source_frames` (T, H, W, 3) uint8 (the resized source) are needed for flow correspondences and
+    ControlNet.
+    """
+    settings.validate()
+    times = cache.timesteps
+    if len(times) != settings.steps:
+        raise ConfigError(f"the inversion cache holds {len(times)} steps but the edit asks for {settings.steps}")
+    needs_frames = settings.correspondence == "flow" or settings.control_scale is not None
+    if needs_frames and source_frames is None:
+        raise InputError("flow correspondences and ControlNet need the source frames")
+    start = settings.start_step()
+    x = cache.latents(start).float()  # (T, C, h, w) on the CPU
+    num_frames = len(x)
+    parts = chunks(num_frames, settings.batch_size)
+    conds = backbone.embed([settings.source_prompt, settings.negative_prompt, settings.prompt])
+    control = backbone.control_images(source_frames) if settings.control_scale is not None else None
+    call = _Caller(backbone, conds, settings.guidance_scale, control, settings.control_scale)
+    flow = FlowCorrespondence(source_frames) if settings.correspondence == "flow" else None
+    pnp = settings.mode != "tokenflow-sdedit"
+    n_feature = injection_steps(settings.steps, settings.pnp_feature) if pnp else 0
+    n_attention = injection_steps(settings.steps, settings.pnp_attention) if pnp else 0
+    generator = torch.Generator().manual_seed(settings.seed)
+    offload = settings.offload_keyframes
+    if offload is None:
+        offload = len(parts) > OFFLOAD_KEYFRAMES
+    state = TokenFlowState(store_device=torch.device("cpu") if offload else None)
+
+    with tokenflow_hooks(backbone, state):
+        for i in range(start, settings.steps):
+            t = times[i]
+            t_next = times[i + 1] if i + 1 < settings.steps else None
+            source = cache.latents(i).float()  # (T, C, h, w)
+            state.inject_features = i < n_feature
+            state.inject_attention = i < n_attention
+            new = torch.empty_like(x)
+            if settings.mode == "per-frame":
+                state.mode = Pass.PER_FRAME
+                for part in parts:
+                    idx = list(part)
+                    state.frames = len(idx)
+                    guided = call(source[idx], x[idx], t, idx)
+                    new[idx] = backbone.move(x[idx].to(guided.device), guided, t, t_next).cpu()
+                    if progress is not None:
+                        progress(1)
+            else:
+                keys = pick_keyframes(parts, generator)
+                state.clear()
+                state.mode, state.frames = Pass.KEYFRAMES, len(keys)
+                call(source[keys], x[keys], t, keys)  # fills state.keyframe_*; its output is not used
+                state.mode = Pass.PROPAGATE
+                for b, part in enumerate(parts):
+                    idx = list(part)
+                    state.frames = len(idx)
+                    state.anchors, state.weights = anchors_of(parts, b)
+                    state.matcher = None if flow is None else flow.matcher(idx, [keys[a] for a in state.anchors])
+                    guided = call(source[idx], x[idx], t, idx)
+                    new[idx] = backbone.move(x[idx].to(guided.device), guided, t, t_next).cpu()
+                    if progress is not None:
+                        progress(1)
+                state.clear()
+            x = new
+    return x
+
+
+def calls_per_step(settings: EditSettings, num_frames: int) -> int:
+    """Denoiser calls of one editing step that report progress (one per chunk)."""
+    return len(chunks(num_frames, settings.batch_size))

@@ -1,0 +1,241 @@
+"""Training data: the shapes stream and an image folder with .txt captions (aspect-ratio buckets).
+
+Every source is indexed: sample (or batch) number k is a pure function of (seed, k). A run's data
+position is therefore just the number of micro-batches consumed, and a resumed run sees exactly
+the batches an uninterrupted run would have seen, whatever the number of DataLoader workers.
+With several processes, micro-batch k of rank r is global batch k * world + r.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from ..errors import InputError
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+# --------------------------------------------------------------------------------------------
+# Sources: global batch number -> list of items
+# --------------------------------------------------------------------------------------------
+
+
+class ShapesSource(Dataset):
+    """The procedural shapes world ("train" split): item i is the scene of seed derive_seed(seed, i).
+
+    The train split never draws a held-out colour-shape pair or states a held-out relation, and its
+    seeds are mixed with the split id, so they never coincide with evaluation or video seeds.
+    """
+
+    def __init__(self, resolution: int, seed: int = 0, batch_size: int = 1):
+        self.resolution, self.seed, self.batch_size = resolution, seed, batch_size
+
+    def __len__(self) -> int:  # an endless stream; DataLoader only needs a length for len()
+        return 2**62
+
+    def batch_indices(self, batch: int) -> list[int]:
+        """Item numbers of global batch `batch`."""
+        return list(range(batch * self.batch_size, (batch + 1) * self.batch_size))
+
+    def __getitem__(self, index: int) -> dict:
+        from ..shapes.render import render
+        from ..shapes.scene import derive_seed, sample_scene
+
+        scene = sample_scene(derive_seed(self.seed, index), "train")
+        image = render(scene, self.resolution)  # (H, W, 3) uint8
+        return {"image": torch.from_numpy(image).permute(2, 0, 1), "caption": scene.caption()}
+
+
+def bucket_sizes(resolution: int, multiple: int = 32, max_ratio: float = 4.0) -> list[tuple[int, int]]:
+    """(height, width) buckets of about resolution**2 pixels, sides multiples of `multiple`."""
+    area = resolution * resolution
+    out = set()
+    h = multiple
+    while h <= resolution * max_ratio:
+        w = max(multiple, int(round(area / h / multiple)) * multiple)
+        if max(h / w, w / h) <= max_ratio:
+            out.add((h, w))
+        h += multiple
+    return sorted(out, key=lambda hw: hw[0] / hw[1])
+
+
+def nearest_bucket(height: int, width: int, buckets: list[tuple[int, int]]) -> tuple[int, int]:
+    """The bucket whose aspect ratio is nearest (in log space) to height / width."""
+    r = math.log(height / width)
+    return min(buckets, key=lambda hw: abs(math.log(hw[0] / hw[1]) - r))
+
+
+def resize_crop(image, height: int, width: int) -> torch.Tensor:
+    """PIL image -> uint8 tensor (3, height, width): resize to cover, then centre crop."""
+    from PIL import Image
+
+    image = image.convert("RGB")
+    scale = max(height / image.height, width / image.width)
+    new = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
+    image = image.resize(new, Image.Resampling.BICUBIC)
+    left, top = (new[0] - width) // 2, (new[1] - height) // 2
+    image = image.crop((left, top, left + width, top + height))
+    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)  # (3, H, W)
+
+
+@dataclass
+class FolderItem:
+    """One image of a folder dataset."""
+
+    path: Path
+    caption: str
+    bucket: tuple[int, int]
+
+
+def scan_folder(root: str | os.PathLike, caption_ext: str = ".txt") -> list[tuple[Path, str]]:
+    """(image path, caption) pairs of a folder tree; every image needs a caption file beside it."""
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise InputError(f"dataset folder {str(root)!r} does not exist")
+    images = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+    if not images:
+        raise InputError(f"no images ({', '.join(IMAGE_EXTS)}) in {root}")
+    missing = [p for p in images if not p.with_suffix(caption_ext).is_file()]
+    if missing:
+        shown = ", ".join(str(p.relative_to(root)) for p in missing[:3])
+        raise InputError(
+            f"{len(missing)} of {len(images)} images in {root} have no caption file: {shown}"
+            f"{' ...' if len(missing) > 3 else ''}; each image needs a same-named {caption_ext} file beside it"
+        )
+    pairs = []
+    for p in images:
+        caption = p.with_suffix(caption_ext).read_text(encoding="utf-8").strip()
+        if not caption:
+            raise InputError(f"caption file {p.with_suffix(caption_ext)} is empty")
+        pairs.append((p, caption))
+    return pairs
+
+
+class FolderSource(Dataset):
+    """Images with .txt captions, batched by aspect-ratio bucket.
+
+    Each epoch shuffles the images of every bucket with a seeded RNG, cuts them into full batches
+    (an incomplete tail is dropped), and shuffles the batch order; global batch k is batch
+    k mod n of epoch k // n. With ``buckets=False`` every image is cropped to a square.
+    """
+
+    def __init__(self, root: str | os.PathLike, resolution: int, batch_size: int, seed: int = 0,
+                 caption_ext: str = ".txt", buckets: bool = True, multiple: int = 32,
+                 cache_dir: str | os.PathLike | None = None):
+        from PIL import Image
+
+        self.root = Path(root).expanduser()
+        self.resolution, self.batch_size, self.seed = resolution, batch_size, seed
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        self.buckets = bucket_sizes(resolution, multiple) if buckets else [(resolution, resolution)]
+        self.items: list[FolderItem] = []
+        for path, caption in scan_folder(self.root, caption_ext):
+            try:
+                with Image.open(path) as im:
+                    w, h = im.size
+            except OSError as e:
+                raise InputError(f"cannot read image {path}: {e}") from e
+            self.items.append(FolderItem(path, caption, nearest_bucket(h, w, self.buckets)))
+        by_bucket: dict[tuple[int, int], list[int]] = {}
+        for i, item in enumerate(self.items):
+            by_bucket.setdefault(item.bucket, []).append(i)
+        self.by_bucket = dict(sorted(by_bucket.items()))
+        self.batches_per_epoch = sum(len(v) // batch_size for v in self.by_bucket.values())
+        if self.batches_per_epoch == 0:
+            sizes = {f"{h}x{w}": len(v) for (h, w), v in self.by_bucket.items()}
+            raise InputError(
+                f"{self.root}: no aspect-ratio bucket holds a full batch of {batch_size} images (bucket sizes: {sizes}); "
+                "lower train.batch_size or set data.buckets false"
+            )
+        self._epoch_cache: tuple[int, list[list[int]]] | None = None
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """The batches (lists of item indices, one bucket each) of `epoch`, in order."""
+        if self._epoch_cache is not None and self._epoch_cache[0] == epoch:
+            return self._epoch_cache[1]
+        rng = random.Random(self.seed * 1_000_003 + epoch)
+        batches = []
+        for idx in self.by_bucket.values():
+            idx = list(idx)
+            rng.shuffle(idx)
+            batches += [idx[i:i + self.batch_size] for i in range(0, len(idx) - self.batch_size + 1, self.batch_size)]
+        rng.shuffle(batches)
+        self._epoch_cache = (epoch, batches)
+        return batches
+
+    def batch_indices(self, batch: int) -> list[int]:
+        """Item indices of global batch `batch`."""
+        epoch, k = divmod(batch, self.batches_per_epoch)
+        return self.epoch_batches(epoch)[k]
+
+    def cache_path(self, index: int) -> Path:
+        """Where the cached latents / text features of item `index` live."""
+        assert self.cache_dir is not None
+        rel = self.items[index].path.relative_to(self.root)
+        return self.cache_dir / rel.with_suffix(".safetensors")
+
+    def __getitem__(self, index: int) -> dict:
+        item = self.items[index]
+        if self.cache_dir is not None and self.cache_path(index).is_file():
+            from safetensors.torch import load_file
+
+            cached = load_file(str(self.cache_path(index)))
+            return {"latents": cached["latents"], "hidden": cached["hidden"], "mask": cached["mask"],
+                    "caption": item.caption}
+        from PIL import Image
+
+        with Image.open(item.path) as im:
+            image = resize_crop(im, *item.bucket)
+        return {"image": image, "caption": item.caption}
+
+
+# --------------------------------------------------------------------------------------------
+# Sampler and loader
+# --------------------------------------------------------------------------------------------
+
+
+class BatchPositionSampler(Sampler[list[int]]):
+    """Yields the item indices of micro-batches start, start + 1, ... for one rank (endless)."""
+
+    def __init__(self, source, start: int = 0, rank: int = 0, world: int = 1):
+        self.source, self.start, self.rank, self.world = source, start, rank, world
+
+    def __iter__(self) -> Iterator[list[int]]:
+        k = self.start
+        while True:
+            yield self.source.batch_indices(k * self.world + self.rank)
+            k += 1
+
+    def __len__(self) -> int:  # endless; a large number keeps DataLoader's len() working
+        return 2**62
+
+
+def collate(items: list[dict]) -> dict:
+    """Stack tensors, keep captions as a list."""
+    out: dict = {"caption": [it["caption"] for it in items]}
+    for key in items[0]:
+        if key != "caption":
+            out[key] = torch.stack([it[key] for it in items])
+    return out
+
+
+def make_loader(source, start: int, rank: int, world: int, num_workers: int) -> DataLoader:
+    """A DataLoader over `source` from micro-batch `start` for this rank."""
+    sampler = BatchPositionSampler(source, start, rank, world)
+    kwargs = {}
+    if num_workers > 0:
+        kwargs = {"prefetch_factor": 4, "persistent_workers": False}
+    return DataLoader(source, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate,
+                      pin_memory=torch.cuda.is_available(), **kwargs)

@@ -1,0 +1,214 @@
+"""Build a trainer `Task` from a `TrainConfig`: the network, its loss, the data and the evaluation.
+
+- ``t2i``: a SanaTransformer trained by `FlowMatchingLoss` on latents of a frozen DC-AE and
+  features of a frozen text encoder (computed on the fly, or read from a feature cache).
+- ``dcae``: a DCAE trained by `DCAELoss` on images.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import ConfigError
+from .config import TrainConfig, validate
+from .data import FolderSource, ShapesSource
+from .losses import DCAELoss, FlowMatchingLoss
+from .trainer import Task
+
+
+def images_to_unit(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> float32 in [-1, 1]."""
+    return images.float().div_(127.5).sub_(1.0)
+
+
+def build_text_encoder(cfg: TrainConfig, device: torch.device | str | None = None):
+    """The frozen text encoder named by model.text_encoder ('minilm' or a BERT-style folder)."""
+    from ..models.text_encoders import SentenceTextEncoder
+
+    if cfg.model.text_encoder == "minilm":
+        return SentenceTextEncoder.from_package(max_length=cfg.model.text_max_length, device=device)
+    return SentenceTextEncoder.from_pretrained(cfg.model.text_encoder, max_length=cfg.model.text_max_length,
+                                               device=device)
+
+
+def _init_weights(net, folder: str) -> None:
+    from ..hub import find_weight_files, load_state_dict_files, resolve_model_path
+
+    path = resolve_model_path(folder)
+    net.load_weights(load_state_dict_files(find_weight_files(path)), dtype=torch.float32, source=str(path))
+
+
+def _source(cfg: TrainConfig, multiple: int):
+    d = cfg.data
+    if d.source == "shapes":
+        return ShapesSource(d.resolution, seed=d.seed, batch_size=cfg.train.batch_size)
+    return FolderSource(d.path, d.resolution, cfg.train.batch_size, seed=d.seed, caption_ext=d.caption_ext,
+                        buckets=d.buckets, multiple=multiple,
+                        cache_dir=d.cache_dir if cfg.task == "t2i" else None)
+
+
+class T2IPrepare:
+    """Loader batch -> {latents, hidden, mask} with the frozen DC-AE and text encoder (moved on first use)."""
+
+    def __init__(self, vae, text_encoder):
+        self.vae, self.text_encoder = vae, text_encoder
+        self._device: torch.device | None = None
+
+    def _to(self, device: torch.device) -> None:
+        if self._device != device:
+            self.vae.to(device)
+            self.text_encoder.to(device)
+            self._device = device
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """uint8 images (B, 3, H, W) -> scaled latents (B, C, h, w), float32."""
+        self._to(device)
+        x = images_to_unit(images.to(device, non_blocking=True))  # (B, 3, H, W)
+        z = self.vae.encode(x.to(self.vae.dtype), tiling=False)  # (B, C, h, w)
+        return z.float() * self.vae.scaling_factor
+
+    def encode_text(self, captions: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Captions -> (hidden (B, L, C) float32, mask (B, L) long), as ordinary (not inference) tensors."""
+        self._to(device)
+        hidden, mask = self.text_encoder.encode(captions, device=device, dtype=torch.float32)
+        # encode() runs in inference mode; clone so autograd may save these for backward.
+        return hidden.clone(), mask.clone()
+
+    def __call__(self, raw: dict, device: torch.device) -> dict:
+        if "latents" in raw:
+            latents = raw["latents"].to(device).float() * self.vae.scaling_factor
+            hidden, mask = raw["hidden"].to(device).float(), raw["mask"].to(device).long()
+        else:
+            latents = self.encode_images(raw["image"], device)
+            hidden, mask = self.encode_text(raw["caption"], device)
+        return {"latents": latents, "hidden": hidden, "mask": mask}
+
+
+def fill_feature_cache(source: FolderSource, prepare: T2IPrepare, device: torch.device, batch: int = 16) -> int:
+    """Encode every not-yet-cached image of a folder source (unscaled latents + text features); return how many."""
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    from ..utils import atomic_path
+    from .data import resize_crop
+
+    todo = [i for i in range(len(source)) if not source.cache_path(i).is_file()]
+    for start in range(0, len(todo), batch):
+        for i in todo[start:start + batch]:
+            item = source.items[i]
+            with Image.open(item.path) as im:
+                image = resize_crop(im, *item.bucket)[None]  # (1, 3, H, W)
+            latents = prepare.encode_images(image, device)[0] / prepare.vae.scaling_factor
+            hidden, mask = prepare.encode_text([item.caption], device)
+            path = source.cache_path(i)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(path) as tmp:
+                save_file({"latents": latents.cpu().contiguous(), "hidden": hidden[0].cpu().contiguous(),
+                           "mask": mask[0].cpu().contiguous()}, str(tmp))
+    return len(todo)
+
+
+def scheduler_config(flow_shift: float) -> dict[str, Any]:
+    """The DPMSolverMultistepScheduler config of official SANA folders (flow sigmas, flow prediction)."""
+    return {
+        "_class_name": "DPMSolverMultistepScheduler",
+        "_diffusers_version": "0.42.1",
+        "algorithm_type": "dpmsolver++",
+        "beta_end": 0.02,
+        "beta_schedule": "linear",
+        "beta_start": 0.0001,
+        "dynamic_thresholding_ratio": 0.995,
+        "euler_at_final": False,
+        "final_sigmas_type": "zero",
+        "flow_shift": float(flow_shift),
+        "lambda_min_clipped": float("-inf"),
+        "lower_order_final": True,
+        "num_train_timesteps": 1000,
+        "prediction_type": "flow_prediction",
+        "rescale_betas_zero_snr": False,
+        "sample_max_value": 1.0,
+        "solver_order": 2,
+        "solver_type": "midpoint",
+        "steps_offset": 0,
+        "thresholding": False,
+        "timestep_spacing": "linspace",
+        "trained_betas": None,
+        "use_beta_sigmas": False,
+        "use_exponential_sigmas": False,
+        "use_flow_sigmas": True,
+        "use_karras_sigmas": False,
+        "use_lu_lambdas": False,
+        "variance_type": None,
+    }
+
+
+def build_t2i(cfg: TrainConfig) -> Task:
+    """The text-to-image flow-matching task."""
+    from ..models import DCAE, SanaTransformer
+
+    net = SanaTransformer.from_config(cfg.model.transformer, source="model.transformer")
+    if cfg.model.init_from:
+        _init_weights(net, cfg.model.init_from)
+    if cfg.model.vae_path:
+        vae = DCAE.from_pretrained(cfg.model.vae_path)
+    else:
+        vae = DCAE.from_config(cfg.model.vae, source="model.vae")
+    vae.eval().requires_grad_(False)
+    if net.config.in_channels != vae.config.latent_channels:
+        raise ConfigError(f"model.transformer.in_channels ({net.config.in_channels}) must equal the DC-AE's "
+                          f"latent_channels ({vae.config.latent_channels})")
+    text_encoder = build_text_encoder(cfg)
+    if net.config.caption_channels != text_encoder.hidden_size:
+        raise ConfigError(f"model.transformer.caption_channels ({net.config.caption_channels}) must equal the text "
+                          f"encoder's hidden size ({text_encoder.hidden_size})")
+    null_hidden, null_mask = text_encoder.encode([""], dtype=torch.float32)
+    loss = FlowMatchingLoss(net, null_hidden.clone().cpu(), null_mask.clone().cpu(), logit_mean=cfg.flow.logit_mean,
+                            logit_std=cfg.flow.logit_std, shift=cfg.flow.shift, caption_dropout=cfg.flow.caption_dropout)
+    prepare = T2IPrepare(vae, text_encoder)
+    source = _source(cfg, vae.spatial_compression_ratio * net.config.patch_size)
+    if isinstance(source, FolderSource) and source.cache_dir is not None:
+        fill_feature_cache(source, prepare, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+
+    def evaluate(ema_net, step: int, out: Path) -> dict[str, float]:
+        from .evaluate import evaluate_t2i_training
+
+        return evaluate_t2i_training(ema_net, vae, text_encoder, cfg, step, out)
+
+    evaluate_fn = evaluate if cfg.data.source == "shapes" else None
+    fingerprint = {"task": "t2i", "transformer": net.config.to_dict(), "caption_channels": text_encoder.hidden_size}
+    return Task(loss=loss, source=source, prepare=prepare, fingerprint=fingerprint, evaluate=evaluate_fn,
+                extras={"vae": vae, "text_encoder": text_encoder})
+
+
+def build_dcae(cfg: TrainConfig) -> Task:
+    """The DC-AE reconstruction task."""
+    from ..models import DCAE
+
+    net = DCAE.from_config(cfg.model.vae, source="model.vae")
+    if cfg.model.init_from:
+        _init_weights(net, cfg.model.init_from)
+    d = cfg.dcae
+    loss = DCAELoss(net, l1=d.l1, l2=d.l2, freq=d.freq, adv=d.adv, adv_start=d.adv_start, latent_noise=d.latent_noise)
+    source = _source(cfg, net.spatial_compression_ratio)
+
+    def prepare(raw: dict, device: torch.device) -> dict:
+        return {"images": images_to_unit(raw["image"].to(device, non_blocking=True))}
+
+    def evaluate(ema_net, step: int, out: Path) -> dict[str, float]:
+        from .evaluate import evaluate_dcae_training
+
+        return evaluate_dcae_training(ema_net, cfg, step, out)
+
+    evaluate_fn = evaluate if cfg.data.source == "shapes" else None
+    return Task(loss=loss, source=source, prepare=prepare, fingerprint={"task": "dcae", "vae": net.config.to_dict()},
+                evaluate=evaluate_fn)
+
+
+def build_task(cfg: TrainConfig) -> Task:
+    """The task of `cfg` (validated first)."""
+    validate(cfg)
+    return build_t2i(cfg) if cfg.task == "t2i" else build_dcae(cfg)

@@ -1,0 +1,395 @@
+"""One trainer for every loss: accelerate (DDP / FSDP), bf16 autocast, EMA, exact checkpoint/resume.
+
+A checkpoint (``<output_dir>/checkpoints/step_NNNNNNN/``) holds everything a resumed run needs to
+continue exactly as an uninterrupted one: the network (``model/``, diffusers layout), its EMA
+(``ema/``), other trainable parts of the loss (``extra.safetensors``, e.g. a discriminator), the
+optimizer and LR schedule (``optimizer.pt``), every rank's RNG states (``rng.pt``) and the step /
+data position (``trainer_state.json``). It is written to a temporary folder and renamed, so an
+interrupted save never leaves a broken checkpoint behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import random
+import re
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import CheckpointError, ConfigError
+from ..utils import atomic_path, atomic_write_text
+from .config import TrainConfig
+from .data import make_loader
+from .optim import EMA, build_optimizer, build_scheduler
+
+CHECKPOINTS = "checkpoints"
+STATE_FILE = "trainer_state.json"
+METRICS_FILE = "metrics.jsonl"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+@dataclass
+class Task:
+    """What the trainer needs from a task (see `sanaflow.training.tasks`)."""
+
+    loss: nn.Module  # forward(batch) -> (loss, logs); loss.net is the trained network
+    source: Any  # indexed data source with batch_indices(k)
+    prepare: Callable[[dict, torch.device], dict]  # raw loader batch -> loss batch (frozen encoders)
+    fingerprint: dict[str, Any]  # what must match for a checkpoint to be resumable
+    evaluate: Callable[[nn.Module, int, Path], dict[str, float]] | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {
+        "python": list(random.getstate()[1]) + [random.getstate()[2] if random.getstate()[2] is not None else -1.0],
+        "python_version": random.getstate()[0],
+        "numpy": np.random.get_state()[1].tolist(),
+        "numpy_pos": int(np.random.get_state()[2]),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    gauss = state["python"][-1]
+    random.setstate((state["python_version"], tuple(int(x) for x in state["python"][:-1]),
+                     None if gauss == -1.0 else gauss))
+    np.random.set_state(("MT19937", np.array(state["numpy"], dtype=np.uint32), state["numpy_pos"], 0, 0.0))
+    torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available() and "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (CPU and CUDA)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    folder = Path(output_dir) / CHECKPOINTS
+    if not folder.is_dir():
+        return []
+    found = []
+    for p in folder.iterdir():
+        m = _STEP_DIR.match(p.name)
+        if m and (p / STATE_FILE).is_file():
+            found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found)]
+
+
+def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b)):
+            out += _diff(a.get(k), b.get(k), f"{prefix}{k}.")
+        return out
+    a = list(a) if isinstance(a, tuple) else a
+    b = list(b) if isinstance(b, tuple) else b
+    return [] if a == b else [f"{prefix.rstrip('.')}: checkpoint {a!r} vs config {b!r}"]
+
+
+def read_checkpoint_state(path: Path, fingerprint: dict[str, Any]) -> dict[str, Any]:
+    """Read and check a checkpoint's trainer state against this run's fingerprint (architecture, task)."""
+    try:
+        state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"cannot read {path / STATE_FILE}: {e}") from e
+    diffs = _diff(state.get("fingerprint"), json.loads(json.dumps(fingerprint)))
+    if diffs:
+        raise CheckpointError(
+            f"checkpoint {path} was made by another architecture or task, so it cannot be resumed with this config: "
+            + "; ".join(diffs[:6]) + (" ..." if len(diffs) > 6 else "")
+        )
+    return state
+
+
+class Trainer:
+    """Runs a `Task` under a `TrainConfig`: the training loop, logging, evaluation and checkpoints."""
+
+    def __init__(self, cfg: TrainConfig, task: Task):
+        self.cfg = cfg
+        self.task = task
+        self.out = Path(cfg.output_dir)
+
+    # ------------------------------------------------------------------------------ setup
+    def _accelerator(self):
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedDataParallelKwargs
+
+        mp = self.cfg.train.mixed_precision
+        kwargs: dict[str, Any] = {"mixed_precision": "no" if mp == "fp32" else mp}
+        if self.cfg.train.distributed == "fsdp":
+            from accelerate import FullyShardedDataParallelPlugin
+
+            kwargs["fsdp_plugin"] = FullyShardedDataParallelPlugin(fsdp_version=2, reshard_after_forward=True)
+        else:
+            kwargs["kwargs_handlers"] = [DistributedDataParallelKwargs(broadcast_buffers=False)]
+        return Accelerator(**kwargs)
+
+    def _checkpoint_to_resume(self, resume: bool) -> tuple[Path | None, dict | None]:
+        ckpts = list_checkpoints(self.out)
+        if not resume:
+            if ckpts:
+                raise ConfigError(
+                    f"{self.out} already holds checkpoints (latest {ckpts[-1].name}); pass --resume to continue "
+                    "that run, or choose another output_dir"
+                )
+            return None, None
+        if not ckpts:
+            raise CheckpointError(f"--resume: no checkpoint in {self.out / CHECKPOINTS}")
+        state = read_checkpoint_state(ckpts[-1], self.task.fingerprint)
+        return ckpts[-1], state
+
+    # ------------------------------------------------------------------------------ checkpoints
+    def _net_state_files(self, path: Path) -> dict[str, dict[str, torch.Tensor]]:
+        from ..hub import find_weight_files, load_state_dict_files
+
+        out = {"model": load_state_dict_files(find_weight_files(path / "model")),
+               "ema": load_state_dict_files(find_weight_files(path / "ema"))}
+        extra = path / "extra.safetensors"
+        out["extra"] = load_state_dict_files([extra]) if extra.is_file() else {}
+        return out
+
+    def _extra_state(self, loss: nn.Module) -> dict[str, torch.Tensor]:
+        # Trainable parts of the loss other than the network (e.g. a discriminator).
+        return {k: v.detach().cpu() for k, v in loss.state_dict().items()
+                if not k.startswith("net.") and k not in ("null_hidden", "null_mask")}
+
+    def save_checkpoint(self, acc, loss_unwrapped, ema, optimizer, scheduler, step, micro_step, samples) -> Path:
+        """Write a complete checkpoint for `step` (collective: every rank must call it)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        rng = [_rng_state()]
+        if acc.num_processes > 1:
+            gathered: list[Any] = [None] * acc.num_processes
+            torch.distributed.all_gather_object(gathered, rng[0])
+            rng = gathered
+        fsdp = self.cfg.train.distributed == "fsdp" and acc.num_processes > 1
+        if fsdp:
+            from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+            opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            net_state = get_model_state_dict(loss_unwrapped.net, options=opts)
+            opt_state = get_optimizer_state_dict(loss_unwrapped, optimizer.optimizer, options=opts)
+        else:
+            net_state = {k: v.detach().cpu() for k, v in loss_unwrapped.net.state_dict().items()}
+            opt_state = optimizer.state_dict()
+        path = self.out / CHECKPOINTS / f"step_{step:07d}"
+        if acc.is_main_process:
+            with atomic_path(path) as tmp:
+                tmp.mkdir(parents=True)
+                net = loss_unwrapped.net
+                from ..hub import save_state_dict
+
+                (tmp / "model").mkdir()
+                save_state_dict(net_state, tmp / "model", net.weights_name, None)
+                atomic_write_text(tmp / "model" / "config.json", json.dumps(
+                    {"_class_name": net.diffusers_class_name, **net.config.to_dict()}, indent=2))
+                ema.model.save_pretrained(tmp / "ema")
+                extra = self._extra_state(loss_unwrapped)
+                if extra:
+                    from safetensors.torch import save_file
+
+                    save_file(extra, str(tmp / "extra.safetensors"))
+                torch.save({"optimizer": opt_state, "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
+                torch.save(rng, tmp / "rng.pt")
+                state = {"step": step, "micro_step": micro_step, "samples": samples,
+                         "world_size": acc.num_processes, "fingerprint": self.task.fingerprint,
+                         "config": self.cfg.to_dict()}
+                (tmp / STATE_FILE).write_text(json.dumps(state, indent=2), encoding="utf-8")
+            for old in list_checkpoints(self.out)[: -max(1, self.cfg.train.keep_checkpoints)]:
+                shutil.rmtree(old, ignore_errors=True)
+        acc.wait_for_everyone()
+        return path
+
+    # ------------------------------------------------------------------------------ logging
+    def _log(self, acc, writer, record: dict[str, Any]) -> None:
+        if not acc.is_main_process:
+            return
+        with open(self.out / METRICS_FILE, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        if writer is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, int | float):
+                    writer.add_scalar(k, v, record["step"])
+            writer.flush()
+
+    def _truncate_metrics(self, step: int) -> None:
+        # A resumed run rewrites the steps after its checkpoint; drop their old records.
+        path = self.out / METRICS_FILE
+        if not path.is_file():
+            return
+        keep = [line for line in path.read_text(encoding="utf-8").splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        atomic_write_text(path, "".join(line + "\n" for line in keep))
+
+    # ------------------------------------------------------------------------------ the loop
+    def fit(self, resume: bool = False) -> dict[str, Any]:
+        """Train until train.max_steps (or train.max_minutes); return a summary."""
+        cfg, task = self.cfg, self.task
+        t_start = time.time()
+        # Validate everything that can fail before writing anything.
+        ckpt_path, ckpt_state = self._checkpoint_to_resume(resume)
+        loaded = self._net_state_files(ckpt_path) if ckpt_path is not None else None
+        if loaded is not None:
+            # Fails with a clear CheckpointError (missing / unexpected keys, shapes) on another architecture.
+            task.loss.net.load_weights(loaded["model"], source=str(ckpt_path / "model"))
+        acc = self._accelerator()
+        if ckpt_state is not None and ckpt_state["world_size"] != acc.num_processes:
+            raise CheckpointError(
+                f"checkpoint {ckpt_path} was written by {ckpt_state['world_size']} process(es); this run has "
+                f"{acc.num_processes}. Resume with the same number of processes (the data order depends on it)"
+            )
+        device = acc.device
+        loss = task.loss
+        net = loss.net
+        if cfg.train.gradient_checkpointing:
+            net.enable_gradient_checkpointing()
+        ema = EMA(net, cfg.train.ema_decay)
+        if loaded is not None:
+            ema.model.load_weights(loaded["ema"], dtype=torch.float32, source=str(ckpt_path / "ema"))
+            if loaded["extra"]:
+                missing, unexpected = loss.load_state_dict({**loaded["extra"], **{
+                    k: v for k, v in loss.state_dict().items() if k.startswith("net.") or k.startswith("null_")}},
+                    strict=False)
+                if missing or unexpected:
+                    raise CheckpointError(f"{ckpt_path}/extra.safetensors does not match the loss: "
+                                          f"missing {missing[:4]}, unexpected {unexpected[:4]}")
+        ema.model.to(device)
+        loss.to(device)
+        optimizer = build_optimizer(loss.parameters(), cfg.optim)
+        scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
+        loss, optimizer = acc.prepare(loss, optimizer)
+        loss_unwrapped = acc.unwrap_model(loss)
+
+        step, micro_step, samples = 0, 0, 0
+        if ckpt_state is not None:
+            opt = torch.load(ckpt_path / "optimizer.pt", map_location="cpu", weights_only=True)
+            if cfg.train.distributed == "fsdp" and acc.num_processes > 1:
+                from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+                set_optimizer_state_dict(loss_unwrapped, optimizer.optimizer, opt["optimizer"],
+                                         options=StateDictOptions(full_state_dict=True))
+            else:
+                optimizer.load_state_dict(opt["optimizer"])
+            scheduler.load_state_dict(opt["scheduler"])
+            step, micro_step, samples = ckpt_state["step"], ckpt_state["micro_step"], ckpt_state["samples"]
+        else:
+            seed_everything(cfg.seed + acc.process_index)
+
+        writer = None
+        if acc.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+            import yaml
+
+            atomic_write_text(self.out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            if ckpt_state is not None:
+                self._truncate_metrics(step)
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                writer = SummaryWriter(str(self.out / "tensorboard"))
+            except ImportError:
+                acc.print("tensorboard is not installed: scalars go to metrics.jsonl only")
+        if ckpt_state is not None:
+            rng = torch.load(ckpt_path / "rng.pt", map_location="cpu", weights_only=True)
+            _set_rng_state(rng[acc.process_index])
+
+        loader = make_loader(task.source, micro_step, acc.process_index, acc.num_processes, cfg.data.num_workers)
+        data = iter(loader)
+        accum = cfg.train.grad_accum
+        batch_global = cfg.train.batch_size * accum * acc.num_processes
+        pbar = None
+        if cfg.train.progress and acc.is_main_process:
+            from tqdm.auto import tqdm
+
+            pbar = tqdm(total=cfg.train.max_steps, initial=step, unit="step", dynamic_ncols=True)
+        loss.train()
+        params = [p for p in loss.parameters() if p.requires_grad]
+        window_t, window_n = time.time(), 0
+        logs_acc: dict[str, float] = {}
+        last_ckpt = step if ckpt_state is not None else -1
+        stop_reason = "max_steps"
+        eval_scores: dict[str, float] = {}
+        while step < cfg.train.max_steps:
+            if "step" in dict(loss_unwrapped.named_buffers()):
+                loss_unwrapped.step.fill_(step)
+            for i in range(accum):
+                raw = next(data)
+                batch = task.prepare(raw, device)
+                ctx = acc.no_sync(loss) if i < accum - 1 else contextlib.nullcontext()
+                with ctx, acc.autocast():
+                    value, logs = loss(batch)
+                acc.backward(value / accum)
+                for k, v in logs.items():
+                    logs_acc[k] = logs_acc.get(k, 0.0) + float(v) / accum
+                micro_step += 1
+            grad_norm = acc.clip_grad_norm_(params, cfg.optim.grad_clip) if cfg.optim.grad_clip > 0 else None
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            ema.update(loss_unwrapped.net, step)
+            step += 1
+            samples += batch_global
+            window_n += batch_global
+            if pbar is not None:
+                pbar.update(1)
+            if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
+                n_steps = cfg.train.log_every if step % cfg.train.log_every == 0 else max(1, step % cfg.train.log_every)
+                elapsed = time.time() - window_t
+                record = {"step": step, "lr": scheduler.get_last_lr()[0], "samples": samples,
+                          "img_per_s": window_n / max(elapsed, 1e-9)}
+                record.update({k: v / n_steps for k, v in logs_acc.items()})
+                if grad_norm is not None:
+                    record["grad_norm"] = float(grad_norm)
+                self._log(acc, writer, record)
+                if pbar is not None:
+                    pbar.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}", img_s=f"{record['img_per_s']:.0f}")
+                logs_acc, window_t, window_n = {}, time.time(), 0
+            out_of_time = cfg.train.max_minutes is not None and (time.time() - t_start) / 60 > cfg.train.max_minutes
+            if acc.num_processes > 1:
+                flag = torch.tensor(float(out_of_time), device=device)
+                out_of_time = bool(acc.reduce(flag, reduction="sum").item() > 0)
+            if step % cfg.train.checkpoint_every == 0 or out_of_time or step == cfg.train.max_steps:
+                self.save_checkpoint(acc, loss_unwrapped, ema, optimizer, scheduler, step, micro_step, samples)
+                last_ckpt = step
+            if task.evaluate is not None and cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.train.max_steps:
+                eval_scores = self._evaluate(acc, writer, ema, step)
+            if out_of_time:
+                stop_reason = "max_minutes"
+                break
+        if last_ckpt != step:
+            self.save_checkpoint(acc, loss_unwrapped, ema, optimizer, scheduler, step, micro_step, samples)
+        if pbar is not None:
+            pbar.close()
+        if task.evaluate is not None and stop_reason == "max_steps":
+            eval_scores = self._evaluate(acc, writer, ema, step)
+        if writer is not None:
+            writer.close()
+        acc.wait_for_everyone()
+        return {"step": step, "samples": samples, "stopped": stop_reason, "minutes": (time.time() - t_start) / 60,
+                "eval": eval_scores, "checkpoint": str(self.out / CHECKPOINTS / f"step_{step:07d}")}
+
+    def _evaluate(self, acc, writer, ema: EMA, step: int) -> dict[str, float]:
+        scores: dict[str, float] = {}
+        if acc.is_main_process:
+            scores = self.task.evaluate(ema.model, step, self.out)
+            self._log(acc, writer, {"step": step, **scores})
+            acc.print(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in scores.items()))
+        acc.wait_for_everyone()
+        return scores

@@ -1,0 +1,307 @@
+"""Video input and output: read clips and frame folders, resize to a backbone's multiple, write H.264.
+
+Frames are uint8 numpy arrays of shape (T, H, W, 3), RGB, everywhere in this module. Containers are
+read with PyAV (mp4, mov, mkv, webm, gif, ...) with the rotation of the display matrix applied, so
+phone videos come out upright; folders of PNG/JPG frames are read in sorted name order. Every output
+is written atomically (`sanaflow.utils.atomic_path`).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InputError
+from .utils import atomic_path
+
+VIDEO_SUFFIXES = (".mp4", ".mov", ".m4v", ".mkv", ".webm", ".avi", ".gif")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+MAX_SIDE = 4096  # frames with a longer side are refused unless `max_side` downsizes them on read
+MAX_BYTES = 8 * 2**30  # decoded frames above this size are refused: pick fewer frames instead
+DEFAULT_FPS = 24.0  # for frame folders, which carry no frame rate
+
+
+@dataclass
+class VideoClip:
+    """Decoded frames (T, H, W, 3) uint8 RGB and their frame rate."""
+
+    frames: np.ndarray
+    fps: float
+
+    @property
+    def num_frames(self) -> int:
+        """Number of frames T."""
+        return int(self.frames.shape[0])
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(height, width) of the frames."""
+        return int(self.frames.shape[1]), int(self.frames.shape[2])
+
+
+# --------------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------------
+
+
+def read_video(
+    path: str | os.PathLike,
+    frames: int | None = None,
+    start: int = 0,
+    stride: int = 1,
+    max_side: int | None = None,
+    fps: float | None = None,
+) -> VideoClip:
+    """Read frames ``start, start+stride, ...`` (at most `frames` of them) from a video file or frame folder.
+
+    `max_side` downsizes (area filter) frames whose longer side is above it; without it, frames
+    larger than `MAX_SIDE` are refused. `fps` overrides the frame rate (frame folders default to 24).
+    The returned fps is divided by `stride`, so the clip plays at the source speed.
+    """
+    path = Path(path)
+    if frames is not None and frames < 1:
+        raise InputError(f"--frames must be at least 1, got {frames}")
+    if start < 0:
+        raise InputError(f"--start must be >= 0, got {start}")
+    if stride < 1:
+        raise InputError(f"--stride must be >= 1, got {stride}")
+    if max_side is not None and max_side < 8:
+        raise InputError(f"max_side must be at least 8, got {max_side}")
+    if not path.exists():
+        raise InputError(f"video {str(path)!r} does not exist")
+    if path.is_dir():
+        out, src_fps = _read_folder(path, frames, start, stride, max_side)
+    else:
+        out, src_fps = _read_container(path, frames, start, stride, max_side)
+    if not out:
+        raise InputError(f"video {str(path)!r} has no frames at start={start} (stride {stride})")
+    shapes = {f.shape for f in out}
+    if len(shapes) > 1:
+        raise InputError(f"frames of {str(path)!r} differ in size: {sorted(s[:2] for s in shapes)}")
+    rate = fps if fps is not None else src_fps / stride
+    return VideoClip(np.stack(out), float(rate))  # (T, H, W, 3)
+
+
+def _check_frame(frame: np.ndarray, path: Path, max_side: int | None, count: int) -> np.ndarray:
+    h, w = frame.shape[:2]
+    if max_side is not None and max(h, w) > max_side:
+        frame = _resize(frame, *_fit(h, w, max_side))
+    elif max_side is None and max(h, w) > MAX_SIDE:
+        raise InputError(
+            f"video {str(path)!r} is {w}x{h}, above the limit of {MAX_SIDE} pixels a side; "
+            "downsize it on read (max_side=...)"
+        )
+    if (count + 1) * frame.nbytes > MAX_BYTES:
+        raise InputError(
+            f"video {str(path)!r}: {count + 1} decoded frames of {frame.shape[1]}x{frame.shape[0]} exceed "
+            f"{MAX_BYTES / 2**30:.0f} GiB; read fewer frames (--frames, --stride) or smaller ones (max_side)"
+        )
+    return frame
+
+
+def _fit(h: int, w: int, max_side: int) -> tuple[int, int]:
+    scale = max_side / max(h, w)
+    return max(1, round(h * scale)), max(1, round(w * scale))
+
+
+def _read_folder(
+    path: Path, frames: int | None, start: int, stride: int, max_side: int | None
+) -> tuple[list[np.ndarray], float]:
+    from PIL import Image, UnidentifiedImageError
+
+    files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise InputError(f"frame folder {str(path)!r} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    chosen = files[start::stride]
+    if frames is not None:
+        chosen = chosen[:frames]
+    out = []
+    for f in chosen:
+        try:
+            with Image.open(f) as im:
+                frame = np.asarray(im.convert("RGB"))
+        except (OSError, UnidentifiedImageError) as e:
+            raise InputError(f"cannot read frame {str(f)!r}: {e}") from e
+        out.append(_check_frame(frame, path, max_side, len(out)))
+    return out, DEFAULT_FPS
+
+
+def _read_container(
+    path: Path, frames: int | None, start: int, stride: int, max_side: int | None
+) -> tuple[list[np.ndarray], float]:
+    import av
+
+    try:
+        container = av.open(str(path))
+    except (av.FFmpegError, OSError, UnicodeDecodeError) as e:
+        raise InputError(
+            f"cannot read video {str(path)!r} ({type(e).__name__}: {e}); "
+            f"expected a video file ({', '.join(VIDEO_SUFFIXES)}) or a folder of frames"
+        ) from e
+    out: list[np.ndarray] = []
+    with container:
+        if not container.streams.video:
+            raise InputError(f"{str(path)!r} has no video stream")
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+        src_fps = float(rate) if rate else DEFAULT_FPS
+        index = -1
+        try:
+            for frame in container.decode(stream):
+                index += 1
+                if index < start or (index - start) % stride:
+                    continue
+                image = frame.to_ndarray(format="rgb24")  # (H, W, 3)
+                # The display matrix says how far to turn the stored picture counter-clockwise to show it.
+                turns = round(frame.rotation / 90) % 4
+                if turns:
+                    image = np.ascontiguousarray(np.rot90(image, k=turns))
+                out.append(_check_frame(image, path, max_side, len(out)))
+                if frames is not None and len(out) >= frames:
+                    break
+        except av.FFmpegError as e:
+            if not out:
+                raise InputError(f"cannot decode video {str(path)!r}: {e}") from e
+            # A truncated file: keep the frames decoded before the damage.
+    if index < 0:
+        raise InputError(f"video {str(path)!r} holds no frames")
+    return out, src_fps
+
+
+# --------------------------------------------------------------------------------------------
+# Resizing
+# --------------------------------------------------------------------------------------------
+
+
+def _resize(frame: np.ndarray, h: int, w: int) -> np.ndarray:
+    import cv2
+
+    if (h, w) == frame.shape[:2]:
+        return frame
+    shrinking = h * w < frame.shape[0] * frame.shape[1]
+    # Area averaging when shrinking avoids aliasing; Lanczos (TokenFlow's choice) when growing.
+    interp = cv2.INTER_AREA if shrinking else cv2.INTER_LANCZOS4
+    return cv2.resize(frame, (w, h), interpolation=interp)
+
+
+def resize_crop(
+    frames: np.ndarray, multiple: int = 8, size: int | tuple[int, int] | None = None
+) -> np.ndarray:
+    """Resize and centre-crop frames (T, H, W, 3) so both sides are multiples of `multiple`.
+
+    `size` is the target (height, width) (resize to cover it, then crop), or an int for the longer
+    side (aspect kept, then each side cropped down to the multiple), or None to only crop.
+    """
+    if frames.ndim != 4 or frames.shape[-1] != 3:
+        raise InputError(f"frames must have shape (T, H, W, 3), got {tuple(frames.shape)}")
+    h, w = frames.shape[1:3]
+    if size is None:
+        th, tw = (h // multiple) * multiple, (w // multiple) * multiple
+        rh, rw = h, w
+    elif isinstance(size, int):
+        rh, rw = _fit(h, w, size)
+        th, tw = (rh // multiple) * multiple, (rw // multiple) * multiple
+    else:
+        th, tw = int(size[0]), int(size[1])
+        if th % multiple or tw % multiple:
+            raise InputError(f"size {th}x{tw} (HxW) is not a multiple of {multiple}, which this model needs")
+        scale = max(th / h, tw / w)
+        rh, rw = max(th, round(h * scale)), max(tw, round(w * scale))
+    if th < multiple or tw < multiple:
+        raise InputError(f"frames of {w}x{h} are too small: each side must reach at least {multiple} pixels")
+    top, left = (rh - th) // 2, (rw - tw) // 2
+    out = [_resize(f, rh, rw)[top : top + th, left : left + tw] for f in frames]
+    return np.ascontiguousarray(np.stack(out))  # (T, th, tw, 3)
+
+
+def side_by_side(left: np.ndarray, right: np.ndarray) -> np.ndarray:
+    """Put two clips (T, H, W, 3) next to each other (the right one resized to the left's height)."""
+    t = min(len(left), len(right))
+    h = left.shape[1]
+    if right.shape[1] != h:
+        w = max(1, round(right.shape[2] * h / right.shape[1]))
+        right = np.stack([_resize(f, h, w) for f in right[:t]])
+    return np.concatenate([left[:t], right[:t]], axis=2)  # (T, H, W1 + W2, 3)
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------------
+
+
+def _as_frames(frames) -> np.ndarray:
+    frames = np.asarray(frames)
+    if frames.ndim != 4 or frames.shape[-1] != 3 or len(frames) == 0:
+        raise InputError(f"frames must have shape (T, H, W, 3) with T >= 1, got {tuple(frames.shape)}")
+    if frames.dtype != np.uint8:
+        raise InputError(f"frames must be uint8, got {frames.dtype}")
+    return frames
+
+
+def write_video(path: str | os.PathLike, frames, fps: float, crf: int = 18) -> Path:
+    """Write frames (T, H, W, 3) uint8: H.264 mp4/mov/mkv, a GIF, or a folder of PNGs (no suffix)."""
+    path = Path(path)
+    frames = _as_frames(frames)
+    if not fps or fps <= 0:
+        raise InputError(f"fps must be positive, got {fps}")
+    suffix = path.suffix.lower()
+    if suffix in (".mp4", ".mov", ".m4v", ".mkv"):
+        _write_h264(path, frames, fps, crf)
+    elif suffix == ".gif":
+        _write_gif(path, frames, fps)
+    elif suffix == "":
+        write_frames(path, frames)
+    else:
+        raise InputError(f"cannot write video {str(path)!r}: use .mp4, .mov, .mkv, .gif, or a folder (no suffix)")
+    return path
+
+
+def _write_h264(path: Path, frames: np.ndarray, fps: float, crf: int) -> None:
+    import av
+
+    # yuv420p halves the chroma resolution, so H.264 needs even sides: pad by repeating the edge.
+    t, h, w, _ = frames.shape
+    ph, pw = h % 2, w % 2
+    if ph or pw:
+        frames = np.pad(frames, ((0, 0), (0, ph), (0, pw), (0, 0)), mode="edge")
+    rate = Fraction(fps).limit_denominator(1001)
+    with atomic_path(path) as tmp:
+        # The temp name has a .tmp suffix, so name the container format explicitly.
+        fmt = {".mov": "mov", ".mkv": "matroska"}.get(path.suffix.lower(), "mp4")
+        with av.open(str(tmp), mode="w", format=fmt) as container:
+            stream = container.add_stream("libx264", rate=rate)
+            stream.width, stream.height = w + pw, h + ph
+            stream.pix_fmt = "yuv420p"
+            stream.options = {"crf": str(crf), "preset": "medium"}
+            for image in frames:
+                frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
+                container.mux(stream.encode(frame))
+            container.mux(stream.encode(None))
+
+
+def _write_gif(path: Path, frames: np.ndarray, fps: float) -> None:
+    from PIL import Image
+
+    images = [Image.fromarray(f) for f in frames]
+    with atomic_path(path) as tmp:
+        images[0].save(
+            tmp, format="GIF", save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0
+        )
+
+
+def write_frames(folder: str | os.PathLike, frames) -> Path:
+    """Write frames (T, H, W, 3) uint8 as ``frame_00000.png ...`` into a new folder (atomically)."""
+    from PIL import Image
+
+    folder = Path(folder)
+    frames = _as_frames(frames)
+    with atomic_path(folder) as tmp:
+        tmp.mkdir()
+        for i, f in enumerate(frames):
+            Image.fromarray(f).save(tmp / f"frame_{i:05d}.png")
+    return folder

@@ -1,0 +1,100 @@
+"""`sanaflow generate` / `sanaflow info` end to end on a tiny random model, and their error paths."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from sanaflow.cli import main
+from tiny_sana import save_tiny_sana
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return save_tiny_sana(tmp_path_factory.mktemp("cli") / "sana", sample_size=8)
+
+
+def test_generate_writes_pngs_with_metadata(model, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = main(["generate", "a red star", "a blue circle", "--model", str(model), "--size", "64x32",
+               "--steps", "2", "--cfg", "3", "--seed", "7", "-n", "2", "--out", str(out), "--device", "cpu"])
+    assert rc == 0
+    pngs = sorted(out.glob("*.png"))
+    assert len(pngs) == 4
+    metas = [Image.open(p).text for p in pngs]
+    assert [m["prompt"] for m in metas] == ["a red star", "a red star", "a blue circle", "a blue circle"]
+    assert [int(m["seed"]) for m in metas] == [7, 8, 9, 10]
+    m = metas[0]
+    assert m["steps"] == "2" and float(m["guidance_scale"]) == 3.0 and m["sampler"] == "dpm++2m"
+    assert m["model"] == str(model)
+    assert json.loads(m["sanaflow"])["seed"] == 7
+    assert Image.open(pngs[0]).size == (64, 32)
+    assert (out / "config.yaml").is_file()
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+def test_generate_same_seed_same_bytes(model, tmp_path):
+    for d in ("a", "b"):
+        assert main(["generate", "a cat", "--model", str(model), "--size", "32x32", "--steps", "2",
+                     "--seed", "3", "--out", str(tmp_path / d), "--device", "cpu"]) == 0
+    a = next((tmp_path / "a").glob("*.png")).read_bytes()
+    b = next((tmp_path / "b").glob("*.png")).read_bytes()
+    assert a == b
+
+
+def test_prompts_file(model, tmp_path):
+    f = tmp_path / "prompts.txt"
+    f.write_text("a red star\n\na blue square\n")
+    out = tmp_path / "out"
+    assert main(["generate", "--prompts-file", str(f), "--model", str(model), "--size", "32x32",
+                 "--steps", "1", "--out", str(out), "--device", "cpu"]) == 0
+    assert len(list(out.glob("*.png"))) == 2
+
+
+def test_info(model, capsys):
+    assert main(["info", str(model)]) == 0
+    text = capsys.readouterr().out
+    assert "transformer" in text and "M parameters" in text and "num_layers: 2" in text
+
+
+def _cli(*args, cwd=None):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "sanaflow.cli", *args], capture_output=True, text=True,
+                          env=env, cwd=cwd, timeout=300)
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["generate", ""], "empty prompt"),
+        (["generate"], "no prompt"),
+        (["generate", "a cat", "--size", "33x32"], "multiple of 32"),
+        (["generate", "a cat", "--size", "8192x32"], "limit"),
+        (["generate", "a cat", "--size", "big"], "WIDTHxHEIGHT"),
+        (["generate", "a cat", "--sampler", "heun9"], "sampler"),
+        (["generate", "a cat", "--model", "/no/such/folder"], "not found"),
+    ],
+)
+def test_bad_input_one_line_exit_2(args, needle, tmp_path, model):
+    out = tmp_path / "out"
+    if "--model" not in args:
+        args = [*args, "--model", str(model)]
+    r = _cli(*args, "--out", str(out))
+    assert r.returncode == 2, r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, r.stderr
+    assert needle in lines[0]
+    assert not out.exists() or not list(out.iterdir())
+
+
+def test_unwritable_output_dir(model, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    r = _cli("generate", "a cat", "--model", str(model), "--out", str(blocker / "sub"), "--steps", "1")
+    assert r.returncode == 2
+    assert len(r.stderr.strip().splitlines()) == 1 and "output folder" in r.stderr

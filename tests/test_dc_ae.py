@@ -1,0 +1,154 @@
+"""DCAE: parity with diffusers' AutoencoderDC, tiling, input checks, save/load."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from sanaflow.errors import ConfigError, SanaflowError
+from sanaflow.models import DCAE
+from sanaflow.models.dc_ae import run_tiled, tile_starts, tile_weights
+
+diffusers = pytest.importorskip("diffusers")
+
+# SANA-1.0 layout (mit-han-lab/dc-ae-f32c32-sana-1.0): ResBlock x3 then EfficientViTBlock x3,
+# qkv multiscales (5,), strided-conv down, interpolate up, rms norm, silu; channels scaled down.
+SANA_LAYOUT = dict(
+    latent_channels=8,
+    attention_head_dim=8,
+    encoder_block_types=("ResBlock",) * 3 + ("EfficientViTBlock",) * 3,
+    decoder_block_types=("ResBlock",) * 3 + ("EfficientViTBlock",) * 3,
+    encoder_block_out_channels=(8, 16, 16, 32, 32, 32),
+    decoder_block_out_channels=(8, 16, 16, 32, 32, 32),
+    encoder_layers_per_block=(1, 1, 1, 2, 2, 2),
+    decoder_layers_per_block=(1, 1, 1, 2, 2, 2),
+    encoder_qkv_multiscales=((), (), (), (5,), (5,), (5,)),
+    decoder_qkv_multiscales=((), (), (), (5,), (5,), (5,)),
+    upsample_block_type="interpolate",
+    downsample_block_type="Conv",
+    decoder_norm_types="rms_norm",
+    decoder_act_fns="silu",
+    scaling_factor=0.41407,
+)
+# AutoencoderDC() defaults (all ResBlock, pixel-unshuffle / pixel-shuffle, rms norm, silu), scaled down.
+DEFAULT_LAYOUT = dict(
+    latent_channels=8,
+    encoder_block_out_channels=(8, 16, 16, 32, 32, 32),
+    decoder_block_out_channels=(8, 16, 16, 32, 32, 32),
+    encoder_layers_per_block=(1, 1, 1, 2, 2, 2),
+    decoder_layers_per_block=(1, 1, 1, 2, 2, 2),
+)
+# The other switches the config allows: empty first stage, two qkv scales, per-stage batch/rms
+# norms and activations, no latent shortcuts, another output activation; f = 8.
+MIXED_LAYOUT = dict(
+    latent_channels=8,
+    attention_head_dim=8,
+    encoder_block_types=("ResBlock", "ResBlock", "EfficientViTBlock", "EfficientViTBlock"),
+    decoder_block_types=("ResBlock", "ResBlock", "EfficientViTBlock", "EfficientViTBlock"),
+    encoder_block_out_channels=(8, 16, 32, 32),
+    decoder_block_out_channels=(8, 16, 32, 32),
+    encoder_layers_per_block=(0, 1, 1, 2),
+    decoder_layers_per_block=(0, 1, 1, 2),
+    encoder_qkv_multiscales=((), (), (3, 5), (5,)),
+    decoder_qkv_multiscales=((), (), (3, 5), (5,)),
+    decoder_norm_types=("batch_norm", "batch_norm", "rms_norm", "batch_norm"),
+    decoder_act_fns=("relu", "relu", "silu", "gelu"),
+    encoder_out_shortcut=False,
+    decoder_in_shortcut=False,
+    decoder_conv_act_fn="silu",
+)
+LAYOUTS = {"sana": SANA_LAYOUT, "default": DEFAULT_LAYOUT, "mixed": MIXED_LAYOUT}
+
+
+def randomise(model: torch.nn.Module, seed: int = 0) -> None:
+    """Give every parameter and norm statistic non-default random values (fan-in scaled)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim > 1:
+                p.copy_(torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5)
+            elif name.endswith("weight"):
+                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+        for name, b in model.named_buffers():
+            if name.endswith("running_mean"):
+                b.copy_(0.1 * torch.randn(b.shape, generator=g))
+            elif name.endswith("running_var"):
+                b.copy_(0.5 + torch.rand(b.shape, generator=g))
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """Each layout as a randomised diffusers AutoencoderDC, written with its save_pretrained."""
+    out = {}
+    for name, cfg in LAYOUTS.items():
+        ref = diffusers.AutoencoderDC(**cfg).eval()
+        randomise(ref)
+        folder = tmp_path_factory.mktemp(f"dcae_{name}")
+        ref.save_pretrained(folder)
+        out[name] = (ref, folder)
+    return out
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_parity_with_diffusers(saved, layout):
+    ref, folder = saved[layout]
+    ours = DCAE.from_pretrained(folder)
+    assert sorted(ours.state_dict()) == sorted(ref.state_dict())
+    assert ours.spatial_compression_ratio == ref.spatial_compression_ratio
+    f = ours.spatial_compression_ratio
+    # a 4x3 latent (linear attention) and a 1x2 one (the reference's small-map quadratic branch)
+    for h, w in [(4 * f, 3 * f), (f, 2 * f)]:
+        x = torch.rand(2, 3, h, w) * 2 - 1
+        with torch.no_grad():
+            z_ref = ref.encode(x).latent
+            z = ours.encode(x)
+            img_ref = ref.decode(z_ref).sample
+            img = ours.decode(z_ref)
+        assert z.shape == z_ref.shape == (2, 8, h // f, w // f)
+        assert (z - z_ref).abs().max().item() <= 1e-4, (layout, h, w)
+        assert (img - img_ref).abs().max().item() <= 1e-4, (layout, h, w)
+        assert img.shape == x.shape
+
+
+def test_config_and_round_trip(saved, tmp_path):
+    ref, folder = saved["sana"]
+    ours = DCAE.from_pretrained(folder)
+    assert ours.config.scaling_factor == pytest.approx(0.41407)
+    assert ours.scaling_factor == pytest.approx(0.41407)
+    assert ours.spatial_compression_ratio == 32
+    ours.save_pretrained(tmp_path / "rt")
+    cfg = json.loads((tmp_path / "rt" / "config.json").read_text())
+    assert cfg["_class_name"] == "AutoencoderDC"
+    assert cfg["upsample_block_type"] == "interpolate"
+    again = DCAE.from_pretrained(tmp_path / "rt")
+    for (k, a), (k2, b) in zip(ours.state_dict().items(), again.state_dict().items()):
+        assert k == k2 and torch.equal(a, b), k
+    # diffusers reads our folder back too
+    back = diffusers.AutoencoderDC.from_pretrained(tmp_path / "rt").eval()
+    z = torch.randn(1, 8, 2, 3)
+    with torch.no_grad():
+        assert (back.decode(z).sample - again.decode(z)).abs().max().item() <= 1e-4
+
+
+def test_bad_inputs(saved):
+    ours = DCAE.from_pretrained(saved["sana"][1])
+    with pytest.raises(SanaflowError, match=r"4 channels.*expects 8"):
+        ours.decode(torch.randn(1, 4, 2, 2))
+    with pytest.raises(SanaflowError, match=r"100x64 is not divisible by the compression ratio 32"):
+        ours.encode(torch.randn(1, 3, 100, 64))
+    with pytest.raises(SanaflowError, match=r"\(B, 3, H, W\)"):
+        ours.encode(torch.randn(3, 64, 64))
+    with pytest.raises(SanaflowError, match="tiling must be"):
+        ours.decode(torch.randn(1, 8, 2, 2), tiling="yes")
+    with pytest.raises(SanaflowError, match="multiples of 32"):
+        ours.tiled_decode(torch.randn(1, 8, 2, 2), tile=100, overlap=32)
+    with pytest.raises(SanaflowError, match="smaller than the tile"):
+        ours.tiled_decode(torch.randn(1, 8, 2, 2), tile=64, overlap=64)
+    with pytest.raises(ConfigError, match="unknown block type 'ResNet'"):
+        DCAE(encoder_block_types="ResNet")
+    with pytest.raises(ConfigError, match="one per stage"):
+        DCAE(decoder_norm_types=("rms_norm",) * 3)

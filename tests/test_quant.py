@@ -1,0 +1,245 @@
+"""INT8 / FP8 quantization of the SANA transformer: accuracy, save/load, CLI, errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sanaflow.cli import main
+from sanaflow.errors import CheckpointError, ConfigError, InputError, SanaflowError
+from sanaflow.models.sana_transformer import SanaTransformer
+from sanaflow.quant import (
+    HIGH_PRECISION_MODULES,
+    Fp8Linear,
+    Int8WeightOnlyLinear,
+    is_quantized,
+    quantizable_modules,
+    quantize_transformer,
+    save_quantized,
+)
+from sanaflow.quant.layers import fp8_linear, int8_linear, quantize_fp8_rows, quantize_int8_rows
+
+TINY = dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=2,
+            num_cross_attention_heads=2, cross_attention_head_dim=16, cross_attention_dim=32, caption_channels=16,
+            mlp_ratio=2.5, sample_size=8)
+
+
+def tiny_model(seed: int = 0) -> SanaTransformer:
+    torch.manual_seed(seed)
+    model = SanaTransformer(**TINY).eval()
+    with torch.no_grad():  # non-trivial weights everywhere (default inits leave zero tables)
+        for p in model.parameters():
+            p.normal_(std=0.2)
+    return model
+
+
+def tiny_inputs(seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 4, 8, 8, generator=g)  # (B, C, H, W) latents
+    caption = torch.randn(2, 5, 16, generator=g)  # (B, L, caption_channels)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    return x, caption, torch.tensor([500.0, 20.0]), mask
+
+
+def run(model, inputs):
+    x, caption, t, mask = inputs
+    with torch.no_grad():
+        return model(x, caption, t, encoder_attention_mask=mask)
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return F.cosine_similarity(a.float().flatten(), b.float().flatten(), dim=0).item()
+
+
+def test_int8_model_close_to_float():
+    model = tiny_model()
+    inputs = tiny_inputs()
+    ref = run(model, inputs)
+    quantize_transformer(model, "int8")
+    out = run(model, inputs)
+    assert is_quantized(model) == "int8"
+    assert cosine(out, ref) >= 0.99
+    assert not torch.equal(out, ref)  # something was quantized
+
+
+def test_only_blocks_linears_and_pointwise_convs_are_quantized():
+    model = tiny_model()
+    names = quantizable_modules(model, "int8")
+    per_block = {"attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k",
+                 "attn2.to_v", "attn2.to_out.0", "ff.conv_inverted", "ff.conv_point"}
+    assert set(names) == {f"transformer_blocks.{i}.{n}" for i in range(2) for n in per_block}
+    quantize_transformer(model, "int8")
+    for name, module in model.named_modules():
+        if any(name.startswith(p) for p in HIGH_PRECISION_MODULES):
+            assert not isinstance(module, Int8WeightOnlyLinear), name
+    assert isinstance(model.transformer_blocks[0].ff.conv_depth, torch.nn.Conv2d)  # depthwise stays float
+    assert model.transformer_blocks[0].ff.conv_inverted.weight.dtype == torch.int8
+    # int8 weights take a quarter of the float32 bytes
+    assert model.transformer_blocks[0].ff.conv_inverted.weight.element_size() == 1
+
+
+def test_int8_rows_round_trip_error_is_bounded():
+    w = torch.randn(64, 48)
+    q, scale = quantize_int8_rows(w)
+    err = (q.float() * scale[:, None] - w).abs().amax(dim=1)
+    assert torch.all(err <= scale / 2 + 1e-7)  # rounding: at most half a step per row
+    assert q.abs().max() <= 127
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("in_features", [24, 64])
+def test_int8_linear_paths_agree(dtype, in_features):
+    # CPU uses torch's int8-weight kernel for fp32/bf16 when in_features % 32 == 0; the generic path
+    # (GPU, fp16, other sizes) dequantises
+    w = torch.randn(40, in_features) * 0.1
+    x = torch.randn(3, 7, in_features).to(dtype)
+    bias = torch.randn(40)
+    q, scale = quantize_int8_rows(w)
+    out = int8_linear(x, q, scale, bias)
+    ref = F.linear(x.float(), q.float() * scale[:, None], bias)
+    assert out.dtype == dtype and out.shape == (3, 7, 40)
+    assert cosine(out, ref) > 0.9999
+
+
+def test_fp8_linear_math_on_cpu_if_supported():
+    w = torch.randn(48, 64) * 0.1
+    x = torch.randn(2, 10, 64).bfloat16()
+    bias = torch.randn(48).bfloat16()
+    q, scale = quantize_fp8_rows(w)
+    try:
+        out = fp8_linear(x, q, scale[:, 0], bias)
+    except (RuntimeError, NotImplementedError) as e:  # older torch: no CPU _scaled_mm
+        pytest.skip(f"torch._scaled_mm unavailable on CPU: {e}")
+    ref = F.linear(x.float(), w, bias.float())
+    assert out.dtype == torch.bfloat16 and out.shape == (2, 10, 48)
+    assert cosine(out, ref) >= 0.99
+
+
+def test_fp8_on_cpu_is_a_sanaflow_error():
+    model = tiny_model()
+    with pytest.raises(SanaflowError, match="fp8"):
+        quantize_transformer(model, "fp8")
+    assert is_quantized(model) is None  # nothing was changed
+
+
+def test_unknown_mode_and_double_quantization_are_errors():
+    model = tiny_model()
+    with pytest.raises(ConfigError, match="int8"):
+        quantize_transformer(model, "int4")
+    quantize_transformer(model, "int8")
+    with pytest.raises(ConfigError, match="already quantized"):
+        quantize_transformer(model, "int8")
+
+
+def test_save_load_round_trip_identical(tmp_path):
+    model = quantize_transformer(tiny_model(), "int8")
+    inputs = tiny_inputs()
+    out = run(model, inputs)
+    save_quantized(model, tmp_path / "q")
+    config = json.loads((tmp_path / "q" / "config.json").read_text())
+    entry = config["_sanaflow_quantization"]
+    assert entry["mode"] == "int8" and len(entry["layers"]) == 20
+    loaded = SanaTransformer.from_pretrained(tmp_path / "q")  # the marker routes to the quantized loader
+    assert is_quantized(loaded) == "int8"
+    assert loaded.transformer_blocks[1].attn1.to_q.weight.dtype == torch.int8
+    assert torch.equal(run(loaded, inputs), out)
+    # model.to(dtype) must not cast the int8 weight or its float32 scales
+    loaded.to(torch.bfloat16)
+    layer = loaded.transformer_blocks[0].ff.conv_point
+    assert layer.weight.dtype == torch.int8 and layer.weight_scale.dtype == torch.float32
+    assert layer.bias is None and loaded.proj_out.weight.dtype == torch.bfloat16
+
+
+def test_fp8_module_state_survives_dtype_casts():
+    layer = Fp8Linear.from_float(torch.nn.Linear(32, 16))
+    weight = layer.weight.clone()
+    layer.to(torch.bfloat16)
+    assert layer.weight.dtype == torch.float8_e4m3fn and layer.weight_scale.dtype == torch.float32
+    assert torch.equal(layer.weight.view(torch.uint8), weight.view(torch.uint8))
+    assert layer.bias.dtype == torch.bfloat16
+    with pytest.raises(InputError, match="CUDA"):
+        layer(torch.randn(2, 32).bfloat16())
+
+
+def test_corrupt_quantized_folder_is_a_checkpoint_error(tmp_path):
+    save_quantized(quantize_transformer(tiny_model(), "int8"), tmp_path / "q")
+    path = tmp_path / "q" / "config.json"
+    config = json.loads(path.read_text())
+    config["_sanaflow_quantization"]["layers"]["transformer_blocks.0.nope"] = "linear"
+    path.write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="nope"):
+        SanaTransformer.from_pretrained(tmp_path / "q")
+
+
+def test_cli_quantize_transformer_and_pipeline(tmp_path, capsys):
+    pytest.importorskip("diffusers")
+    from tiny_sana import save_tiny_sana
+
+    src = save_tiny_sana(tmp_path / "pipe")
+    float_model = SanaTransformer.from_pretrained(src, subfolder="transformer")
+    g = torch.Generator().manual_seed(3)
+    x, caption = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 6, 16, generator=g)
+    with torch.no_grad():
+        ref = float_model(x, caption, torch.tensor([999.0, 10.0]))
+
+    assert main(["quantize", str(src), "--mode", "int8", "--out", str(tmp_path / "q"), "--device", "cpu"]) == 0
+    out_dir = tmp_path / "q"
+    assert (out_dir / "model_index.json").is_file() and (out_dir / "vae").is_dir()
+    assert (out_dir / "text_encoder").is_dir() and (out_dir / "scheduler").is_dir()
+    model = SanaTransformer.from_pretrained(out_dir, subfolder="transformer")
+    assert is_quantized(model) == "int8"
+    with torch.no_grad():
+        out = model(x, caption, torch.tensor([999.0, 10.0]))
+    assert cosine(out, ref) >= 0.99
+
+    # a transformer folder alone works too
+    assert main(["quantize", str(src / "transformer"), "--mode", "int8", "--out", str(tmp_path / "t"),
+                 "--device", "cpu"]) == 0
+    assert is_quantized(SanaTransformer.from_pretrained(tmp_path / "t")) == "int8"
+
+    # errors: one line, exit 2
+    capsys.readouterr()
+    assert main(["quantize", str(src), "--mode", "fp8", "--out", str(tmp_path / "f"), "--device", "cpu"]) == 2
+    assert "fp8" in capsys.readouterr().err
+    assert main(["quantize", str(src), "--mode", "int4", "--out", str(tmp_path / "f")]) == 2
+    assert "int8" in capsys.readouterr().err
+    assert main(["quantize", str(out_dir), "--mode", "int8", "--out", str(tmp_path / "qq"), "--device", "cpu"]) == 2
+    assert "already quantized" in capsys.readouterr().err
+    assert not (tmp_path / "f").exists() and not (tmp_path / "qq").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU
+# ----------------------------------------------------------------------------------------------
+
+
+def _gpu_model(dtype=torch.bfloat16):
+    # one 1600M-wide block pair: the real layer sizes, two layers to keep it quick
+    torch.manual_seed(0)
+    model = SanaTransformer(num_layers=2).to("cuda", dtype).eval()
+    g = torch.Generator(device="cuda").manual_seed(1)
+    x = torch.randn(2, 32, 32, 32, device="cuda", generator=g, dtype=dtype)
+    caption = torch.randn(2, 300, 2304, device="cuda", generator=g, dtype=dtype)
+    return model, (x, caption, torch.tensor([500.0, 500.0], device="cuda"), None)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["int8", "fp8"])
+def test_gpu_quantized_close_to_bf16(mode, tmp_path):
+    from sanaflow.quant import fp8_supported
+
+    if mode == "fp8" and not fp8_supported():
+        pytest.skip("no FP8 tensor cores on this GPU")
+    model, inputs = _gpu_model()
+    ref = run(model, inputs)
+    quantize_transformer(model, mode)
+    out = run(model, inputs)
+    assert cosine(out, ref) >= 0.99
+    compiled = torch.compile(model, fullgraph=True)
+    assert cosine(run(compiled, inputs), out) >= 0.999
+    save_quantized(model, tmp_path / "q")
+    loaded = SanaTransformer.from_pretrained(tmp_path / "q", torch_dtype=torch.bfloat16, device="cuda")
+    assert torch.equal(run(loaded, inputs), out)

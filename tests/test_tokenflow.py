@@ -1,0 +1,293 @@
+"""TokenFlow on tiny random SD-UNet and SANA backbones: attention, propagation, inversion cache, editing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from sanaflow.errors import ConfigError
+from sanaflow.tokenflow import (
+    EditSettings,
+    LatentCache,
+    Pass,
+    TokenFlowAttnProcessor,
+    TokenFlowState,
+    edit_latents,
+    load_backbone,
+    sample_plain,
+    tokenflow_hooks,
+)
+from sanaflow.tokenflow.attention import blend_weights
+from sanaflow.tokenflow.backbones import SanaAttentionOps, SDAttentionOps, _sana_processor_class
+from sanaflow.tokenflow.correspondence import FlowCorrespondence
+from sanaflow.tokenflow.editor import anchors_of, chunks
+from sanaflow.pipelines.video_edit import VideoEditPipeline
+
+
+def clip(t: int = 4, h: int = 16, w: int = 16, seed: int = 0) -> np.ndarray:
+    """A textured square moving right over a smooth background."""
+    rng = np.random.default_rng(seed)
+    tex = rng.integers(0, 255, (6, 6, 3), dtype=np.uint8)
+    frames = np.zeros((t, h, w, 3), np.uint8)
+    frames[..., 2] = np.linspace(30, 200, w, dtype=np.uint8)[None, None, :]
+    for i in range(t):
+        frames[i, 5:11, 1 + i : 7 + i] = tex
+    return frames
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # The tiny models' ops are far too small to gain from threads; contention only slows them down.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def sd_folder(tmp_path_factory):
+    from tokenflow_tiny import build_tiny_sd
+
+    return build_tiny_sd(tmp_path_factory.mktemp("sd") / "tiny-sd", controlnet=True)
+
+
+@pytest.fixture(scope="module")
+def sd(sd_folder):
+    return load_backbone(sd_folder)
+
+
+@pytest.fixture(scope="module")
+def sana(tmp_path_factory):
+    from tiny_sana import save_tiny_sana
+
+    return load_backbone(save_tiny_sana(tmp_path_factory.mktemp("sana") / "tiny-sana"))
+
+
+# --------------------------------------------------------------------------------------------
+# Extended attention and propagation against direct implementations
+# --------------------------------------------------------------------------------------------
+
+
+def _heads(t, h):
+    return t.unflatten(-1, (h, -1)).transpose(0, 1)  # (N, h*d) -> (h, N, d)
+
+
+def _direct_softmax(qs, ks, vs):
+    d = qs.shape[-1]
+    return torch.softmax(qs @ ks.transpose(-1, -2) / d**0.5, dim=-1) @ vs
+
+
+def _direct_linear(qs, ks, vs):
+    q, k = torch.relu(qs), torch.relu(ks)
+    # a query that ReLU zeroes gets 0 (the kernel's epsilon), not 0 / 0
+    return (q @ (k.transpose(-1, -2) @ vs)) / (q @ k.sum(dim=-2, keepdim=True).transpose(-1, -2) + 1e-15)
+
+
+def _direct_extended(attn, x, n, inject, kind):
+    """Attention written out token by token: edit frame j attends to the tokens of all n frames of its branch."""
+    h = attn.heads
+    q, k, v = attn.to_q(x), attn.to_k(x), attn.to_v(x)  # (3n, N, h*d)
+    if inject:
+        q = torch.cat([q[:n]] * 3)
+        k = torch.cat([k[:n]] * 3)
+    fn = _direct_softmax if kind == "softmax" else _direct_linear
+    outs = []
+    for b in range(3):
+        for j in range(n):
+            r = b * n + j
+            if b == 0:  # source branch: per frame
+                keys, values = _heads(k[r], h), _heads(v[r], h)
+            else:  # concatenate the branch's frames along the token axis
+                keys = torch.cat([_heads(k[b * n + f], h) for f in range(n)], dim=1)
+                values = torch.cat([_heads(v[b * n + f], h) for f in range(n)], dim=1)
+            o = fn(_heads(q[r], h), keys, values)  # (h, N, d)
+            outs.append(attn.to_out[0](o.transpose(0, 1).flatten(1)))
+    return torch.stack(outs)
+
+
+@pytest.mark.parametrize("inject", [False, True])
+@pytest.mark.parametrize("kind", ["softmax", "linear"])
+def test_extended_attention_equals_direct(kind, inject):
+    torch.manual_seed(0)
+    n, tokens, dim = 3, 5, 16
+    if kind == "softmax":
+        from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+        attn = Attention(query_dim=dim, heads=2, dim_head=8)
+        proc_cls, ops, original = TokenFlowAttnProcessor, SDAttentionOps(), AttnProcessor2_0()
+    else:
+        from sanaflow.models.sana_transformer import LinearSelfAttnProcessor, SanaSelfAttention
+
+        attn = SanaSelfAttention(dim, heads=2, head_dim=8, bias=False, qk_norm=None, dropout=0.0)
+        proc_cls, ops, original = _sana_processor_class(), SanaAttentionOps(), LinearSelfAttnProcessor()
+    state = TokenFlowState(mode=Pass.KEYFRAMES, frames=n, inject_attention=inject)
+    proc = proc_cls("site", state, ops, original, pnp=True)
+    x = torch.randn(3 * n, tokens, dim)
+    with torch.no_grad():
+        out = proc(attn, x, 1, tokens) if kind == "linear" else proc(attn, x)
+        expected = _direct_extended(attn, x, n, inject, kind)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(state.keyframe_inputs["site"], x[:n])
+    torch.testing.assert_close(state.keyframe_outputs["site"], out.unflatten(0, (3, n)))
+    # Plain mode hands over to the original processor.
+    state.mode = Pass.PLAIN
+    with torch.no_grad():
+        plain = proc(attn, x, 1, tokens) if kind == "linear" else proc(attn, x)
+        ref = original(attn, x, 1, tokens) if kind == "linear" else original(attn, x)
+    torch.testing.assert_close(plain, ref)
+
+
+@pytest.mark.parametrize("anchors", [[2, 1], [0]])
+def test_propagation_equals_direct(anchors):
+    torch.manual_seed(1)
+    k_frames, n, tokens, dim = 3, 4, 6, 8
+    state = TokenFlowState(mode=Pass.PROPAGATE, frames=n, anchors=anchors)
+    state.keyframe_inputs["s"] = torch.randn(k_frames, tokens, dim)
+    state.keyframe_outputs["s"] = torch.randn(3, k_frames, tokens, dim)
+    parts = chunks(12, n)
+    if len(anchors) == 2:
+        state.weights = blend_weights(torch.arange(8, 12), 10, 6)
+    proc = TokenFlowAttnProcessor("s", state, SDAttentionOps(), None, pnp=False)
+    x = torch.randn(3 * n, tokens, dim)
+    out = proc(None, x).unflatten(0, (3, n))  # attention module unused: nothing is computed
+
+    expected = torch.zeros(3, n, tokens, dim)
+    for f in range(n):
+        gathered = []
+        for a in anchors:
+            keys = state.keyframe_inputs["s"][a]
+            sims = torch.stack([torch.cosine_similarity(x[f, p][None], keys, dim=-1) for p in range(tokens)])
+            best = sims.argmax(dim=-1)  # (N,)
+            gathered.append(state.keyframe_outputs["s"][:, a, best])  # (3, N, D)
+        if len(anchors) == 1:
+            expected[:, f] = gathered[0]
+        else:
+            # TokenFlow's weight, distances to the chunk centres 10 (own chunk 8..11) and 6 (previous chunk)
+            d1, d2 = abs(8 + f - 10), abs(8 + f - 6)
+            w = 1 / (1 + np.exp(-d2 / (d1 + d2)))
+            expected[:, f] = w * gathered[0] + (1 - w) * gathered[1]
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-5)
+    # the editor's anchors for chunk 2 of 3: its own keyframe slot, then the previous chunk's
+    slots, weights = anchors_of(parts, 2)
+    assert slots == [2, 1]
+    torch.testing.assert_close(weights, state.weights if len(anchors) == 2 else blend_weights(torch.arange(8, 12), 10, 6))
+
+
+def test_flow_correspondence_follows_translation():
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 255, (64, 96, 3), dtype=np.uint8)
+    import cv2
+
+    base = cv2.GaussianBlur(base, (5, 5), 1.5)
+    frames = np.stack([base, np.roll(base, 4, axis=1)])  # frame 1 = frame 0 moved 4 px right
+    flow = FlowCorrespondence(frames)
+    index = flow.token_index(0, 1, tokens=16 * 24).view(16, 24)  # token grid at 1/4 scale: 1 token right
+    interior = index[3:-3, 3:-3]
+    cols = torch.arange(24).view(1, 24).expand(16, 24)[3:-3, 3:-3]
+    rows = torch.arange(16).view(16, 1).expand(16, 24)[3:-3, 3:-3]
+    assert ((interior == rows * 24 + cols + 1).float().mean()) > 0.8
+    assert torch.equal(flow.token_index(1, 1, 16 * 24), torch.arange(16 * 24))
+
+
+# --------------------------------------------------------------------------------------------
+# Scheduler, hooks, inversion cache
+# --------------------------------------------------------------------------------------------
+
+
+def test_ddim_move_matches_diffusers(sd):
+    from diffusers import DDIMScheduler
+
+    ref = DDIMScheduler.from_config(sd.scheduler.config)
+    ref.set_timesteps(4)
+    times = sd.timesteps(4)
+    assert times == [int(t) for t in ref.timesteps]
+    x, eps = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    for i, t in enumerate(times):
+        nxt = times[i + 1] if i + 1 < len(times) else None
+        torch.testing.assert_close(sd.move(x, eps, t, nxt), ref.step(eps, t, x).prev_sample, atol=1e-5, rtol=1e-5)
+
+
+def test_hooks_restore_processors(sd, sana):
+    for backbone in (sd, sana):
+        before = backbone.self_attention_processors()
+        with tokenflow_hooks(backbone, TokenFlowState()):
+            inside = backbone.self_attention_processors()
+            assert all(isinstance(p, TokenFlowAttnProcessor) for p in inside.values())
+        after = backbone.self_attention_processors()
+        assert all(after[k] is before[k] for k in before)
+    assert sd.pnp_attention_sites() == ["up_blocks.0.attentions.1.transformer_blocks.0.attn1"]
+    assert sana.pnp_attention_sites() == ["transformer_blocks.1.attn1"]
+
+
+def test_cache_round_trip_and_reuse(sd, tmp_path):
+    pipe = VideoEditPipeline(sd, cache_dir=tmp_path)
+    source = pipe.prepare(clip(t=3))
+    first = pipe.invert(source, "a square", steps=3, batch_size=2, progress=False)
+    assert not first.reused and (first.cache.folder / "manifest.json").is_file()
+    again = pipe.invert(source, "a square", steps=3, batch_size=2, progress=False)
+    assert again.reused and again.cache.folder == first.cache.folder
+    for i in range(3):
+        assert torch.equal(again.cache.latents(i), first.cache.latents(i))
+        assert again.cache.latents(i).shape == (3, 4, 8, 8)
+    assert not torch.equal(first.cache.latents(0), first.cache.clean())
+    reloaded = LatentCache(first.cache.folder)
+    assert reloaded.timesteps == sd.timesteps(3)
+    other = pipe.invert(source, "a circle", steps=3, batch_size=2, progress=False)
+    assert not other.reused and other.cache.folder != first.cache.folder
+    # batching over frames does not change the inversion
+    one = VideoEditPipeline(sd, cache_dir=tmp_path / "b1").invert(source, "a square", steps=3, batch_size=1,
+                                                                   progress=False)
+    torch.testing.assert_close(one.cache.latents(0), first.cache.latents(0), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ConfigError, match="holds 3 steps"):
+        edit_latents(sd, first.cache, EditSettings("x", steps=4))
+
+
+# --------------------------------------------------------------------------------------------
+# Editing
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("which", ["sd", "sana"])
+def test_single_frame_without_injection_equals_plain_sampling(which, sd, sana, tmp_path):
+    backbone = sd if which == "sd" else sana
+    pipe = VideoEditPipeline(backbone, cache_dir=tmp_path)
+    source = pipe.prepare(clip(t=1))
+    inv = pipe.invert(source, "a square", steps=3, progress=False)
+    settings = EditSettings("a red square", source_prompt="a square", steps=3, pnp_feature=0.0, pnp_attention=0.0)
+    edited = edit_latents(backbone, inv.cache, settings)
+    conds = backbone.embed([settings.negative_prompt, settings.prompt])
+    plain = sample_plain(backbone, inv.cache.latents(0), conds.take([1]), inv.cache.timesteps, 8,
+                         uncond=conds.take([0]), guidance_scale=settings.guidance_scale)
+    torch.testing.assert_close(edited, plain, atol=1e-4, rtol=1e-4)
+    # with injection on, the edit differs (the hooks do something)
+    injected = edit_latents(backbone, inv.cache, EditSettings("a red square", source_prompt="a square", steps=3))
+    assert (injected - plain).abs().max() > 1e-3
+
+
+def test_modes_run_and_keep_shape(sd, tmp_path):
+    pipe = VideoEditPipeline(sd, cache_dir=tmp_path)
+    frames = clip(t=5)
+    outs = {}
+    for mode, corr in [("tokenflow-pnp", "features"), ("tokenflow-pnp", "flow"), ("per-frame", "features"),
+                       ("tokenflow-sdedit", "features")]:
+        out = pipe(frames, "a red square", mode=mode, correspondence=corr, steps=2, batch_size=2, progress=False)
+        assert out.frames.shape == (5, 16, 16, 3) and out.frames.dtype == np.uint8
+        outs[(mode, corr)] = out.frames
+    assert not np.array_equal(outs[("tokenflow-pnp", "features")], outs[("per-frame", "features")])
+    offloaded = pipe(frames, "a red square", steps=2, batch_size=2, offload_keyframes=True, progress=False)
+    np.testing.assert_array_equal(offloaded.frames, outs[("tokenflow-pnp", "features")])
+    with pytest.raises(ConfigError, match="unknown mode"):
+        pipe(frames, "x", mode="tokenflow", steps=2, progress=False)
+
+
+def test_controlnet_at_zero_scale_changes_nothing(sd_folder, tmp_path):
+    backbone = load_backbone(sd_folder, controlnet=sd_folder / "controlnet")
+    pipe = VideoEditPipeline(backbone, cache_dir=tmp_path)
+    frames = clip(t=2)
+    kw = dict(steps=2, batch_size=2, progress=False)
+    plain = pipe(frames, "a red square", **kw).frames
+    zero = pipe(frames, "a red square", control_scale=0.0, **kw).frames
+    one = pipe(frames, "a red square", control_scale=1.0, **kw)
+    np.testing.assert_array_equal(plain, zero)
+    assert one.frames.shape == plain.shape

@@ -1,0 +1,121 @@
+"""Video I/O on procedurally generated clips."""
+
+from __future__ import annotations
+
+import subprocess
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sanaflow.errors import InputError
+from sanaflow.video import read_video, resize_crop, side_by_side, write_frames, write_video
+
+
+def moving_square(t: int = 12, h: int = 48, w: int = 64) -> np.ndarray:
+    """A bright square moving right over a gradient; frame i's background level encodes i."""
+    frames = np.zeros((t, h, w, 3), np.uint8)
+    for i in range(t):
+        frames[i, :, :, 0] = 20 * i  # red level = frame index, robust to compression
+        frames[i, :, :, 2] = np.linspace(0, 120, w, dtype=np.uint8)[None, :]
+        x = 2 + 3 * i
+        frames[i, 10:26, x : x + 16] = 255
+    return frames
+
+
+def test_mp4_round_trip_fps_and_content(tmp_path):
+    frames = moving_square()
+    out = write_video(tmp_path / "a.mp4", frames, fps=12)
+    assert out.is_file() and not list(tmp_path.glob(".*tmp"))
+    clip = read_video(out)
+    assert clip.frames.shape == frames.shape and clip.frames.dtype == np.uint8
+    assert clip.fps == pytest.approx(12)
+    err = np.abs(clip.frames.astype(float) - frames).mean()
+    assert err < 4.0, err
+
+
+def test_select_frames_start_stride(tmp_path):
+    frames = moving_square()
+    write_video(tmp_path / "a.mp4", frames, fps=12)
+    clip = read_video(tmp_path / "a.mp4", frames=3, start=2, stride=3)
+    assert clip.num_frames == 3
+    reds = clip.frames[:, 40, 60, 0].astype(int)  # background pixel: red = 20 * index
+    np.testing.assert_allclose(reds, [40, 100, 160], atol=6)
+    assert clip.fps == pytest.approx(4)
+    with pytest.raises(InputError, match="no frames"):
+        read_video(tmp_path / "a.mp4", start=100)
+
+
+def test_odd_sizes_are_padded_for_h264(tmp_path):
+    frames = moving_square(t=4, h=33, w=47)
+    clip = read_video(write_video(tmp_path / "odd.mp4", frames, fps=8))
+    assert clip.size == (34, 48)
+    assert np.abs(clip.frames[:, :33, :47].astype(float) - frames).mean() < 5
+
+
+def test_gif_and_frame_folder(tmp_path):
+    frames = moving_square(t=5)
+    clip = read_video(write_video(tmp_path / "a.gif", frames, fps=10))
+    assert clip.frames.shape == frames.shape
+    assert clip.fps == pytest.approx(10, rel=0.05)
+    folder = write_frames(tmp_path / "frames", frames)
+    assert len(list(folder.glob("*.png"))) == 5
+    back = read_video(folder, start=1, stride=2)
+    np.testing.assert_array_equal(back.frames, frames[1::2])  # PNG is lossless
+    assert write_video(tmp_path / "again", frames, fps=5).is_dir()
+
+
+def test_rotation_metadata_is_applied(tmp_path):
+    import imageio_ffmpeg
+
+    frames = moving_square(t=3, h=32, w=64)
+    write_video(tmp_path / "land.mp4", frames, fps=8)
+    rotated = tmp_path / "rot.mp4"
+    cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-loglevel", "error", "-display_rotation", "90",
+           "-i", str(tmp_path / "land.mp4"), "-c", "copy", str(rotated)]
+    subprocess.run(cmd, check=True)
+    clip = read_video(rotated)
+    assert clip.size == (64, 32)
+    # 90 degrees counter-clockwise: the top-left square of the source lands at the bottom-left.
+    expected = np.rot90(frames[0], k=1)
+    assert np.abs(clip.frames[0].astype(float) - expected).mean() < 5
+
+
+def test_max_side_downsizes_and_limit_refuses(tmp_path):
+    frames = moving_square(t=2, h=40, w=80)
+    write_frames(tmp_path / "f", frames)
+    clip = read_video(tmp_path / "f", max_side=40)
+    assert clip.size == (20, 40)
+    big = tmp_path / "big"
+    big.mkdir()
+    Image.fromarray(np.zeros((8, 4100, 3), np.uint8)).save(big / "0.png")
+    with pytest.raises(InputError, match="above the limit of 4096"):
+        read_video(big)
+
+
+def test_bad_inputs(tmp_path):
+    with pytest.raises(InputError, match="does not exist"):
+        read_video(tmp_path / "missing.mp4")
+    (tmp_path / "junk.mp4").write_bytes(b"not a video at all" * 10)
+    with pytest.raises(InputError, match="cannot read video"):
+        read_video(tmp_path / "junk.mp4")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="holds no images"):
+        read_video(tmp_path / "empty")
+    with pytest.raises(InputError, match="stride"):
+        read_video(tmp_path / "empty", stride=0)
+    with pytest.raises(InputError, match="use .mp4"):
+        write_video(tmp_path / "x.avi", moving_square(t=1), fps=5)
+
+
+def test_resize_crop_and_side_by_side():
+    frames = moving_square(t=2, h=50, w=70)
+    assert resize_crop(frames, 8).shape == (2, 48, 64, 3)
+    assert resize_crop(frames, 32, size=(64, 64)).shape == (2, 64, 64, 3)
+    assert resize_crop(frames, 8, size=100).shape == (2, 64, 96, 3)  # 71x100 -> crop to multiples
+    with pytest.raises(InputError, match="multiple of 32"):
+        resize_crop(frames, 32, size=(48, 64))
+    with pytest.raises(InputError, match="too small"):
+        resize_crop(frames[:, :20], 32)
+    sbs = side_by_side(frames, frames[:, ::2, ::2])
+    assert sbs.shape == (2, 50, 140, 3)

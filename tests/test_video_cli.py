@@ -1,0 +1,96 @@
+"""`sanaflow edit` / `sanaflow invert` end to end on a tiny random SD pipeline folder."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sanaflow.cli import main
+from sanaflow.video import read_video, write_video
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # The tiny models' ops are far too small to gain from threads; contention only slows them down.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def sd_folder(tmp_path_factory):
+    from tokenflow_tiny import build_tiny_sd
+
+    return build_tiny_sd(tmp_path_factory.mktemp("sd") / "tiny-sd", controlnet=True)
+
+
+@pytest.fixture(scope="module")
+def video(tmp_path_factory):
+    frames = np.zeros((8, 16, 24, 3), np.uint8)
+    frames[..., 1] = 60
+    for i in range(8):
+        frames[i, 4:12, 2 + i : 10 + i] = (230, 40, 40)
+    return write_video(tmp_path_factory.mktemp("clip") / "clip.mp4", frames, fps=8)
+
+
+def test_edit_end_to_end_and_cache_reuse(sd_folder, video, tmp_path, capsys):
+    out = tmp_path / "edit.mp4"
+    sbs = tmp_path / "sbs.mp4"
+    args = ["edit", str(video), "--prompt", "a blue square", "--model", str(sd_folder), "--steps", "2",
+            "--batch-size", "4", "--cache-dir", str(tmp_path / "cache"), "--out", str(out), "--quiet"]
+    assert main([*args, "--side-by-side", str(sbs), "--reconstruct"]) == 0
+    printed = capsys.readouterr().out
+    assert "cached inversion" in printed
+    edited = read_video(out)
+    assert edited.frames.shape == (8, 16, 24, 3)
+    assert edited.fps == pytest.approx(8)
+    assert read_video(sbs).frames.shape == (8, 16, 48, 3)
+    assert (tmp_path / "edit_reconstruction.mp4").is_file()
+    # second edit of the same video: the inversion comes from the cache
+    assert main([*args, "--mode", "per-frame", "--frames", "8"]) == 0
+    assert "reused inversion" in capsys.readouterr().out
+
+
+def test_edit_with_controlnet_and_flow(sd_folder, video, tmp_path):
+    out = tmp_path / "cn.gif"
+    rc = main(["edit", str(video), "--prompt", "a blue square", "--model", str(sd_folder), "--steps", "2",
+               "--frames", "4", "--stride", "2", "--controlnet", "canny", "--correspondence", "flow",
+               "--cache-dir", str(tmp_path / "cache"), "--out", str(out), "--quiet"])
+    assert rc == 0
+    assert read_video(out).num_frames == 4
+
+
+def test_invert_writes_reconstruction(sd_folder, video, tmp_path, capsys):
+    out = tmp_path / "recon.mp4"
+    rc = main(["invert", str(video), "--model", str(sd_folder), "--steps", "2", "--inversion-steps", "4",
+               "--cache-dir", str(tmp_path / "cache"), "--out", str(out), "--quiet"])
+    assert rc == 0 and read_video(out).num_frames == 8
+    assert "cached inversion" in capsys.readouterr().out
+
+
+def _one_line_error(capsys, argv, match):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("sanaflow: error:"), err
+    assert match in err, err
+
+
+def test_bad_inputs_exit_2_with_one_line(sd_folder, video, tmp_path, capsys):
+    base = ["--model", str(sd_folder), "--cache-dir", str(tmp_path / "c"), "--quiet"]
+    _one_line_error(capsys, ["edit", str(tmp_path / "missing.mp4"), "--prompt", "x", *base], "does not exist")
+    junk = tmp_path / "junk.mp4"
+    junk.write_bytes(b"\x00garbage" * 50)
+    _one_line_error(capsys, ["edit", str(junk), "--prompt", "x", *base], "cannot read video")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    _one_line_error(capsys, ["invert", str(empty), *base], "holds no images")
+    big = tmp_path / "big"
+    big.mkdir()
+    Image.fromarray(np.zeros((8, 4200, 3), np.uint8)).save(big / "f0.png")
+    _one_line_error(capsys, ["edit", str(big), "--prompt", "x", *base], "above the limit")
+    _one_line_error(capsys, ["edit", str(video), "--prompt", "x", "--model", str(tmp_path / "nomodel")],
+                    "nomodel")
+    _one_line_error(capsys, ["edit", str(video), "--prompt", "x", "--frames", "0", *base], "--frames")
