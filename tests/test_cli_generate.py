@@ -98,3 +98,21 @@ def test_unwritable_output_dir(model, tmp_path):
     r = _cli("generate", "a cat", "--model", str(model), "--out", str(blocker / "sub"), "--steps", "1")
     assert r.returncode == 2
     assert len(r.stderr.strip().splitlines()) == 1 and "output folder" in r.stderr
+
+
+def test_config_overrides_and_resolved_config(model, tmp_path):
+    import yaml
+
+    out = tmp_path / "out"
+    assert main(["generate", "a cat", "--model", str(model), "--size", "32x32", "--set", "sampling.steps=1",
+                 "--set", "sampling.seed=5", "--out", str(out), "--device", "cpu"]) == 0
+    resolved = yaml.safe_load((out / "config.yaml").read_text())
+    assert resolved["sampling"]["steps"] == 1 and resolved["sampling"]["seed"] == 5
+    assert resolved["prompts"] == ["a cat"] and resolved["width"] == 32
+    assert Image.open(next(out.glob("*.png"))).text["steps"] == "1"
+
+
+def test_misspelt_override_key(model, tmp_path):
+    r = _cli("generate", "a cat", "--model", str(model), "--set", "sampling.stpes=3", "--out", str(tmp_path / "o"))
+    assert r.returncode == 2
+    assert "stpes" in r.stderr and "steps" in r.stderr and len(r.stderr.strip().splitlines()) == 1

@@ -81,8 +81,10 @@ def _detector_accuracy(size: int, degrade: bool) -> tuple[float, Counter, list[s
 @pytest.mark.parametrize("size", [256, 512])
 def test_detector_exact_match(size, degrade, capsys):
     acc, errors, examples = _detector_accuracy(size, degrade)
-    report = (f"detector {size}px {'degraded' if degrade else 'clean'}: exact match {acc:.4f} on {N_DETECT}; "
-              f"errors by category {dict(errors) or 'none'}" + "".join(f"\n  {e}" for e in examples))
+    report = (
+        f"detector {size}px {'degraded' if degrade else 'clean'}: exact match {acc:.4f} on {N_DETECT}; "
+        f"errors by category {dict(errors) or 'none'}" + "".join(f"\n  {e}" for e in examples)
+    )
     with capsys.disabled():
         print("\n" + report)
     assert acc >= (0.95 if degrade else 0.99), report
@@ -90,15 +92,27 @@ def test_detector_exact_match(size, degrade, capsys):
 
 def test_detector_reads_attributes():
     scene = Scene(
-        objects=(ShapeObject("star", "green", "large", 0.3, 0.3, 10.0), ShapeObject("cross", "orange", "small", 0.75, 0.7, 30.0)),
-        background="black", category="two_object",
+        objects=(
+            ShapeObject("star", "green", "large", 0.3, 0.3, 10.0),
+            ShapeObject("cross", "orange", "small", 0.75, 0.7, 30.0),
+        ),
+        background="black",
+        category="two_object",
     )
     dets = sorted(detect(render(scene, 300)), key=lambda d: d.x)
-    assert [(d.shape, d.color, d.size) for d in dets] == [("star", "green", "large"), ("cross", "orange", "small")]
+    assert [(d.shape, d.color, d.size) for d in dets] == [
+        ("star", "green", "large"),
+        ("cross", "orange", "small"),
+    ]
     assert abs(dets[0].x - 0.3) < 0.01 and abs(dets[1].y - 0.7) < 0.01
     # Two different colours touching are still two objects.
-    touching = Scene(objects=(ShapeObject("square", "red", "large", 0.4, 0.5), ShapeObject("circle", "blue", "large", 0.62, 0.5)),
-                     category="two_object")
+    touching = Scene(
+        objects=(
+            ShapeObject("square", "red", "large", 0.4, 0.5),
+            ShapeObject("circle", "blue", "large", 0.62, 0.5),
+        ),
+        category="two_object",
+    )
     got = sorted((d.color, d.shape) for d in detect(render(touching, 256)))
     assert got == [("blue", "circle"), ("red", "square")]
     assert detect(np.full((64, 64, 3), 200, np.uint8)) == []
@@ -112,7 +126,11 @@ def test_score_checks_what_the_caption_asks():
         assert r["correct"], (p.caption, r)
 
     def first(category, **kw):
-        return next(p.scene for p in prompts if p.category == category and all(getattr(p.scene, k) == v for k, v in kw.items()))
+        return next(
+            p.scene
+            for p in prompts
+            if p.category == category and all(getattr(p.scene, k) == v for k, v in kw.items())
+        )
 
     def with_obj(scene, i, **changes):
         objs = list(scene.objects)
@@ -209,7 +227,10 @@ def test_video_ground_truth_flow_and_flicker_ranking():
     assert (video.visibility < 0.9).any(), "objects should occlude each other somewhere"
     assert warp_error(video.frames, video.flow, video.valid) < 1e-4
     # A wrong flow (zero) is far worse than the true one: the objects and the background move.
-    assert warp_error(video.frames, np.zeros_like(video.flow), video.valid) > 20 * warp_error(video.frames, video.flow, video.valid) + 1e-4
+    assert (
+        warp_error(video.frames, np.zeros_like(video.flow), video.valid)
+        > 20 * warp_error(video.frames, video.flow, video.valid) + 1e-4
+    )
     dis, dis_valid = dis_flow(video.frames)
     rng = np.random.default_rng(0)
     signs = rng.choice([-1.0, 1.0], size=(12, 1, 1, 3))
@@ -232,8 +253,13 @@ def test_video_save_load_and_edit_metrics(tmp_path):
     assert loaded.track == video.track and np.array_equal(loaded.labels, video.labels)
     assert np.abs(loaded.frames.astype(int) - video.frames).mean() < 3  # H.264, nearly lossless
     # A perfect colour edit: the same track with object 0 recoloured.
-    new_color = next(c for c in ("green", "pink", "cyan") if c not in {o["color"] for o in video.track["objects"]})
-    track = {**video.track, "objects": [dict(video.track["objects"][0], color=new_color), *video.track["objects"][1:]]}
+    new_color = next(
+        c for c in ("green", "pink", "cyan") if c not in {o["color"] for o in video.track["objects"]}
+    )
+    track = {
+        **video.track,
+        "objects": [dict(video.track["objects"][0], color=new_color), *video.track["objects"][1:]],
+    }
     edited = render_track(track).frames
     good = video_metrics(edited, loaded, {0: {"color": new_color}})
     assert good["edit_accuracy"] >= 0.9 and good["structure_iou"] > 0.85

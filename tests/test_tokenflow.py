@@ -233,6 +233,10 @@ def test_cache_round_trip_and_reuse(sd, tmp_path):
     assert not torch.equal(first.cache.latents(0), first.cache.clean())
     reloaded = LatentCache(first.cache.folder)
     assert reloaded.timesteps == sd.timesteps(3)
+    rec = pipe.invert(source, "a square", steps=3, batch_size=2, reconstruct=True, progress=False)
+    assert rec.reconstruction.shape == (3, 16, 16, 3) and rec.cache.reconstruction_path.is_file()
+    rec2 = pipe.invert(source, "a square", steps=3, batch_size=2, reconstruct=True, progress=False)
+    assert np.abs(rec2.reconstruction.astype(float) - rec.reconstruction).mean() < 8  # read back from the mp4
     other = pipe.invert(source, "a circle", steps=3, batch_size=2, progress=False)
     assert not other.reused and other.cache.folder != first.cache.folder
     # batching over frames does not change the inversion
@@ -279,6 +283,17 @@ def test_modes_run_and_keep_shape(sd, tmp_path):
     np.testing.assert_array_equal(offloaded.frames, outs[("tokenflow-pnp", "features")])
     with pytest.raises(ConfigError, match="unknown mode"):
         pipe(frames, "x", mode="tokenflow", steps=2, progress=False)
+
+
+def test_sana_edit_multi_chunk(sana, tmp_path):
+    pipe = VideoEditPipeline(sana, cache_dir=tmp_path)
+    frames = clip(t=5)
+    tf = pipe(frames, "a red square", steps=2, batch_size=2, progress=False)
+    flow = pipe(frames, "a red square", steps=2, batch_size=2, correspondence="flow", progress=False)
+    per_frame = pipe(frames, "a red square", steps=2, batch_size=2, mode="per-frame", progress=False)
+    assert tf.frames.shape == flow.frames.shape == per_frame.frames.shape == (5, 16, 16, 3)
+    assert tf.inversion.reused is False and flow.inversion.reused is True
+    assert not np.array_equal(tf.frames, per_frame.frames)
 
 
 def test_controlnet_at_zero_scale_changes_nothing(sd_folder, tmp_path):

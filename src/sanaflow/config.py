@@ -53,7 +53,7 @@ class SamplingConfig:
     guidance_scale: float = 4.5
     pag_scale: float = 0.0
     # Transformer blocks whose self-attention becomes identity on PAG's perturbed branch.
-    pag_layers: list[int] = field(default_factory=lambda: [8])
+    pag_layers: list[int] | None = None  # None: the middle block
     # None: the shift of the checkpoint's scheduler_config.json.
     flow_shift: float | None = None
     seed: int | None = None

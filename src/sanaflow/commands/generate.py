@@ -21,16 +21,19 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Generate images from text prompts (default model: the embedded shapes model).")
     p.add_argument("prompt", nargs="*", help="one or more prompts (quote each)")
     p.add_argument("--prompts-file", type=Path, help="a text file with one prompt per line")
+    p.add_argument("--config", default="generate", help="a generate YAML config (path or shipped name; default 'generate')")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set sampling.steps=30 (repeatable)")
     p.add_argument("--model", default=None, help="model folder, built-in name or hub repo id (default: embedded)")
-    p.add_argument("--negative", default="", help="negative prompt")
+    p.add_argument("--negative", default=None, help="negative prompt")
     p.add_argument("--size", default=None, help="WIDTHxHEIGHT, multiples of 32 (default: the model's native size)")
-    p.add_argument("--steps", type=int, default=20, help="sampling steps (default 20)")
-    p.add_argument("--cfg", type=float, default=4.5, help="classifier-free guidance scale (default 4.5)")
-    p.add_argument("--pag", type=float, default=0.0, help="perturbed-attention guidance scale (default 0)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the first image; image k uses seed+k (default 0)")
-    p.add_argument("-n", "--num-images", type=int, default=1, help="images per prompt (default 1)")
-    p.add_argument("--sampler", default="dpm++2m", help="dpm++2m (default) or euler")
-    p.add_argument("--out", type=Path, default=Path("outputs"), help="output folder (default ./outputs)")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default 20)")
+    p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (default 4.5)")
+    p.add_argument("--pag", type=float, default=None, help="perturbed-attention guidance scale (default 0)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the first image; image k uses seed+k (default: random)")
+    p.add_argument("-n", "--num-images", type=int, default=None, help="images per prompt (default 1)")
+    p.add_argument("--sampler", default=None, help="dpm++2m (default) or euler; Sprint models always use scm")
+    p.add_argument("--out", default=None, help="output folder (default ./outputs)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--batch-size", type=int, default=4, help="images per model call (default 4)")
@@ -56,9 +59,9 @@ def parse_size(text: str | None) -> tuple[int, int] | None:
     return w, h
 
 
-def read_prompts(args: argparse.Namespace) -> list[str]:
-    """Prompts from the command line and the prompts file; each must be non-empty."""
-    prompts = list(args.prompt)
+def read_prompts(args: argparse.Namespace, configured: list[str]) -> list[str]:
+    """Prompts from the command line, the prompts file and the config; each must be non-empty."""
+    prompts = list(args.prompt) + list(configured)
     if args.prompts_file is not None:
         try:
             lines = args.prompts_file.read_text(encoding="utf-8").splitlines()
@@ -71,6 +74,35 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
         if not p.strip():
             raise InputError("empty prompt; describe the image you want")
     return prompts
+
+
+# CLI flag -> dotted key of GenerateConfig (flags win over --config and --set).
+FLAG_KEYS = {"model": "model", "negative": "negative_prompt", "steps": "sampling.steps",
+             "cfg": "sampling.guidance_scale", "pag": "sampling.pag_scale", "seed": "sampling.seed",
+             "num_images": "num_images_per_prompt", "sampler": "sampling.sampler", "out": "output_dir",
+             "device": "device", "dtype": "dtype"}
+
+
+def resolve_config(args: argparse.Namespace):
+    """The GenerateConfig of this run: the YAML config, then --set overrides, then explicit flags."""
+    import yaml
+
+    from ..config import GenerateConfig, load_config
+
+    overrides = list(args.overrides)
+    for flag, key in FLAG_KEYS.items():
+        value = getattr(args, flag)
+        if value is not None:
+            overrides.append(f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}")
+    size = parse_size(args.size)
+    if size is not None:
+        overrides += [f"width={size[0]}", f"height={size[1]}"]
+    cfg = load_config(args.config, GenerateConfig, overrides)
+    if cfg.width is not None or cfg.height is not None:
+        from ..pipelines.resolution import check_size
+
+        check_size(cfg.height or cfg.width, cfg.width or cfg.height, 32, MAX_SIDE)
+    return cfg
 
 
 def check_writable(folder: Path) -> None:
@@ -105,55 +137,58 @@ def png_metadata(meta: dict[str, Any]):
 
 def run_generate(args: argparse.Namespace) -> int:
     """Generate images for every prompt and write PNGs (atomically) with their settings."""
+    import dataclasses
+    import random
+
     from tqdm import tqdm
 
     from .. import __version__, sampling
+    from ..config import dump_config
+    from ..errors import unknown_choice
     from ..pipelines import load_pipeline
-    from ..utils import atomic_path, atomic_write_text
+    from ..utils import atomic_path
 
     # Validate everything cheap before loading a model.
-    prompts = read_prompts(args)
-    size = parse_size(args.size)
-    if args.sampler not in sampling.SAMPLERS:
-        from ..errors import unknown_choice
+    cfg = resolve_config(args)
+    prompts = read_prompts(args, cfg.prompts)
+    sc = cfg.sampling
+    if sc.sampler not in sampling.SAMPLERS:
+        raise unknown_choice("sampler", sc.sampler, sampling.SAMPLERS)
+    if args.batch_size < 1:
+        raise InputError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if sc.steps > 1000:
+        raise InputError(f"steps {sc.steps} is above the limit of 1000")
+    out_dir = Path(cfg.output_dir)
+    check_writable(out_dir)
 
-        raise unknown_choice("sampler", args.sampler, [s for s in sampling.SAMPLERS if s != "scm"])
-    for name, v, lo in (("--steps", args.steps, 1), ("-n", args.num_images, 1), ("--batch-size", args.batch_size, 1)):
-        if v < lo:
-            raise InputError(f"{name} must be >= {lo}, got {v}")
-    if args.steps > 1000:
-        raise InputError(f"--steps {args.steps} is above the limit of 1000")
-    check_writable(args.out)
-
-    pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype)
-    width, height = size if size is not None else (pipe.native_size, pipe.native_size)
-
-    jobs = [(p, args.seed + k * args.num_images + j) for k, p in enumerate(prompts) for j in range(args.num_images)]
+    pipe = load_pipeline(cfg.model, device=cfg.device, dtype=cfg.dtype)
+    width = cfg.width or pipe.native_size
+    height = cfg.height or pipe.native_size
+    seed = sc.seed if sc.seed is not None else random.randrange(2**31 - 1)
+    n = cfg.num_images_per_prompt
+    jobs = [(p, seed + k * n + j) for k, p in enumerate(prompts) for j in range(n)]
+    sampler_name = "scm" if pipe.is_sprint else sc.sampler
     written = []
     bar = tqdm(total=len(jobs), desc="images", unit="img", file=sys.stderr, disable=None)
     for start in range(0, len(jobs), args.batch_size):
         chunk = jobs[start : start + args.batch_size]
-        out = pipe([p for p, _ in chunk], negative_prompt=args.negative, height=height, width=width,
-                   num_inference_steps=args.steps, guidance_scale=args.cfg, pag_scale=args.pag,
-                   seed=[s for _, s in chunk], sampler=args.sampler, output_type="pil")
+        out = pipe([p for p, _ in chunk], negative_prompt=cfg.negative_prompt, height=height, width=width,
+                   num_inference_steps=sc.steps, guidance_scale=sc.guidance_scale, pag_scale=sc.pag_scale,
+                   pag_layers=sc.pag_layers, flow_shift=sc.flow_shift, seed=[s for _, s in chunk],
+                   sampler=sampler_name, output_type="pil", use_resolution_binning=cfg.use_resolution_binning)
         for (p, s), img in zip(chunk, out.images):
-            meta = {"prompt": p, "negative_prompt": args.negative, "seed": s, "steps": args.steps,
-                    "guidance_scale": args.cfg, "pag_scale": args.pag, "sampler": args.sampler,
+            meta = {"prompt": p, "negative_prompt": cfg.negative_prompt, "seed": s, "steps": sc.steps,
+                    "guidance_scale": sc.guidance_scale, "pag_scale": sc.pag_scale, "sampler": sampler_name,
                     "model": pipe.name, "width": width, "height": height, "sanaflow_version": __version__}
-            path = args.out / f"{len(written):04d}-{slug(p)}-{s}.png"
+            path = out_dir / f"{len(written):04d}-{slug(p)}-{s}.png"
             with atomic_path(path) as tmp:
                 img.save(tmp, format="PNG", pnginfo=png_metadata(meta))
             written.append(path)
             bar.update(1)
     bar.close()
-    settings = {"model": pipe.name, "prompts": prompts, "negative_prompt": args.negative, "width": width,
-                "height": height, "steps": args.steps, "guidance_scale": args.cfg, "pag_scale": args.pag,
-                "seed": args.seed, "num_images": args.num_images, "sampler": args.sampler,
-                "device": str(pipe.device), "dtype": str(pipe.transformer.dtype).removeprefix("torch."),
-                "files": [p.name for p in written]}
-    import yaml
-
-    atomic_write_text(args.out / "config.yaml", yaml.safe_dump(settings, sort_keys=False))
+    resolved = dataclasses.replace(cfg, prompts=prompts, width=width, height=height, model=pipe.name,
+                                   sampling=dataclasses.replace(sc, seed=seed, sampler=sampler_name))
+    dump_config(resolved, out_dir / "config.yaml")
     for p in written:
         print(p)
     return 0

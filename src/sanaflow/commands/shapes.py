@@ -13,18 +13,28 @@ PROMPTS_FILE = "prompts.jsonl"
 
 def register(subparsers) -> None:
     """Add the `shapes` and `eval` subcommands."""
-    shapes = subparsers.add_parser("shapes", help="the procedural shapes world: sample captioned images and videos")
+    shapes = subparsers.add_parser(
+        "shapes", help="the procedural shapes world: sample captioned images and videos"
+    )
     shapes.set_defaults(func=lambda args: _usage(shapes))
     sub = shapes.add_subparsers(dest="shapes_command", metavar="ACTION")
 
-    p = sub.add_parser("sample", help="write N rendered scenes (PNG) and prompts.jsonl (captions + scene specs)")
+    p = sub.add_parser(
+        "sample", help="write N rendered scenes (PNG) and prompts.jsonl (captions + scene specs)"
+    )
     p.add_argument("--n", type=int, required=True, help="number of scenes")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--size", type=int, default=256, help="image side in pixels (default 256)")
     p.add_argument("--seed", type=int, default=0, help="seed of the stream (default 0)")
-    p.add_argument("--split", choices=("train", "eval"), default="train",
-                   help="train: the training stream; eval: the balanced evaluation prompts with held-out combinations")
-    p.add_argument("--prompts-only", action="store_true", help="write prompts.jsonl only (to generate images for it)")
+    p.add_argument(
+        "--split",
+        choices=("train", "eval"),
+        default="train",
+        help="train: the training stream; eval: the balanced evaluation prompts with held-out combinations",
+    )
+    p.add_argument(
+        "--prompts-only", action="store_true", help="write prompts.jsonl only (to generate images for it)"
+    )
     p.set_defaults(func=_sample)
 
     p = sub.add_parser("video", help="write a procedural video (mp4) and its scene track (JSON sidecar)")
@@ -37,7 +47,9 @@ def register(subparsers) -> None:
     p.add_argument("--fps", type=float, default=8.0)
     p.set_defaults(func=_video)
 
-    ev = subparsers.add_parser("eval", help="score generated images or edited videos with the shapes detector")
+    ev = subparsers.add_parser(
+        "eval", help="score generated images or edited videos with the shapes detector"
+    )
     ev.set_defaults(func=lambda args: _usage(ev))
     sub = ev.add_subparsers(dest="eval_command", metavar="WHAT")
     p = sub.add_parser("images", help="GenEval-style scores of the images listed in DIR/prompts.jsonl")
@@ -47,8 +59,13 @@ def register(subparsers) -> None:
     p = sub.add_parser("video", help="edit accuracy, structure IoU and warp errors of an edited shapes video")
     p.add_argument("edited", help="the edited video")
     p.add_argument("--source", required=True, help="the source video written by `sanaflow shapes video`")
-    p.add_argument("--edit", action="append", default=[], metavar="K:ATTR=VALUE[,ATTR=VALUE]",
-                   help="what the edit changed, e.g. 0:color=green or 1:shape=star (repeatable)")
+    p.add_argument(
+        "--edit",
+        action="append",
+        default=[],
+        metavar="K:ATTR=VALUE[,ATTR=VALUE]",
+        help="what the edit changed, e.g. 0:color=green or 1:shape=star (repeatable)",
+    )
     p.add_argument("--out", default=None, help="JSON report (default EDITED with suffix .metrics.json)")
     p.set_defaults(func=_eval_video)
 
@@ -59,8 +76,8 @@ def _usage(parser: argparse.ArgumentParser) -> int:
 
 
 def _sample(args) -> int:
-    from ..utils import atomic_path, atomic_write_text
     from ..shapes import ShapesDataset, eval_prompts, render
+    from ..utils import atomic_path, atomic_write_text
 
     if args.n < 1:
         raise InputError(f"--n must be at least 1, got {args.n}")
@@ -85,8 +102,17 @@ def _sample(args) -> int:
 
             with atomic_path(out / name) as tmp:
                 Image.fromarray(render(scene, args.size)).save(tmp, format="PNG")
-        lines.append(json.dumps({"file": name, "caption": scene.caption(), "category": scene.category,
-                                 "held_out": held, "scene": scene.to_dict()}))
+        lines.append(
+            json.dumps(
+                {
+                    "file": name,
+                    "caption": scene.caption(),
+                    "category": scene.category,
+                    "held_out": held,
+                    "scene": scene.to_dict(),
+                }
+            )
+        )
     atomic_write_text(out / PROMPTS_FILE, "\n".join(lines) + "\n")
     what = "prompts" if args.prompts_only else "images and prompts"
     print(f"wrote {len(rows)} {what} ({args.split} split, seed {args.seed}) to {out}")
@@ -115,8 +141,10 @@ def read_prompts(folder: str | Path) -> list[dict]:
         raise InputError(f"{str(folder)!r} is not a folder")
     path = folder / PROMPTS_FILE
     if not path.is_file():
-        raise InputError(f"no {PROMPTS_FILE} in {str(folder)!r}: write one with "
-                         f"`sanaflow shapes sample --split eval --prompts-only --n N --out {folder}`")
+        raise InputError(
+            f"no {PROMPTS_FILE} in {str(folder)!r}: write one with "
+            f"`sanaflow shapes sample --split eval --prompts-only --n N --out {folder}`"
+        )
     rows = []
     for no, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
@@ -167,7 +195,9 @@ def _eval_images(args) -> int:
             r = score(_load_image(folder / name), scene)
             results.append(r)
             held.append(held_out)
-            report.append({"file": name, "caption": row.get("caption", scene.caption()), "held_out": held_out, **r})
+            report.append(
+                {"file": name, "caption": row.get("caption", scene.caption()), "held_out": held_out, **r}
+            )
     summary = summarize(results, held)
     print(format_table(summary))
     out = Path(args.out) if args.out else folder / "shapes_scores.json"
@@ -204,7 +234,17 @@ def _eval_video(args) -> int:
     for key, value in metrics.items():
         print(f"{key:<24}{value if not isinstance(value, float) else f'{value:.6f}'}")
     out = Path(args.out) if args.out else Path(args.edited).with_suffix(".metrics.json")
-    atomic_write_text(out, json.dumps({"edited": str(args.edited), "source": str(args.source),
-                                       "edit": {str(k): v for k, v in edit.items()}, **metrics}, indent=1))
+    atomic_write_text(
+        out,
+        json.dumps(
+            {
+                "edited": str(args.edited),
+                "source": str(args.source),
+                "edit": {str(k): v for k, v in edit.items()},
+                **metrics,
+            },
+            indent=1,
+        ),
+    )
     print(f"wrote {out}")
     return 0

@@ -167,6 +167,7 @@ class TextToImagePipeline:
         callback: Callable[[dict], None] | None = None,
         use_resolution_binning: bool = True,
         pag_layers: Sequence[int] | None = None,
+        flow_shift: float | None = None,
         progress: bool = False,
     ) -> ImageOutput:
         """Generate images for `prompt` (a string or a list); see the class docstring for the steps."""
@@ -230,7 +231,7 @@ class TextToImagePipeline:
 
         # 4. Sampling
         x = self._sample(sample_fn, x, cond, uncond, num_inference_steps, guidance_scale, pag_scale,
-                         pag_layers, callback, progress, generators)
+                         pag_layers, callback, progress, generators, flow_shift)
 
         # 5. Decode and convert
         if output_type == "latent":
@@ -241,7 +242,7 @@ class TextToImagePipeline:
         return ImageOutput(to_output(images, output_type), seeds, batch_prompts)
 
     def _sample(self, sample_fn, x, cond, uncond, steps, guidance_scale, pag_scale, pag_layers, callback,
-                progress, generators):
+                progress, generators, flow_shift=None):
         from .. import sampling
 
         hidden, mask = cond
@@ -251,7 +252,7 @@ class TextToImagePipeline:
             uncond_args = {"encoder_hidden_states": uncond[0], "encoder_attention_mask": uncond[1]}
         if self.is_sprint:
             return self._sample_sprint(sample_fn, x, cond_args, steps, guidance_scale, callback, progress, generators)
-        schedule = sampling.schedule_from_scheduler_config(self.scheduler_config, steps)
+        schedule = sampling.schedule_from_scheduler_config(self.scheduler_config, steps, flow_shift)
         use_pag = pag_scale > 0
         pag_proc = PAGSelfAttnProcessor() if use_pag else None
         model = self._model_fn(schedule.timestep_of, pag_proc)

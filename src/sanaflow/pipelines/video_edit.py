@@ -28,7 +28,7 @@ from ..tokenflow.inversion import (
     sample_plain,
     video_hash,
 )
-from ..video import VideoClip, read_video, resize_crop
+from ..video import VideoClip, read_video, resize_crop, write_video
 
 DEFAULT_MAX_SIDE = 512  # frames above this are downsized unless a size is given (TokenFlow works at 512)
 
@@ -156,7 +156,12 @@ class VideoEditPipeline:
             cache = LatentCache.write(self.cache_dir, key, backbone.timesteps(steps), latents)
         recon = None
         if reconstruct:
-            recon = self.reconstruct(cache, source_prompt, batch_size, progress)
+            # The reconstruction is kept beside the latents, so a reused inversion does not resample it.
+            if cache.reconstruction_path.is_file():
+                recon = read_video(cache.reconstruction_path).frames
+            else:
+                recon = self.reconstruct(cache, source_prompt, batch_size, progress)
+                write_video(cache.reconstruction_path, recon, clip.fps)
         return InversionResult(cache, reused, recon)
 
     def reconstruct(self, cache: LatentCache, source_prompt: str = "", batch_size: int = 8,

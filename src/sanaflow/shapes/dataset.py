@@ -40,7 +40,9 @@ class ShapesDataset(IterableDataset):
         if world_size < 1 or not 0 <= rank < world_size:
             raise InputError(f"need 0 <= rank < world_size, got rank={rank} world_size={world_size}")
         if batch_size < 1 or start_index < 0 or seed < 0:
-            raise InputError(f"batch_size must be >= 1, start_index and seed >= 0; got {batch_size}, {start_index}, {seed}")
+            raise InputError(
+                f"batch_size must be >= 1, start_index and seed >= 0; got {batch_size}, {start_index}, {seed}"
+            )
         if num_samples is not None and num_samples < 0:
             raise InputError(f"num_samples must be >= 0, got {num_samples}")
         self.size = size
@@ -61,7 +63,9 @@ class ShapesDataset(IterableDataset):
 
     def scene_at(self, local_index: int) -> Scene:
         """The scene of this rank's `local_index`-th sample (no rendering)."""
-        return sample_scene(derive_seed(self.seed, SPLITS[self.split], self.global_index(local_index)), self.split)
+        return sample_scene(
+            derive_seed(self.seed, SPLITS[self.split], self.global_index(local_index)), self.split
+        )
 
     def local_indices(self, worker: int = 0, num_workers: int = 1) -> Iterator[int]:
         """The local indices worker `worker` of `num_workers` yields, in order (whole batches in turn)."""
@@ -69,20 +73,26 @@ class ShapesDataset(IterableDataset):
         b = self.batch_size
         i = self.start_index + worker * b
         while end is None or i < end:
-            for j in range(i, i + b if end is None else min(i + b, end)):
-                yield j
+            yield from range(i, i + b if end is None else min(i + b, end))
             i += num_workers * b
 
     def state_dict(self, consumed: int = 0) -> dict:
         """The position after this rank has consumed `consumed` more samples (resume with `load_state_dict`)."""
-        return {"seed": self.seed, "split": self.split, "world_size": self.world_size, "rank": self.rank,
-                "index": self.start_index + consumed}
+        return {
+            "seed": self.seed,
+            "split": self.split,
+            "world_size": self.world_size,
+            "rank": self.rank,
+            "index": self.start_index + consumed,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from a `state_dict()` position; seed, split and world size must match."""
         for key in ("seed", "split", "world_size", "rank"):
             if state.get(key) != getattr(self, key):
-                raise InputError(f"shapes stream state has {key}={state.get(key)!r}, this stream has {getattr(self, key)!r}")
+                raise InputError(
+                    f"shapes stream state has {key}={state.get(key)!r}, this stream has {getattr(self, key)!r}"
+                )
         self.start_index = int(state["index"])
 
     # -- iteration ----------------------------------------------------------------------------

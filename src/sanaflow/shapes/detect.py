@@ -74,7 +74,11 @@ class Detection:
 
     def matches(self, obj: ShapeObject, color: bool = True, size: bool = True) -> bool:
         """Same shape, and same colour / size where asked."""
-        return self.shape == obj.shape and (not color or self.color == obj.color) and (not size or self.size == obj.size)
+        return (
+            self.shape == obj.shape
+            and (not color or self.color == obj.color)
+            and (not size or self.size == obj.size)
+        )
 
 
 def _as_image(image) -> np.ndarray:
@@ -99,7 +103,14 @@ def segment(image) -> tuple[np.ndarray, list[Detection]]:
     img = _working(_as_image(image))
     h, w = img.shape[:2]
     lab8 = cv2.cvtColor(img, cv2.COLOR_RGB2Lab)  # (h, w, 3) uint8
-    border = np.concatenate([lab8[:2].reshape(-1, 3), lab8[-2:].reshape(-1, 3), lab8[:, :2].reshape(-1, 3), lab8[:, -2:].reshape(-1, 3)])
+    border = np.concatenate(
+        [
+            lab8[:2].reshape(-1, 3),
+            lab8[-2:].reshape(-1, 3),
+            lab8[:, :2].reshape(-1, 3),
+            lab8[:, -2:].reshape(-1, 3),
+        ]
+    )
     bg = np.median(border, axis=0)  # (3,)
     # Whole-image arithmetic through OpenCV: numpy reductions over a length-3 axis are slow.
     diff = cv2.absdiff(lab8, tuple(float(v) for v in bg) + (0.0,)).astype(np.float32)  # (h, w, 3)
@@ -152,7 +163,11 @@ def _split_by_color(mask: np.ndarray, lab8: np.ndarray, min_area: float):
     pix = _lab_float(lab8[inner > 0])  # (N, 3)
     classes = _nearest_palette(pix)
     counts = np.bincount(classes, minlength=len(PALETTE_NAMES))
-    strong = [c for c in np.argsort(-counts) if counts[c] >= SPLIT_FRACTION * len(classes) and counts[c] >= 0.3 * min_area]
+    strong = [
+        c
+        for c in np.argsort(-counts)
+        if counts[c] >= SPLIT_FRACTION * len(classes) and counts[c] >= 0.3 * min_area
+    ]
     if len(strong) <= 1:
         color = PALETTE_NAMES[int(_nearest_palette(np.median(pix, axis=0)[None])[0])]
         yield mask, color
@@ -206,7 +221,9 @@ def classify_shape(solidity: float, harmonics: np.ndarray) -> str:
     return "triangle" if harmonics[3] > harmonics[4] else "square"
 
 
-def _describe(mask: np.ndarray, color: str, area: float, xa: int, ya: int, w: int, h: int, side: int) -> Detection | None:
+def _describe(
+    mask: np.ndarray, color: str, area: float, xa: int, ya: int, w: int, h: int, side: int
+) -> Detection | None:
     feats = shape_features(mask)
     if feats is None:
         return None
@@ -266,13 +283,19 @@ def score(image, scene: Scene, detections: list[Detection] | None = None) -> dic
     elif cat in ("two_object", "color_attr"):
         ok = any(match(a, objs[0]) and match(b, objs[1]) for a, b in itertools.permutations(dets, 2))
         missing = [_name(o, color, size) for o in objs if not any(match(d, o) for d in dets)]
-        reason = "" if ok else (f"no {' and no '.join(missing)} found" if missing else "both found only as one object")
+        reason = (
+            ""
+            if ok
+            else (f"no {' and no '.join(missing)} found" if missing else "both found only as one object")
+        )
     elif cat == "counting":
         found = sum(match(d, objs[0]) for d in dets)
         ok = found == len(objs)
         reason = "" if ok else f"found {found} {_name(objs[0], color, size)}(s), expected {len(objs)}"
     elif cat == "position":
-        pairs = [(a, b) for a, b in itertools.permutations(dets, 2) if match(a, objs[0]) and match(b, objs[1])]
+        pairs = [
+            (a, b) for a, b in itertools.permutations(dets, 2) if match(a, objs[0]) and match(b, objs[1])
+        ]
         ok = any(relation_holds((a.x, a.y), (b.x, b.y), scene.relation) for a, b in pairs)
         if ok:
             reason = ""

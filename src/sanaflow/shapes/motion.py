@@ -24,7 +24,17 @@ from ..errors import InputError
 from ..utils import atomic_write_text
 from .detect import Detection, segment
 from .render import draw_object
-from .scene import BACKGROUNDS, EXTENT, HELD_OUT_PAIRS, PALETTE, SHAPES, SIZES, SPLITS, ShapeObject, derive_seed
+from .scene import (
+    BACKGROUNDS,
+    EXTENT,
+    HELD_OUT_PAIRS,
+    PALETTE,
+    SHAPES,
+    SIZES,
+    SPLITS,
+    ShapeObject,
+    derive_seed,
+)
 
 TRACK_FORMAT = "sanaflow-shapes-video"
 TRACK_VERSION = 1
@@ -86,8 +96,12 @@ def random_track(
         objects = _paths(rng, k, colors, frames, tau, ease)
         # Start apart: every object fully visible in frame 0, so the clip opens on a clean scene.
         radii = [SIZES[o["size"]] * EXTENT[o["shape"]] * o["scale"][0] for o in objects]
-        if all(math.hypot(a["x"][0] - b["x"][0], a["y"][0] - b["y"][0]) > radii[i] + radii[j] + 0.02
-               for i, a in enumerate(objects) for j, b in enumerate(objects) if i < j):
+        if all(
+            math.hypot(a["x"][0] - b["x"][0], a["y"][0] - b["y"][0]) > radii[i] + radii[j] + 0.02
+            for i, a in enumerate(objects)
+            for j, b in enumerate(objects)
+            if i < j
+        ):
             break
     background = rng.choice(list(BACKGROUNDS))
     texture = None
@@ -96,8 +110,12 @@ def random_track(
         v = np.array([rng.uniform(-3, 3), rng.uniform(-3, 3)])  # pixels per frame
         offsets = v[None] * np.arange(frames)[:, None]
         texture = [
-            {"amp": rng.uniform(3, 7), "kx": rng.uniform(-0.12, 0.12), "ky": rng.uniform(-0.12, 0.12),
-             "phase": rng.uniform(0, 2 * math.pi)}
+            {
+                "amp": rng.uniform(3, 7),
+                "kx": rng.uniform(-0.12, 0.12),
+                "ky": rng.uniform(-0.12, 0.12),
+                "phase": rng.uniform(0, 2 * math.pi),
+            }
             for _ in range(3)
         ]
     return {
@@ -114,7 +132,9 @@ def random_track(
     }
 
 
-def _paths(rng: random.Random, k: int, colors: list[str], frames: int, tau: np.ndarray, ease: np.ndarray) -> list[dict]:
+def _paths(
+    rng: random.Random, k: int, colors: list[str], frames: int, tau: np.ndarray, ease: np.ndarray
+) -> list[dict]:
     """Objects on eased straight paths with a little wobble, spin and breathing scale."""
     objects = []
     mid0 = None
@@ -164,7 +184,9 @@ def _check_track(track: dict) -> None:
     if not isinstance(track, dict) or track.get("format") != TRACK_FORMAT:
         raise InputError(f"not a shapes-video track (expected format {TRACK_FORMAT!r})")
     if track.get("version") != TRACK_VERSION:
-        raise InputError(f"shapes-video track version {track.get('version')!r} is not supported (need {TRACK_VERSION})")
+        raise InputError(
+            f"shapes-video track version {track.get('version')!r} is not supported (need {TRACK_VERSION})"
+        )
     t = track["frames"]
     for o in track["objects"]:
         ShapeObject(o["shape"], o["color"], o["size"], 0.5, 0.5)  # validates the names
@@ -248,8 +270,9 @@ def render_track(track: dict) -> ShapesVideo:
     return ShapesVideo(frames, labels, flow, valid, visibility, track, float(track["fps"]))
 
 
-def random_video(seed: int, frames: int = 16, size=256, num_objects: int | None = None, pan: bool = False,
-                 fps: float = 8.0) -> ShapesVideo:
+def random_video(
+    seed: int, frames: int = 16, size=256, num_objects: int | None = None, pan: bool = False, fps: float = 8.0
+) -> ShapesVideo:
     """A random procedural video with exact ground truth (see `random_track` and `render_track`)."""
     return render_track(random_track(seed, frames, size, num_objects, pan, fps))
 
@@ -289,8 +312,10 @@ def load_track(path: str | os.PathLike) -> dict:
     """Read and check the JSON sidecar of a saved shapes video."""
     side = sidecar_path(path)
     if not side.is_file():
-        raise InputError(f"no scene track {str(side)!r} beside {str(path)!r}: the source must be a video saved by "
-                         f"`sanaflow shapes video` (mp4 + JSON sidecar)")
+        raise InputError(
+            f"no scene track {str(side)!r} beside {str(path)!r}: the source must be a video saved by "
+            f"`sanaflow shapes video` (mp4 + JSON sidecar)"
+        )
     try:
         track = json.loads(side.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -307,7 +332,9 @@ def load_video(path: str | os.PathLike) -> ShapesVideo:
     clip = read_video(path)
     video = render_track(track)
     if clip.frames.shape != video.frames.shape:
-        raise InputError(f"video {str(path)!r} has frames {clip.frames.shape}, its track describes {video.frames.shape}")
+        raise InputError(
+            f"video {str(path)!r} has frames {clip.frames.shape}, its track describes {video.frames.shape}"
+        )
     video.frames = clip.frames
     return video
 
@@ -329,8 +356,13 @@ def warp_error(frames: np.ndarray, flow: np.ndarray, valid: np.ndarray) -> float
     ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
     total, count = 0.0, 0
     for i in range(t - 1):
-        nxt = cv2.remap(frames[i + 1], xs + flow[i, ..., 0], ys + flow[i, ..., 1], cv2.INTER_LINEAR,
-                        borderMode=cv2.BORDER_REPLICATE)  # (H, W, 3): frame t+1 seen from frame t
+        nxt = cv2.remap(
+            frames[i + 1],
+            xs + flow[i, ..., 0],
+            ys + flow[i, ..., 1],
+            cv2.INTER_LINEAR,
+            borderMode=cv2.BORDER_REPLICATE,
+        )  # (H, W, 3): frame t+1 seen from frame t
         diff = (nxt.astype(np.float32) - frames[i].astype(np.float32)) / 255.0  # (H, W, 3)
         m = valid[i]
         total += float((diff[m] ** 2).sum())
@@ -350,7 +382,9 @@ def dis_flow(frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     for i in range(t - 1):
         fw = dis.calc(gray[i], gray[i + 1], None)  # (H, W, 2)
         bw = dis.calc(gray[i + 1], gray[i], None)
-        bw_at = cv2.remap(bw, xs + fw[..., 0], ys + fw[..., 1], cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        bw_at = cv2.remap(
+            bw, xs + fw[..., 0], ys + fw[..., 1], cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE
+        )
         err = ((fw + bw_at) ** 2).sum(-1)
         mag = (fw**2).sum(-1) + (bw_at**2).sum(-1)
         tx, ty = xs + fw[..., 0], ys + fw[..., 1]
@@ -399,8 +433,9 @@ def _matching(dets: list[Detection], labels: np.ndarray, gt: np.ndarray) -> tupl
     return j, float(hits[j] / max(union, 1))
 
 
-def video_metrics(edited: np.ndarray, source: ShapesVideo, edit: dict | None = None,
-                  min_visible: float = 0.9) -> dict:
+def video_metrics(
+    edited: np.ndarray, source: ShapesVideo, edit: dict | None = None, min_visible: float = 0.9
+) -> dict:
     """Edit accuracy, structure preservation (mask IoU) and warp errors (ground-truth and DIS flow).
 
     edit_accuracy: fraction of frames in which every edited object (at least `min_visible` visible)
@@ -417,9 +452,13 @@ def video_metrics(edited: np.ndarray, source: ShapesVideo, edit: dict | None = N
     for t in range(T):
         labels, dets = segment(edited[t])
         lh, lw = labels.shape
-        gt_labels = source.labels[t] if (lh, lw) == (h, w) else cv2.resize(source.labels[t], (lw, lh), interpolation=cv2.INTER_NEAREST)
+        gt_labels = (
+            source.labels[t]
+            if (lh, lw) == (h, w)
+            else cv2.resize(source.labels[t], (lw, lh), interpolation=cv2.INTER_NEAREST)
+        )
         objs = source.track["objects"]
-        for k, o in enumerate(objs):
+        for k in range(len(objs)):
             if "shape" in edit.get(k, {}) or source.visibility[t, k] < 0.3:
                 continue
             ious.append(_matching(dets, labels, gt_labels == k + 1)[1])
@@ -433,8 +472,12 @@ def video_metrics(edited: np.ndarray, source: ShapesVideo, edit: dict | None = N
                 o = objs[k]
                 target = {"shape": o["shape"], "color": o["color"], **edit[k]}
                 radius = SIZES[o["size"]] * EXTENT[target["shape"]] * o["scale"][t]
-                ok &= any(d.shape == target["shape"] and d.color == target["color"]
-                          and math.hypot(d.x - o["x"][t], d.y - o["y"][t]) <= max(0.5 * radius, 0.03) for d in dets)
+                ok &= any(
+                    d.shape == target["shape"]
+                    and d.color == target["color"]
+                    and math.hypot(d.x - o["x"][t], d.y - o["y"][t]) <= max(0.5 * radius, 0.03)
+                    for d in dets
+                )
             correct += ok
     dis, dis_valid = dis_flow(source.frames)
     return {

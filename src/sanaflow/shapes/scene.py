@@ -36,7 +36,13 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {
     "black": (20, 20, 20),
 }
 SHAPES = ("circle", "square", "triangle", "star", "cross")
-PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles", "star": "stars", "cross": "crosses"}
+PLURALS = {
+    "circle": "circles",
+    "square": "squares",
+    "triangle": "triangles",
+    "star": "stars",
+    "cross": "crosses",
+}
 # Size = the object's scale s as a fraction of the image's shorter side; each shape's outline is
 # drawn at s times its unit outline (see render.UNIT_OUTLINES), whose areas are roughly equal.
 SIZES: dict[str, float] = {"small": 0.065, "medium": 0.095, "large": 0.13}
@@ -75,11 +81,32 @@ _REL_PHRASES = {
 # Caption templates per category; {a}, {b} are object phrases ("a small red star"), {n} a number
 # word, {things} a plural noun phrase, {rel} a relation phrase.
 TEMPLATES = {
-    "single_object": ("{a}", "a picture of {a}", "an image of {a}", "{a} on a plain background", "there is {a}"),
-    "two_object": ("{a} and {b}", "a picture of {a} and {b}", "{a} together with {b}", "an image with {a} and {b}"),
-    "counting": ("{n} {things}", "a picture of {n} {things}", "there are {n} {things}", "an image with {n} {things}"),
+    "single_object": (
+        "{a}",
+        "a picture of {a}",
+        "an image of {a}",
+        "{a} on a plain background",
+        "there is {a}",
+    ),
+    "two_object": (
+        "{a} and {b}",
+        "a picture of {a} and {b}",
+        "{a} together with {b}",
+        "an image with {a} and {b}",
+    ),
+    "counting": (
+        "{n} {things}",
+        "a picture of {n} {things}",
+        "there are {n} {things}",
+        "an image with {n} {things}",
+    ),
     "colors": ("{a}", "a picture of {a}", "an image of {a}", "there is {a}"),
-    "position": ("{a} {rel} {b}", "a picture of {a} {rel} {b}", "{a} is {rel} {b}", "an image with {a} {rel} {b}"),
+    "position": (
+        "{a} {rel} {b}",
+        "a picture of {a} {rel} {b}",
+        "{a} is {rel} {b}",
+        "an image with {a} {rel} {b}",
+    ),
     "color_attr": ("{a} and {b}", "a picture of {a} and {b}", "{a} next to {b}", "an image with {a} and {b}"),
 }
 
@@ -132,7 +159,9 @@ class Scene:
             _check_choice("relation", self.relation, RELATIONS)
         needs = {"single_object": 1, "colors": 1, "two_object": 2, "position": 2, "color_attr": 2}
         if self.category in needs and len(self.objects) != needs[self.category]:
-            raise InputError(f"a {self.category} scene has {needs[self.category]} objects, got {len(self.objects)}")
+            raise InputError(
+                f"a {self.category} scene has {needs[self.category]} objects, got {len(self.objects)}"
+            )
 
     # -- captions -----------------------------------------------------------------------------
 
@@ -145,10 +174,14 @@ class Scene:
         template = templates[self.template % len(templates)]
         if cat == "counting":
             first = objs[0]
-            adj = _adjectives(first, color and _all_same(objs, "color"), self.mention_size and _all_same(objs, "size"))
+            adj = _adjectives(
+                first, color and _all_same(objs, "color"), self.mention_size and _all_same(objs, "size")
+            )
             if len(objs) == 1:  # "there is a single star", not "there are one stars"
                 n_word = ("one", "a single", "exactly one")[self.template % 3]
-                return template.replace("there are", "there is").format(n=n_word, things=f"{adj}{first.shape}")
+                return template.replace("there are", "there is").format(
+                    n=n_word, things=f"{adj}{first.shape}"
+                )
             return template.format(n=_NUMBERS[len(objs)], things=f"{adj}{PLURALS[first.shape]}")
         a = _phrase(objs[0], color, self.mention_size)
         if cat in ("single_object", "colors"):
@@ -191,14 +224,26 @@ class Scene:
         """Build a scene from `to_dict` output, validating every name."""
         if not isinstance(d, dict) or "objects" not in d:
             raise InputError(f"a scene spec is a dict with an 'objects' list, got {str(d)[:80]!r}")
-        allowed = {"objects", "background", "category", "mention_color", "mention_size", "relation", "template"}
+        allowed = {
+            "objects",
+            "background",
+            "category",
+            "mention_color",
+            "mention_size",
+            "relation",
+            "template",
+        }
         unknown = set(d) - allowed
         if unknown:
             raise InputError(f"unknown scene key(s) {sorted(unknown)}; allowed: {', '.join(sorted(allowed))}")
         obj_keys = {"shape", "color", "size", "x", "y", "rotation"}
         objects = []
         for o in d["objects"]:
-            if not isinstance(o, dict) or set(o) - obj_keys or not {"shape", "color", "size", "x", "y"} <= set(o):
+            if (
+                not isinstance(o, dict)
+                or set(o) - obj_keys
+                or not {"shape", "color", "size", "x", "y"} <= set(o)
+            ):
                 raise InputError(f"an object spec has keys {sorted(obj_keys)} (rotation optional), got {o!r}")
             objects.append(ShapeObject(**o))
         return cls(**{**d, "objects": tuple(objects)})
@@ -237,10 +282,14 @@ def canonical_relation(a: str, relation: str, b: str) -> tuple[str, str, str]:
     return (a, relation, b)
 
 
-def relation_holds(a: tuple[float, float], b: tuple[float, float], relation: str, margin: float = 0.05) -> bool:
+def relation_holds(
+    a: tuple[float, float], b: tuple[float, float], relation: str, margin: float = 0.05
+) -> bool:
     """Whether centre `a` is `relation` centre `b` by at least `margin` (fractions of the image side)."""
     dx, dy = b[0] - a[0], b[1] - a[1]
-    return {"left of": dx > margin, "right of": -dx > margin, "above": dy > margin, "below": -dy > margin}[relation]
+    return {"left of": dx > margin, "right of": -dx > margin, "above": dy > margin, "below": -dy > margin}[
+        relation
+    ]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -292,12 +341,18 @@ def _place(rng: random.Random, specs: list[tuple[str, str, str]], relation: str 
                 x, y = rng.uniform(r + margin, 1 - r - margin), rng.uniform(r + margin, 1 - r - margin)
                 if relation is not None and i == 1:
                     ax, ay = centres[0]
-                    d = {"left of": (x - ax, y - ay), "right of": (ax - x, y - ay),
-                         "above": (y - ay, x - ax), "below": (ay - y, x - ax)}[relation]
+                    d = {
+                        "left of": (x - ax, y - ay),
+                        "right of": (ax - x, y - ay),
+                        "above": (y - ay, x - ax),
+                        "below": (ay - y, x - ax),
+                    }[relation]
                     along, across = d
                     if along < 0.2 or abs(across) > 0.5 * along:
                         continue
-                if all(math.hypot(x - cx, y - cy) > r + radii[j] + margin for j, (cx, cy) in enumerate(centres)):
+                if all(
+                    math.hypot(x - cx, y - cy) > r + radii[j] + margin for j, (cx, cy) in enumerate(centres)
+                ):
                     centres.append((x, y))
                     break
             else:
@@ -308,7 +363,9 @@ def _place(rng: random.Random, specs: list[tuple[str, str, str]], relation: str 
     return None
 
 
-def sample_scene(seed: int, split: str = "train", category: str | None = None, held_out: bool | None = None) -> Scene:
+def sample_scene(
+    seed: int, split: str = "train", category: str | None = None, held_out: bool | None = None
+) -> Scene:
     """Draw a scene deterministically from `seed` in `split` ("train" | "eval").
 
     `category` fixes the prompt category (default: drawn from the seed). In the eval split,
@@ -321,20 +378,26 @@ def sample_scene(seed: int, split: str = "train", category: str | None = None, h
     elif category not in CATEGORIES:
         raise unknown_choice("category", category, CATEGORIES)
     if held_out and (split == "train" or category not in ("colors", "color_attr", "position")):
-        raise InputError(f"held-out prompts exist only in the eval split for colors, color_attr and position; "
-                         f"got split={split!r} category={category!r}")
+        raise InputError(
+            f"held-out prompts exist only in the eval split for colors, color_attr and position; "
+            f"got split={split!r} category={category!r}"
+        )
     for _ in range(200):
         scene = _draw(rng, split, category, held_out)
         if scene is not None and (held_out is None or scene.is_held_out() == held_out):
             return scene
-    raise RuntimeError(f"could not sample a {category} scene (seed {seed}, held_out={held_out})")  # pragma: no cover
+    raise RuntimeError(
+        f"could not sample a {category} scene (seed {seed}, held_out={held_out})"
+    )  # pragma: no cover
 
 
 def _draw(rng: random.Random, split: str, category: str, held_out: bool | None) -> Scene | None:
     size = lambda: rng.choice(list(SIZES))  # noqa: E731
     mention_color = rng.random() < 0.5
     if split == "eval":  # GenEval conventions: colours are named only where the category tests them
-        mention_color = {"single_object": False, "two_object": False, "counting": False}.get(category, mention_color)
+        mention_color = {"single_object": False, "two_object": False, "counting": False}.get(
+            category, mention_color
+        )
     mention_size = split == "train" and rng.random() < 0.3
     relation = None
     if category in ("single_object", "colors"):
@@ -351,7 +414,11 @@ def _draw(rng: random.Random, split: str, category: str, held_out: bool | None) 
             if held_out and rng.random() < 0.5:
                 a, rel, b = rng.choice(sorted(HELD_OUT_RELATIONS))
                 # State it in either direction: (a left of b) or (b right of a).
-                s1, relation, s2 = (a, rel, b) if rng.random() < 0.5 else (b, {"left of": "right of", "above": "below"}[rel], a)
+                s1, relation, s2 = (
+                    (a, rel, b)
+                    if rng.random() < 0.5
+                    else (b, {"left of": "right of", "above": "below"}[rel], a)
+                )
             elif held_out:
                 mention_color = True
         if held_out and category == "color_attr":
@@ -365,7 +432,11 @@ def _draw(rng: random.Random, split: str, category: str, held_out: bool | None) 
         if rng.random() < 0.5 and category != "position":  # the held-out pair need not come first
             s1, c1, s2, c2 = s2, c2, s1, c1
         specs = [(s1, c1, size()), (s2, c2, size())]
-        if split == "train" and category == "position" and canonical_relation(s1, relation, s2) in HELD_OUT_RELATIONS:
+        if (
+            split == "train"
+            and category == "position"
+            and canonical_relation(s1, relation, s2) in HELD_OUT_RELATIONS
+        ):
             return None
     else:  # counting
         n = rng.randint(1, MAX_OBJECTS)
@@ -381,7 +452,8 @@ def _draw(rng: random.Random, split: str, category: str, held_out: bool | None) 
     if centres is None:
         return None
     objects = tuple(
-        ShapeObject(sh, c, s, round(x, 4), round(y, 4), _rotation(rng, sh)) for (sh, c, s), (x, y) in zip(specs, centres)
+        ShapeObject(sh, c, s, round(x, 4), round(y, 4), _rotation(rng, sh))
+        for (sh, c, s), (x, y) in zip(specs, centres)
     )
     return Scene(
         objects=objects,

@@ -199,3 +199,28 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
+
+
+def sweep(transformer: str, vae: str, text_encoder: str, n: int = 120, shifts=(3.0,), guidances=(4.5,),
+          steps: int = 20, text_max_length: int = 32, device: str | None = None) -> list[dict[str, Any]]:
+    """Shapes score of loose parts (no model_index.json) over flow shifts and guidance scales."""
+    from ..models import DCAE, SanaTransformer
+    from ..models.text_encoders import SentenceTextEncoder
+    from ..shapes.detect import summarize
+    from ..shapes.scene import eval_prompts
+    from .export import _model_folder
+
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    net = SanaTransformer.from_pretrained(_model_folder(Path(transformer)), device=dev)
+    ae = DCAE.from_pretrained(_model_folder(Path(vae)), device=dev)
+    te = SentenceTextEncoder.from_pretrained(text_encoder, max_length=text_max_length, device=dev)
+    prompts = eval_prompts(n, seed=0)
+    rows = []
+    for shift in shifts:
+        for g in guidances:
+            pipe = make_pipeline(net, ae, te, shift, dev)
+            _, results = generate_and_score(pipe, prompts, steps, g, batch=60, size=256)
+            s = summarize(results, [r["held_out"] for r in results])
+            rows.append({"flow_shift": shift, "guidance": g, **summary_scalars(s)})
+            print(json.dumps(rows[-1]), flush=True)
+    return rows

@@ -134,3 +134,19 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
 
+
+
+def export_checkpoint(checkpoint: str | Path, out: str | Path, dtype: str = "float16") -> Path:
+    """Copy a checkpoint's model/ and ema/ (weights in `dtype`) to `out`, a folder model.init_from accepts."""
+    from ..models import DCAE, SanaTransformer
+
+    classes = {"SanaTransformer2DModel": SanaTransformer, "AutoencoderDC": DCAE}
+    src = Path(checkpoint)
+    out = Path(out)
+    for sub in ("model", "ema"):
+        config = json.loads((src / sub / "config.json").read_text())
+        cls = classes[config["_class_name"]]
+        net = cls.from_pretrained(src / sub, torch_dtype=DTYPES[dtype])
+        with atomic_path(out / sub) as tmp:
+            net.save_pretrained(tmp)
+    return out

@@ -34,11 +34,19 @@ def build_text_encoder(cfg: TrainConfig, device: torch.device | str | None = Non
                                                device=device)
 
 
-def _init_weights(net, folder: str) -> None:
+def _init_weights(net, folder: str) -> dict[str, torch.Tensor] | None:
+    """Load `folder` into `net`: a model folder, or a checkpoint (model/ + ema/); return the EMA weights if any."""
     from ..hub import find_weight_files, load_state_dict_files, resolve_model_path
 
     path = resolve_model_path(folder)
+    if (path / "model").is_dir():
+        net.load_weights(load_state_dict_files(find_weight_files(path / "model")), dtype=torch.float32,
+                         source=str(path / "model"))
+        if (path / "ema").is_dir():
+            return load_state_dict_files(find_weight_files(path / "ema"))
+        return None
     net.load_weights(load_state_dict_files(find_weight_files(path)), dtype=torch.float32, source=str(path))
+    return None
 
 
 def _source(cfg: TrainConfig, multiple: int):
@@ -151,8 +159,7 @@ def build_t2i(cfg: TrainConfig) -> Task:
     from ..models import DCAE, SanaTransformer
 
     net = SanaTransformer.from_config(cfg.model.transformer, source="model.transformer")
-    if cfg.model.init_from:
-        _init_weights(net, cfg.model.init_from)
+    init_ema = _init_weights(net, cfg.model.init_from) if cfg.model.init_from else None
     if cfg.model.vae_path:
         vae = DCAE.from_pretrained(cfg.model.vae_path)
     else:
@@ -181,7 +188,7 @@ def build_t2i(cfg: TrainConfig) -> Task:
     evaluate_fn = evaluate if cfg.data.source == "shapes" else None
     fingerprint = {"task": "t2i", "transformer": net.config.to_dict(), "caption_channels": text_encoder.hidden_size}
     return Task(loss=loss, source=source, prepare=prepare, fingerprint=fingerprint, evaluate=evaluate_fn,
-                extras={"vae": vae, "text_encoder": text_encoder})
+                init_ema=init_ema, extras={"vae": vae, "text_encoder": text_encoder})
 
 
 def build_dcae(cfg: TrainConfig) -> Task:
@@ -189,8 +196,7 @@ def build_dcae(cfg: TrainConfig) -> Task:
     from ..models import DCAE
 
     net = DCAE.from_config(cfg.model.vae, source="model.vae")
-    if cfg.model.init_from:
-        _init_weights(net, cfg.model.init_from)
+    init_ema = _init_weights(net, cfg.model.init_from) if cfg.model.init_from else None
     d = cfg.dcae
     loss = DCAELoss(net, l1=d.l1, l2=d.l2, freq=d.freq, adv=d.adv, adv_start=d.adv_start, latent_noise=d.latent_noise)
     source = _source(cfg, net.spatial_compression_ratio)
@@ -205,7 +211,7 @@ def build_dcae(cfg: TrainConfig) -> Task:
 
     evaluate_fn = evaluate if cfg.data.source == "shapes" else None
     return Task(loss=loss, source=source, prepare=prepare, fingerprint={"task": "dcae", "vae": net.config.to_dict()},
-                evaluate=evaluate_fn)
+                evaluate=evaluate_fn, init_ema=init_ema)
 
 
 def build_task(cfg: TrainConfig) -> Task:

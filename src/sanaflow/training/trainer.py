@@ -46,6 +46,7 @@ class Task:
     prepare: Callable[[dict, torch.device], dict]  # raw loader batch -> loss batch (frozen encoders)
     fingerprint: dict[str, Any]  # what must match for a checkpoint to be resumable
     evaluate: Callable[[nn.Module, int, Path], dict[str, float]] | None = None
+    init_ema: dict[str, torch.Tensor] | None = None  # EMA weights to start from (model.init_from checkpoint)
     extras: dict[str, Any] = field(default_factory=dict)
 
 
@@ -261,6 +262,8 @@ class Trainer:
         if cfg.train.gradient_checkpointing:
             net.enable_gradient_checkpointing()
         ema = EMA(net, cfg.train.ema_decay)
+        if loaded is None and task.init_ema is not None:
+            ema.model.load_weights(task.init_ema, dtype=torch.float32, source=str(cfg.model.init_from))
         if loaded is not None:
             ema.model.load_weights(loaded["ema"], dtype=torch.float32, source=str(ckpt_path / "ema"))
             if loaded["extra"]:

@@ -1,0 +1,102 @@
+"""`sanaflow shapes ...` and `sanaflow eval ...`: outputs, and one-line errors with exit status 2."""
+
+import json
+
+import numpy as np
+from PIL import Image
+
+from sanaflow.cli import main
+
+
+def _one_line_error(capsys, argv, *needles):
+    try:
+        status = main(argv)
+    except SystemExit as e:  # argparse usage errors exit from inside parse_args
+        status = e.code
+    assert status == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    for needle in needles:
+        assert needle in err, err
+    return err
+
+
+def test_sample_then_eval_images(tmp_path, capsys):
+    out = tmp_path / "eval"
+    assert main(["shapes", "sample", "--n", "18", "--out", str(out), "--split", "eval", "--size", "128"]) == 0
+    rows = [json.loads(line) for line in (out / "prompts.jsonl").read_text().splitlines()]
+    assert len(rows) == 18 and all((out / r["file"]).is_file() for r in rows)
+    assert {r["category"] for r in rows} == {
+        "single_object",
+        "two_object",
+        "counting",
+        "colors",
+        "position",
+        "color_attr",
+    }
+    assert any(r["held_out"] for r in rows)
+    capsys.readouterr()
+    assert main(["eval", "images", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "overall" in table and "held_out" in table
+    report = json.loads((out / "shapes_scores.json").read_text())
+    assert report["summary"]["overall"] == 1.0 and len(report["results"]) == 18
+    # A wrong image for one prompt costs exactly that prompt.
+    first = rows[3]  # colors
+    Image.fromarray(np.full((128, 128, 3), 245, np.uint8)).save(out / first["file"])
+    assert main(["eval", "images", str(out), "--out", str(tmp_path / "s.json")]) == 0
+    report = json.loads((tmp_path / "s.json").read_text())
+    assert report["summary"]["per_prompt"] == 17 / 18
+    assert not report["results"][3]["correct"] and "found" in report["results"][3]["reason"]
+
+
+def test_prompts_only_and_train_split(tmp_path):
+    assert main(["shapes", "sample", "--n", "5", "--out", str(tmp_path / "p"), "--prompts-only"]) == 0
+    assert sorted(p.name for p in (tmp_path / "p").iterdir()) == ["prompts.jsonl"]
+    rows = [json.loads(line) for line in (tmp_path / "p" / "prompts.jsonl").read_text().splitlines()]
+    assert len(rows) == 5 and not any(r["held_out"] for r in rows)
+
+
+def test_video_then_eval_video(tmp_path, capsys):
+    src = tmp_path / "src.mp4"
+    assert main(["shapes", "video", "--out", str(src), "--seed", "2", "--frames", "6", "--size", "96"]) == 0
+    assert (tmp_path / "src.json").is_file()
+    assert main(["eval", "video", str(src), "--source", str(src), "--edit", "0:shape=star"]) == 0
+    metrics = json.loads((tmp_path / "src.metrics.json").read_text())
+    assert metrics["source_warp_error_gt"] < 1e-3 and metrics["frames"] == 6
+    assert metrics["edit"] == {"0": {"shape": "star"}}
+
+
+def test_bad_input_one_line_exit_2(tmp_path, capsys):
+    empty = tmp_path / "images"
+    empty.mkdir()
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(empty / "a.png")
+    _one_line_error(capsys, ["eval", "images", str(empty)], "no prompts.jsonl")
+
+    bad = tmp_path / "bad"
+    assert main(["shapes", "sample", "--n", "2", "--out", str(bad), "--split", "eval", "--size", "64"]) == 0
+    capsys.readouterr()
+    rows = (bad / "prompts.jsonl").read_text().splitlines()
+    row = json.loads(rows[1])
+    row["scene"]["objects"][0]["color"] = "grene"
+    (bad / "prompts.jsonl").write_text(rows[0] + "\n" + json.dumps(row) + "\n")
+    _one_line_error(
+        capsys, ["eval", "images", str(bad)], "unknown colour 'grene'", "did you mean 'green'", ":2:"
+    )
+
+    junk = tmp_path / "junk.mp4"
+    junk.write_bytes(b"this is not a video" * 10)
+    src = tmp_path / "src.mp4"
+    assert main(["shapes", "video", "--out", str(src), "--frames", "3", "--size", "64"]) == 0
+    capsys.readouterr()
+    _one_line_error(capsys, ["eval", "video", str(junk), "--source", str(src)], "junk.mp4")
+    _one_line_error(capsys, ["eval", "video", str(src), "--source", str(junk)], "no scene track")
+    _one_line_error(
+        capsys, ["eval", "video", str(src), "--source", str(src), "--edit", "0:colour=red"], "--edit"
+    )
+    _one_line_error(capsys, ["shapes", "sample", "--n", "0", "--out", str(tmp_path / "x")], "--n")
+    _one_line_error(
+        capsys,
+        ["shapes", "sample", "--n", "2", "--out", str(tmp_path / "x"), "--split", "test"],
+        "invalid choice",
+    )
