@@ -29,6 +29,13 @@ def _rate(fn, seconds: float) -> float:
     return n / (time.perf_counter() - start)
 
 
+def _sample_render(i: int, size: int):
+    from sanaflow.shapes import render, sample_scene
+
+    scene = sample_scene(i)
+    return render(scene, size), scene.caption()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=3.0)
@@ -40,15 +47,17 @@ def main() -> None:
 
     scenes = [sample_scene(i) for i in range(2000)]
     images = {s: [render(scenes[i], s) for i in range(200)] for s in (256, 512)}
-    ds = ShapesDataset(size=256)
-    stream = iter(ds)
+    stream = iter(ShapesDataset(size=256))
+    stream_u8 = iter(ShapesDataset(size=256, uint8=True))
     results = {
         "sample_scene+caption per s": _rate(lambda i: sample_scene(i).caption(), args.seconds),
-        "sample+caption+render 256px per s": _rate(lambda i: render(sample_scene(i), 256) is not None and sample_scene(i).caption(), args.seconds),
+        "sample+caption+render 256px per s": _rate(lambda i: _sample_render(i, 256), args.seconds),
         "render 256px per s": _rate(lambda i: render(scenes[i % 2000], 256), args.seconds),
         "render 512px per s": _rate(lambda i: render(scenes[i % 2000], 512), args.seconds),
-        "render_batch(64) 256px images per s": 64 * _rate(lambda i: render_batch(scenes[(i % 30) * 64 : (i % 30) * 64 + 64], 256), args.seconds),
+        "render_batch(64) 256px images per s": 64
+        * _rate(lambda i: render_batch(scenes[(i % 30) * 64 : (i % 30) * 64 + 64], 256), args.seconds),
         "ShapesDataset 256px (tensor + caption) per s": _rate(lambda i: next(stream), args.seconds),
+        "ShapesDataset 256px uint8 per s": _rate(lambda i: next(stream_u8), args.seconds),
         "detect 256px per s": _rate(lambda i: detect(images[256][i % 200]), args.seconds),
         "detect 512px per s": _rate(lambda i: detect(images[512][i % 200]), args.seconds),
     }
@@ -57,8 +66,16 @@ def main() -> None:
     if args.out:
         from sanaflow.utils import atomic_write_text
 
-        meta = {"cpu": platform.processor() or platform.machine(), "cores_visible": os.cpu_count(), "threads": 1}
-        atomic_write_text(args.out, json.dumps({"meta": meta, "results": {k: round(v) for k, v in results.items()}}, indent=1))
+        meta = {
+            "cpu": platform.processor() or platform.machine(),
+            "cores_visible": os.cpu_count(),
+            "threads": 1,
+            "load_average_1min": round(os.getloadavg()[0], 2),  # other jobs on the machine slow every number
+        }
+        atomic_write_text(
+            args.out,
+            json.dumps({"meta": meta, "results": {k: round(v) for k, v in results.items()}}, indent=1),
+        )
 
 
 if __name__ == "__main__":

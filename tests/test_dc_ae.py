@@ -9,7 +9,7 @@ import torch
 
 from sanaflow.errors import ConfigError, SanaflowError
 from sanaflow.models import DCAE
-from sanaflow.models.dc_ae import run_tiled, tile_starts, tile_weights
+from sanaflow.models.dc_ae import AUTO_TILE_PIXELS, run_tiled, tile_starts, tile_weights
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -152,3 +152,86 @@ def test_bad_inputs(saved):
         DCAE(encoder_block_types="ResNet")
     with pytest.raises(ConfigError, match="one per stage"):
         DCAE(decoder_norm_types=("rms_norm",) * 3)
+
+
+# Tiling. tiled_decode / tiled_encode run the attention stages on the whole (small) map and the
+# conv-only stages in tiles whose overlap covers their receptive field, so by default tiled and
+# untiled agree to float rounding: stated tolerance 1e-4 (max abs, images in about [-1, 1],
+# latents of std ~10), on maps of several tiles in each direction.
+TILE_TOL = 1e-4
+
+
+@pytest.mark.parametrize("layout", ["sana", "mixed"])
+def test_tiled_decode_and_encode_match_untiled(saved, layout):
+    ours = DCAE.from_pretrained(saved[layout][1])
+    f = ours.spatial_compression_ratio
+    h, w = (384, 320) if f == 32 else (256, 192)
+    tile = 256 if f == 32 else 128  # 2 x 2 tiles (f32), 3 x 2 tiles (f8)
+    z = torch.randn(1, 8, h // f, w // f)
+    x = torch.rand(1, 3, h, w) * 2 - 1
+    with torch.no_grad():
+        full = ours.decode(z, tiling=False)
+        # chunk=160: the whole-map attention stages also run in strips of a few rows (two-pass attention)
+        tiled = ours.tiled_decode(z, tile=tile, tile_batch=4, chunk=160)
+        assert tiled.shape == full.shape == (1, 3, h, w)
+        assert (tiled - full).abs().max().item() <= TILE_TOL
+        lat = ours.encode(x, tiling=False)
+        lat_tiled = ours.tiled_encode(x, tile=tile, tile_batch=3, chunk=160)
+        assert (lat_tiled - lat).abs().max().item() <= TILE_TOL * lat.abs().max().item()
+
+
+def test_tiles_partition_and_exact_on_a_local_function():
+    # weights of each axis sum to one at every output position, for odd geometries too
+    for size, tile, overlap, halo, scale in [(40, 12, 4, 2, 8), (37, 16, 6, 3, 1), (9, 4, 3, 1, 2), (20, 20, 4, 2, 4)]:
+        starts, t = tile_starts(size, tile, overlap)
+        assert t <= tile and starts[0] == 0 and starts[-1] + t == size
+        assert all(b - a + overlap <= t for a, b in zip(starts, starts[1:]))  # overlaps >= requested
+        w = tile_weights(starts, t, scale, halo)
+        total = torch.zeros(size * scale)
+        for s0, wk in zip(starts, w):
+            total[s0 * scale: (s0 + t) * scale] += wk
+        assert torch.allclose(total, torch.ones_like(total), atol=1e-6)
+    # a local 2x-upsampling function of receptive-field radius 2 (grid units): exact when overlap >= 2 * halo
+    conv = torch.nn.Conv2d(3, 3, 5, padding=2)
+
+    def fn(t):
+        return torch.nn.functional.interpolate(conv(t), scale_factor=2, mode="nearest")
+
+    x = torch.randn(2, 3, 37, 29)
+    with torch.no_grad():
+        full = fn(x)
+        exact = run_tiled(fn, x, tile=12, overlap=4, halo=2, in_scale=1, out_scale=2, tile_batch=5)
+        approx = run_tiled(fn, x, tile=12, overlap=2, halo=2, in_scale=1, out_scale=2, tile_batch=1)
+    assert (exact - full).abs().max().item() < 1e-5
+    assert 1e-3 < (approx - full).abs().max().item() < (full.abs().max().item())
+
+
+def test_tiling_policy(saved):
+    ours = DCAE.from_pretrained(saved["sana"][1])
+    side = int(AUTO_TILE_PIXELS**0.5)
+    assert not ours.wants_tiling(side, side, "auto")
+    assert ours.wants_tiling(side, side + 32, "auto")
+    assert ours.wants_tiling(64, 64, True) and not ours.wants_tiling(8192, 8192, False)
+    z = torch.randn(1, 8, 4, 4)
+    with torch.no_grad():  # tiling=True takes the tiled path (3 x 3 tiles of 96 px here)
+        assert torch.equal(ours.decode(z, tiling=True, tile=96), ours.tiled_decode(z, tile=96))
+        assert (ours.decode(z, tiling=True, tile=96) - ours.decode(z)).abs().max().item() <= TILE_TOL
+    # the receptive field does not fit a tiny tile: a clear error, not a silently wrong image
+    with pytest.raises(SanaflowError, match="use a larger tile"):
+        ours.tiled_decode(torch.randn(1, 8, 8, 8), tile=64)
+
+
+def test_gradient_checkpointing_gives_same_gradients(saved):
+    ours = DCAE.from_pretrained(saved["sana"][1]).train()
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    grads = []
+    for ckpt in (False, True):
+        if ckpt:
+            ours.enable_gradient_checkpointing()
+        ours.zero_grad()
+        loss = (ours(x) - x).pow(2).mean()
+        loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in ours.parameters()]))
+    ours.disable_gradient_checkpointing()
+    assert grads[0].abs().sum() > 0
+    assert torch.allclose(grads[0], grads[1], atol=1e-6, rtol=1e-5)

@@ -1,5 +1,6 @@
 """The shapes world: detector accuracy, scoring, held-out split, determinism, videos with ground truth."""
 
+import json
 from collections import Counter
 
 import cv2
@@ -180,6 +181,9 @@ def test_held_out_never_in_training_stream():
 
 def test_same_seed_same_scenes_and_pixels():
     assert sample_scene(42) == sample_scene(42)
+    assert all(
+        Scene.from_dict(json.loads(s.to_json())) == s for s in (sample_scene(i, "eval") for i in range(50))
+    )
     assert sample_scene(42) != sample_scene(43)
     assert sample_scene(42, "train") != sample_scene(42, "eval")
     a = render_batch([sample_scene(i) for i in range(8)], 128)
@@ -270,3 +274,50 @@ def test_video_save_load_and_edit_metrics(tmp_path):
         video_metrics(edited[:4], loaded)
     with pytest.raises(SanaflowError):
         video_metrics(edited, loaded, {0: {"color": "grene"}})
+
+
+def test_ground_truth_flow_follows_the_rendered_geometry():
+    """Flow checked against the renderer's own outlines: star points inside the star land where they are drawn next."""
+    from sanaflow.shapes.motion import random_track
+    from sanaflow.shapes.render import outline
+
+    track = random_track(0, frames=5, size=160, num_objects=1, pan=True)
+    frames = 5
+    track["objects"] = [
+        {
+            "shape": "star",
+            "color": "red",
+            "size": "large",
+            "x": [0.40 + 0.03 * t for t in range(frames)],
+            "y": [0.50 - 0.02 * t for t in range(frames)],
+            "rotation": [10.0 + 7.0 * t for t in range(frames)],
+            "scale": [1.0 + 0.05 * t for t in range(frames)],
+        }
+    ]
+    video = render_track(track)
+    o = track["objects"][0]
+    for t in range(frames - 1):
+        polys = [
+            outline(
+                ShapeObject("star", "red", "large", o["x"][i], o["y"][i], o["rotation"][i]),
+                160,
+                160,
+                o["scale"][i],
+            )
+            for i in (t, t + 1)
+        ]
+        centres = [p.mean(0) for p in polys]
+        for v0, v1 in zip(polys[0], polys[1]):
+            p0 = centres[0] + 0.6 * (v0 - centres[0])  # well inside the star
+            p1 = centres[1] + 0.6 * (v1 - centres[1])
+            ix, iy = int(round(p0[0])), int(round(p0[1]))
+            assert video.labels[t, iy, ix] == 1
+            moved = np.array([ix, iy]) + video.flow[t, iy, ix]
+            # The flow at the rounded pixel moves it to within (scale change + rotation) x 0.7 px of p1.
+            assert np.abs(moved - (p1 + (np.array([ix, iy]) - p0))).max() < 0.35, (t, moved, p1)
+    # The background moves with the pan offset; DIS on the texture agrees with it.
+    dis, _ = dis_flow(video.frames)
+    bg = (video.labels[:-1] == 0) & video.valid
+    pan = np.diff(np.array(track["pan"]), axis=0)  # (T - 1, 2)
+    assert np.allclose(video.flow[0][bg[0]], pan[0], atol=1e-5)
+    assert np.median(np.linalg.norm(dis[bg] - video.flow[bg], axis=-1)) < 0.5

@@ -66,6 +66,7 @@ def test_edit_with_controlnet_and_flow(sd_folder, video, tmp_path):
 def test_invert_writes_reconstruction(sd_folder, video, tmp_path, capsys):
     out = tmp_path / "recon.mp4"
     rc = main(["invert", str(video), "--model", str(sd_folder), "--steps", "2", "--inversion-steps", "4",
+               "--inversion-batch-size", "8",
                "--cache-dir", str(tmp_path / "cache"), "--out", str(out), "--quiet"])
     assert rc == 0 and read_video(out).num_frames == 8
     assert "cached inversion" in capsys.readouterr().out

@@ -58,7 +58,7 @@ def build_tiny_sd(folder: Path, controlnet: bool = False) -> Path:
     )
     text = CLIPTextModel(CLIPTextConfig(
         hidden_size=CROSS_DIM, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        vocab_size=516, max_position_embeddings=16, projection_dim=CROSS_DIM,
+        vocab_size=516, max_position_embeddings=16, projection_dim=CROSS_DIM, bos_token_id=514, eos_token_id=515,
     ))
     sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                           clip_sample=False, set_alpha_to_one=False, steps_offset=1)
@@ -69,5 +69,9 @@ def build_tiny_sd(folder: Path, controlnet: bool = False) -> Path:
     sched.save_pretrained(folder / "scheduler")
     (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
     if controlnet:
-        ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16)).save_pretrained(folder / "controlnet")
+        cnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16))
+        with torch.no_grad():  # its zero convolutions start at zero: give them weight so control shows
+            for conv in [*cnet.controlnet_down_blocks, cnet.controlnet_mid_block]:
+                conv.weight.normal_(0.0, 0.1)
+        cnet.save_pretrained(folder / "controlnet")
     return folder

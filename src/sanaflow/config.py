@@ -160,6 +160,12 @@ class GenerateConfig:
     device: str | None = None
     dtype: Literal["float32", "bfloat16", "float16"] | None = None
     use_resolution_binning: bool = True
+    # torch.compile the transformer: faster steps; the first call at each image size compiles (slow).
+    compile: bool = False
+    # Replay each sampling step from a captured CUDA graph (CUDA only).
+    cuda_graphs: bool = False
+    # Keep the text encoder on the CPU except while encoding (less GPU memory, e.g. for 4K).
+    offload_text_encoder: bool = False
 
     def __post_init__(self) -> None:
         if self.num_images_per_prompt < 1:

@@ -37,6 +37,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--batch-size", type=int, default=4, help="images per model call (default 4)")
+    # store_true with default None: an absent flag leaves the config's value alone.
+    p.add_argument("--compile", action="store_true", default=None,
+                   help="torch.compile the transformer (faster steps; the first image at each size compiles)")
+    p.add_argument("--cuda-graphs", action="store_true", default=None,
+                   help="replay each sampling step from a captured CUDA graph (CUDA only)")
+    p.add_argument("--offload", action="store_true", default=None,
+                   help="keep the text encoder on the CPU except while encoding (less GPU memory)")
     p.set_defaults(func=run_generate)
 
     i = sub.add_parser("info", help="print a model's config, parameter counts and dtype")
@@ -80,7 +87,8 @@ def read_prompts(args: argparse.Namespace, configured: list[str]) -> list[str]:
 FLAG_KEYS = {"model": "model", "negative": "negative_prompt", "steps": "sampling.steps",
              "cfg": "sampling.guidance_scale", "pag": "sampling.pag_scale", "seed": "sampling.seed",
              "num_images": "num_images_per_prompt", "sampler": "sampling.sampler", "out": "output_dir",
-             "device": "device", "dtype": "dtype"}
+             "device": "device", "dtype": "dtype", "compile": "compile", "cuda_graphs": "cuda_graphs",
+             "offload": "offload_text_encoder"}
 
 
 def resolve_config(args: argparse.Namespace):
@@ -135,6 +143,18 @@ def png_metadata(meta: dict[str, Any]):
     return info
 
 
+def _show_progress_logs() -> None:
+    """Print sanaflow's info logs (compile and CUDA-graph capture times) on stderr, once."""
+    import logging
+
+    log = logging.getLogger("sanaflow")
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("sanaflow: %(message)s"))
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)
+
+
 def run_generate(args: argparse.Namespace) -> int:
     """Generate images for every prompt and write PNGs (atomically) with their settings."""
     import dataclasses
@@ -158,10 +178,18 @@ def run_generate(args: argparse.Namespace) -> int:
         raise InputError(f"--batch-size must be >= 1, got {args.batch_size}")
     if sc.steps > 1000:
         raise InputError(f"steps {sc.steps} is above the limit of 1000")
+    if cfg.cuda_graphs:
+        from ..pipelines.components import pick_device
+
+        if pick_device(cfg.device).type != "cuda":
+            raise InputError(f"--cuda-graphs needs a CUDA device; this run uses {pick_device(cfg.device)}")
     out_dir = Path(cfg.output_dir)
     check_writable(out_dir)
 
-    pipe = load_pipeline(cfg.model, device=cfg.device, dtype=cfg.dtype)
+    if cfg.compile or cfg.cuda_graphs or cfg.offload_text_encoder:
+        _show_progress_logs()
+    pipe = load_pipeline(cfg.model, device=cfg.device, dtype=cfg.dtype, compile=cfg.compile,
+                         offload_text_encoder=cfg.offload_text_encoder, cuda_graphs=cfg.cuda_graphs)
     width = cfg.width or pipe.native_size
     height = cfg.height or pipe.native_size
     seed = sc.seed if sc.seed is not None else random.randrange(2**31 - 1)

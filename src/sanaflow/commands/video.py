@@ -18,6 +18,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--inversion-steps", type=int, default=None,
                    help="inversion steps (default: --steps, the fast setting; TokenFlow's public code uses 500)")
     p.add_argument("--batch-size", type=int, default=8, help="frames per chunk and per model call")
+    p.add_argument("--inversion-batch-size", type=int, default=None,
+                   help="frames per model call of the inversion and reconstruction (default: --batch-size)")
     p.add_argument("--frames", type=int, default=None, help="use at most N frames")
     p.add_argument("--start", type=int, default=0, help="first frame to use")
     p.add_argument("--stride", type=int, default=1, help="use every K-th frame")
@@ -48,6 +50,8 @@ def register(subparsers) -> None:
     edit.add_argument("--strength", type=float, default=0.9, help="tokenflow-sdedit: fraction of the schedule re-run")
     edit.add_argument("--correspondence", default="features", choices=CORRESPONDENCES,
                       help="token correspondences: diffusion-feature nearest neighbours or DIS optical flow")
+    edit.add_argument("--max-keyframes", type=int, default=32,
+                      help="keyframes attending jointly; longer videos run their keyframes in groups (bounds memory)")
     edit.add_argument("--controlnet", default=None, choices=("canny",), help="extra conditioning (SD only)")
     edit.add_argument("--controlnet-model", default=None,
                       help="ControlNet folder (default: the model folder's controlnet/ subfolder)")
@@ -113,7 +117,9 @@ def run_edit(args) -> int:
         clip, args.prompt, source_prompt=args.source_prompt, negative_prompt=args.negative, mode=args.mode,
         steps=args.steps, inversion_steps=args.inversion_steps, guidance_scale=args.cfg,
         pnp_feature=args.pnp_feature, pnp_attention=args.pnp_attn, strength=args.strength,
-        batch_size=args.batch_size, seed=args.seed, correspondence=args.correspondence,
+        batch_size=args.batch_size, inversion_batch_size=args.inversion_batch_size, seed=args.seed,
+        correspondence=args.correspondence,
+        max_keyframes=args.max_keyframes,
         control_scale=args.controlnet_scale if args.controlnet else None, size=args.size,
         reconstruct=args.reconstruct, progress=not args.quiet,
     )
@@ -140,7 +146,8 @@ def run_invert(args) -> int:
     source = _read(args)
     pipe = _pipeline(args)
     clip = pipe.prepare(source, size=args.size)
-    result = pipe.invert(clip, args.source_prompt, args.steps, args.inversion_steps, args.batch_size,
+    result = pipe.invert(clip, args.source_prompt, args.steps, args.inversion_steps,
+                         args.inversion_batch_size or args.batch_size,
                          reconstruct=not args.no_reconstruction, progress=not args.quiet)
     print(f"{'reused' if result.reused else 'cached'} inversion: {result.cache.folder}")
     if result.reconstruction is not None:

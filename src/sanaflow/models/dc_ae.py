@@ -8,18 +8,24 @@ channel-averaging / channel-repeating shortcut.
 
 Latents are *unscaled*: the diffusion model works on ``latents * config.scaling_factor``.
 
-Tiling. ``tiled_encode`` / ``tiled_decode`` cut the input into equal, overlapping tiles laid on the
-latent grid, run them through the network several at a time (one batched call per ``tile_batch``
-tiles), and accumulate each tile times a separable blending weight into one output buffer. The
-weights are a partition of unity: 1 in a tile's interior, and a raised-cosine cross-fade centred in
-each overlap, so a tile's border pixels (the ones distorted by zero padding) get almost no weight
-and no seam is visible. The EfficientViT attention is global, so a tiled result is close to, but
-not bit-equal to, the untiled one.
+Tiling (for large images; memory stays bounded, the result stays equal to the untiled one).
+The attention layers are global, so the network is split in two: the part with attention, which
+works on the deep, 2^k-times smaller maps, runs on the whole map, layer by layer, each layer in
+row strips of about ``chunk`` positions (the linear attention in two passes: sum k^T v and k over
+all strips, then apply them), which is exact. The conv-only part (the shallow, full-resolution
+stages that hold nearly all pixels, FLOPs and memory) runs in equal, overlapping square tiles,
+``tile_batch`` tiles per network call, each written into one output buffer with separable weights
+computed once per axis. The default overlap is twice the conv part's receptive field, so every
+kept pixel saw all its inputs and the tiles meet in a hard cut with no seam: tiled == untiled up
+to float rounding. A smaller ``overlap`` trades exactness for speed; the tiles then cross-fade over
+the overlap with a raised cosine, so a tile's distorted border gets almost no weight.
 
-Tiling policy (``decode(..., tiling="auto")``, also for ``encode``): tile when the image (output of
-decode, input of encode) has more than ``AUTO_TILE_PIXELS`` pixels (2048 x 2048); below that the
-untiled network is faster and fits in a few GiB; above it the untiled SANA-1.0 decoder needs about
-20 GiB at 4096 px. ``tiling=True`` / ``False`` force either path.
+Tiling policy (``decode(..., tiling="auto")``, also ``encode``): tile when the image (output of
+decode, input of encode) has more than ``AUTO_TILE_PIXELS`` pixels (2048 x 2048). Below that the
+untiled network is as fast and fits in a few GiB; above it the untiled SANA-1.0 decoder needs
+about 20 GiB at 4096 px. ``tiling=True`` / ``False`` force either path. Default tiles are
+``DEFAULT_TILE_CORE`` (1024) pixels plus the overlap, shrunk to the smallest equal size that
+covers the image with that many tiles.
 """
 
 from __future__ import annotations
@@ -47,9 +53,9 @@ NORM_EPS = 1e-5  # every norm of the reference (RMS and batch norm)
 ATTN_EPS = 1e-15  # linear-attention normaliser guard, as in the reference
 
 AUTO_TILE_PIXELS = 2048 * 2048  # tiling="auto" tiles images with more pixels than this
-DEFAULT_TILE = 1024  # tile side, image pixels
-DEFAULT_OVERLAP = 256  # overlap of neighbouring tiles, image pixels
-DEFAULT_TILE_BATCH = 4  # tiles run through the network in one call
+DEFAULT_TILE_CORE = 1024  # default tile side, image pixels, before adding the overlap
+TILE_BATCH_PIXELS = 1024 * 1024  # default tile_batch: as many tiles per call as fit this many output pixels
+DEFAULT_CHUNK = 8192  # positions per strip when the attention stages run on the whole map
 
 
 # --------------------------------------------------------------------------------------------
@@ -132,6 +138,13 @@ class MultiscaleProjection(nn.Module):
         return self.proj_out(self.proj_in(qkv))  # (B, 3I, H, W)
 
 
+def _relu_heads(qkv: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B, heads * 3 * head_dim, H, W), q/k/v contiguous per head -> ReLU q, ReLU k, v, each (B, heads, d, N)."""
+    b, _, h, w = qkv.shape
+    q, k, v = qkv.reshape(b, -1, 3 * head_dim, h * w).chunk(3, dim=2)
+    return F.relu(q), F.relu(k), v
+
+
 def multiscale_relu_attention(qkv: torch.Tensor, head_dim: int, eps: float = ATTN_EPS) -> torch.Tensor:
     """ReLU attention of DC-AE over (B, heads * 3 * head_dim, H, W), q/k/v contiguous per head.
 
@@ -139,21 +152,16 @@ def multiscale_relu_attention(qkv: torch.Tensor, head_dim: int, eps: float = ATT
     quadratic form; both normalise by the summed ReLU scores, as the reference does.
     """
     b, _, h, w = qkv.shape
-    n = h * w
     dtype = qkv.dtype
-    linear = n > head_dim
-    if linear:
-        qkv = qkv.float()  # the k^T v sums overflow / lose precision in half precision
-    qkv = qkv.reshape(b, -1, 3 * head_dim, n)  # (B, heads, 3d, N)
-    q, k, v = qkv.chunk(3, dim=2)  # each (B, heads, d, N)
-    q = F.relu(q)
-    k = F.relu(k)
-    if linear:
+    if h * w > head_dim:
+        # fp32: the k^T v sums over all positions overflow / lose precision in half precision
+        q, k, v = _relu_heads(qkv.float(), head_dim)  # each (B, heads, d, N)
         kv = v @ k.transpose(-1, -2)  # (B, heads, d, d)
         num = kv @ q  # (B, heads, d, N)
         den = k.sum(dim=-1, keepdim=True).transpose(-1, -2) @ q  # (B, heads, 1, N)
         out = (num / (den + eps)).to(dtype)
     else:
+        q, k, v = _relu_heads(qkv, head_dim)
         scores = (k.transpose(-1, -2) @ q).float()  # (B, heads, N_k, N_q)
         scores = scores / (scores.sum(dim=2, keepdim=True) + eps)
         out = v @ scores.to(v.dtype)  # (B, heads, d, N)
@@ -174,14 +182,47 @@ class MultiscaleLinearAttention(nn.Module):
         self.to_qkv_multiscale = nn.ModuleList(MultiscaleProjection(inner, num_heads, k) for k in kernel_sizes)
         self.to_out = nn.Linear(inner * (1 + len(kernel_sizes)), channels, bias=False)
         self.norm_out = make_norm(norm_type, channels)
+        self.halo = max((k // 2 for k in kernel_sizes), default=0)  # rows the multi-scale convs reach
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def qkv(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> multi-scale q/k/v (B, 3I(1+S), H, W)."""
         w_qkv = torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight])  # (3I, C): one GEMM
         qkv = _pointwise(x, w_qkv)  # (B, 3I, H, W)
-        qkv = torch.cat([qkv, *(proj(qkv) for proj in self.to_qkv_multiscale)], dim=1)  # (B, 3I(1+S), H, W)
-        out = multiscale_relu_attention(qkv, self.head_dim)  # (B, I(1+S), H, W)
-        out = _pointwise(out, self.to_out.weight)  # (B, C, H, W)
-        return self.norm_out(out) + x
+        return torch.cat([qkv, *(proj(qkv) for proj in self.to_qkv_multiscale)], dim=1)  # (B, 3I(1+S), H, W)
+
+    def finish(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Attention output (B, I(1+S), H, W) -> projected, normed, plus the residual x."""
+        return self.norm_out(_pointwise(out, self.to_out.weight)) + x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = multiscale_relu_attention(self.qkv(x), self.head_dim)  # (B, I(1+S), H, W)
+        return self.finish(out, x)
+
+    def forward_strips(self, x: torch.Tensor, rows: int) -> torch.Tensor:
+        """Same as forward, `rows` rows at a time: pass 1 sums k^T v and k over all strips, pass 2 applies them.
+
+        Peak memory is one strip's q/k/v instead of the whole map's (fp32, 6x the channels).
+        """
+        b, _, h, w = x.shape
+        if h <= rows or h * w <= self.head_dim:
+            return self(x)
+
+        def strip_qkv(a: int, e: int) -> torch.Tensor:
+            lo, hi = max(0, a - self.halo), min(h, e + self.halo)  # the multi-scale convs need halo rows
+            return self.qkv(x[:, :, lo:hi])[:, :, a - lo: e - lo].float()  # (B, 3I(1+S), e - a, W)
+
+        kv = ksum = None
+        for a in range(0, h, rows):
+            _, k, v = _relu_heads(strip_qkv(a, min(h, a + rows)), self.head_dim)  # (B, heads, d, n)
+            part_kv, part_k = v @ k.transpose(-1, -2), k.sum(dim=-1, keepdim=True)  # (B, heads, d, d), (B, heads, d, 1)
+            kv, ksum = (part_kv, part_k) if kv is None else (kv + part_kv, ksum + part_k)
+        out = torch.empty_like(x)
+        for a in range(0, h, rows):
+            e = min(h, a + rows)
+            q, _, _ = _relu_heads(strip_qkv(a, e), self.head_dim)
+            o = (kv @ q) / (ksum.transpose(-1, -2) @ q + ATTN_EPS)  # (B, heads, d, n)
+            out[:, :, a:e] = self.finish(o.to(x.dtype).reshape(b, -1, e - a, w), x[:, :, a:e])
+        return out
 
 
 class GLUMBConv(nn.Module):
@@ -487,6 +528,45 @@ def _chain(steps: Sequence[Step]) -> Callable[[torch.Tensor], torch.Tensor]:
     return run
 
 
+def run_strips(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, radius: int, scale: float,
+               rows: int) -> torch.Tensor:
+    """Apply a local layer (receptive-field `radius` rows, resolution `scale`) to `x` `rows` input rows at a time.
+
+    Each strip is computed with `radius` extra rows on either side and cropped, so the result
+    equals fn(x) while only one strip's intermediates are alive at a time.
+    """
+    h = x.shape[-2]
+    if h <= rows:
+        return fn(x)
+    if scale < 1:  # downsampling by 1/scale: strips and halos start on its grid
+        q = round(1 / scale)
+        rows, radius = -(-rows // q) * q, -(-radius // q) * q
+    out = None
+    for a in range(0, h, rows):
+        e = min(h, a + rows)
+        lo, hi = max(0, a - radius), min(h, e + radius)
+        y = fn(x[:, :, lo:hi])  # (B, C_out, (hi - lo) * scale, W * scale)
+        if out is None:
+            out = y.new_empty(*y.shape[:2], round(h * scale), y.shape[-1])
+        out[:, :, round(a * scale): round(e * scale)] = y[:, :, round((a - lo) * scale): round((e - lo) * scale)]
+        del y
+    return out
+
+
+def run_whole_map(steps: Sequence[Step], x: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Run steps on the whole map, each in strips of about `chunk` positions (exact; bounded memory)."""
+    for step in steps:
+        rows = max(2, chunk // x.shape[-1])
+        if isinstance(step.fn, EfficientViTBlock):
+            x = step.fn.attn.forward_strips(x, rows)
+            x = run_strips(step.fn.conv_out, x, 1, 1, rows)
+        elif math.isinf(step.radius):
+            x = step.fn(x)
+        else:
+            x = run_strips(step.fn, x, math.ceil(step.radius), step.scale, rows)
+    return x
+
+
 def local_geometry(steps: Sequence[Step], in_per_grid: float) -> tuple[float, float]:
     """Receptive-field radius (grid units) and total scale of a run of local steps.
 
@@ -502,6 +582,15 @@ def local_geometry(steps: Sequence[Step], in_per_grid: float) -> tuple[float, fl
 # --------------------------------------------------------------------------------------------
 # The model
 # --------------------------------------------------------------------------------------------
+
+
+def _tile_batch(tile_batch: int | None, tile_px: int) -> int:
+    """Tiles per network call: as given, or as many as fit TILE_BATCH_PIXELS (big tiles already fill a GPU)."""
+    if tile_batch is None:
+        return max(1, TILE_BATCH_PIXELS // (tile_px * tile_px))
+    if tile_batch < 1:
+        raise InputError(f"tile_batch must be >= 1; got {tile_batch}")
+    return tile_batch
 
 
 def _per_stage(value, n: int, name: str) -> tuple:
@@ -639,11 +728,11 @@ class DCAE(ModelMixin):
     def _tile_grid(self, tile: int | None, overlap: int | None, px_per_grid: int, halo: int) -> tuple[int, int]:
         """Tile and overlap in image pixels -> grid units of `px_per_grid` pixels, validated."""
         f = self.spatial_compression_ratio
-        tile = DEFAULT_TILE if tile is None else tile
-        if tile <= 0 or tile % f or (overlap is not None and (overlap < 0 or overlap % f)):
+        if (tile is not None and (tile <= 0 or tile % f)) or (overlap is not None and (overlap < 0 or overlap % f)):
             raise InputError(f"tile ({tile}) and overlap ({overlap}) must be non-negative multiples of {f} pixels")
-        t = tile // px_per_grid
         o = 2 * halo if overlap is None else overlap // px_per_grid
+        tile = DEFAULT_TILE_CORE + o * px_per_grid if tile is None else tile
+        t = tile // px_per_grid
         if o >= t:
             what = f"overlap ({overlap} px)" if overlap is not None else f"receptive-field overlap ({o * px_per_grid} px)"
             raise InputError(f"the {what} must be smaller than the tile ({tile} px); use a larger tile")
@@ -660,7 +749,7 @@ class DCAE(ModelMixin):
     # ---- encode / decode ------------------------------------------------------------------
 
     def encode(self, images: torch.Tensor, tiling: bool | str = "auto", tile: int | None = None,
-               overlap: int | None = None, tile_batch: int = DEFAULT_TILE_BATCH) -> torch.Tensor:
+               overlap: int | None = None, tile_batch: int | None = None) -> torch.Tensor:
         """Images (B, 3, H, W) in [-1, 1] -> unscaled latents (B, C, H/f, W/f); tiled per `tiling`."""
         self._check_images(images)
         if self.wants_tiling(images.shape[-2], images.shape[-1], tiling):
@@ -668,7 +757,7 @@ class DCAE(ModelMixin):
         return self.encoder(images.to(self.dtype))
 
     def decode(self, latents: torch.Tensor, tiling: bool | str = "auto", tile: int | None = None,
-               overlap: int | None = None, tile_batch: int = DEFAULT_TILE_BATCH) -> torch.Tensor:
+               overlap: int | None = None, tile_batch: int | None = None) -> torch.Tensor:
         """Unscaled latents (B, C, h, w) -> images (B, 3, h f, w f) in about [-1, 1]; tiled per `tiling`."""
         self._check_latents(latents)
         f = self.spatial_compression_ratio
@@ -677,12 +766,13 @@ class DCAE(ModelMixin):
         return self.decoder(latents.to(self.dtype))
 
     def tiled_encode(self, images: torch.Tensor, tile: int | None = None, overlap: int | None = None,
-                     tile_batch: int = DEFAULT_TILE_BATCH) -> torch.Tensor:
-        """Encode with the local (conv) stages in tiles of at most `tile` pixels; equal to `encode` by default.
+                     tile_batch: int | None = None, chunk: int | None = None) -> torch.Tensor:
+        """Encode in tiles of at most `tile` pixels (see the module doc); equal to untiled `encode` by default.
 
         The stages before the first attention layer run in tiles overlapping by `overlap` pixels
-        (None: twice their receptive field, which makes the result exact); the attention stages
-        then run on the whole, 2^k times smaller, feature map.
+        (None: twice their receptive field, exact), `tile_batch` tiles per call (None: by tile
+        size); the attention stages then run on the whole, 2^k times smaller map in strips of
+        about `chunk` positions (None: DEFAULT_CHUNK).
         """
         self._check_images(images)
         steps = self.encoder.steps()
@@ -693,26 +783,27 @@ class DCAE(ModelMixin):
         halo = math.ceil(radius)
         t, o = self._tile_grid(tile, overlap, px_per_grid, halo)
         x = run_tiled(_chain(local), images.to(self.dtype), t, o, halo, in_scale=px_per_grid, out_scale=1,
-                      tile_batch=max(1, tile_batch))  # (B, C_k, H / px_per_grid, W / px_per_grid)
-        return _chain(rest)(x)  # (B, latent, H / f, W / f)
+                      tile_batch=_tile_batch(tile_batch, t * px_per_grid))  # (B, C_k, H / k, W / k)
+        return run_whole_map(rest, x, chunk or DEFAULT_CHUNK)  # (B, latent, H / f, W / f)
 
     def tiled_decode(self, latents: torch.Tensor, tile: int | None = None, overlap: int | None = None,
-                     tile_batch: int = DEFAULT_TILE_BATCH) -> torch.Tensor:
-        """Decode with the local (conv) stages in tiles of at most `tile` output pixels; equal to `decode` by default.
+                     tile_batch: int | None = None, chunk: int | None = None) -> torch.Tensor:
+        """Decode in tiles of at most `tile` output pixels (see the module doc); equal to untiled `decode` by default.
 
-        The stem and the attention stages (deep, small maps) run on the whole map; the stages
-        after the last attention layer, which hold nearly all the pixels and memory, run in tiles
-        overlapping by `overlap` pixels (None: twice their receptive field, which makes the result
-        exact), `tile_batch` tiles per call, accumulated into one output buffer.
+        The stem and the attention stages (deep, small maps) run on the whole map in strips of
+        about `chunk` positions (None: DEFAULT_CHUNK); the stages after the last attention layer,
+        which hold nearly all the pixels and memory, run in tiles overlapping by `overlap` pixels
+        (None: twice their receptive field, exact), `tile_batch` tiles per call (None: by tile
+        size), accumulated into one output buffer.
         """
         self._check_latents(latents)
         steps = self.decoder.steps()
         last_global = max((i for i, st in enumerate(steps) if math.isinf(st.radius)), default=-1)
         rest, local = steps[: last_global + 1], steps[last_global + 1:]
-        x = _chain(rest)(latents.to(self.dtype))  # (B, C_k, h 2^k, w 2^k)
+        x = run_whole_map(rest, latents.to(self.dtype), chunk or DEFAULT_CHUNK)  # (B, C_k, h 2^k, w 2^k)
         radius, px_per_grid = local_geometry(local, 1)
         px_per_grid = round(px_per_grid)  # image pixels per position of x
         halo = math.ceil(radius)
         t, o = self._tile_grid(tile, overlap, px_per_grid, halo)
         return run_tiled(_chain(local), x, t, o, halo, in_scale=1, out_scale=px_per_grid,
-                         tile_batch=max(1, tile_batch))  # (B, 3, h f, w f)
+                         tile_batch=_tile_batch(tile_batch, t * px_per_grid))  # (B, 3, h f, w f)

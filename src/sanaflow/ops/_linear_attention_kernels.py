@@ -6,8 +6,8 @@ same source is tested on a CPU-only machine.
 
 Notation per (batch, head): ``qr = relu(q)`` (N, d), ``kr = relu(k)`` (M, d), ``kv = kr^T v`` (d, d),
 ``ks = sum_m kr_m`` (d), ``num = qr kv``, ``den = qr . ks + eps``, ``out = num / den``.
-All loads are upcast to float32 at once (bf16/fp16 values are exact in float32 and in tf32, so the
-dots of input tiles lose nothing; the dots with float32 intermediates use ``PRECISION``).
+All loads are upcast to float32 at once (the interpreter mishandles bf16 arithmetic, and bf16/fp16
+values are exact in float32 and tf32); ``PRECISION`` is the dots' input precision, chosen by the host.
 """
 
 from __future__ import annotations

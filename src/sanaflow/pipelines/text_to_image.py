@@ -9,6 +9,7 @@ The pipeline keeps no per-call state on ``self``.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -18,14 +19,19 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..errors import InputError, unknown_choice
+from ..errors import ConfigError, InputError, SanaflowError, unknown_choice
 from ..models.sana_transformer import IdentitySelfAttnProcessor, LinearSelfAttnProcessor, SelfAttnProcessor
 from . import resolution
+from .acceleration import CUDAGRAPH_COMPILE_MODES, CUDAGraphCache, compile_module, first_call_timer, shape_key
 from .components import SanaComponents, load_components
+
+logger = logging.getLogger(__name__)
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 MAX_SIDE = 4096
 NUM_TRAIN_TIMESTEPS = 1000
+# Where an offloaded text encoder waits between calls.
+OFFLOAD_DEVICE = torch.device("cpu")
 
 
 @dataclass
@@ -77,21 +83,110 @@ def to_output(images: torch.Tensor, output_type: str) -> Any:
 
 
 class TextToImagePipeline:
-    """SANA text-to-image: transformer + DC-AE + text encoder + a flow-matching solver."""
+    """SANA text-to-image: transformer + DC-AE + text encoder + a flow-matching solver.
 
-    def __init__(self, components: SanaComponents, device: torch.device):
+    Opt-in speed and memory settings (they change how, not what, is computed):
+
+    - `compile(...)`: torch.compile the transformer (and optionally the DC-AE decoder), one graph,
+      static shapes; the first call at each new size compiles (logged).
+    - `cuda_graphs = True` (CUDA only): capture the per-step transformer call as a CUDA graph for the
+      (batch, size) of a call and replay it at every step; graphs are cached for the next calls at the
+      same shapes (`release_cuda_graphs()` frees them).
+    - `offload_text_encoder = True`: keep the text encoder on the CPU between calls; it moves to the
+      device to encode, then back (for 4K within a small memory budget).
+    """
+
+    def __init__(self, components: SanaComponents, device: torch.device, offload_text_encoder: bool = False,
+                 cuda_graphs: bool = False):
         self.components = components
         self.transformer = components.transformer
         self.vae = components.vae
         self.text_encoder = components.text_encoder
         self.scheduler_config = components.scheduler_config
         self.device = device
+        # Fast-path state: what was compiled and the shapes already compiled (for the first-call log),
+        # captured CUDA graphs. None of it changes results.
+        self._compiled_transformer: Callable | None = None
+        self._compiled_decoder: Callable | None = None
+        self._compile_mode: str | None = None
+        self._compiled_shapes: set = set()
+        self._graphs = CUDAGraphCache()
+        self._cuda_graphs = False
+        self._offload = False
+        self.offload_device = OFFLOAD_DEVICE
+        self.cuda_graphs = cuda_graphs
+        self.offload_text_encoder = offload_text_encoder
 
     @classmethod
-    def from_pretrained(cls, ref: str | os.PathLike | None = None, device=None, dtype=None) -> TextToImagePipeline:
+    def from_pretrained(cls, ref: str | os.PathLike | None = None, device=None, dtype=None,
+                        offload_text_encoder: bool = False, cuda_graphs: bool = False) -> TextToImagePipeline:
         """Load from a diffusers-format folder, a built-in name or a hub repo id (None = embedded model)."""
         components, dev = load_components(ref, device=device, dtype=dtype)
-        return cls(components, dev)
+        return cls(components, dev, offload_text_encoder=offload_text_encoder, cuda_graphs=cuda_graphs)
+
+    # ---------------------------------------------------------------------------------- fast paths
+    def compile(self, mode: str | None = None, backend: str = "inductor", decoder: bool = False) -> TextToImagePipeline:
+        """torch.compile the transformer (fullgraph, static shapes), and the DC-AE decoder with `decoder=True`.
+
+        `mode` is torch.compile's (None, "max-autotune-no-cudagraphs", ...); `backend` e.g. "aot_eager"
+        for a cheap check on CPU. The decoder is compiled for untiled decodes only (tiled decodes run
+        eager). Returns the pipeline.
+        """
+        if mode in CUDAGRAPH_COMPILE_MODES and self.cuda_graphs:
+            raise ConfigError(f"compile mode {mode!r} captures CUDA graphs itself; with cuda_graphs=True use "
+                              "mode=None or 'max-autotune-no-cudagraphs'")
+        self._compiled_transformer = compile_module(self.transformer, mode, backend)
+        self._compiled_decoder = compile_module(self.vae.decoder, mode, backend) if decoder else None
+        self._compile_mode = mode
+        self._compiled_shapes.clear()
+        self._graphs.clear()
+        logger.info("torch.compile (backend %s, mode %s) on for the transformer%s; the first call at each new "
+                    "image size compiles", backend, mode, " and the DC-AE decoder" if decoder else "")
+        return self
+
+    @property
+    def compiled(self) -> bool:
+        """True once `compile()` was called."""
+        return self._compiled_transformer is not None
+
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether the per-step transformer call is replayed from captured CUDA graphs (CUDA only)."""
+        return self._cuda_graphs
+
+    @cuda_graphs.setter
+    def cuda_graphs(self, value: bool) -> None:
+        if value and self.device.type != "cuda":
+            raise SanaflowError(f"CUDA graphs need a CUDA device; this pipeline runs on {self.device}. "
+                                "Drop cuda_graphs (--cuda-graphs) or use --device cuda")
+        if value and self._compile_mode in CUDAGRAPH_COMPILE_MODES:
+            raise ConfigError(f"the pipeline is compiled with mode {self._compile_mode!r}, which captures CUDA "
+                              "graphs itself; recompile with mode=None to use cuda_graphs")
+        self._cuda_graphs = bool(value)
+        if not value:
+            self._graphs.clear()
+
+    def release_cuda_graphs(self) -> None:
+        """Free the captured CUDA graphs and their memory (they are captured again when needed)."""
+        self._graphs.clear()
+
+    @property
+    def offload_text_encoder(self) -> bool:
+        """Whether the text encoder waits on the CPU between calls (moved to the device only to encode)."""
+        return self._offload
+
+    @offload_text_encoder.setter
+    def offload_text_encoder(self, value: bool) -> None:
+        self._offload = bool(value)
+        if self._offload:
+            self._park_text_encoder()
+        else:
+            self.text_encoder.to(self.device)
+
+    def _park_text_encoder(self) -> None:
+        self.text_encoder.to(self.offload_device)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # hand the encoder's blocks back, so the sampler's peak can reuse them
 
     # ---------------------------------------------------------------------------------- info
     @property
@@ -120,22 +215,70 @@ class TextToImagePipeline:
         for p in prompts:
             if not p.strip():
                 raise InputError("empty prompt; describe the image you want")
-        cond = self.text_encoder.encode(prompts)
-        uncond = self.text_encoder.encode(negative, use_instruction=False) if negative is not None else None
+        if self._offload:
+            self.text_encoder.to(self.device)
+        try:
+            cond = self.text_encoder.encode(prompts)
+            uncond = self.text_encoder.encode(negative, use_instruction=False) if negative is not None else None
+        finally:
+            if self._offload:
+                self._park_text_encoder()
         return cond, uncond
 
-    def _model_fn(self, timestep_of: Callable[[torch.Tensor], torch.Tensor], pag: PAGSelfAttnProcessor | None):
+    def _transformer_call(self, pag: PAGSelfAttnProcessor | None = None, pag_layers: Sequence[int] = ()):
+        """The per-step transformer call `(x, context, timestep, mask, guidance, perturbed) -> output`.
+
+        Eager, compiled (`compile()`) and/or replayed from a CUDA graph (`cuda_graphs`); all keyword
+        arguments are tensors or None, so a CUDA graph can take every one of them as an input.
+        """
+        net = self.transformer if self._compiled_transformer is None else self._compiled_transformer
+        reduce_overhead = self._compile_mode in CUDAGRAPH_COMPILE_MODES
+
+        def call(x, context, timestep, mask, guidance, perturbed):
+            if pag is not None:
+                pag.rows = perturbed  # explicit per-call state of the PAG processors
+            if reduce_overhead:
+                torch.compiler.cudagraph_mark_step_begin()  # each step is a new run of torch's graphs
+            out = net(x, context, timestep, encoder_attention_mask=mask, guidance=guidance)  # (B, C_out, h, w)
+            # torch's own CUDA graphs overwrite their outputs on the next replay: keep a copy.
+            return out.clone() if reduce_overhead else out
+
+        def timed_call(x, context, timestep, mask, guidance, perturbed):
+            inputs = {"x": x, "context": context, "timestep": timestep, "mask": mask, "guidance": guidance,
+                      "perturbed": perturbed}
+            key = (shape_key(inputs), tuple(pag_layers))
+            with first_call_timer(self._compiled_shapes, key, "transformer", self.device):
+                return call(**inputs)
+
+        step_call = call if self._compiled_transformer is None else timed_call
+        if not self._cuda_graphs:
+            return step_call
+        # What a graph bakes in besides its inputs: the weight tensors and the attention processors.
+        signature = (
+            tuple((id(t), t.dtype, t.device) for t in (*self.transformer.parameters(), *self.transformer.buffers())),
+            tuple(type(p).__qualname__ for p in self.transformer.attn_processors.values()),
+            tuple(pag_layers) if pag is not None else None,
+            self._compiled_transformer is not None,
+        )
+        graphs = self._graphs
+
+        def replayed(x, context, timestep, mask, guidance, perturbed):
+            return graphs.run(signature, step_call, x=x, context=context, timestep=timestep, mask=mask,
+                              guidance=guidance, perturbed=perturbed)
+
+        return replayed
+
+    def _model_fn(self, timestep_of: Callable[[torch.Tensor], torch.Tensor], pag: PAGSelfAttnProcessor | None,
+                  pag_layers: Sequence[int] = ()):
         """The flow model function `(x, sigma, **cond) -> velocity` (float32) for one schedule."""
         cfg = self.transformer.config
         dtype = self.transformer.dtype
+        call = self._transformer_call(pag, pag_layers)
 
         def model_fn(x, sigma, encoder_hidden_states, encoder_attention_mask, perturbed=None):
             t = timestep_of(sigma).to(self.device, torch.float32) * cfg.timestep_scale  # (B,)
-            if pag is not None:
-                pag.rows = perturbed  # explicit per-call state of the PAG processors
-            v = self.transformer(
-                x.to(dtype), encoder_hidden_states.to(dtype), t.to(dtype), encoder_attention_mask=encoder_attention_mask
-            ).float()  # (B, C_out, h, w)
+            v = call(x=x.to(dtype), context=encoder_hidden_states.to(dtype), timestep=t.to(dtype),
+                     mask=encoder_attention_mask, guidance=None, perturbed=perturbed).float()  # (B, C_out, h, w)
             if cfg.out_channels == 2 * cfg.in_channels:  # learned sigma: keep the velocity half
                 v = v[:, : cfg.in_channels]
             return v
@@ -145,7 +288,13 @@ class TextToImagePipeline:
     def decode(self, latents: torch.Tensor, tiling: str | bool = "auto") -> torch.Tensor:
         """Latents (scaled, as sampled) -> images in [-1, 1]."""
         scaling = self.vae.config.scaling_factor
-        return self.vae.decode(latents.to(self.vae.dtype) / scaling, tiling=tiling)
+        z = latents.to(self.vae.dtype) / scaling  # (B, C, h, w)
+        f = self.vae_scale
+        if self._compiled_decoder is not None and not self.vae.wants_tiling(z.shape[-2] * f, z.shape[-1] * f, tiling):
+            key = shape_key({"z": z})
+            with first_call_timer(self._compiled_shapes, key, "DC-AE decoder", self.device):
+                return self._compiled_decoder(z)  # (B, 3, H, W)
+        return self.vae.decode(z, tiling=tiling)
 
     # ---------------------------------------------------------------------------------- call
     @torch.inference_mode()
@@ -232,6 +381,7 @@ class TextToImagePipeline:
         # 4. Sampling
         x = self._sample(sample_fn, x, cond, uncond, num_inference_steps, guidance_scale, pag_scale,
                          pag_layers, callback, progress, generators, flow_shift)
+        del cond, uncond  # the text features are not needed for decoding: free them first
 
         # 5. Decode and convert
         if output_type == "latent":
@@ -255,7 +405,8 @@ class TextToImagePipeline:
         schedule = sampling.schedule_from_scheduler_config(self.scheduler_config, steps, flow_shift)
         use_pag = pag_scale > 0
         pag_proc = PAGSelfAttnProcessor() if use_pag else None
-        model = self._model_fn(schedule.timestep_of, pag_proc)
+        layers = list(pag_layers) if pag_layers is not None else list(DEFAULT_PAG_LAYERS(self.transformer.config.num_layers))
+        model = self._model_fn(schedule.timestep_of, pag_proc, layers if use_pag else ())
         if use_pag:
             guided = sampling.pag(model, guidance_scale, pag_scale)
         elif guidance_scale > 1.0:
@@ -265,7 +416,6 @@ class TextToImagePipeline:
         extra = {"cond": cond_args, "uncond": uncond_args}
         if pag_proc is None:
             return sample_fn(guided, x, schedule.sigmas, extra_args=extra, callback=callback, disable=not progress)
-        layers = list(pag_layers) if pag_layers is not None else list(DEFAULT_PAG_LAYERS(self.transformer.config.num_layers))
         with swapped_self_attention(self.transformer, layers, pag_proc):
             return sample_fn(guided, x, schedule.sigmas, extra_args=extra, callback=callback, disable=not progress)
 
@@ -275,11 +425,12 @@ class TextToImagePipeline:
         cfg = self.transformer.config
         dtype = self.transformer.dtype
         guidance = torch.full((x.shape[0],), float(guidance_scale), device=self.device) * cfg.guidance_embeds_scale
+        call = self._transformer_call()
 
         def flow_model(x_in, s, encoder_hidden_states, encoder_attention_mask):
             t = s.to(dtype)  # Sprint feeds the flow sigma itself (no x1000, no timestep_scale), as the reference
-            v = self.transformer(x_in.to(dtype), encoder_hidden_states.to(dtype), t,
-                                 encoder_attention_mask=encoder_attention_mask, guidance=guidance.to(dtype))
+            v = call(x=x_in.to(dtype), context=encoder_hidden_states.to(dtype), timestep=t,
+                     mask=encoder_attention_mask, guidance=guidance.to(dtype), perturbed=None)
             return v.float()
 
         timesteps = sampling.scm_timesteps(steps).to(self.device)
@@ -305,15 +456,14 @@ class PAGSelfAttnProcessor(SelfAttnProcessor):
         self._identity = IdentitySelfAttnProcessor()
 
     def __call__(self, attn, hidden_states, height, width):
-        rows = self.rows
-        if rows is None or not bool(rows.any()):
-            return self._normal(attn, hidden_states, height, width)
-        out = torch.empty_like(hidden_states)  # (B, N, D)
-        keep = ~rows
-        if bool(keep.any()):
-            out[keep] = self._normal(attn, hidden_states[keep], height, width)
-        out[rows] = self._identity(attn, hidden_states[rows], height, width)
-        return out
+        normal = self._normal(attn, hidden_states, height, width)  # (B, N, D)
+        if self.rows is None:
+            return normal
+        # Both maps on every row, then a per-row select: no data-dependent indexing or host sync, so
+        # the call compiles into one graph and can be captured as a CUDA graph. The extra work is the
+        # (cheap) identity map plus normal attention on the perturbed rows, in the PAG blocks only.
+        identity = self._identity(attn, hidden_states, height, width)  # (B, N, D)
+        return torch.where(self.rows[:, None, None], identity, normal)  # (B, N, D)
 
 
 @contextlib.contextmanager
@@ -331,6 +481,11 @@ def swapped_self_attention(transformer, layers, processor):
         transformer.set_attn_processor(old)
 
 
-def load_pipeline(ref: str | os.PathLike | None = None, device=None, dtype=None) -> TextToImagePipeline:
-    """Load a text-to-image pipeline (None = the embedded default model)."""
-    return TextToImagePipeline.from_pretrained(ref, device=device, dtype=dtype)
+def load_pipeline(ref: str | os.PathLike | None = None, device=None, dtype=None, compile: bool = False,
+                  offload_text_encoder: bool = False, cuda_graphs: bool = False) -> TextToImagePipeline:
+    """Load a text-to-image pipeline (None = the embedded default model); see TextToImagePipeline for the options."""
+    pipe = TextToImagePipeline.from_pretrained(ref, device=device, dtype=dtype,
+                                               offload_text_encoder=offload_text_encoder, cuda_graphs=cuda_graphs)
+    if compile:
+        pipe.compile()
+    return pipe

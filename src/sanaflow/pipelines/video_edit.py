@@ -28,7 +28,7 @@ from ..tokenflow.inversion import (
     sample_plain,
     video_hash,
 )
-from ..video import VideoClip, read_video, resize_crop, write_video
+from ..video import VideoClip, read_video, resize_crop
 
 DEFAULT_MAX_SIDE = 512  # frames above this are downsized unless a size is given (TokenFlow works at 512)
 
@@ -133,8 +133,8 @@ class VideoEditPipeline:
         progress: bool = True,
     ) -> InversionResult:
         """Invert the frames (or reuse the cached inversion); optionally sample the reconstruction back."""
-        if steps < 1 or (inversion_steps is not None and inversion_steps < 1):
-            raise InputError("--steps and --inversion-steps must be at least 1")
+        if steps < 1 or (inversion_steps is not None and inversion_steps < 1) or batch_size < 1:
+            raise InputError("--steps, --inversion-steps and the batch sizes must be at least 1")
         backbone = self.backbone
         inversion_steps = inversion_steps or steps
         h, w = clip.size
@@ -157,11 +157,10 @@ class VideoEditPipeline:
         recon = None
         if reconstruct:
             # The reconstruction is kept beside the latents, so a reused inversion does not resample it.
-            if cache.reconstruction_path.is_file():
-                recon = read_video(cache.reconstruction_path).frames
-            else:
+            recon = cache.reconstruction()
+            if recon is None:
                 recon = self.reconstruct(cache, source_prompt, batch_size, progress)
-                write_video(cache.reconstruction_path, recon, clip.fps)
+                cache.save_reconstruction(recon, clip.fps)
         return InversionResult(cache, reused, recon)
 
     def reconstruct(self, cache: LatentCache, source_prompt: str = "", batch_size: int = 8,
@@ -192,10 +191,12 @@ class VideoEditPipeline:
         pnp_attention: float = 0.5,
         strength: float = 0.9,
         batch_size: int = 8,
+        inversion_batch_size: int | None = None,
         seed: int = 1,
         correspondence: str = "features",
         control_scale: float | None = None,
         offload_keyframes: bool | None = None,
+        max_keyframes: int | None = 32,
         frames: int | None = None,
         start: int = 0,
         stride: int = 1,
@@ -203,23 +204,29 @@ class VideoEditPipeline:
         reconstruct: bool = False,
         progress: bool = True,
     ) -> VideoEditOutput:
-        """Edit `video` (path, frames array or VideoClip) towards `prompt`; see `EditSettings` for the knobs."""
+        """Edit `video` (path, frames array or VideoClip) towards `prompt`; see `EditSettings` for the knobs.
+
+        `batch_size` frames form a chunk (one keyframe each, one model call of 3 x batch_size);
+        `inversion_batch_size` (default: batch_size) batches the inversion, reconstruction and decoding.
+        """
         if not isinstance(prompt, str) or not prompt.strip():
             raise InputError("the edit needs a non-empty --prompt")
         settings = EditSettings(
             prompt=prompt, source_prompt=source_prompt, negative_prompt=negative_prompt, mode=mode, steps=steps,
             guidance_scale=guidance_scale, pnp_feature=pnp_feature, pnp_attention=pnp_attention, strength=strength,
             batch_size=batch_size, seed=seed, correspondence=correspondence, control_scale=control_scale,
-            offload_keyframes=offload_keyframes,
+            offload_keyframes=offload_keyframes, max_keyframes=max_keyframes,
         )
         settings.validate()
         clip = self.prepare(video, frames=frames, start=start, stride=stride, size=size)
-        inversion = self.invert(clip, source_prompt, steps, inversion_steps, batch_size, reconstruct, progress)
+        # Inversion, reconstruction and decoding have no cross-frame coupling: any batch size fits them.
+        plain_batch = inversion_batch_size or batch_size
+        inversion = self.invert(clip, source_prompt, steps, inversion_steps, plain_batch, reconstruct, progress)
         run_steps = steps - settings.start_step()
         bar = _Progress(run_steps * calls_per_step(settings, clip.num_frames), "edit", progress)
         try:
             latents = edit_latents(self.backbone, inversion.cache, settings, clip.frames, bar)
         finally:
             bar.close()
-        edited = decode_latents(self.backbone, latents, batch_size)
+        edited = decode_latents(self.backbone, latents, plain_batch)
         return VideoEditOutput(edited, clip.frames, clip.fps, inversion)

@@ -3,7 +3,7 @@ classical-vision detector that scores generated images and edited videos (see do
 
     scene = sample_scene(7)                 # deterministic by seed; split="train" | "eval"
     image = render(scene, 256)              # uint8 (256, 256, 3), anti-aliased
-    score(image, scene)                     # {"category": ..., "correct": True, "reason": ""}
+    score(image, scene)                     # {"category": ..., "correct": True, "reason": "", "detected": [...]}
     video = random_video(3, frames=16)      # frames, masks, exact forward flow, valid mask
 """
 

@@ -331,6 +331,13 @@ def load_video(path: str | os.PathLike) -> ShapesVideo:
     track = load_track(path)
     clip = read_video(path)
     video = render_track(track)
+    t, h, w = video.frames.shape[:3]
+    if (
+        clip.frames.shape[0] == t
+        and clip.frames.shape[1] - h in (0, 1)
+        and clip.frames.shape[2] - w in (0, 1)
+    ):
+        clip.frames = clip.frames[:, :h, :w]  # H.264 pads odd sides by one pixel
     if clip.frames.shape != video.frames.shape:
         raise InputError(
             f"video {str(path)!r} has frames {clip.frames.shape}, its track describes {video.frames.shape}"

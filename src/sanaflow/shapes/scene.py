@@ -157,6 +157,8 @@ class Scene:
             raise InputError(f"a scene has 1 to {MAX_OBJECTS} objects, got {len(self.objects)}")
         if self.category == "position":
             _check_choice("relation", self.relation, RELATIONS)
+        if self.category == "counting" and len({o.shape for o in self.objects}) != 1:
+            raise InputError("the objects of a counting scene all have the same shape")
         needs = {"single_object": 1, "colors": 1, "two_object": 2, "position": 2, "color_attr": 2}
         if self.category in needs and len(self.objects) != needs[self.category]:
             raise InputError(

@@ -10,7 +10,8 @@ each call:
   attends to the keys and values of *all* its keyframes concatenated along the token axis (one
   batched attention call per branch, never a loop over frames). With PnP attention injection on, the
   edit branches use the source branch's queries and keys. The site stores its normalised input
-  (source branch) and its output (all branches) for the propagation pass.
+  (source branch) and its output (all branches) for the propagation pass. Very long videos may run
+  their keyframes in several consecutive groups (one call each); the stored tokens are appended.
 - `Pass.PROPAGATE`: attention is not computed. Each token takes the stored outputs of its nearest
   neighbours in the anchor keyframes and blends them (`propagate`).
 - `Pass.PER_FRAME`: PnP on each frame alone (the baseline): every branch attends per frame.
@@ -142,7 +143,7 @@ def propagate(outputs: torch.Tensor, index: torch.Tensor, weights: torch.Tensor 
     ).reshape(b, a, n, tokens, dim)  # (B, A, n, N, D)
     if a == 1:
         return gathered[:, 0]
-    w = weights.to(gathered.dtype).view(1, n, 1, 1)
+    w = weights.to(gathered.device, gathered.dtype).view(1, n, 1, 1)
     return w * gathered[:, 0] + (1 - w) * gathered[:, 1]
 
 
@@ -156,6 +157,10 @@ def blend_weights(frames: torch.Tensor, centre_a: float, centre_b: float) -> tor
 # --------------------------------------------------------------------------------------------
 # The processor
 # --------------------------------------------------------------------------------------------
+
+
+def _append(store: dict[str, torch.Tensor], site: str, value: torch.Tensor, dim: int) -> None:
+    store[site] = value if site not in store else torch.cat([store[site], value], dim=dim)
 
 
 class TokenFlowAttnProcessor:
@@ -190,8 +195,9 @@ class TokenFlowAttnProcessor:
         out = self.ops.output(attn, o, hidden_states)  # (3n, N, D)
         if state.mode is Pass.KEYFRAMES:
             device = state.store_device or out.device
-            state.keyframe_inputs[self.site] = hidden_states[:n].detach().to(device)  # (K, N, D)
-            state.keyframe_outputs[self.site] = out.detach().unflatten(0, (NUM_BRANCHES, n)).to(device)  # (3, K, N, D)
+            # Keyframes may come in several groups (one call each): append along the keyframe axis.
+            _append(state.keyframe_inputs, self.site, hidden_states[:n].detach().to(device), 0)  # (K, N, D)
+            _append(state.keyframe_outputs, self.site, out.detach().unflatten(0, (NUM_BRANCHES, n)).to(device), 1)
         return out
 
     def _propagate(self, x: torch.Tensor) -> torch.Tensor:

@@ -114,6 +114,17 @@ def tokenflow_hooks(backbone: Backbone, state: TokenFlowState) -> Iterator[None]
         backbone.set_self_attention_processors(original)
 
 
+def model_identity(root: Path) -> str:
+    """The folder plus a fingerprint of its files (names, sizes, times), so retrained weights miss the cache."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in sorted(p for p in Path(root).rglob("*") if p.is_file()):
+        st = f.stat()
+        h.update(f"{f.relative_to(root)}:{st.st_size}:{st.st_mtime_ns};".encode())
+    return f"{Path(root).resolve()}#{h.hexdigest()[:16]}"
+
+
 def canny_edges(frames: np.ndarray, low: int = CANNY_THRESHOLDS[0], high: int = CANNY_THRESHOLDS[1]) -> np.ndarray:
     """Canny edge maps of frames (T, H, W, 3) uint8 -> (T, H, W, 3) uint8 (white edges on black)."""
     import cv2
@@ -131,6 +142,7 @@ class SDAttentionOps:
     """Softmax attention with the projections of a diffusers `Attention` module."""
 
     def project(self, attn, x):
+        """q, k, v (B, h, N, d) of x (B, N, D)."""
         b, n, _ = x.shape
         q, k, v = attn.to_q(x), attn.to_k(x), attn.to_v(x)  # (B, N, inner)
         d = k.shape[-1] // attn.heads
@@ -142,9 +154,11 @@ class SDAttentionOps:
         return q, k, v
 
     def attend(self, attn, q, k, v):
+        """Attention of q over k, v."""
         return F.scaled_dot_product_attention(q, k, v, scale=attn.scale)  # (B, h, Nq, d)
 
     def output(self, attn, o, x):
+        """Output projection (B, h, N, d) -> (B, N, D)."""
         b, h, n, d = o.shape
         out = attn.to_out[1](attn.to_out[0](o.transpose(1, 2).reshape(b, n, h * d)))  # (B, N, D)
         if attn.residual_connection:
@@ -219,21 +233,24 @@ class StableDiffusionBackbone:
             raise CheckpointError(f"cannot load Stable Diffusion from {root}: {e}") from e
         for m in (unet, vae, text_encoder):
             m.to(device).eval().requires_grad_(False)
-        return cls(unet, vae, text_encoder, tokenizer, scheduler, controlnet=cnet, name=str(root))
+        return cls(unet, vae, text_encoder, tokenizer, scheduler, controlnet=cnet, name=model_identity(root))
 
     # frames <-> latents -------------------------------------------------------------------
 
     @torch.no_grad()
     def encode(self, frames):
+        """Frames (B, 3, H, W) in [-1, 1] -> scaled latents."""
         posterior = self.vae.encode(frames.to(self.device, torch.float32)).latent_dist
         return (posterior.mean * self.scaling_factor).to(self.dtype)  # (B, 4, H/8, W/8)
 
     @torch.no_grad()
     def decode(self, latents):
+        """Scaled latents -> frames (B, 3, H, W) in [-1, 1]."""
         return self.vae.decode(latents.to(self.device, torch.float32) / self.scaling_factor).sample
 
     @torch.no_grad()
     def embed(self, prompts):
+        """Text embeddings of `prompts`."""
         ids = self.tokenizer(
             list(prompts), padding="max_length", max_length=self.tokenizer.model_max_length,
             truncation=True, return_tensors="pt",
@@ -241,6 +258,7 @@ class StableDiffusionBackbone:
         return TextCond(self.text_encoder(ids)[0])  # (P, 77, D)
 
     def control_images(self, frames):
+        """Per-frame control images (T, 3, H, W) in [0, 1]."""
         edges = torch.from_numpy(canny_edges(frames)).permute(0, 3, 1, 2)  # (T, 3, H, W)
         return edges.float() / 255.0
 
@@ -248,6 +266,7 @@ class StableDiffusionBackbone:
 
     @torch.no_grad()
     def denoise(self, x, t, cond, control=None, control_scale=None):
+        """One model call on latents x (B, C, h, w) at time t; control rows are weighted by `control_scale`."""
         x = x.to(self.device, self.dtype)
         timestep = torch.tensor(t, device=self.device)
         hidden = cond.hidden.to(self.device, self.dtype)
@@ -255,18 +274,26 @@ class StableDiffusionBackbone:
         if control is not None:
             if self.controlnet is None:
                 raise ConfigError("control images were given but no ControlNet is loaded")
-            down, mid = self.controlnet(
-                x, timestep, encoder_hidden_states=hidden,
-                controlnet_cond=control.to(self.device, self.dtype), return_dict=False,
-            )
-            scale = control_scale.to(self.device, self.dtype).view(-1, 1, 1, 1)  # (B, 1, 1, 1)
-            extra = {
-                "down_block_additional_residuals": [r * scale for r in down],
-                "mid_block_additional_residual": mid * scale,
-            }
+            scale = control_scale.to(self.device, self.dtype)  # (B,)
+            rows = scale.nonzero().flatten()  # the ControlNet runs only where it has weight
+            if len(rows):
+                down, mid = self.controlnet(
+                    x[rows], timestep, encoder_hidden_states=hidden[rows],
+                    controlnet_cond=control[rows.cpu()].to(self.device, self.dtype), return_dict=False,
+                )
+                w = scale[rows].view(-1, 1, 1, 1)  # (b, 1, 1, 1)
+
+                def full(r: torch.Tensor) -> torch.Tensor:
+                    return r.new_zeros((x.shape[0], *r.shape[1:])).index_copy_(0, rows, r * w)  # (B, ...)
+
+                extra = {
+                    "down_block_additional_residuals": [full(r) for r in down],
+                    "mid_block_additional_residual": full(mid),
+                }
         return self.unet(x, timestep, encoder_hidden_states=hidden, return_dict=False, **extra)[0]
 
     def self_attention_processors(self):
+        """The processors of every self-attention site, by site name."""
         return {
             name.removesuffix(".processor"): proc
             for name, proc in self.unet.attn_processors.items()
@@ -274,21 +301,25 @@ class StableDiffusionBackbone:
         }
 
     def set_self_attention_processors(self, processors):
+        """Replace the processors of the named self-attention sites."""
         # diffusers' set_attn_processor wants every processor of the UNet, keyed "<module>.processor".
         current = dict(self.unet.attn_processors)
         current.update({f"{site}.processor": proc for site, proc in processors.items()})
         self.unet.set_attn_processor(current)
 
     def pnp_attention_sites(self):
+        """Self-attention sites that take PnP query/key injection."""
         decoder = [s for s in self.self_attention_processors() if s.startswith("up_blocks.")]
         return decoder[1:]
 
     def feature_modules(self):
+        """The module whose output takes PnP feature injection, by site name."""
         return {self.FEATURE_SITE: self.unet.get_submodule(self.FEATURE_SITE)}
 
     # the scheduler ------------------------------------------------------------------------
 
     def timesteps(self, steps):
+        """Model-call times of a `steps`-step sampling run, noisiest first."""
         self.scheduler.set_timesteps(steps)
         return [int(t) for t in self.scheduler.timesteps]
 
@@ -311,6 +342,7 @@ class StableDiffusionBackbone:
         return math.sqrt(a_to) * x0 + math.sqrt(1 - a_to) * eps
 
     def inversion_time(self, t_from, t_to):
+        """The time inversion evaluates the model at, moving from t_from to t_to."""
         # DDIM inversion evaluates the noise at the target time (the usual approximation).
         return t_to
 
@@ -354,14 +386,17 @@ class SanaAttentionOps:
     """
 
     def project(self, attn, x):
+        """q, k, v (B, h, N, d) of x (B, N, D)."""
         return attn.project_qkv(x)  # (B, h, N, d) each, ReLU applied by the kernel
 
     def attend(self, attn, q, k, v):
+        """Attention of q over k, v."""
         from ..ops.linear_attention import linear_attention
 
         return linear_attention(q, k, v)  # (B, h, Nq, d)
 
     def output(self, attn, o, x):
+        """Output projection (B, h, N, d) -> (B, N, D)."""
         return attn.project_out(o.transpose(1, 2).flatten(2))  # (B, N, D)
 
 
@@ -404,28 +439,33 @@ class SanaBackbone:
         from ..pipelines.components import load_components
 
         parts, _ = load_components(ref, device=device, dtype=dtype)
-        return cls(parts.transformer, parts.vae, parts.text_encoder, parts.scheduler_config,
-                   name=str(parts.root or parts.name))
+        name = model_identity(parts.root) if parts.root is not None else parts.name
+        return cls(parts.transformer, parts.vae, parts.text_encoder, parts.scheduler_config, name=name)
 
     @torch.no_grad()
     def encode(self, frames):
+        """Frames (B, 3, H, W) in [-1, 1] -> scaled latents."""
         z = self.vae.encode(frames.to(self.device, self.vae.dtype))  # (B, C, H/f, W/f)
         return (z * self.scaling_factor).to(self.dtype)
 
     @torch.no_grad()
     def decode(self, latents):
+        """Scaled latents -> frames (B, 3, H, W) in [-1, 1]."""
         return self.vae.decode(latents.to(self.device, self.vae.dtype) / self.scaling_factor).float()
 
     @torch.no_grad()
     def embed(self, prompts):
+        """Text embeddings of `prompts`."""
         hidden, mask = self.text_encoder.encode(list(prompts), device=self.device)
         return TextCond(hidden, mask)  # (P, L, C), (P, L)
 
     def control_images(self, frames):
+        """Per-frame control images (T, 3, H, W) in [0, 1]."""
         raise ConfigError("ControlNet conditioning is only available with Stable Diffusion models")
 
     @torch.no_grad()
     def denoise(self, x, t, cond, control=None, control_scale=None):
+        """One model call on latents x (B, C, h, w) at time t; control rows are weighted by `control_scale`."""
         if control is not None:
             raise ConfigError("ControlNet conditioning is only available with Stable Diffusion models")
         x = x.to(self.device, self.dtype)
@@ -435,18 +475,23 @@ class SanaBackbone:
         return self.transformer(x, cond.hidden.to(self.device, self.dtype), timestep, encoder_attention_mask=mask)
 
     def self_attention_processors(self):
+        """The processors of every self-attention site, by site name."""
         return {n: p for n, p in self.transformer.attn_processors.items() if n.endswith(".attn1")}
 
     def set_self_attention_processors(self, processors):
+        """Replace the processors of the named self-attention sites."""
         self.transformer.set_attn_processor(processors)
 
     def pnp_attention_sites(self):
+        """Self-attention sites that take PnP query/key injection."""
         return list(self.pnp_sites)
 
     def feature_modules(self):
+        """The module whose output takes PnP feature injection, by site name."""
         return {self.feature_site: self.transformer.get_submodule(self.feature_site)}
 
     def timesteps(self, steps):
+        """Model-call times of a `steps`-step sampling run, noisiest first."""
         from ..sampling import schedule_from_scheduler_config
 
         sigmas = schedule_from_scheduler_config(self.scheduler_config, steps).sigmas  # (steps + 1,)
@@ -459,5 +504,6 @@ class SanaBackbone:
         return x.float() + (s_to - s_from) * out.float()
 
     def inversion_time(self, t_from, t_to):
+        """The time inversion evaluates the model at, moving from t_from to t_to."""
         # Explicit Euler towards noise: the velocity is taken where the latent is now.
         return 0.0 if t_from is None else float(t_from)

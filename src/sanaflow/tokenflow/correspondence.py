@@ -42,10 +42,14 @@ class FlowCorrespondence:
 
     def grid(self, tokens: int) -> tuple[int, int]:
         """Token grid (gh, gw) with gh * gw == tokens and the frames' aspect ratio."""
-        gh = round(math.sqrt(tokens * self.height / self.width))
-        if gh < 1 or tokens % gh:
+        # Downsampling rounds odd sides up, so pick the factorisation closest to the frames' aspect.
+        aspect = math.log(self.height / self.width)
+        divisors = [g for g in range(1, tokens + 1) if tokens % g == 0]
+        gh = min(divisors, key=lambda g: abs(math.log(g * g / tokens) - aspect))
+        gw = tokens // gh
+        if abs(math.log(gh / gw) - aspect) > 0.5:
             raise ConfigError(f"{tokens} tokens do not form a grid with the frames' aspect ratio {self.width}x{self.height}")
-        return gh, tokens // gh
+        return gh, gw
 
     def token_index(self, i: int, j: int, tokens: int) -> torch.Tensor:
         """For each token of frame i (row-major grid of `tokens`), the index of its token in frame j."""

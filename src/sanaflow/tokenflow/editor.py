@@ -50,6 +50,9 @@ class EditSettings:
     # Keep keyframe tokens on the CPU between the keyframe and propagation passes; None = when
     # there are more than OFFLOAD_KEYFRAMES keyframes (device memory then stays flat with length).
     offload_keyframes: bool | None = None
+    # At most this many keyframes attend to each other in one joint pass; more are run in
+    # consecutive groups, which bounds device memory for very long videos. None = all at once.
+    max_keyframes: int | None = 32
 
     def validate(self) -> None:
         """Raise a `ConfigError` naming the first invalid setting."""
@@ -61,6 +64,8 @@ class EditSettings:
             raise ConfigError(f"--steps must be at least 1, got {self.steps}")
         if self.batch_size < 1:
             raise ConfigError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.max_keyframes is not None and self.max_keyframes < 1:
+            raise ConfigError(f"max_keyframes must be at least 1 (or None for all), got {self.max_keyframes}")
         for name in ("pnp_feature", "pnp_attention", "strength"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
@@ -78,6 +83,15 @@ class EditSettings:
 def chunks(num_frames: int, batch_size: int) -> list[range]:
     """Consecutive frame ranges of at most `batch_size` frames."""
     return [range(s, min(s + batch_size, num_frames)) for s in range(0, num_frames, batch_size)]
+
+
+def keyframe_groups(num_keyframes: int, max_keyframes: int | None) -> list[range]:
+    """Split keyframes into near-equal consecutive groups of at most `max_keyframes` (None: one group)."""
+    if max_keyframes is None or num_keyframes <= max_keyframes:
+        return [range(num_keyframes)]
+    groups = -(-num_keyframes // max_keyframes)
+    bounds = [round(g * num_keyframes / groups) for g in range(groups + 1)]
+    return [range(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 def pick_keyframes(parts: list[range], generator: torch.Generator) -> list[int]:
@@ -178,8 +192,11 @@ def edit_latents(
             else:
                 keys = pick_keyframes(parts, generator)
                 state.clear()
-                state.mode, state.frames = Pass.KEYFRAMES, len(keys)
-                call(source[keys], x[keys], t, keys)  # fills state.keyframe_*; its output is not used
+                state.mode = Pass.KEYFRAMES
+                for group in keyframe_groups(len(keys), settings.max_keyframes):
+                    sel = keys[group.start : group.stop]
+                    state.frames = len(sel)
+                    call(source[sel], x[sel], t, sel)  # fills state.keyframe_*; its output is not used
                 state.mode = Pass.PROPAGATE
                 for b, part in enumerate(parts):
                     idx = list(part)

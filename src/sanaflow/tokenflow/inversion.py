@@ -27,6 +27,7 @@ CACHE_ENV = "SANAFLOW_CACHE"
 MANIFEST = "manifest.json"
 LATENTS = "latents.safetensors"
 RECONSTRUCTION = "reconstruction.mp4"
+RECONSTRUCTION_FRAMES = "reconstruction.safetensors"
 CACHE_VERSION = 1
 
 Progress = Callable[[int], None]  # called with the number of denoiser calls just done
@@ -122,8 +123,25 @@ class LatentCache:
 
     @property
     def reconstruction_path(self) -> Path:
-        """Where the reconstruction video of this inversion is (or would be) written."""
+        """The reconstruction as a video to watch (written by `save_reconstruction`)."""
         return self.folder / RECONSTRUCTION
+
+    def reconstruction(self) -> np.ndarray | None:
+        """The stored reconstruction frames (T, H, W, 3) uint8, exactly as sampled, or None."""
+        from safetensors.numpy import load_file
+
+        path = self.folder / RECONSTRUCTION_FRAMES
+        return load_file(str(path))["frames"] if path.is_file() else None
+
+    def save_reconstruction(self, frames: np.ndarray, fps: float) -> None:
+        """Keep the reconstruction (lossless, for reuse) and an mp4 of it (to watch)."""
+        from safetensors.numpy import save_file
+
+        from ..video import write_video
+
+        with atomic_path(self.folder / RECONSTRUCTION_FRAMES) as tmp:
+            save_file({"frames": np.ascontiguousarray(frames)}, str(tmp))
+        write_video(self.reconstruction_path, frames, fps)
 
 
 def step_key(step: int) -> str:

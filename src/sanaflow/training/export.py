@@ -53,8 +53,9 @@ def latent_std(vae, n: int = 256, resolution: int = 256, seed: int = 12345, batc
     return float(torch.cat(zs).std())
 
 
-def export_vae(checkpoint: str | Path, out: str | Path, resolution: int = 256, device: str | None = None) -> float:
-    """Write the EMA DC-AE of `checkpoint` with scaling_factor = 1 / latent std; return the factor."""
+def export_vae(checkpoint: str | Path, out: str | Path, resolution: int = 256, device: str | None = None,
+               dtype: str = "float32") -> float:
+    """Write the EMA DC-AE of `checkpoint` (in `dtype`) with scaling_factor = 1 / latent std; return the factor."""
     from ..models import DCAE
 
     src = _model_folder(Path(checkpoint))
@@ -63,6 +64,7 @@ def export_vae(checkpoint: str | Path, out: str | Path, resolution: int = 256, d
     config = {**vae.config.to_dict(), "scaling_factor": round(factor, 5)}
     scaled = DCAE.from_config(config)
     scaled.load_state_dict(vae.state_dict())
+    scaled.to(DTYPES[dtype])
     with atomic_path(out) as tmp:
         scaled.save_pretrained(tmp)
     return factor
@@ -114,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--checkpoint", required=True)
     v.add_argument("--out", required=True)
     v.add_argument("--resolution", type=int, default=256)
+    v.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     pp = sub.add_parser("pipeline", help="SanaPipeline folder from a transformer checkpoint and a DC-AE folder")
     pp.add_argument("--transformer", required=True)
     pp.add_argument("--vae", required=True)
@@ -123,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     pp.add_argument("--dtype", choices=sorted(DTYPES), default="float16")
     args = p.parse_args(argv)
     if args.what == "vae":
-        factor = export_vae(args.checkpoint, args.out, args.resolution)
+        factor = export_vae(args.checkpoint, args.out, args.resolution, dtype=args.dtype)
         print(f"wrote {args.out} (scaling_factor {factor:.5f})")
     else:
         out = export_pipeline(args.transformer, args.vae, args.out, args.flow_shift, args.text_max_length, args.dtype)

@@ -362,7 +362,9 @@ class Trainer:
                     record["grad_norm"] = float(grad_norm)
                 self._log(acc, writer, record)
                 if pbar is not None:
-                    pbar.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}", img_s=f"{record['img_per_s']:.0f}")
+                    pbar.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}", img_s=f"{record['img_per_s']:.1f}")
+                else:
+                    acc.print(json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in record.items()}))
                 logs_acc, window_t, window_n = {}, time.time(), 0
             out_of_time = cfg.train.max_minutes is not None and (time.time() - t_start) / 60 > cfg.train.max_minutes
             if acc.num_processes > 1:
