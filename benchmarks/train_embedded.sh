@@ -40,7 +40,7 @@ train --config train/shapes-tiny-dit --set output_dir=$RUN/dit --set model.vae_p
 python -c "from sanaflow.training.export import export_checkpoint as e; import glob; \
 e(sorted(glob.glob('$RUN/dit/checkpoints/step_*'))[-1], '$RUN/dit_lite')"
 python -c "from sanaflow.training.evaluate import sweep; \
-sweep('$RUN/dit_lite/ema', '$VAE', '$TE', n=$NSWEEP, shifts=(1.0, 2.0, 3.0), guidances=(4.5,))" 2>&1 | tee $RUN/sweep.log
+sweep('$RUN/dit_lite/ema', '$VAE', '$TE', n=$NSWEEP, shifts=(1.0, 2.0, 3.0), guidances=(4.5,))" 2>&1 | tee $RUN/sweep.log || true
 cp $RUN/dit_lite/model/diffusion_pytorch_model.safetensors $OUT/dit_model.safetensors
 cp $RUN/dit_lite/ema/diffusion_pytorch_model.safetensors $OUT/dit_ema.safetensors
 rm -rf $RUN/dit/checkpoints $RUN/dcae/checkpoints
