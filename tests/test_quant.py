@@ -195,6 +195,15 @@ def test_cli_quantize_transformer_and_pipeline(tmp_path, capsys):
         out = model(x, caption, torch.tensor([999.0, 10.0]))
     assert cosine(out, ref) >= 0.99
 
+    # the quantized folder is a drop-in model for the text-to-image pipeline
+    from sanaflow.pipelines.text_to_image import TextToImagePipeline
+
+    kw = dict(seed=0, num_inference_steps=3, output_type="pt", height=64, width=64)
+    images = TextToImagePipeline.from_pretrained(str(out_dir), device="cpu")("a red cat", **kw).images
+    ref_images = TextToImagePipeline.from_pretrained(str(src), device="cpu")("a red cat", **kw).images
+    assert is_quantized(TextToImagePipeline.from_pretrained(str(out_dir), device="cpu").transformer) == "int8"
+    assert cosine(images, ref_images) >= 0.99
+
     # a transformer folder alone works too
     assert main(["quantize", str(src / "transformer"), "--mode", "int8", "--out", str(tmp_path / "t"),
                  "--device", "cpu"]) == 0

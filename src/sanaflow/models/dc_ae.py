@@ -73,11 +73,14 @@ class RMSNorm2d(nn.Module):
         self.bias = nn.Parameter(torch.zeros(channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # statistics in fp32 even for bf16 weights, as the reference does
-        xf = x.float()
-        y = xf * torch.rsqrt(xf.pow(2).mean(dim=1, keepdim=True) + self.eps)  # (B, C, H, W)
-        y = y.to(self.weight.dtype)
-        return y * self.weight[:, None, None] + self.bias[:, None, None]
+        # statistics in fp32 even for bf16 weights, as the reference does; vector_norm upcasts
+        # inside the reduction, so no fp32 copy of the whole map is made
+        sq = torch.linalg.vector_norm(x, 2, dim=1, keepdim=True, dtype=torch.float32).square()  # (B, 1, H, W)
+        # the (B, 1, H, W) scale is cast, not the map: no fp32 copy of a half-precision map
+        y = (x * torch.rsqrt(sq / x.shape[1] + self.eps).to(x.dtype)).to(self.weight.dtype)  # (B, C, H, W)
+        if torch.is_grad_enabled():
+            return torch.addcmul(self.bias[:, None, None], y, self.weight[:, None, None])
+        return y.mul_(self.weight[:, None, None]).add_(self.bias[:, None, None])  # inference: in place
 
 
 def make_norm(norm_type: str, channels: int) -> nn.Module:
@@ -89,20 +92,31 @@ def make_norm(norm_type: str, channels: int) -> nn.Module:
     raise unknown_choice("norm type", str(norm_type), NORM_TYPES)
 
 
+class Activation(nn.Module):
+    """An activation by diffusers' name (case-insensitive); applied in place when no gradient is recorded."""
+
+    _FNS: dict[str, Callable[..., torch.Tensor]] = {"silu": F.silu, "swish": F.silu, "relu": F.relu, "mish": F.mish}
+
+    def __init__(self, name: str):
+        super().__init__()
+        key = name.lower()
+        if key not in ACT_FNS:
+            raise unknown_choice("activation", name, ACT_FNS)
+        self.name = key
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.name == "gelu":
+            return F.gelu(x)
+        # in place saves one full-size map per call in inference; autograd needs the input kept
+        return self._FNS[self.name](x, inplace=not torch.is_grad_enabled())
+
+    def extra_repr(self) -> str:
+        return self.name
+
+
 def make_act(name: str | None) -> nn.Module:
-    """An activation by diffusers' name (case-insensitive); None is the identity."""
-    if name is None:
-        return nn.Identity()
-    key = name.lower()
-    if key in ("silu", "swish"):
-        return nn.SiLU()
-    if key == "relu":
-        return nn.ReLU()
-    if key == "gelu":
-        return nn.GELU()
-    if key == "mish":
-        return nn.Mish()
-    raise unknown_choice("activation", name, ACT_FNS)
+    """An activation by diffusers' name; None is the identity."""
+    return nn.Identity() if name is None else Activation(name)
 
 
 def _pointwise(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -122,7 +136,7 @@ class ResBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv2(self.nonlinearity(self.conv1(x)))  # (B, C, H, W)
-        return self.norm(h) + x
+        return self.norm(h).add_(x)  # the norm's output is fresh: add the residual in place
 
 
 class MultiscaleProjection(nn.Module):
@@ -192,7 +206,7 @@ class MultiscaleLinearAttention(nn.Module):
 
     def finish(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Attention output (B, I(1+S), H, W) -> projected, normed, plus the residual x."""
-        return self.norm_out(_pointwise(out, self.to_out.weight)) + x
+        return self.norm_out(_pointwise(out, self.to_out.weight)).add_(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = multiscale_relu_attention(self.qkv(x), self.head_dim)  # (B, I(1+S), H, W)
@@ -240,7 +254,7 @@ class GLUMBConv(nn.Module):
         h = self.conv_depth(F.silu(self.conv_inverted(x)))  # (B, 2h, H, W)
         h, gate = h.chunk(2, dim=1)  # (B, h, H, W) each
         h = self.conv_point(h * F.silu(gate))  # (B, C, H, W)
-        return self.norm(h) + x
+        return self.norm(h).add_(x)
 
 
 class EfficientViTBlock(nn.Module):
@@ -286,6 +300,30 @@ class DownBlock(nn.Module):
         return y
 
 
+def _nearest_phase_map() -> torch.Tensor:
+    """M[a, o, d] = 1 where fine offset d (-1..1) from output phase a (0, 1) of a 2x nearest upsample reads coarse offset o (-1..1)."""
+    m = torch.zeros(2, 3, 3)
+    for a in range(2):
+        for d in range(-1, 2):
+            m[a, (a + d) // 2 + 1, d + 1] = 1.0
+    return m
+
+
+_PHASES = _nearest_phase_map()
+
+
+def polyphase_weight(weight: torch.Tensor) -> torch.Tensor:
+    """3x3 conv weight (O, I, 3, 3) after a 2x nearest upsample -> the equal conv (4 O, I, 3, 3) on the coarse grid.
+
+    Output channel o * 4 + a * 2 + b is output phase (a, b), the order `pixel_shuffle` expects,
+    so conv3x3(upsample(x)) == pixel_shuffle(conv3x3(x, polyphase_weight(w))) without ever
+    holding the 4x larger upsampled input.
+    """
+    m = _PHASES.to(device=weight.device, dtype=torch.float32)
+    w = torch.einsum("ayd,bxe,oide->oabiyx", m, m, weight.float())  # (O, 2, 2, I, 3, 3)
+    return w.flatten(0, 2).to(weight.dtype)  # (4 O, I, 3, 3)
+
+
 class UpBlock(nn.Module):
     """Double H and W: nearest upsample + conv ('interpolate') or conv + pixel-shuffle, plus a repeat shortcut."""
 
@@ -298,14 +336,17 @@ class UpBlock(nn.Module):
         self.conv = nn.Conv2d(in_channels, conv_out, 3, 1, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Both variants become one coarse-grid conv to 4x channels, then a pixel shuffle: the
+        # interpolate variant through its polyphase weights (no 4x upsampled copy of x).
         if self.interpolate:
-            y = self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))  # (B, out, 2H, 2W)
+            bias = self.conv.bias.repeat_interleave(4)
+            y = F.conv2d(x, polyphase_weight(self.conv.weight), bias, padding=1)  # (B, 4 out, H, W)
         else:
-            y = F.pixel_shuffle(self.conv(x), 2)  # (B, out, 2H, 2W)
+            y = self.conv(x)  # (B, 4 out, H, W)
         if self.shortcut:
-            s = x.repeat_interleave(self.repeats, dim=1, output_size=x.shape[1] * self.repeats)  # (B, 4 out, H, W)
-            y = y + F.pixel_shuffle(s, 2)
-        return y
+            # pixel_shuffle(repeat_interleave(x)) added before the shuffle, in place, from a broadcast view
+            y.unflatten(1, (x.shape[1], self.repeats)).add_(x.unsqueeze(2))
+        return F.pixel_shuffle(y, 2)  # (B, out, 2H, 2W)
 
 
 @dataclass(frozen=True)
@@ -493,7 +534,7 @@ def run_tiled(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tile:
     positions; `x` is (B, C, gh * in_scale, gw * in_scale) and `fn` maps a (b, C, t * in_scale, ...)
     batch of tiles to (b, C_out, t * out_scale, ...). `tile` (the largest tile), `overlap` and `halo` (the receptive
     field of `fn` in grid units; overlap >= 2 * halo makes the result exact) are grid units.
-    Tiles run `tile_batch` at a time. Returns fn's dtype, accumulated in fp32.
+    Tiles run `tile_batch` at a time. Returns fn's dtype.
     """
     b = x.shape[0]
     gh, gw = x.shape[-2] // in_scale, x.shape[-1] // in_scale
@@ -509,14 +550,14 @@ def run_tiled(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tile:
                            for i, j in chunk])  # (len(chunk) * B, C, th * in_scale, tw * in_scale)
         res = fn(tiles)  # (len(chunk) * B, C_out, th * out_scale, tw * out_scale)
         if out is None:
-            out = res.new_zeros(b, res.shape[1], gh * out_scale, gw * out_scale, dtype=torch.float32)
+            # in fn's dtype: each pixel sums at most two weighted tiles (one, with the exact default overlap)
+            out = res.new_zeros(b, res.shape[1], gh * out_scale, gw * out_scale)
         for n, (i, j) in enumerate(chunk):
             w = (wy[i][:, None] * wx[j][None, :]).to(res.dtype)  # (th * out_scale, tw * out_scale)
             y0, x0 = ys[i] * out_scale, xs[j] * out_scale
-            out[:, :, y0: y0 + th * out_scale, x0: x0 + tw * out_scale] += res[n * b: (n + 1) * b] * w
-        dtype = res.dtype
+            out[:, :, y0: y0 + th * out_scale, x0: x0 + tw * out_scale].addcmul_(res[n * b: (n + 1) * b], w)
         del res, tiles
-    return out.to(dtype)
+    return out
 
 
 def _chain(steps: Sequence[Step]) -> Callable[[torch.Tensor], torch.Tensor]:

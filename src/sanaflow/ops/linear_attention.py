@@ -17,6 +17,8 @@ pure-torch version (the numerical reference for any fused kernel).
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -38,6 +40,44 @@ def linear_attention_reference(
     return out.to(out_dtype)
 
 
+# Which implementation `linear_attention` uses: "auto" (Triton on CUDA when installed, else torch),
+# "torch" or "triton". Read once at import from SANAFLOW_LINEAR_ATTENTION; set_backend changes it.
+BACKENDS = ("auto", "torch", "triton")
+_backend = os.environ.get("SANAFLOW_LINEAR_ATTENTION", "auto")
+_triton_fn = None  # the Triton entry point, imported on first CUDA use (keeps CPU imports light)
+
+
+def set_backend(name: str) -> None:
+    """Choose the implementation of `linear_attention`: auto, torch or triton."""
+    global _backend
+    if name not in BACKENDS:
+        from ..errors import unknown_choice
+
+        raise unknown_choice("linear-attention backend", name, BACKENDS)
+    _backend = name
+
+
+def _triton():
+    global _triton_fn
+    if _triton_fn is None:
+        from .triton_linear_attention import linear_attention_triton, triton_available
+
+        _triton_fn = linear_attention_triton if triton_available() else False
+    return _triton_fn
+
+
 def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """ReLU linear attention: q (B,h,N,d), k/v (B,h,M,d) -> (B,h,N,d) in q's dtype (fp32 accumulation)."""
+    """ReLU linear attention: q (B,h,N,d), k/v (B,h,M,d) -> (B,h,N,d) in q's dtype (fp32 accumulation).
+
+    On CUDA the fused Triton kernel runs when triton is installed (backend "auto"); elsewhere, and
+    with backend "torch", the pure-torch reference.
+    """
+    if _backend != "torch" and q.is_cuda:
+        fn = _triton()
+        if fn:
+            return fn(q, k, v)
+        if _backend == "triton":
+            from ..errors import SanaflowError
+
+            raise SanaflowError("linear-attention backend 'triton' requested but triton is not installed")
     return linear_attention_reference(q, k, v)
