@@ -141,6 +141,37 @@ def test_cuda_graphs_refused_on_cpu(tiny_folder, tmp_path, capsys):
     assert not out.exists() or not list(out.iterdir())
 
 
+class ReplayOnCPU(CUDAGraphRunner):
+    """A CPU stand-in for a CUDA graph: "replay" reruns the captured call on the static buffers.
+
+    It checks the pipeline's wiring of the graph path (inputs copied into static buffers, keys,
+    cache reuse across calls, output copies); the real capture is tested in test_cuda_graphs.py.
+    """
+
+    device_type = "cpu"
+
+    def _capture(self, warmup):
+        return self.fn(**self._static)
+
+    def _replay(self):
+        self._out.copy_(self.fn(**self._static))
+
+
+@pytest.mark.parametrize("guidance,pag", [(1.0, 0.0), (4.5, 0.0), (4.5, 2.0)])
+def test_graph_path_wiring_on_cpu(tiny_folder, guidance, pag):
+    import sanaflow
+
+    pipe = sanaflow.load_pipeline(tiny_folder, device="cpu")
+    kw = dict(KW, seed=[1, 2], guidance_scale=guidance, pag_scale=pag)
+    eager = pipe(PROMPTS, **kw).images
+    pipe._graphs = CUDAGraphCache(runner=ReplayOnCPU)
+    pipe._cuda_graphs = True  # (the public setter refuses CPU pipelines)
+    first = pipe(PROMPTS, **kw).images
+    second = pipe(PROMPTS, **kw).images  # replays the runner captured by the first call
+    assert len(pipe._graphs) == 1
+    assert torch.equal(first, eager) and torch.equal(second, eager)
+
+
 def test_shape_key_names_shapes_dtypes_and_missing_inputs():
     a = shape_key({"x": torch.zeros(2, 3), "mask": None})
     assert a == (("mask", None), ("x", ((2, 3), torch.float32, torch.device("cpu"))))

@@ -550,7 +550,7 @@ def run_tiled(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tile:
                            for i, j in chunk])  # (len(chunk) * B, C, th * in_scale, tw * in_scale)
         res = fn(tiles)  # (len(chunk) * B, C_out, th * out_scale, tw * out_scale)
         if out is None:
-            # in fn's dtype: each pixel sums at most two weighted tiles (one, with the exact default overlap)
+            # in fn's dtype: a pixel sums at most 4 weighted tiles (mostly 1 with the exact default overlap)
             out = res.new_zeros(b, res.shape[1], gh * out_scale, gw * out_scale)
         for n, (i, j) in enumerate(chunk):
             w = (wy[i][:, None] * wx[j][None, :]).to(res.dtype)  # (th * out_scale, tw * out_scale)
@@ -776,7 +776,8 @@ class DCAE(ModelMixin):
         t = tile // px_per_grid
         if o >= t:
             what = f"overlap ({overlap} px)" if overlap is not None else f"receptive-field overlap ({o * px_per_grid} px)"
-            raise InputError(f"the {what} must be smaller than the tile ({tile} px); use a larger tile")
+            least = -(-(o + 1) * px_per_grid // f) * f
+            raise InputError(f"the {what} must be smaller than the tile ({tile} px); use a larger tile (>= {least} px)")
         return t, o
 
     def wants_tiling(self, height: int, width: int, tiling: bool | str = "auto") -> bool:

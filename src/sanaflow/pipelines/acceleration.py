@@ -85,10 +85,12 @@ class CUDAGraphRunner:
     Each call copies its inputs into the static buffers, replays, and returns a clone of the output.
     """
 
+    device_type = "cuda"  # (a CPU stand-in for tests overrides this, `_capture` and `_replay`)
+
     def __init__(self, fn: Callable[..., torch.Tensor], inputs: TensorInputs, warmup: int = GRAPH_WARMUP_CALLS):
         tensors = [v for v in inputs.values() if v is not None]
         devices = {v.device for v in tensors}
-        if not tensors or len(devices) != 1 or next(iter(devices)).type != "cuda":
+        if not tensors or len(devices) != 1 or next(iter(devices)).type != self.device_type:
             raise SanaflowError(
                 f"CUDA graphs need tensor inputs on one CUDA device; got devices {sorted(map(str, devices))}"
             )
@@ -99,32 +101,36 @@ class CUDAGraphRunner:
         self._static = {
             k: None if v is None else v.detach().clone(memory_format=torch.contiguous_format) for k, v in inputs.items()
         }
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.device(self.device):
-            self._out = self._capture(max(1, warmup))
-
-    def _capture(self, warmup: int) -> torch.Tensor:
-        # Warm up on a side stream (as torch's docs prescribe): lazy initialisation, compilation,
-        # autotuning and algorithm selection all synchronise, which capture does not allow.
-        current = torch.cuda.current_stream(self.device)
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(current)
-        with torch.cuda.stream(side):
-            for _ in range(warmup):
-                self.fn(**self._static)
-        current.wait_stream(side)
-        torch.cuda.synchronize(self.device)
-        try:
-            with torch.cuda.graph(self.graph):
-                out = self.fn(**self._static)
-        except RuntimeError as e:
-            raise SanaflowError(
-                f"CUDA graph capture failed ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
-                "the call synchronises with the host or changes shape; run without cuda_graphs"
-            ) from e
+        out = self._capture(max(1, warmup))
         if not isinstance(out, torch.Tensor):
             raise SanaflowError(f"a CUDA-graphed call must return one tensor, got {type(out).__name__}")
-        return out
+        self._out = out
+
+    def _capture(self, warmup: int) -> torch.Tensor:
+        """Warm up, then capture `fn` on the static buffers; returns the graph's output tensor."""
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.device(self.device):
+            # Warm up on a side stream (as torch's docs prescribe): lazy initialisation, compilation,
+            # autotuning and algorithm selection all synchronise, which capture does not allow.
+            current = torch.cuda.current_stream(self.device)
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(current)
+            with torch.cuda.stream(side):
+                for _ in range(warmup):
+                    self.fn(**self._static)
+            current.wait_stream(side)
+            torch.cuda.synchronize(self.device)
+            try:
+                with torch.cuda.graph(self.graph):
+                    return self.fn(**self._static)
+            except RuntimeError as e:
+                raise SanaflowError(
+                    f"CUDA graph capture failed ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                    "the call synchronises with the host or changes shape; run without cuda_graphs"
+                ) from e
+
+    def _replay(self) -> None:
+        self.graph.replay()
 
     def __call__(self, **inputs: torch.Tensor | None) -> torch.Tensor:
         """Copy `inputs` into the static buffers, replay the graph, return a copy of its output."""
@@ -134,7 +140,7 @@ class CUDAGraphRunner:
         for name, value in inputs.items():
             if value is not None:
                 self._static[name].copy_(value)
-        self.graph.replay()
+        self._replay()
         return self._out.clone()  # the next replay overwrites self._out
 
 
@@ -146,10 +152,11 @@ class CUDAGraphCache:
     input (weights, attention processors): a runner replays the kernels of its first call only.
     """
 
-    def __init__(self, max_graphs: int = 2):
+    def __init__(self, max_graphs: int = 2, runner: type[CUDAGraphRunner] | None = None):
         if max_graphs < 1:
             raise ConfigError(f"max_graphs must be >= 1, got {max_graphs}")
         self.max_graphs = max_graphs
+        self.runner = CUDAGraphRunner if runner is None else runner
         self._runners: OrderedDict[Hashable, CUDAGraphRunner] = OrderedDict()
 
     def __len__(self) -> int:
@@ -169,7 +176,7 @@ class CUDAGraphCache:
         while len(self._runners) >= self.max_graphs:
             self._runners.popitem(last=False)  # free the oldest pool before capturing a new one
         start = time.perf_counter()
-        runner = CUDAGraphRunner(fn, inputs)
+        runner = self.runner(fn, inputs)
         logger.info("captured a CUDA graph for %s in %.1f s", _describe(inputs), time.perf_counter() - start)
         self._runners[key] = runner
         return runner(**inputs)

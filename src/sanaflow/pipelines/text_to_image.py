@@ -113,6 +113,9 @@ class TextToImagePipeline:
         self._graphs = CUDAGraphCache()
         self._cuda_graphs = False
         self._offload = False
+        # One PAG processor for every call (its `rows` is set before each transformer call): a compiled
+        # graph or a cached CUDA graph made in one call then serves the next ones too.
+        self._pag_processor = PAGSelfAttnProcessor()
         self.offload_device = OFFLOAD_DEVICE
         self.cuda_graphs = cuda_graphs
         self.offload_text_encoder = offload_text_encoder
@@ -177,11 +180,11 @@ class TextToImagePipeline:
 
     @offload_text_encoder.setter
     def offload_text_encoder(self, value: bool) -> None:
-        self._offload = bool(value)
-        if self._offload:
+        if value:
             self._park_text_encoder()
-        else:
-            self.text_encoder.to(self.device)
+        elif self._offload:
+            self.text_encoder.to(self.device)  # back for good
+        self._offload = bool(value)
 
     def _park_text_encoder(self) -> None:
         self.text_encoder.to(self.offload_device)
@@ -404,7 +407,7 @@ class TextToImagePipeline:
             return self._sample_sprint(sample_fn, x, cond_args, steps, guidance_scale, callback, progress, generators)
         schedule = sampling.schedule_from_scheduler_config(self.scheduler_config, steps, flow_shift)
         use_pag = pag_scale > 0
-        pag_proc = PAGSelfAttnProcessor() if use_pag else None
+        pag_proc = self._pag_processor if use_pag else None
         layers = list(pag_layers) if pag_layers is not None else list(DEFAULT_PAG_LAYERS(self.transformer.config.num_layers))
         model = self._model_fn(schedule.timestep_of, pag_proc, layers if use_pag else ())
         if use_pag:
@@ -416,8 +419,11 @@ class TextToImagePipeline:
         extra = {"cond": cond_args, "uncond": uncond_args}
         if pag_proc is None:
             return sample_fn(guided, x, schedule.sigmas, extra_args=extra, callback=callback, disable=not progress)
-        with swapped_self_attention(self.transformer, layers, pag_proc):
-            return sample_fn(guided, x, schedule.sigmas, extra_args=extra, callback=callback, disable=not progress)
+        try:
+            with swapped_self_attention(self.transformer, layers, pag_proc):
+                return sample_fn(guided, x, schedule.sigmas, extra_args=extra, callback=callback, disable=not progress)
+        finally:
+            pag_proc.rows = None
 
     def _sample_sprint(self, sample_fn, x, cond_args, steps, guidance_scale, callback, progress, generators):
         from .. import sampling

@@ -183,6 +183,8 @@ class StableDiffusionBackbone:
         self.scheduler = scheduler
         self.controlnet = controlnet
         self.name = name
+        self._compiled_unet = None  # set by `compile`
+        self._hooked = False  # TokenFlow processors installed (the compiled UNet is then bypassed)
         self.device = unet.device
         self.dtype = unet.dtype
         self.attention_ops = SDAttentionOps()
@@ -268,7 +270,9 @@ class StableDiffusionBackbone:
     def denoise(self, x, t, cond, control=None, control_scale=None):
         """One model call on latents x (B, C, h, w) at time t; control rows are weighted by `control_scale`."""
         x = x.to(self.device, self.dtype)
-        timestep = torch.tensor(t, device=self.device)
+        # Uploaded without a host sync (torch.tensor(t, device=...) waits for the stream); a tensor
+        # rather than a number also keeps a compiled UNet from specialising on every timestep.
+        timestep = torch.tensor(t).to(self.device, non_blocking=True)
         hidden = cond.hidden.to(self.device, self.dtype)
         extra = {}
         if control is not None:
@@ -290,7 +294,16 @@ class StableDiffusionBackbone:
                     "down_block_additional_residuals": [full(r) for r in down],
                     "mid_block_additional_residual": full(mid),
                 }
-        return self.unet(x, timestep, encoder_hidden_states=hidden, return_dict=False, **extra)[0]
+        unet = self.unet if self._compiled_unet is None or self._hooked else self._compiled_unet
+        return unet(x, timestep, encoder_hidden_states=hidden, return_dict=False, **extra)[0]
+
+    def compile(self, **options) -> None:
+        """torch.compile the UNet for the plain passes (inversion, reconstruction); TokenFlow passes stay eager.
+
+        The TokenFlow processors regroup tokens by Python state every call, which a compiled graph
+        would have to re-trace; the plain passes are the bulk of the default (500-step) setting.
+        """
+        self._compiled_unet = torch.compile(self.unet, **options)
 
     def self_attention_processors(self):
         """The processors of every self-attention site, by site name."""
@@ -306,6 +319,7 @@ class StableDiffusionBackbone:
         current = dict(self.unet.attn_processors)
         current.update({f"{site}.processor": proc for site, proc in processors.items()})
         self.unet.set_attn_processor(current)
+        self._hooked = any(isinstance(p, TokenFlowAttnProcessor) for p in processors.values())
 
     def pnp_attention_sites(self):
         """Self-attention sites that take PnP query/key injection."""

@@ -78,6 +78,6 @@ class FlowCorrespondence:
             index = torch.stack(
                 [torch.stack([self.token_index(f, a, tokens) for f in frames]) for a in anchors]
             )  # (A, n, N)
-            return index.to(queries.device)
+            return index.to(queries.device, non_blocking=True)  # a fresh host tensor: no sync needed
 
         return match

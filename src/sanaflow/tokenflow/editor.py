@@ -6,8 +6,10 @@ cache: pick one random keyframe per chunk of `batch_size` frames; run the keyfra
 site stores its keyframe tokens; then run every chunk (`Pass.PROPAGATE`): self-attention outputs are
 copied from the chunk's keyframe and the previous chunk's keyframe along nearest-neighbour
 correspondences, blended by frame distance. Classifier-free guidance combines the two edit branches
-and the backbone's `move` takes the step. The current latents live on the CPU between chunks, so
-device memory holds one chunk plus the keyframe tokens, whatever the video length.
+and the backbone's `move` takes the step. Model calls see one chunk (or the keyframes) at a time, so
+device memory holds one chunk's activations plus the keyframe tokens (moved to the CPU for long
+videos), whatever the video length; only the latents themselves (a few MB) stay on the device for
+every frame, so the loop never waits for the host between chunks.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from .inversion import LatentCache
 
 MODES = ("tokenflow-pnp", "tokenflow-sdedit", "per-frame")
 DEFAULT_NEGATIVE = "ugly, blurry, low res, unrealistic, unaesthetic"  # TokenFlow's default
-OFFLOAD_KEYFRAMES = 8
+OFFLOAD_KEYFRAMES = 16
 
 
 @dataclass
@@ -48,7 +50,8 @@ class EditSettings:
     correspondence: str = "features"
     control_scale: float | None = None  # ControlNet weight; None = no ControlNet
     # Keep keyframe tokens on the CPU between the keyframe and propagation passes; None = when
-    # there are more than OFFLOAD_KEYFRAMES keyframes (device memory then stays flat with length).
+    # there are more than OFFLOAD_KEYFRAMES keyframes (device memory then stays flat with length;
+    # below that the tokens are small, ~1.5 GB for SD at 512 px, and stay on the device).
     offload_keyframes: bool | None = None
     # At most this many keyframes attend to each other in one joint pass; more are run in
     # consecutive groups, which bounds device memory for very long videos. None = all at once.
@@ -120,19 +123,31 @@ class _Caller:
                  control_scale: float | None):
         self.backbone, self.conds, self.guidance = backbone, conds, guidance
         self.control, self.control_scale = control, control_scale
+        self._stacked: dict[int, TextCond] = {}  # per frame count: built once, not uploaded per call
+
+    def cond(self, n: int) -> TextCond:
+        """The prompt rows of a call on n frames per branch."""
+        if n not in self._stacked:
+            self._stacked[n] = self.conds.take([0] * n + [1] * n + [2] * n)
+        return self._stacked[n]
 
     def __call__(self, source: torch.Tensor, current: torch.Tensor, t: float, frames: list[int]) -> torch.Tensor:
         n = len(frames)
         x = torch.cat([source, current, current])  # (3n, C, h, w)
-        cond = self.conds.take([0] * n + [1] * n + [2] * n)
         control = scale = None
         if self.control is not None:
             control = self.control[frames].repeat(NUM_BRANCHES, 1, 1, 1)  # (3n, 3, H, W)
             # The source branch rebuilds the source video: it gets no control.
             scale = torch.tensor([0.0] * n + [float(self.control_scale)] * (2 * n))
-        out = self.backbone.denoise(x, t, cond, control, scale).float()  # (3n, C, h, w)
+        out = self.backbone.denoise(x, t, self.cond(n), control, scale).float()  # (3n, C, h, w)
         uncond, cond_out = out[n : 2 * n], out[2 * n :]
         return uncond + self.guidance * (cond_out - uncond)  # (n, C, h, w)
+
+
+def _rows(x: torch.Tensor, frames: list[int]) -> torch.Tensor:
+    """x[frames] without a host sync (the index goes up asynchronously)."""
+    index = torch.tensor(frames).to(x.device, non_blocking=True)
+    return x.index_select(0, index)
 
 
 @torch.no_grad()
@@ -156,7 +171,10 @@ def edit_latents(
     if needs_frames and source_frames is None:
         raise InputError("flow correspondences and ControlNet need the source frames")
     start = settings.start_step()
-    x = cache.latents(start).float()  # (T, C, h, w) on the CPU
+    device = backbone.device
+    # All frames' latents stay on the device (a few MB even for long videos): chunks are slices of
+    # them, so no step waits for a copy back to the host.
+    x = cache.latents(start).to(device, torch.float32)  # (T, C, h, w)
     num_frames = len(x)
     parts = chunks(num_frames, settings.batch_size)
     conds = backbone.embed([settings.source_prompt, settings.negative_prompt, settings.prompt])
@@ -171,45 +189,52 @@ def edit_latents(
     if offload is None:
         offload = len(parts) > OFFLOAD_KEYFRAMES
     state = TokenFlowState(store_device=torch.device("cpu") if offload else None)
+    # Anchors and blend weights per chunk are the same at every step: put them on the device once.
+    plans = []
+    for b in range(len(parts)):
+        slots, weights = anchors_of(parts, b)
+        plans.append((slots, None if weights is None else weights.to(device)))
 
     with tokenflow_hooks(backbone, state):
         for i in range(start, settings.steps):
             t = times[i]
             t_next = times[i + 1] if i + 1 < settings.steps else None
-            source = cache.latents(i).float()  # (T, C, h, w)
+            source = cache.latents(i).to(device, torch.float32, non_blocking=True)  # (T, C, h, w)
             state.inject_features = i < n_feature
             state.inject_attention = i < n_attention
             new = torch.empty_like(x)
             if settings.mode == "per-frame":
                 state.mode = Pass.PER_FRAME
                 for part in parts:
-                    idx = list(part)
-                    state.frames = len(idx)
-                    guided = call(source[idx], x[idx], t, idx)
-                    new[idx] = backbone.move(x[idx].to(guided.device), guided, t, t_next).cpu()
+                    rows = slice(part.start, part.stop)
+                    state.frames = len(part)
+                    guided = call(source[rows], x[rows], t, list(part))
+                    new[rows] = backbone.move(x[rows], guided, t, t_next)
                     if progress is not None:
                         progress(1)
             else:
                 keys = pick_keyframes(parts, generator)
                 state.clear()
                 state.mode = Pass.KEYFRAMES
+                state.keyframe_slots = len(keys)
                 for group in keyframe_groups(len(keys), settings.max_keyframes):
                     sel = keys[group.start : group.stop]
                     state.frames = len(sel)
-                    call(source[sel], x[sel], t, sel)  # fills state.keyframe_*; its output is not used
+                    state.keyframe_offset = group.start
+                    call(_rows(source, sel), _rows(x, sel), t, sel)  # fills state.keyframe_*; output unused
                 state.mode = Pass.PROPAGATE
                 for b, part in enumerate(parts):
-                    idx = list(part)
-                    state.frames = len(idx)
-                    state.anchors, state.weights = anchors_of(parts, b)
-                    state.matcher = None if flow is None else flow.matcher(idx, [keys[a] for a in state.anchors])
-                    guided = call(source[idx], x[idx], t, idx)
-                    new[idx] = backbone.move(x[idx].to(guided.device), guided, t, t_next).cpu()
+                    rows = slice(part.start, part.stop)
+                    state.frames = len(part)
+                    state.anchors, state.weights = plans[b]
+                    state.matcher = None if flow is None else flow.matcher(list(part), [keys[a] for a in state.anchors])
+                    guided = call(source[rows], x[rows], t, list(part))
+                    new[rows] = backbone.move(x[rows], guided, t, t_next)
                     if progress is not None:
                         progress(1)
                 state.clear()
             x = new
-    return x
+    return x.cpu()
 
 
 def calls_per_step(settings: EditSettings, num_frames: int) -> int:

@@ -29,6 +29,9 @@ LATENTS = "latents.safetensors"
 RECONSTRUCTION = "reconstruction.mp4"
 RECONSTRUCTION_FRAMES = "reconstruction.safetensors"
 CACHE_VERSION = 1
+# Frames per VAE call, whatever the denoiser's batch: a 512 px SD VAE pass in float32 holds ~0.7 GB
+# of activations per frame, so large inversion batches must not reach the VAE.
+VAE_BATCH = 4
 
 Progress = Callable[[int], None]  # called with the number of denoiser calls just done
 
@@ -163,14 +166,16 @@ def tensor_to_frames(images: torch.Tensor) -> np.ndarray:
 @torch.no_grad()
 def encode_frames(backbone: Backbone, frames: np.ndarray, batch_size: int) -> torch.Tensor:
     """VAE-encode uint8 frames (T, H, W, 3) in batches -> latents (T, C, h, w) on the CPU."""
-    out = [backbone.encode(frames_to_tensor(frames[i : i + batch_size])).cpu() for i in range(0, len(frames), batch_size)]
+    step = min(batch_size, VAE_BATCH)
+    out = [backbone.encode(frames_to_tensor(frames[i : i + step])).cpu() for i in range(0, len(frames), step)]
     return torch.cat(out)
 
 
 @torch.no_grad()
 def decode_latents(backbone: Backbone, latents: torch.Tensor, batch_size: int) -> np.ndarray:
     """Decode latents (T, C, h, w) in batches -> uint8 frames (T, H, W, 3)."""
-    out = [tensor_to_frames(backbone.decode(latents[i : i + batch_size])) for i in range(0, len(latents), batch_size)]
+    step = min(batch_size, VAE_BATCH)
+    out = [tensor_to_frames(backbone.decode(latents[i : i + step])) for i in range(0, len(latents), step)]
     return np.concatenate(out)
 
 
@@ -232,12 +237,13 @@ def sample_plain(
     for start in range(0, len(x), batch_size):
         z = x[start : start + batch_size].to(backbone.device, torch.float32)  # (b, C, h, w)
         b = len(z)
+        rows = cond.take([0] * b) if uncond is None else _stack(uncond, cond, b)  # once per batch
         for i, t in enumerate(times):
             t_next = times[i + 1] if i + 1 < len(times) else None
             if uncond is None:
-                out = backbone.denoise(z, t, cond.take([0] * b)).float()
+                out = backbone.denoise(z, t, rows).float()
             else:
-                both = backbone.denoise(torch.cat([z, z]), t, _stack(uncond, cond, b)).float()
+                both = backbone.denoise(torch.cat([z, z]), t, rows).float()
                 out = both[:b] + guidance_scale * (both[b:] - both[:b])
             z = backbone.move(z, out, t, t_next)
             if progress is not None:
