@@ -11,6 +11,7 @@ import torch
 
 from sanaflow.errors import InputError
 from sanaflow.pipelines.acceleration import CUDAGraphCache, CUDAGraphRunner
+from test_compile import CONFIGS, _tiny_transformer
 from tiny_sana import save_tiny_sana, save_tiny_sprint, tiny_tokenizer
 
 pytestmark = pytest.mark.gpu
@@ -30,6 +31,23 @@ def gpu_pipe(tiny_folder):
     import sanaflow
 
     return sanaflow.load_pipeline(tiny_folder, device="cuda", dtype="float32")
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_transformer_traces_into_one_graph_on_cuda(name):
+    # On CUDA, self-attention dispatches to the Triton kernel: that path must trace without a break too.
+    model_kw, call_kw = CONFIGS[name]
+    torch._dynamo.reset()
+    model = _tiny_transformer(**model_kw).to("cuda", torch.bfloat16)
+    x = torch.randn(2, 4, 8, 8, device="cuda", dtype=torch.bfloat16)  # (B, C, H, W)
+    context = torch.randn(2, 8, 16, device="cuda", dtype=torch.bfloat16)  # (B, L, caption_channels)
+    t = torch.tensor([500.0, 20.0], device="cuda", dtype=torch.bfloat16)  # (B,)
+    call_kw = {k: v.to("cuda") for k, v in call_kw.items()}
+    with torch.inference_mode():
+        explained = torch._dynamo.explain(model)(x, context, t, **call_kw)
+    assert explained.graph_break_count == 0, [str(b.reason) for b in explained.break_reasons]
+    assert explained.graph_count == 1
+    torch._dynamo.reset()
 
 
 def test_runner_replays_with_new_inputs():

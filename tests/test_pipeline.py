@@ -54,8 +54,9 @@ def test_parity_with_diffusers(ours, ref, guidance, prompts, hw):
 
 
 def test_parity_with_resolution_binning(binned_folder):
-    import sanaflow
     from diffusers import SanaPipeline
+
+    import sanaflow
 
     ref = SanaPipeline.from_pretrained(binned_folder)
     ref.set_progress_bar_config(disable=True)
@@ -128,8 +129,9 @@ def test_bad_input(ours, kwargs, match):
 
 @pytest.mark.parametrize("steps", [1, 2])
 def test_sprint_parity_with_diffusers(tmp_path, steps):
-    import sanaflow
     from diffusers import SanaSprintPipeline
+
+    import sanaflow
     from tiny_sana import save_tiny_sprint
 
     folder = save_tiny_sprint(tmp_path / "sprint", sample_size=8)

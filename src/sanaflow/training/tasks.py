@@ -67,7 +67,9 @@ class T2IPrepare:
 
     def _to(self, device: torch.device) -> None:
         if self._device != device:
-            self.vae.to(device)
+            # The frozen encoder runs outside the loss's autocast: bf16 on GPU (2-3x faster, the
+            # latents' rounding is far below the noise added to them), float32 on CPU.
+            self.vae.to(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
             self.text_encoder.to(device)
             self._device = device
 

@@ -257,6 +257,10 @@ class Trainer:
                 f"{acc.num_processes}. Resume with the same number of processes (the data order depends on it)"
             )
         device = acc.device
+        if device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls (EMA eval, frozen parts) on tensor cores
+            torch.backends.cudnn.allow_tf32 = True
+            torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest conv kernels
         loss = task.loss
         net = loss.net
         if cfg.train.gradient_checkpointing:
