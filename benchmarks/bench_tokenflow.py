@@ -24,6 +24,9 @@ Cases (``--cases``, comma-separated names or fnmatch patterns; each fits one 10-
   sd-cli-40             ``sanaflow edit`` in a fresh process at the public defaults, wall clock from
                         the shell (import, model load from a saved folder, video read and write
                         included), as the public code's end-to-end figure is measured.
+  sd-unet-step          one UNet call on the inversion batch (40 frames) eager, channels_last,
+                        + cudnn.benchmark, + torch.compile: per-call seconds and the projected
+                        500-step inversion (which variant to ship).
   sana600m-40           SANA-600M + DC-AE f32c32 at 1024x1024, 40 frames, fast default.
 
 Impls (``--impl``): ``ours`` (the library as shipped), ``ours-tuned`` (+ channels_last UNet/VAE and
@@ -44,6 +47,7 @@ import argparse
 import contextlib
 import fnmatch
 import gc
+import importlib.util
 import json
 import os
 import subprocess
@@ -60,6 +64,8 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+if importlib.util.find_spec("sanaflow") is None:  # a checkout without `pip install -e .`
+    sys.path.insert(0, str(ROOT / "src"))
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "tokenflow_speed.json"
 SMOKE_OUT = Path(tempfile.gettempdir()) / "tokenflow_speed_smoke.json"
 
@@ -173,7 +179,7 @@ class Case:
     px: int = 512
     batch_size: int = 8
     inversion_batch: int = 40  # the public code's preprocess batch
-    cli: bool = False  # run `sanaflow edit` in a subprocess instead of the phases in-process
+    runner: str = "phases"  # "phases" (in-process pipeline), "cli" (`sanaflow edit` subprocess), "unet"
     description: str = ""
 
 
@@ -183,8 +189,10 @@ CASES = {
     "sd-fast-40": Case("sd", 40, None, False, False, description="fast default, 40 frames"),
     "sd-fast-120": Case("sd", 120, None, False, False, description="fast default, 120 frames"),
     "sd-fast-200": Case("sd", 200, None, False, False, description="fast default, 200 frames (memory)"),
-    "sd-cli-40": Case("sd", 40, 500, True, False, cli=True,
+    "sd-cli-40": Case("sd", 40, 500, True, False, runner="cli",
                       description="`sanaflow edit` subprocess at public defaults, wall clock"),
+    "sd-unet-step": Case("sd", 40, 500, False, False, runner="unet",
+                         description="one UNet call on an inversion batch of 40 frames, per variant"),
     "sana600m-40": Case("sana", 40, None, False, False, px=1024,
                         description="SANA-600M + DC-AE f32c32, 1024 px, fast default"),
 }
@@ -238,9 +246,10 @@ def build_sd(device: torch.device, smoke: bool, workdir: Path):
         unet = UNet2DConditionModel(**(TINY_UNET if smoke else SD21_UNET))
         vae = AutoencoderKL(**(TINY_VAE if smoke else SD_VAE))
         text = CLIPTextModel(CLIPTextConfig(**(TINY_TEXT if smoke else CLIP_H_TEXT)))
-    unet.to(dtype).eval().requires_grad_(False)
-    vae.to(torch.float32).eval().requires_grad_(False)  # as StableDiffusionBackbone.from_pretrained keeps it
-    text.to(dtype).eval().requires_grad_(False)
+    # .to(device) too: a buffer made from numpy during construction would otherwise stay on the CPU
+    unet.to(device, dtype).eval().requires_grad_(False)
+    vae.to(device, torch.float32).eval().requires_grad_(False)  # as StableDiffusionBackbone.from_pretrained keeps it
+    text.to(device, dtype).eval().requires_grad_(False)
     tokenizer = write_char_tokenizer(workdir / "tokenizer", TOKENIZER_MAX_LENGTH)
     scheduler = DDIMScheduler(**SD_SCHEDULER)
     return StableDiffusionBackbone(unet, vae, text, tokenizer, scheduler, name="sd-2.1-base-sized-random")
@@ -283,8 +292,8 @@ def build_sana(device: torch.device, smoke: bool):
     with torch.device(device):
         transformer = SanaTransformer(**(TINY_SANA if smoke else SANA_600M))
         vae = DCAE(**(TINY_DCAE if smoke else DC_AE_F32C32))
-    transformer.to(dtype).eval().requires_grad_(False)
-    vae.to(dtype).eval().requires_grad_(False)
+    transformer.to(device, dtype).eval().requires_grad_(False)  # (see build_sd)
+    vae.to(device, dtype).eval().requires_grad_(False)
     caption = (TINY_SANA if smoke else SANA_600M)["caption_channels"]
     captions = RandomCaptions(caption, 16 if smoke else CAPTION_TOKENS, dtype)
     return SanaBackbone(transformer, vae, captions, SANA_SCHEDULER, name="sana-600m-sized-random")
@@ -334,8 +343,9 @@ def synthetic_video(frames: int, px: int) -> np.ndarray:
 class Phases:
     """Times phases (synchronised) and their peak allocated memory."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, save: Callable[[], None]):
         self.device = device
+        self.save = save  # called after every phase, so a run killed mid-case keeps what it measured
         self.results: dict[str, dict[str, float | None]] = {}
 
     def sync(self) -> None:
@@ -355,17 +365,17 @@ class Phases:
         peak = torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else None
         self.results[name] = {"seconds": round(seconds, 3), "peak_gib": None if peak is None else round(peak, 3)}
         print(f"    {name:22s} {seconds:9.2f} s" + ("" if peak is None else f"   peak {peak:6.2f} GiB"), flush=True)
+        self.save()
         return out
 
 
 def video_io_available() -> bool:
     """Whether mp4 files can be written here (PyAV)."""
-    import importlib.util
-
     return importlib.util.find_spec("av") is not None
 
 
-def run_phases(name: str, case: Case, impl: str, args, rec: dict[str, Any], workdir: Path) -> None:
+def run_phases(name: str, case: Case, impl: str, args, rec: dict[str, Any], workdir: Path,
+               save: Callable[[], None]) -> None:
     """Build the backbone, warm up, then time every phase of one edit; fill `rec`."""
     from sanaflow.pipelines.video_edit import VideoEditPipeline
     from sanaflow.tokenflow import EditSettings, edit_latents
@@ -376,7 +386,8 @@ def run_phases(name: str, case: Case, impl: str, args, rec: dict[str, Any], work
     t0 = time.perf_counter()
     backbone = build_sana(device, args.smoke) if case.backbone == "sana" else build_sd(device, args.smoke, workdir)
     rec["notes"].append(tune(backbone, impl, args.compile_mode))
-    phases = Phases(device)
+    phases = Phases(device, save)
+    rec["phases"] = phases.results  # filled as the phases finish
     phases.sync()
     rec["build_s"] = round(time.perf_counter() - t0, 2)
     if device.type == "cuda":
@@ -411,10 +422,27 @@ def run_phases(name: str, case: Case, impl: str, args, rec: dict[str, Any], work
     if case.reconstruct:
         phases.run("reconstruction", lambda: pipe.reconstruct(inversion.cache, SOURCE_PROMPT, case.inversion_batch,
                                                               progress=False))
+    latents = phases.run("edit", lambda: edit_latents(backbone, inversion.cache, settings, clip.frames))
+    edited = phases.run("decode", lambda: decode_latents(backbone, latents, case.inversion_batch))
+    if io:
+        phases.run("write", lambda: write_video(workdir / "edited.mp4", edited, clip.fps))
+    p = phases.results
+    core = ["read", "inversion", "edit", "decode"] + (["write"] if io else [])
+    rec["e2e_s"] = round(sum(p[k]["seconds"] for k in core + (["reconstruction"] if case.reconstruct else [])), 3)
+    rec["edit_step_s"] = round(p["edit"]["seconds"] / case.steps, 4)
+    rec["keyframes"] = -(-case.frames // case.batch_size)
+
+    def peak() -> float | None:
+        peaks = [v["peak_gib"] for v in p.values() if v["peak_gib"] is not None]
+        return max(peaks) if peaks else None
+
+    rec["peak_gib"] = peak()
+    save()
     if case.full_reconstruction:
-        # The public code samples back over the whole inversion schedule. The cost is that of
-        # len(times) model calls per batch whatever the start latent, so the latent of the first
-        # editing time stands in for the fully inverted one.
+        # Last, so a run cut by a time limit still has every figure of our pipeline. The public code
+        # samples back over the whole inversion schedule; the cost is that of len(times) model calls
+        # per batch whatever the start latent, so the latent of the first editing time stands in for
+        # the fully inverted one.
         def full() -> np.ndarray:
             times = inversion_schedule(backbone, case.steps, case.inversion_steps or case.steps)[::-1]
             z = sample_plain(backbone, inversion.cache.latents(0), backbone.embed([SOURCE_PROMPT]), times,
@@ -422,24 +450,12 @@ def run_phases(name: str, case: Case, impl: str, args, rec: dict[str, Any], work
             return decode_latents(backbone, z, case.inversion_batch)
 
         phases.run("reconstruction_full", full)
-    latents = phases.run("edit", lambda: edit_latents(backbone, inversion.cache, settings, clip.frames))
-    edited = phases.run("decode", lambda: decode_latents(backbone, latents, case.inversion_batch))
-    if io:
-        phases.run("write", lambda: write_video(workdir / "edited.mp4", edited, clip.fps))
-
-    p = phases.results
-    rec["phases"] = p
-    core = ["read", "inversion", "edit", "decode"] + (["write"] if io else [])
-    rec["e2e_s"] = round(sum(p[k]["seconds"] for k in core + (["reconstruction"] if case.reconstruct else [])), 3)
-    if case.full_reconstruction:
         rec["e2e_matched_s"] = round(sum(p[k]["seconds"] for k in core + ["reconstruction_full"]), 3)
-    rec["edit_step_s"] = round(p["edit"]["seconds"] / case.steps, 4)
-    peaks = [v["peak_gib"] for v in p.values() if v["peak_gib"] is not None]
-    rec["peak_gib"] = max(peaks) if peaks else None
-    rec["keyframes"] = -(-case.frames // case.batch_size)
+        rec["peak_gib"] = peak()
 
 
-def run_cli(name: str, case: Case, impl: str, args, rec: dict[str, Any], workdir: Path) -> None:
+def run_cli(name: str, case: Case, impl: str, args, rec: dict[str, Any], workdir: Path,
+            save: Callable[[], None]) -> None:
     """Time `sanaflow edit` in a fresh process from a saved random-weight folder (wall clock)."""
     from sanaflow.video import write_video
 
@@ -476,10 +492,67 @@ def run_cli(name: str, case: Case, impl: str, args, rec: dict[str, Any], workdir
     print(f"    {'sanaflow edit (wall)':22s} {seconds:9.2f} s", flush=True)
 
 
+def run_unet(name: str, case: Case, impl: str, args, rec: dict[str, Any], workdir: Path,
+             save: Callable[[], None]) -> None:
+    """Seconds of one UNet call on an inversion batch, eager / channels_last / cudnn.benchmark / compiled."""
+    device = torch.device(args.device)
+    backbone = build_sd(device, args.smoke, workdir)
+    latent = case.px // backbone.multiple
+    x = torch.randn(case.inversion_batch, 4, latent, latent, device=device)  # (B, 4, h, w)
+    cond = backbone.embed([SOURCE_PROMPT]).take([0] * case.inversion_batch)
+    t = backbone.timesteps(case.steps)[case.steps // 2]
+    runs = 2 if args.smoke else 10
+    rec["variants"] = {}
+
+    def variant(label: str) -> None:
+        for _ in range(2 if args.smoke else 3):  # warm-up (compilation, autotuning)
+            backbone.denoise(x, t, cond)
+        times = []
+        for _ in range(runs):
+            if device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                backbone.denoise(x, t, cond)
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end) / 1e3)
+            else:
+                t0 = time.perf_counter()
+                backbone.denoise(x, t, cond)
+                times.append(time.perf_counter() - t0)
+        seconds = float(np.median(times))
+        steps = case.inversion_steps or case.steps
+        rec["variants"][label] = {
+            "seconds": round(seconds, 5), "ms_per_frame": round(1e3 * seconds / case.inversion_batch, 3),
+            # 500 inversion steps over `frames` frames in batches of inversion_batch, from this call
+            "projected_inversion_s": round(seconds * steps * -(-case.frames // case.inversion_batch), 2),
+        }
+        print(f"    {label:34s} {seconds * 1e3:9.2f} ms / call of {case.inversion_batch}", flush=True)
+        save()
+
+    variant("eager")
+    backbone.unet.to(memory_format=torch.channels_last)
+    variant("channels_last")
+    torch.backends.cudnn.benchmark = True
+    variant("channels_last+cudnn.benchmark")
+    # On the CPU (smoke) dynamo traces without code generation: inductor there needs a C++ toolchain.
+    cpu = device.type == "cpu"
+    options = {"backend": "eager"} if cpu else {"mode": args.compile_mode} if args.compile_mode else {}
+    backbone.compile(**options)
+    mode = "eager backend" if cpu else args.compile_mode or "default"
+    variant(f"compile({mode})+channels_last+cudnn.benchmark")
+
+
 def compare_public(case: Case, rec: dict[str, Any]) -> None:
     """Ratios to the public implementation's H100 figures (meaningful on an H100 only)."""
     ref = PUBLIC_H100.get(case.frames)
-    if ref is None or case.inversion_steps != 500 or rec.get("e2e_s") is None:
+    if ref is None or rec.get("variants"):
+        rec["vs_public"] = None if ref is None else {
+            label: round(ref["inversion_s"] / v["projected_inversion_s"], 2)
+            for label, v in rec.get("variants", {}).items()
+        }  # projected inversion speedups of the UNet-step variants
+        return
+    if case.inversion_steps != 500 or rec.get("e2e_s") is None:
         return
     out = {"gpu": "NVIDIA H100 80GB HBM3", "public": ref}
     if rec.get("phases"):
@@ -497,6 +570,9 @@ def compare_public(case: Case, rec: dict[str, Any]) -> None:
 # ------------------------------------------------------------------------------------------------
 # Records
 # ------------------------------------------------------------------------------------------------
+
+
+RUNNERS = {"phases": run_phases, "cli": run_cli, "unet": run_unet}
 
 
 def versions(device: torch.device) -> dict[str, Any]:
@@ -531,8 +607,8 @@ def write_records(out: Path, records: list[dict[str, Any]], fresh: bool) -> None
     atomic_write_text(out, json.dumps(merged, indent=1) + "\n")
 
 
-def measure_case(name: str, case: Case, impl: str, args, meta: dict[str, Any]) -> dict[str, Any]:
-    """Run one case; any failure becomes the record's `error`."""
+def measure_case(name: str, case: Case, impl: str, args, meta: dict[str, Any], records: list[dict[str, Any]]) -> None:
+    """Run one case and append its record to `records` (written after every phase); a failure becomes `error`."""
     rec: dict[str, Any] = {
         "case": name, "impl": impl, "description": case.description, "settings": asdict(case),
         "smoke": args.smoke, **meta, "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
@@ -540,11 +616,16 @@ def measure_case(name: str, case: Case, impl: str, args, meta: dict[str, Any]) -
     }
     if case.backbone == "sana":
         rec["notes"].append("caption encoder: fixed random 2304-dim embeddings (300 tokens), not timed")
+    records.append(rec)
+
+    def save() -> None:
+        write_records(args.out, records, args.fresh)
+
     print(f"== {name} [{impl}]: {case.description}", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench_tokenflow_") as tmp:
         try:
             with torch.inference_mode():
-                (run_cli if case.cli else run_phases)(name, case, impl, args, rec, Path(tmp))
+                RUNNERS[case.runner](name, case, impl, args, rec, Path(tmp), save)
             compare_public(case, rec)
         except Exception as e:  # OOM, missing package, ...: record it and go on with the next case
             text = str(e).strip().splitlines()
@@ -561,7 +642,7 @@ def measure_case(name: str, case: Case, impl: str, args, meta: dict[str, Any]) -
     summary = ", ".join(f"{k} {rec[k]}" for k in ("e2e_s", "e2e_matched_s", "edit_step_s", "peak_gib") if k in rec)
     if summary:
         print(f"    -> {summary}", flush=True)
-    return rec
+    save()
 
 
 def select(patterns: str | None) -> list[str]:
@@ -604,14 +685,17 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("real-size cases need a CUDA GPU; use --smoke to check the script on the CPU")
     if args.smoke and device.type == "cpu":
         torch.set_num_threads(1)  # toy ops gain nothing from threads; contention only slows them
+    with contextlib.suppress(ImportError):  # its casting notices would drown the progress lines
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_logging.set_verbosity_error()
     meta = versions(device)
     print(f"device {meta['gpu']}, torch {meta['torch']}, diffusers {meta['diffusers']}, impl {args.impl}, "
           f"cases {', '.join(names)}", flush=True)
     records = []
     for name in names:
         case = smoke_case(CASES[name]) if args.smoke else CASES[name]
-        records.append(measure_case(name, case, args.impl, args, meta))
-        write_records(args.out, records, args.fresh)  # after every case: a killed run keeps what it measured
+        measure_case(name, case, args.impl, args, meta, records)
     print(f"wrote {len(records)} records to {args.out}", flush=True)
     return 0 if all(r["error"] is None for r in records) else 1
 

@@ -1,0 +1,203 @@
+"""The TokenFlow benchmark scripts (smoke runs on CPU) and the editor's performance paths."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sanaflow.tokenflow import Pass, TokenFlowAttnProcessor, TokenFlowState, load_backbone, tokenflow_hooks
+from sanaflow.tokenflow.backbones import SDAttentionOps
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _script(name: str):
+    sys.path.insert(0, str(BENCH))  # tokenflow_shapes imports its sibling bench_tokenflow
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses resolve their annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def sd_folder(tmp_path_factory):
+    from tokenflow_tiny import build_tiny_sd
+
+    return build_tiny_sd(tmp_path_factory.mktemp("sd") / "tiny-sd")
+
+
+def test_speed_benchmark_smoke(tmp_path):
+    bench = _script("bench_tokenflow")
+    out = tmp_path / "speed.json"
+    rc = bench.main(["--smoke", "--device", "cpu", "--cases", "sd-public-40,sd-fast-200,sd-unet*,sana*",
+                     "--out", str(out)])
+    records = json.loads(out.read_text())
+    assert rc == 0 and [r["case"] for r in records] == ["sd-public-40", "sd-fast-200", "sd-unet-step", "sana600m-40"]
+    unet = records.pop(2)
+    assert unet["error"] is None and len(unet["variants"]) == 4
+    assert all(v["seconds"] > 0 for v in unet["variants"].values())
+    for r in records:
+        assert r["error"] is None and r["smoke"] and r["gpu"] == "cpu"
+        p = r["phases"]
+        timed = ["read", "inversion", "edit", "decode"] + (["write"] if "write" in p else [])
+        if r["settings"]["reconstruct"]:
+            timed.append("reconstruction")
+        assert r["e2e_s"] == pytest.approx(sum(p[k]["seconds"] for k in timed), abs=2e-3)
+        assert r["edit_step_s"] == pytest.approx(p["edit"]["seconds"] / r["settings"]["steps"], abs=1e-3)
+    public = records[0]
+    assert "reconstruction_full" in public["phases"] and public["e2e_matched_s"] > 0
+    assert "reconstruction_full" not in records[1]["phases"] and "e2e_matched_s" not in records[1]
+    assert any("random 2304-dim" in n for n in records[2]["notes"])
+    # a second run merges: the same (case, impl) replaces, others stay
+    bench.main(["--smoke", "--device", "cpu", "--cases", "sana*", "--out", str(out)])
+    assert [r["case"] for r in json.loads(out.read_text())] == ["sd-public-40", "sd-fast-200", "sd-unet-step",
+                                                               "sana600m-40"]
+    with pytest.raises(SystemExit, match="unknown case"):
+        bench.main(["--smoke", "--cases", "nope", "--out", str(out)])
+
+
+def test_speed_benchmark_records_errors_and_goes_on(tmp_path):
+    bench = _script("bench_tokenflow")
+    out = tmp_path / "speed.json"
+    # SANA has no compile option: the case is recorded with its error (and the exit status says so)
+    rc = bench.main(["--smoke", "--device", "cpu", "--impl", "ours-compile", "--cases", "sana*", "--out", str(out)])
+    records = json.loads(out.read_text())
+    assert rc == 1 and "no compile option" in records[0]["error"]
+
+
+def test_quality_benchmark_smoke(tmp_path):
+    shapes = _script("tokenflow_shapes")
+    out = tmp_path / "shapes.json"
+    assert shapes.main(["--smoke", "--device", "cpu", "--videos", "1", "--settings", "fast", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["seeds"] == [shapes.SEED_BASE] and report["videos_done"] == 1
+    rows = report["rows"]
+    assert len(rows) == 2 * len(shapes.METHODS)  # 2 edits x methods, one setting
+    assert {r["kind"] for r in rows} == {"color", "shape"}
+    for r in rows:
+        assert set(shapes.METRICS) <= set(r["metrics"]) and r["metrics"]["frames"] == 4
+    summary = report["summary"]["fast"]
+    assert set(summary) == set(shapes.METHODS) and summary["tokenflow"]["edits"] == 2
+    checks = report["checks"]["fast"]
+    assert {"warp_ratio_gt", "warp_ratio_ok", "edit_accuracy_ok", "structure_iou_ok"} <= set(checks)
+    assert checks["warp_ratio_gt"] == pytest.approx(
+        summary["tokenflow"]["warp_error_gt"] / summary["per-frame"]["warp_error_gt"], rel=1e-3)
+
+
+def test_quality_edits_are_valid_and_deterministic():
+    from sanaflow.shapes import HELD_OUT_PAIRS, random_video, video_caption
+
+    shapes = _script("tokenflow_shapes")
+    for seed in range(shapes.SEED_BASE, shapes.SEED_BASE + 5):
+        video = random_video(seed, frames=4, size=64)
+        edits = shapes.edits_for(video, seed)
+        assert edits == shapes.edits_for(video, seed)
+        (kind_c, color), (kind_s, shape) = edits
+        assert (kind_c, kind_s) == ("color", "shape")
+        objects = video.track["objects"]
+        (k, change), = color.items()
+        assert change["color"] not in {o["color"] for o in objects}
+        assert (change["color"], objects[k]["shape"]) not in HELD_OUT_PAIRS
+        (k2, change2), = shape.items()
+        assert k2 == k and change2["shape"] != objects[k]["shape"]
+        assert (objects[k]["color"], change2["shape"]) not in HELD_OUT_PAIRS
+        assert video_caption(video, color) != video_caption(video)
+
+
+def test_keyframes_in_groups_store_like_one_call():
+    """Keyframe tokens written group by group (on the device or offloaded) equal one joint call's."""
+    from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+    torch.manual_seed(0)
+    attn = Attention(query_dim=16, heads=2, dim_head=8)
+    k_frames, tokens = 5, 6
+    x = torch.randn(3, k_frames, tokens, 16)  # branch-major
+    whole = TokenFlowState(mode=Pass.KEYFRAMES, frames=k_frames)
+    with torch.no_grad():
+        TokenFlowAttnProcessor("s", whole, SDAttentionOps(), AttnProcessor2_0(), pnp=False)(attn, x.flatten(0, 1))
+    for store in (None, torch.device("cpu")):
+        state = TokenFlowState(mode=Pass.KEYFRAMES, store_device=store, keyframe_slots=k_frames)
+        proc = TokenFlowAttnProcessor("s", state, SDAttentionOps(), AttnProcessor2_0(), pnp=False)
+        for group in (range(0, 2), range(2, 5)):
+            state.frames, state.keyframe_offset = len(group), group.start
+            with torch.no_grad():
+                proc(attn, x[:, group.start : group.stop].flatten(0, 1))
+        torch.testing.assert_close(state.keyframe_inputs["s"], x[0])
+        # each group attends within itself, so only the source branch (per frame) matches the joint call
+        torch.testing.assert_close(state.keyframe_outputs["s"][0], whole.keyframe_outputs["s"][0])
+        assert state.keyframe_outputs["s"].shape == (3, k_frames, tokens, 16)
+        state.clear()
+        assert state.keyframe_slots is None and state.keyframe_offset == 0 and not state.keyframe_inputs
+
+
+def test_compiled_unet_serves_plain_passes_only(sd_folder):
+    sd = load_backbone(sd_folder)
+    x, cond = torch.randn(2, 4, 8, 8), sd.embed(["a", "b"])
+    eager = sd.denoise(x, 500, cond)
+    sd.compile(backend="eager")  # dynamo tracing without code generation: quick on the CPU
+    torch.testing.assert_close(sd.denoise(x, 500, cond), eager)
+    assert not sd._hooked
+    with tokenflow_hooks(sd, TokenFlowState()):
+        assert sd._hooked  # TokenFlow processors installed: the eager UNet runs them
+        torch.testing.assert_close(sd.denoise(x, 500, cond), eager)
+    assert not sd._hooked
+    torch._dynamo.reset()
+
+
+@pytest.mark.gpu
+def test_offloaded_keyframes_on_cuda_equal_device_store(sd_folder, tmp_path):
+    """Pinned-memory, asynchronous keyframe offload gives exactly the on-device result."""
+    from sanaflow.pipelines.video_edit import VideoEditPipeline
+
+    backbone = load_backbone(sd_folder, device="cuda", dtype=torch.float16)
+    pipe = VideoEditPipeline(backbone, cache_dir=tmp_path)
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 255, (9, 16, 16, 3), dtype=np.uint8)
+    kw = dict(steps=3, batch_size=2, progress=False)
+    on_device = pipe(frames, "a red square", offload_keyframes=False, **kw).frames
+    offloaded = pipe(frames, "a red square", offload_keyframes=True, **kw).frames
+    grouped = pipe(frames, "a red square", offload_keyframes=True, max_keyframes=2, **kw).frames
+    grouped_device = pipe(frames, "a red square", offload_keyframes=False, max_keyframes=2, **kw).frames
+    np.testing.assert_array_equal(offloaded, on_device)
+    np.testing.assert_array_equal(grouped, grouped_device)
+
+
+@pytest.mark.gpu
+def test_edit_steps_do_not_wait_for_the_host(sd_folder, tmp_path):
+    """Host syncs of an edit happen at setup only: their count does not grow with the steps."""
+    import warnings
+
+    from sanaflow.pipelines.video_edit import VideoEditPipeline
+    from sanaflow.tokenflow import EditSettings, edit_latents
+
+    backbone = load_backbone(sd_folder, device="cuda", dtype=torch.float16)
+    pipe = VideoEditPipeline(backbone, cache_dir=tmp_path)
+    clip = pipe.prepare(np.random.default_rng(0).integers(0, 255, (6, 16, 16, 3), dtype=np.uint8))
+    counts = {}
+    for steps in (2, 4):
+        inv = pipe.invert(clip, "a square", steps=steps, batch_size=8, progress=False)
+        settings = EditSettings("a red square", source_prompt="a square", steps=steps, batch_size=2)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                edit_latents(backbone, inv.cache, settings)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        counts[steps] = sum("synchroniz" in str(w.message) for w in caught)
+    assert counts[4] == counts[2], counts
