@@ -19,8 +19,8 @@ def tiny_folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def binned_folder(tmp_path_factory):
-    # sample_size 16 selects the 512px bin table, as in the reference pipeline.
-    return save_tiny_sana(tmp_path_factory.mktemp("tiny16") / "sana", sample_size=16, seed=1)
+    # A 32x DC-AE (6 stages, as SANA's) with sample_size 16: a 512px model, so both pipelines use the 512 bins.
+    return save_tiny_sana(tmp_path_factory.mktemp("tiny16") / "sana", sample_size=16, seed=1, vae_stages=6)
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +62,7 @@ def test_parity_with_resolution_binning(binned_folder):
     ref.set_progress_bar_config(disable=True)
     ours = sanaflow.load_pipeline(binned_folder, device="cpu")
     h, w = 96, 160  # ratio 0.6 -> generated at the 384x640 bin, then resized back
-    latents = torch.randn(1, 4, 384 // 4, 640 // 4, generator=torch.Generator().manual_seed(0))
+    latents = torch.randn(1, 4, 384 // 32, 640 // 32, generator=torch.Generator().manual_seed(0))
     kw = dict(height=h, width=w, num_inference_steps=2, guidance_scale=4.5, latents=latents, output_type="pt")
     expected = ref("a small red star", **kw).images
     got = ours("a small red star", **kw).images

@@ -35,8 +35,9 @@ def randomize_(module: torch.nn.Module, scale: float = 0.2, seed: int = 0) -> No
             p.copy_(torch.randn(p.shape, generator=g) * scale)
 
 
-def tiny_components(sample_size: int = 8, guidance_embeds: bool = False, qk_norm=None, seed: int = 0):
-    """Tiny diffusers SANA parts: transformer, DC-AE (x4 compression), Gemma-2 text encoder, tokenizer."""
+def tiny_components(sample_size: int = 8, guidance_embeds: bool = False, qk_norm=None, seed: int = 0,
+                    vae_stages: int = 3):
+    """Tiny diffusers SANA parts: transformer, DC-AE (2**(vae_stages-1) compression), Gemma-2, tokenizer."""
     from diffusers import AutoencoderDC, SanaTransformer2DModel
     from transformers import Gemma2Config, Gemma2Model
 
@@ -47,13 +48,15 @@ def tiny_components(sample_size: int = 8, guidance_embeds: bool = False, qk_norm
         mlp_ratio=2.5, sample_size=sample_size, patch_size=1, guidance_embeds=guidance_embeds, qk_norm=qk_norm,
     )
     randomize_(transformer, seed=seed)
+    n_res = vae_stages - 1  # ResBlock stages, then one EfficientViT stage (SANA-1.0 style, scaled down)
+    blocks = ("ResBlock",) * n_res + ("EfficientViTBlock",)
+    channels = (8,) * n_res + (16,)
     vae = AutoencoderDC(
         in_channels=3, latent_channels=4, attention_head_dim=2,
-        encoder_block_types=("ResBlock", "ResBlock", "EfficientViTBlock"),
-        decoder_block_types=("ResBlock", "ResBlock", "EfficientViTBlock"),
-        encoder_block_out_channels=(8, 8, 16), decoder_block_out_channels=(8, 8, 16),
-        encoder_qkv_multiscales=((), (), (5,)), decoder_qkv_multiscales=((), (), (5,)),
-        encoder_layers_per_block=(1, 1, 1), decoder_layers_per_block=(1, 1, 1),
+        encoder_block_types=blocks, decoder_block_types=blocks,
+        encoder_block_out_channels=channels, decoder_block_out_channels=channels,
+        encoder_qkv_multiscales=((),) * n_res + ((5,),), decoder_qkv_multiscales=((),) * n_res + ((5,),),
+        encoder_layers_per_block=(1,) * vae_stages, decoder_layers_per_block=(1,) * vae_stages,
         downsample_block_type="Conv", upsample_block_type="interpolate",
         decoder_norm_types="rms_norm", decoder_act_fns="silu", scaling_factor=0.41407,
     )

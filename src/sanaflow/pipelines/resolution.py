@@ -42,15 +42,14 @@ ASPECT_RATIO_BINS: dict[int, dict[float, tuple[int, int]]] = {
 }
 
 
-# The reference pipeline picks the bin table by the transformer's latent sample_size (SANA's
-# DC-AE compresses 32x, so 16 -> 512 px ... 128 -> 4096 px); other sizes have no bins.
-BIN_BASE_BY_SAMPLE_SIZE = {16: 512, 32: 1024, 64: 2048, 128: 4096}
+def bins_for_native(native_size: int) -> dict[float, tuple[int, int]] | None:
+    """The aspect-ratio bins of a model whose native (base) size is `native_size` px, or None (e.g. 256px).
 
-
-def bins_for_sample_size(sample_size: int) -> dict[float, tuple[int, int]] | None:
-    """The aspect-ratio bins for a transformer's `sample_size`, or None when it has none (e.g. 256px models)."""
-    base = BIN_BASE_BY_SAMPLE_SIZE.get(int(sample_size))
-    return ASPECT_RATIO_BINS[base] if base is not None else None
+    The reference pipeline picks the table by the transformer's latent sample_size assuming a 32x
+    DC-AE (16 -> 512 ... 128 -> 4096); keying by the native pixel size gives the same tables for
+    every official checkpoint and stays right for models with another autoencoder.
+    """
+    return ASPECT_RATIO_BINS.get(int(native_size))
 
 
 def nearest_bin(height: int, width: int, bins: dict[float, tuple[int, int]]) -> tuple[int, int]:

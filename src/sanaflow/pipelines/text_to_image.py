@@ -339,7 +339,7 @@ class TextToImagePipeline:
         width = width or self.native_size
         resolution.check_size(height, width, 32, MAX_SIDE)
         gen_h, gen_w = height, width
-        bins = resolution.bins_for_sample_size(self.transformer.config.sample_size)
+        bins = resolution.bins_for_native(self.native_size)
         if use_resolution_binning and bins is not None:
             gen_h, gen_w = resolution.nearest_bin(height, width, bins)
         if gen_h % self.vae_scale or gen_w % self.vae_scale:

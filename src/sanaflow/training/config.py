@@ -119,7 +119,8 @@ class LoopConfig:
 class EvalConfig:
     """Periodic evaluation: a sample grid PNG and the shapes score on fixed prompts (t2i)."""
 
-    every: int = 0  # steps; 0 = only at the end
+    every: int = 0  # steps; 0 = none during training
+    at_end: bool = True  # also evaluate when training reaches max_steps
     num_prompts: int = 32
     steps: int = 20
     guidance_scale: float = 4.5

@@ -231,11 +231,23 @@ def collate(items: list[dict]) -> dict:
     return out
 
 
+def _worker_init(_: int) -> None:
+    # One thread per worker: the workers already use every core, and OpenCV's / torch's own thread
+    # pools inside each of them would oversubscribe the CPU (renders are small).
+    import cv2
+
+    cv2.setNumThreads(1)
+    torch.set_num_threads(1)
+
+
 def make_loader(source, start: int, rank: int, world: int, num_workers: int) -> DataLoader:
     """A DataLoader over `source` from micro-batch `start` for this rank."""
     sampler = BatchPositionSampler(source, start, rank, world)
     kwargs = {}
     if num_workers > 0:
-        kwargs = {"prefetch_factor": 4, "persistent_workers": False}
+        kwargs = {"prefetch_factor": 4, "persistent_workers": False, "worker_init_fn": _worker_init}
+    # A private generator: creating the loader's iterator must not consume the global RNG, whose
+    # state a resumed run restores exactly (items are pure functions of their index anyway).
+    generator = torch.Generator().manual_seed(start * max(1, world) + rank)
     return DataLoader(source, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate,
-                      pin_memory=torch.cuda.is_available(), **kwargs)
+                      pin_memory=torch.cuda.is_available(), generator=generator, **kwargs)

@@ -218,5 +218,8 @@ def build_dcae(cfg: TrainConfig) -> Task:
 
 def build_task(cfg: TrainConfig) -> Task:
     """The task of `cfg` (validated first)."""
+    from .trainer import seed_everything
+
     validate(cfg)
+    seed_everything(cfg.seed)  # the same config gives the same initial weights
     return build_t2i(cfg) if cfg.task == "t2i" else build_dcae(cfg)

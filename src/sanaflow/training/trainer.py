@@ -133,7 +133,10 @@ class Trainer:
         from accelerate.utils import DistributedDataParallelKwargs
 
         mp = self.cfg.train.mixed_precision
-        kwargs: dict[str, Any] = {"mixed_precision": "no" if mp == "fp32" else mp}
+        # cpu=True on machines without CUDA: several processes (torchrun / accelerate launch) then
+        # form a gloo group instead of each training alone.
+        kwargs: dict[str, Any] = {"mixed_precision": "no" if mp == "fp32" else mp,
+                                  "cpu": not torch.cuda.is_available()}
         if self.cfg.train.distributed == "fsdp":
             from accelerate import FullyShardedDataParallelPlugin
 
@@ -361,6 +364,10 @@ class Trainer:
                 elapsed = time.time() - window_t
                 record = {"step": step, "lr": scheduler.get_last_lr()[0], "samples": samples,
                           "img_per_s": window_n / max(elapsed, 1e-9)}
+                if logs_acc and acc.num_processes > 1:  # log the mean over all ranks, not rank 0's share
+                    keys = sorted(logs_acc)
+                    mean = acc.reduce(torch.tensor([logs_acc[k] for k in keys], device=device), reduction="mean")
+                    logs_acc = dict(zip(keys, mean.tolist()))
                 record.update({k: v / n_steps for k, v in logs_acc.items()})
                 if grad_norm is not None:
                     record["grad_norm"] = float(grad_norm)
@@ -386,7 +393,7 @@ class Trainer:
             self.save_checkpoint(acc, loss_unwrapped, ema, optimizer, scheduler, step, micro_step, samples)
         if pbar is not None:
             pbar.close()
-        if task.evaluate is not None and stop_reason == "max_steps":
+        if task.evaluate is not None and cfg.eval.at_end and stop_reason == "max_steps":
             eval_scores = self._evaluate(acc, writer, ema, step)
         if writer is not None:
             writer.close()
