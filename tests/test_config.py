@@ -28,7 +28,7 @@ from sanaflow.config import (
 from sanaflow.errors import ConfigError, SanaflowError
 
 EXPECTED_SPECS = {
-    "sana-600m-512", "sana-600m-1024", "sana-1600m-1024", "sana-1600m-2k", "sana-1600m-4k",
+    "sana-600m-512", "sana-600m-1024", "sana-1600m-512", "sana-1600m-1024", "sana-1600m-2k", "sana-1600m-4k",
     "sana-sprint-1600m-1024", "shapes-tiny",
 }
 

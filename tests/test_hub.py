@@ -228,3 +228,15 @@ def test_unresolvable_references(tmp_path):
     with pytest.raises(CheckpointError, match=r"several safetensors files \(a.safetensors, b.safetensors\)"):
         TinyNet.from_pretrained(empty)
     assert issubclass(CheckpointError, SanaflowError) and issubclass(ConfigError, SanaflowError)
+
+
+def test_model_spec_names_resolve(monkeypatch):
+    from sanaflow.errors import CheckpointError
+    from sanaflow.hub import DEFAULT_MODEL, builtin_path, resolve_model_path
+
+    assert resolve_model_path("shapes-tiny") == builtin_path(DEFAULT_MODEL)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(CheckpointError, match="Sana_600M_1024px_diffusers"):
+        resolve_model_path("sana-600m-1024")  # the spec's official repo, offline here
+    with pytest.raises(CheckpointError, match="did you mean 'sana-600m-1024'"):
+        resolve_model_path("sana-600m-1042")

@@ -69,6 +69,8 @@ def resolve_model_path(ref: str | os.PathLike | None, subfolder: str | None = No
         if not builtin.is_dir():
             raise CheckpointError(f"built-in model {str(ref)!r} is not installed (missing {builtin})")
         root = builtin
+    elif (spec_ref := _spec_reference(str(ref))) is not None:
+        return resolve_model_path(spec_ref, subfolder)
     else:
         root = _download(str(ref), subfolder)
     if subfolder:
@@ -79,6 +81,20 @@ def resolve_model_path(ref: str | os.PathLike | None, subfolder: str | None = No
     return root
 
 
+def _spec_reference(name: str) -> str | None:
+    """The model a shipped model-spec name stands for (`sana-600m-1024` -> its hub repo), or None."""
+    if "/" in name or name.startswith((".", "~")):
+        return None
+    from .config import config_names, model_spec
+
+    if name not in config_names("models"):
+        return None
+    spec = model_spec(name)
+    if spec.repo is not None:
+        return spec.repo
+    return DEFAULT_MODEL if name == "shapes-tiny" else None
+
+
 def _looks_like_repo_id(ref: str) -> bool:
     parts = ref.split("/")
     return len(parts) == 2 and all(parts) and not ref.startswith((".", "~"))
@@ -86,9 +102,13 @@ def _looks_like_repo_id(ref: str) -> bool:
 
 def _download(ref: str, subfolder: str | None) -> Path:
     if not _looks_like_repo_id(ref):
+        from .config import model_specs
+
+        specs = model_specs()
         raise CheckpointError(
-            f"model {ref!r} not found: it is not a local folder, not a built-in model "
-            f"({', '.join(BUILTIN_MODELS)}), and not a hub repo id of the form 'owner/name'"
+            f"model {ref!r} not found{suggest(ref, specs)}: it is not a local folder, not a built-in model "
+            f"({', '.join(BUILTIN_MODELS)}), not a model spec ({', '.join(specs)}) and not a hub repo id "
+            "of the form 'owner/name'"
         )
     try:
         from huggingface_hub import snapshot_download
