@@ -31,7 +31,6 @@ import argparse
 import contextlib
 import fnmatch
 import gc
-import json
 import math
 import statistics
 import sys
@@ -42,6 +41,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _common import (
+    CAPTION_TOKENS,
+    DC_AE_F32C32,
+    SANA_600M,
+    SANA_TRANSFORMER_COMMON,
+    TINY_DCAE,
+    TINY_SANA,
+    merge_records,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "sana_speed.json"
@@ -70,45 +78,19 @@ EXTRA_IMPLS = {
 # Configs (diffusers config.json keys)
 # ------------------------------------------------------------------------------------------------
 
-_TRANSFORMER_COMMON = dict(in_channels=32, out_channels=32, attention_head_dim=32, caption_channels=2304,
-                           mlp_ratio=2.5, sample_size=32, patch_size=1, attention_bias=False,
-                           norm_elementwise_affine=False, norm_eps=1e-6, interpolation_scale=None)
 TRANSFORMERS = {
-    "600M": dict(_TRANSFORMER_COMMON, num_attention_heads=36, num_layers=28, num_cross_attention_heads=16,
-                 cross_attention_head_dim=72, cross_attention_dim=1152),
-    "1600M": dict(_TRANSFORMER_COMMON, num_attention_heads=70, num_layers=20, num_cross_attention_heads=20,
+    "600M": SANA_600M,
+    "1600M": dict(SANA_TRANSFORMER_COMMON, num_attention_heads=70, num_layers=20, num_cross_attention_heads=20,
                   cross_attention_head_dim=112, cross_attention_dim=2240),
 }
 SPRINT_KEYS = dict(guidance_embeds=True, qk_norm="rms_norm_across_heads")  # SANA-Sprint 1.6B
-DCAE = dict(in_channels=3, latent_channels=32, attention_head_dim=32,
-            encoder_block_types=["ResBlock"] * 3 + ["EfficientViTBlock"] * 3,
-            decoder_block_types=["ResBlock"] * 3 + ["EfficientViTBlock"] * 3,
-            encoder_block_out_channels=[128, 256, 512, 512, 1024, 1024],
-            decoder_block_out_channels=[128, 256, 512, 512, 1024, 1024],
-            encoder_layers_per_block=[2, 2, 2, 3, 3, 3], decoder_layers_per_block=[3, 3, 3, 3, 3, 3],
-            encoder_qkv_multiscales=[[], [], [], [5], [5], [5]], decoder_qkv_multiscales=[[], [], [], [5], [5], [5]],
-            upsample_block_type="interpolate", downsample_block_type="Conv", decoder_norm_types="rms_norm",
-            decoder_act_fns="silu", scaling_factor=0.41407)
 GEMMA_2B = dict(vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
                 num_attention_heads=8, num_key_value_heads=4, head_dim=256, max_position_embeddings=8192,
                 sliding_window=4096, query_pre_attn_scalar=256, attn_logit_softcapping=50.0,
                 final_logit_softcapping=30.0, pad_token_id=0, eos_token_id=1, bos_token_id=2)
-CAPTION_TOKENS = 300
 CHI_TOKENS = 210  # Gemma tokens of SANA's complex-human-instruction prefix (about; the prompt adds 298)
 
-# --smoke: the same cases at toy sizes (CPU-able)
-TINY_TRANSFORMER = dict(in_channels=4, out_channels=4, attention_head_dim=16, caption_channels=32, mlp_ratio=2.5,
-                        sample_size=8, patch_size=1, attention_bias=False, norm_elementwise_affine=False,
-                        norm_eps=1e-6, interpolation_scale=None, num_attention_heads=2, num_layers=2,
-                        num_cross_attention_heads=2, cross_attention_head_dim=16, cross_attention_dim=32)
-TINY_DCAE = dict(in_channels=3, latent_channels=4, attention_head_dim=2,
-                 encoder_block_types=["ResBlock", "ResBlock", "EfficientViTBlock"],
-                 decoder_block_types=["ResBlock", "ResBlock", "EfficientViTBlock"],
-                 encoder_block_out_channels=[8, 8, 16], decoder_block_out_channels=[8, 8, 16],
-                 encoder_layers_per_block=[1, 1, 1], decoder_layers_per_block=[1, 1, 1],
-                 encoder_qkv_multiscales=[[], [], [5]], decoder_qkv_multiscales=[[], [], [5]],
-                 upsample_block_type="interpolate", downsample_block_type="Conv", decoder_norm_types="rms_norm",
-                 decoder_act_fns="silu", scaling_factor=0.41407)
+# --smoke: the same cases at toy sizes (CPU-able; the transformer and DC-AE ones are in _common)
 TINY_GEMMA = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                   num_key_value_heads=1, head_dim=16, max_position_embeddings=1024, sliding_window=512,
                   pad_token_id=0, eos_token_id=1, bos_token_id=2)
@@ -142,7 +124,7 @@ class Settings:
 
     def transformer_config(self, model: str, sprint: bool = False) -> dict[str, Any]:
         """diffusers config of a transformer size (tiny in smoke mode)."""
-        cfg = dict(TINY_TRANSFORMER if self.smoke else TRANSFORMERS[model])  # smoke: model is "tiny"
+        cfg = dict(TINY_SANA if self.smoke else TRANSFORMERS[model])  # smoke: model is "tiny"
         if sprint:
             cfg.update(SPRINT_KEYS)
         return cfg
@@ -150,7 +132,7 @@ class Settings:
     @property
     def dcae_config(self) -> dict[str, Any]:
         """diffusers config of the DC-AE (tiny in smoke mode)."""
-        return TINY_DCAE if self.smoke else DCAE
+        return TINY_DCAE if self.smoke else DC_AE_F32C32
 
     @property
     def latent_scale(self) -> int:
@@ -196,20 +178,11 @@ class Recorder:
 
     def write(self) -> None:
         """Merge into --out (same key replaces) and write it atomically."""
-        from sanaflow.utils import atomic_write_text
-
-        old: list[dict[str, Any]] = []
-        if self.out.is_file() and not self.fresh:
-            old = json.loads(self.out.read_text(encoding="utf-8"))
-            if not isinstance(old, list):
-                raise SystemExit(f"{self.out} does not hold a JSON list; pass --fresh to overwrite it")
 
         def key(r):
             return (r["case"], r["impl"], r["model"], r["px"], r["steps"])
 
-        new_keys = {key(r) for r in self.records}
-        merged = [r for r in old if key(r) not in new_keys] + self.records
-        atomic_write_text(self.out, json.dumps(merged, indent=1) + "\n")
+        merged = merge_records(self.out, self.records, key, self.fresh)
         print(f"wrote {len(self.records)} records ({len(merged)} in all) to {self.out}", flush=True)
 
 

@@ -62,6 +62,16 @@ from typing import Any
 
 import numpy as np
 import torch
+from _common import (
+    CAPTION_TOKENS,
+    DC_AE_F32C32,
+    SANA_600M,
+    TINY_DCAE,
+    TINY_SANA,
+    add_out_argument,
+    fill_defaults,
+    merge_records,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 if importlib.util.find_spec("sanaflow") is None:  # a checkout without `pip install -e .`
@@ -113,27 +123,9 @@ SD_SCHEDULER = dict(
 )
 TOKENIZER_MAX_LENGTH = 77
 
-# SANA-600M (Sana_600M_1024px_diffusers transformer/config.json) and the SANA-1.0 DC-AE f32c32
-SANA_600M = dict(
-    in_channels=32, out_channels=32, num_attention_heads=36, attention_head_dim=32, num_layers=28,
-    num_cross_attention_heads=16, cross_attention_head_dim=72, cross_attention_dim=1152, caption_channels=2304,
-    mlp_ratio=2.5, sample_size=32, patch_size=1, attention_bias=False, norm_elementwise_affine=False, norm_eps=1e-6,
-    interpolation_scale=None,
-)
-DC_AE_F32C32 = dict(
-    in_channels=3, latent_channels=32, attention_head_dim=32,
-    encoder_block_types=["ResBlock"] * 3 + ["EfficientViTBlock"] * 3,
-    decoder_block_types=["ResBlock"] * 3 + ["EfficientViTBlock"] * 3,
-    encoder_block_out_channels=[128, 256, 512, 512, 1024, 1024],
-    decoder_block_out_channels=[128, 256, 512, 512, 1024, 1024],
-    encoder_layers_per_block=[2, 2, 2, 3, 3, 3], decoder_layers_per_block=[3, 3, 3, 3, 3, 3],
-    encoder_qkv_multiscales=[[], [], [], [5], [5], [5]], decoder_qkv_multiscales=[[], [], [], [5], [5], [5]],
-    upsample_block_type="interpolate", downsample_block_type="Conv", decoder_norm_types="rms_norm",
-    decoder_act_fns="silu", scaling_factor=0.41407,
-)
+# SANA-600M and the SANA-1.0 DC-AE f32c32 (and their toy versions) come from _common; their scheduler:
 SANA_SCHEDULER = {"_class_name": "DPMSolverMultistepScheduler", "use_flow_sigmas": True,
                   "prediction_type": "flow_prediction", "flow_shift": 3.0, "num_train_timesteps": 1000}
-CAPTION_TOKENS = 300
 
 # --smoke: the same code paths at toy sizes
 TINY_UNET = dict(
@@ -148,22 +140,6 @@ TINY_VAE = dict(
 )
 TINY_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=516,
                  max_position_embeddings=77, projection_dim=32, bos_token_id=514, eos_token_id=515)
-TINY_SANA = dict(
-    in_channels=4, out_channels=4, attention_head_dim=16, caption_channels=32, mlp_ratio=2.5, sample_size=8,
-    patch_size=1, attention_bias=False, norm_elementwise_affine=False, norm_eps=1e-6, interpolation_scale=None,
-    num_attention_heads=2, num_layers=2, num_cross_attention_heads=2, cross_attention_head_dim=16,
-    cross_attention_dim=32,
-)
-TINY_DCAE = dict(
-    in_channels=3, latent_channels=4, attention_head_dim=2,
-    encoder_block_types=["ResBlock", "ResBlock", "EfficientViTBlock"],
-    decoder_block_types=["ResBlock", "ResBlock", "EfficientViTBlock"],
-    encoder_block_out_channels=[8, 8, 16], decoder_block_out_channels=[8, 8, 16],
-    encoder_layers_per_block=[1, 1, 1], decoder_layers_per_block=[1, 1, 1],
-    encoder_qkv_multiscales=[[], [], [5]], decoder_qkv_multiscales=[[], [], [5]],
-    upsample_block_type="interpolate", downsample_block_type="Conv", decoder_norm_types="rms_norm",
-    decoder_act_fns="silu", scaling_factor=0.41407,
-)
 
 
 @dataclass(frozen=True)
@@ -594,17 +570,7 @@ def versions(device: torch.device) -> dict[str, Any]:
 
 def write_records(out: Path, records: list[dict[str, Any]], fresh: bool) -> None:
     """Merge `records` into `out` (same (case, impl) replaces) and write it atomically."""
-    from sanaflow.utils import atomic_write_text
-
-    old: list[dict[str, Any]] = []
-    if out.is_file() and not fresh:
-        old = json.loads(out.read_text(encoding="utf-8"))
-        if not isinstance(old, list):
-            raise SystemExit(f"{out} does not hold a JSON list; pass --fresh to overwrite it")
-    keys = {(r["case"], r["impl"]) for r in records}
-    merged = [r for r in old if (r.get("case"), r.get("impl")) not in keys] + records
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out, json.dumps(merged, indent=1) + "\n")
+    merge_records(out, records, lambda r: (r.get("case"), r.get("impl")), fresh)
 
 
 def measure_case(name: str, case: Case, impl: str, args, meta: dict[str, Any], records: list[dict[str, Any]]) -> None:
@@ -666,14 +632,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default=None, help="cuda (default when available) or cpu")
     p.add_argument("--compile-mode", default=None, help="torch.compile mode for --impl ours-compile (default: default)")
     p.add_argument("--smoke", action="store_true", help="toy sizes, CPU-able: checks the script")
-    p.add_argument("--out", type=Path, default=None, help=f"results JSON (default {DEFAULT_OUT}; smoke: {SMOKE_OUT})")
+    add_out_argument(p, DEFAULT_OUT, SMOKE_OUT)
     p.add_argument("--fresh", action="store_true", help="overwrite --out instead of merging into it")
     p.add_argument("--verbose", action="store_true", help="print tracebacks of failing cases")
-    args = p.parse_args(argv)
-    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if args.out is None:
-        args.out = SMOKE_OUT if args.smoke else DEFAULT_OUT
-    return args
+    return fill_defaults(p.parse_args(argv), DEFAULT_OUT, SMOKE_OUT)
 
 
 def main(argv: list[str] | None = None) -> int:

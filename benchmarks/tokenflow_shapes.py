@@ -41,6 +41,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from _common import add_out_argument, fill_defaults
 
 ROOT = Path(__file__).resolve().parents[1]
 if importlib.util.find_spec("sanaflow") is None:  # a checkout without `pip install -e .`
@@ -141,7 +142,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=8, help="frames per chunk (default 8)")
     p.add_argument("--save-videos", type=Path, default=None, help="also write source | edit mp4s here")
     p.add_argument("--smoke", action="store_true", help="tiny random SANA (unless --model), 2 videos, few steps")
-    p.add_argument("--out", type=Path, default=None, help=f"results JSON (default {DEFAULT_OUT}; smoke: {SMOKE_OUT})")
+    add_out_argument(p, DEFAULT_OUT, SMOKE_OUT)
     args = p.parse_args(argv)
     if args.smoke:
         args.videos, args.frames, args.size, args.steps = min(args.videos, 2), min(args.frames, 4), 64, 3
@@ -152,10 +153,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         bad = [v for v in getattr(args, name) if v not in choices]
         if bad:
             p.error(f"unknown {name} {', '.join(bad)}; choose from {', '.join(choices)}")
-    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if args.out is None:
-        args.out = SMOKE_OUT if args.smoke else DEFAULT_OUT
-    return args
+    return fill_defaults(args, DEFAULT_OUT, SMOKE_OUT)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,3 +14,21 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run a module's tests on one torch thread (request it with `pytest.mark.usefixtures`)."""
+    # The tiny models' ops are far too small to gain from threads; contention only slows them down.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def sd_folder(tmp_path_factory):
+    """A tiny random SD pipeline folder with a ControlNet (tests/tokenflow_tiny.py), one per module."""
+    from tokenflow_tiny import build_tiny_sd
+
+    return build_tiny_sd(tmp_path_factory.mktemp("sd") / "tiny-sd", controlnet=True)

@@ -240,3 +240,40 @@ def test_model_spec_names_resolve(monkeypatch):
         resolve_model_path("sana-600m-1024")  # the spec's official repo, offline here
     with pytest.raises(CheckpointError, match="did you mean 'sana-600m-1024'"):
         resolve_model_path("sana-600m-1042")
+
+
+def test_frozen_config_copies_and_pickles():
+    import copy
+    import pickle
+
+    from sanaflow.hub import FrozenConfig
+
+    cfg = FrozenConfig({"width": 8, "blocks": [1, 2]})
+    for other in (copy.deepcopy(cfg), copy.copy(cfg), pickle.loads(pickle.dumps(cfg))):
+        assert isinstance(other, FrozenConfig) and other == cfg and other.width == 8
+    deep = copy.deepcopy(cfg)
+    assert deep["blocks"] is not cfg["blocks"]  # a deep copy owns its values
+    with pytest.raises(AttributeError):
+        cfg._missing  # private names are never config keys (and never recurse)
+    with pytest.raises(AttributeError, match="read-only"):
+        cfg.width = 3
+
+
+def test_atomic_outputs_get_umask_permissions(tmp_path):
+    import os
+
+    from safetensors.torch import save_file
+
+    from sanaflow.utils import atomic_path
+
+    old = os.umask(0o022)
+    try:
+        with atomic_path(tmp_path / "w.safetensors") as tmp:  # safetensors writes its files 0600
+            save_file({"x": torch.zeros(2)}, str(tmp))
+        with atomic_path(tmp_path / "folder") as tmp:
+            tmp.mkdir()
+            save_file({"x": torch.zeros(2)}, str(tmp / "inner.safetensors"))
+    finally:
+        os.umask(old)
+    assert (tmp_path / "w.safetensors").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "folder" / "inner.safetensors").stat().st_mode & 0o777 == 0o644

@@ -26,16 +26,12 @@ def _script(name: str):
     return module
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # from conftest.py
 
 
 @pytest.fixture(scope="module")
-def sd_folder(tmp_path_factory):
+def plain_sd_folder(tmp_path_factory):
+    """A tiny SD folder without a ControlNet (conftest's sd_folder has one)."""
     from tokenflow_tiny import build_tiny_sd
 
     return build_tiny_sd(tmp_path_factory.mktemp("sd") / "tiny-sd")
@@ -145,8 +141,8 @@ def test_keyframes_in_groups_store_like_one_call():
         assert state.keyframe_slots is None and state.keyframe_offset == 0 and not state.keyframe_inputs
 
 
-def test_compiled_unet_serves_plain_passes_only(sd_folder):
-    sd = load_backbone(sd_folder)
+def test_compiled_unet_serves_plain_passes_only(plain_sd_folder):
+    sd = load_backbone(plain_sd_folder)
     x, cond = torch.randn(2, 4, 8, 8), sd.embed(["a", "b"])
     eager = sd.denoise(x, 500, cond)
     sd.compile(backend="eager")  # dynamo tracing without code generation: quick on the CPU
@@ -160,11 +156,11 @@ def test_compiled_unet_serves_plain_passes_only(sd_folder):
 
 
 @pytest.mark.gpu
-def test_offloaded_keyframes_on_cuda_equal_device_store(sd_folder, tmp_path):
+def test_offloaded_keyframes_on_cuda_equal_device_store(plain_sd_folder, tmp_path):
     """Pinned-memory, asynchronous keyframe offload gives exactly the on-device result."""
     from sanaflow.pipelines.video_edit import VideoEditPipeline
 
-    backbone = load_backbone(sd_folder, device="cuda", dtype=torch.float16)
+    backbone = load_backbone(plain_sd_folder, device="cuda", dtype=torch.float16)
     pipe = VideoEditPipeline(backbone, cache_dir=tmp_path)
     rng = np.random.default_rng(0)
     frames = rng.integers(0, 255, (9, 16, 16, 3), dtype=np.uint8)
@@ -178,14 +174,14 @@ def test_offloaded_keyframes_on_cuda_equal_device_store(sd_folder, tmp_path):
 
 
 @pytest.mark.gpu
-def test_edit_steps_do_not_wait_for_the_host(sd_folder, tmp_path):
+def test_edit_steps_do_not_wait_for_the_host(plain_sd_folder, tmp_path):
     """Host syncs of an edit happen at setup only: their count does not grow with the steps."""
     import warnings
 
     from sanaflow.pipelines.video_edit import VideoEditPipeline
     from sanaflow.tokenflow import EditSettings, edit_latents
 
-    backbone = load_backbone(sd_folder, device="cuda", dtype=torch.float16)
+    backbone = load_backbone(plain_sd_folder, device="cuda", dtype=torch.float16)
     pipe = VideoEditPipeline(backbone, cache_dir=tmp_path)
     clip = pipe.prepare(np.random.default_rng(0).integers(0, 255, (6, 16, 16, 3), dtype=np.uint8))
     counts = {}

@@ -4,27 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from sanaflow.cli import main
 from sanaflow.video import read_video, write_video
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # The tiny models' ops are far too small to gain from threads; contention only slows them down.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def sd_folder(tmp_path_factory):
-    from tokenflow_tiny import build_tiny_sd
-
-    return build_tiny_sd(tmp_path_factory.mktemp("sd") / "tiny-sd", controlnet=True)
+# one_thread and sd_folder (a tiny SD folder with a ControlNet) come from conftest.py.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -160,6 +160,11 @@ class FrozenConfig(Mapping[str, Any]):
         object.__setattr__(self, "_data", dict(data))
 
     def __getattr__(self, name: str) -> Any:
+        # Private and dunder names are never config keys. Refusing them also keeps copy / pickle
+        # (which probe __deepcopy__, __setstate__ ... on an instance whose _data is not set yet)
+        # from recursing through self._data.
+        if name.startswith("_"):
+            raise AttributeError(name)
         try:
             return self._data[name]
         except KeyError:
@@ -183,6 +188,10 @@ class FrozenConfig(Mapping[str, Any]):
 
     def __repr__(self) -> str:
         return f"FrozenConfig({self._data!r})"
+
+    def __reduce__(self):
+        # copy.deepcopy and pickle rebuild through __init__ (__setattr__ refuses plain state restoring).
+        return (type(self), (self._data,))
 
 
 def register_to_config(init: Callable) -> Callable:

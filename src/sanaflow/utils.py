@@ -10,6 +10,27 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
+def _umask() -> int:
+    mask = os.umask(0)  # the only portable way to read it before Python 3.13 (os.getumask)
+    os.umask(mask)
+    return mask
+
+
+def _normal_permissions(path: Path) -> None:
+    """Give the files at `path` (a file, or every file under a folder) the mode a plain open() gives.
+
+    Some writers (safetensors, anything built on mkstemp) create their files 0600; an output
+    should be readable as the user's umask allows, like any other file they write.
+    """
+    mask = _umask()
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else []
+    for f in files:
+        mode = f.stat().st_mode & 0o7777
+        wanted = (mode | 0o666) & ~mask & 0o7777  # keep execute bits, add read/write as the umask allows
+        if wanted != mode:
+            os.chmod(f, wanted)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success rename it onto `path`, on error delete it.
@@ -25,6 +46,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        _normal_permissions(tmp_path)
         if tmp_path.is_dir() and path.is_dir():
             # os.replace cannot replace a non-empty folder: move the old one aside first.
             old = path.with_name(f".{path.name}.old")

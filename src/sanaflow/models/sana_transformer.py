@@ -305,10 +305,20 @@ class SoftmaxCrossAttnProcessor(CrossAttnProcessor):
         return attn.project_out(out.transpose(1, 2).flatten(2))  # (B, N, D)
 
 
-class SanaSelfAttention(nn.Module):
-    """Self-attention projections (to_q/k/v, optional qk RMSNorm, to_out); the math lives in ``processor``."""
+class _AttentionProjections(nn.Module):
+    """The modules both attentions share: optional qk RMSNorm, to_q/k/v and to_out (Linear, Dropout)."""
 
-    def __init__(self, dim: int, heads: int, head_dim: int, bias: bool, qk_norm: str | None, dropout: float):
+    def __init__(
+        self,
+        dim: int,
+        kv_dim: int,
+        heads: int,
+        head_dim: int,
+        qkv_bias: bool,
+        out_bias: bool,
+        qk_norm: str | None,
+        dropout: float,
+    ):
         super().__init__()
         inner = heads * head_dim
         self.heads = heads
@@ -317,15 +327,22 @@ class SanaSelfAttention(nn.Module):
         # (Norms are created first so that state_dict() lists keys in diffusers' order.)
         self.norm_q = RMSNorm(inner, eps=1e-5) if qk_norm else nn.Identity()
         self.norm_k = RMSNorm(inner, eps=1e-5) if qk_norm else nn.Identity()
-        self.to_q = nn.Linear(dim, inner, bias=bias)
-        self.to_k = nn.Linear(dim, inner, bias=bias)
-        self.to_v = nn.Linear(dim, inner, bias=bias)
-        self.to_out = nn.ModuleList([nn.Linear(inner, dim, bias=True), nn.Dropout(dropout)])
-        self.processor: SelfAttnProcessor = LinearSelfAttnProcessor()
+        self.to_q = nn.Linear(dim, inner, bias=qkv_bias)
+        self.to_k = nn.Linear(kv_dim, inner, bias=qkv_bias)
+        self.to_v = nn.Linear(kv_dim, inner, bias=qkv_bias)
+        self.to_out = nn.ModuleList([nn.Linear(inner, dim, bias=out_bias), nn.Dropout(dropout)])
 
     def split_heads(self, x: torch.Tensor) -> torch.Tensor:
         """(B, N, heads * d) -> (B, heads, N, d)."""
         return x.unflatten(-1, (self.heads, -1)).transpose(1, 2)
+
+
+class SanaSelfAttention(_AttentionProjections):
+    """Self-attention projections (to_q/k/v, optional qk RMSNorm, to_out); the math lives in ``processor``."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int, bias: bool, qk_norm: str | None, dropout: float):
+        super().__init__(dim, dim, heads, head_dim, qkv_bias=bias, out_bias=True, qk_norm=qk_norm, dropout=dropout)
+        self.processor: SelfAttnProcessor = LinearSelfAttnProcessor()
 
     def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q, k, v of tokens (B, N, D), each (B, heads, N, d), with qk-norm applied (no ReLU yet)."""
@@ -346,7 +363,7 @@ class SanaSelfAttention(nn.Module):
         return self.processor(self, hidden_states, height, width)
 
 
-class SanaCrossAttention(nn.Module):
+class SanaCrossAttention(_AttentionProjections):
     """Cross-attention projections (to_q/k/v with biases, optional qk RMSNorm, to_out); math in ``processor``."""
 
     def __init__(
@@ -359,21 +376,10 @@ class SanaCrossAttention(nn.Module):
         out_bias: bool,
         dropout: float,
     ):
-        super().__init__()
-        inner = heads * head_dim
-        self.heads = heads
-        self.head_dim = head_dim
-        self.norm_q = RMSNorm(inner, eps=1e-5) if qk_norm else nn.Identity()
-        self.norm_k = RMSNorm(inner, eps=1e-5) if qk_norm else nn.Identity()
-        self.to_q = nn.Linear(dim, inner, bias=True)
-        self.to_k = nn.Linear(context_dim, inner, bias=True)
-        self.to_v = nn.Linear(context_dim, inner, bias=True)
-        self.to_out = nn.ModuleList([nn.Linear(inner, dim, bias=out_bias), nn.Dropout(dropout)])
+        super().__init__(
+            dim, context_dim, heads, head_dim, qkv_bias=True, out_bias=out_bias, qk_norm=qk_norm, dropout=dropout
+        )
         self.processor: CrossAttnProcessor = SoftmaxCrossAttnProcessor()
-
-    def split_heads(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, N, heads * d) -> (B, heads, N, d)."""
-        return x.unflatten(-1, (self.heads, -1)).transpose(1, 2)
 
     def project_q(self, x: torch.Tensor) -> torch.Tensor:
         """Queries of image tokens (B, N, D) -> (B, heads, N, d), qk-norm applied."""

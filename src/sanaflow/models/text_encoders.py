@@ -172,7 +172,29 @@ class _TransformersTextEncoder:
             out = self.model(input_ids=input_ids.to(device), attention_mask=mask.to(device))
         return out.last_hidden_state  # (B, length, C)
 
-    def _finish(self, hidden, mask, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def tokenize(self, prompts: Sequence[str] | str, use_instruction: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids and mask fed to the model: (B, L_all) each."""
+        raise NotImplementedError
+
+    def _select_tokens(self, hidden: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # The caption tokens kept out of the model's L_all: all of them unless an encoder selects.
+        return hidden, mask
+
+    def encode(
+        self,
+        prompts: Sequence[str] | str,
+        use_instruction: bool = True,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encode prompts to (hidden_states (B, max_length, C), mask (B, max_length) long).
+
+        ``use_instruction=False`` is for negative prompts (Gemma: no CHI prefix, padded to max_length);
+        sentence encoders use no instruction and accept it for interface parity.
+        """
+        input_ids, mask = self.tokenize(prompts, use_instruction)  # (B, L_all)
+        hidden = self._hidden_states(input_ids, mask)  # (B, L_all, C)
+        hidden, mask = self._select_tokens(hidden, mask)  # (B, max_length, C), (B, max_length)
         device = self.device if device is None else torch.device(device)
         dtype = self.dtype if dtype is None else dtype
         # clone() outside inference mode turns the inference tensors into normal ones, which a
@@ -238,21 +260,8 @@ class GemmaTextEncoder(_TransformersTextEncoder):
         keep = [0, *range(-self.max_length + 1, 0)]  # negative indices, as the reference does
         return x[:, keep]
 
-    def encode(
-        self,
-        prompts: Sequence[str] | str,
-        use_instruction: bool = True,
-        device: str | torch.device | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Encode prompts to (hidden_states (B, max_length, C), mask (B, max_length) long).
-
-        ``use_instruction=False`` is for negative prompts: no CHI prefix, padded to max_length.
-        """
-        input_ids, mask = self.tokenize(prompts, use_instruction)  # (B, L_all)
-        hidden = self._hidden_states(input_ids, mask)  # (B, L_all, C)
-        hidden, mask = self.select(hidden), self.select(mask)  # (B, max_length, C), (B, max_length)
-        return self._finish(hidden, mask, device, dtype)
+    def _select_tokens(self, hidden: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.select(hidden), self.select(mask)  # (B, max_length, C), (B, max_length)
 
 
 class SentenceTextEncoder(_TransformersTextEncoder):
@@ -301,21 +310,6 @@ class SentenceTextEncoder(_TransformersTextEncoder):
     def tokenize(self, prompts: Sequence[str] | str, use_instruction: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids and mask, padded/truncated to max_length: (B, max_length) each."""
         return self._tokenize(preprocess_prompts(prompts), self.max_length)
-
-    def encode(
-        self,
-        prompts: Sequence[str] | str,
-        use_instruction: bool = True,
-        device: str | torch.device | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Encode prompts to (hidden_states (B, max_length, C), mask (B, max_length) long).
-
-        ``use_instruction`` is accepted for interface parity; sentence encoders use no instruction.
-        """
-        input_ids, mask = self.tokenize(prompts)  # (B, max_length)
-        hidden = self._hidden_states(input_ids, mask)  # (B, max_length, C)
-        return self._finish(hidden, mask, device, dtype)
 
 
 TEXT_ENCODER_KINDS = ("gemma", "minilm", "sentence")

@@ -54,6 +54,22 @@ def _repeat_sigma(sigma: torch.Tensor, times: int) -> torch.Tensor:
     return sigma.repeat(times)  # (times * B,)
 
 
+def _require_uncond(uncond: Mapping[str, Any] | None, scale: float) -> None:
+    if uncond is None:
+        raise ConfigError(f"classifier-free guidance with scale {scale} needs an `uncond` conditioning")
+
+
+def _cfg_pair(
+    model_fn: ModelFn, x: torch.Tensor, sigma: torch.Tensor, cond: Mapping[str, Any], uncond: Mapping[str, Any],
+    extra: Mapping[str, Any],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(v_uncond, v_cond) in float32 from ONE model call on the batch [uncond, cond]."""
+    x_in = torch.cat([x, x])  # (2B, C, H, W)
+    out = model_fn(x_in, _repeat_sigma(sigma, 2), **_cat_conditioning([uncond, cond]), **extra)  # (2B, ...)
+    v_uncond, v_cond = out.float().chunk(2)
+    return v_uncond, v_cond
+
+
 def cfg(model_fn: ModelFn, scale: float) -> ModelFn:
     """Classifier-free guidance: uncond + scale (cond - uncond) from one batched call; scale 1 runs cond alone.
 
@@ -71,11 +87,8 @@ def cfg(model_fn: ModelFn, scale: float) -> ModelFn:
     ) -> torch.Tensor:
         if scale == 1.0:
             return model_fn(x, sigma, **cond, **extra).float()
-        if uncond is None:
-            raise ConfigError(f"classifier-free guidance with scale {scale} needs an `uncond` conditioning")
-        x_in = torch.cat([x, x])  # (2B, C, H, W)
-        out = model_fn(x_in, _repeat_sigma(sigma, 2), **_cat_conditioning([uncond, cond]), **extra)  # (2B, ...)
-        v_uncond, v_cond = out.float().chunk(2)
+        _require_uncond(uncond, scale)
+        v_uncond, v_cond = _cfg_pair(model_fn, x, sigma, cond, uncond, extra)
         return v_uncond + scale * (v_cond - v_uncond)
 
     return guided
@@ -112,8 +125,8 @@ def pag(
         uncond: Mapping[str, Any] | None = None,
         **extra: Any,
     ) -> torch.Tensor:
-        if use_cfg and uncond is None:
-            raise ConfigError(f"classifier-free guidance with scale {guidance_scale} needs an `uncond` conditioning")
+        if use_cfg:
+            _require_uncond(uncond, guidance_scale)
         if perturbed_fn is None:
             parts = [uncond, cond, cond] if use_cfg else [cond, cond]
             batch = x.shape[0]
@@ -127,9 +140,7 @@ def pag(
             chunks = out.chunk(len(parts))
         else:
             if use_cfg:
-                x_in = torch.cat([x, x])  # (2B, C, H, W)
-                both = model_fn(x_in, _repeat_sigma(sigma, 2), **_cat_conditioning([uncond, cond]), **extra)
-                chunks = tuple(both.float().chunk(2))
+                chunks = _cfg_pair(model_fn, x, sigma, cond, uncond, extra)
             else:
                 chunks = (model_fn(x, sigma, **cond, **extra).float(),)
             chunks = (*chunks, perturbed_fn(x, sigma, **cond, **extra).float())

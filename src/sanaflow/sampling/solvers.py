@@ -49,6 +49,23 @@ def _flow_lambda(s: float) -> float:
     return math.log(1.0 - s) - math.log(s)
 
 
+def _flow_prediction(
+    model_fn: ModelFn,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    i: int,
+    extra_args: Mapping[str, Any],
+    callback: Callback | None,
+) -> tuple[float, float, torch.Tensor, torch.Tensor]:
+    """Step i of a flow sampler: (s, s_next, velocity v, data prediction x - s v), reported to `callback`."""
+    s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+    v = model_fn(x, _sigma_batch(sigmas[i], x), **extra_args)  # (B, C, H, W)
+    denoised = x - s * v  # (B, C, H, W)
+    if callback is not None:
+        callback({"i": i, "x": x, "sigma": s, "sigma_next": s_next, "denoised": denoised})
+    return s, s_next, v, denoised
+
+
 @torch.no_grad()
 def sample_euler(
     model_fn: ModelFn,
@@ -61,10 +78,7 @@ def sample_euler(
     """Flow-matching Euler: x_next = x + (s_next - s) v (diffusers' FlowMatchEulerDiscreteScheduler)."""
     extra_args = {} if extra_args is None else extra_args
     for i in trange(len(sigmas) - 1, disable=disable):
-        s, s_next = float(sigmas[i]), float(sigmas[i + 1])
-        v = model_fn(x, _sigma_batch(sigmas[i], x), **extra_args)  # (B, C, H, W)
-        if callback is not None:
-            callback({"i": i, "x": x, "sigma": s, "sigma_next": s_next, "denoised": x - s * v})
+        s, s_next, v, _ = _flow_prediction(model_fn, x, sigmas, i, extra_args, callback)
         x = x + (s_next - s) * v
     return x
 
@@ -90,11 +104,7 @@ def sample_dpmpp_2m(
     old_denoised: torch.Tensor | None = None
     h_last = math.nan
     for i in trange(n, disable=disable):
-        s, s_next = float(sigmas[i]), float(sigmas[i + 1])
-        v = model_fn(x, _sigma_batch(sigmas[i], x), **extra_args)  # (B, C, H, W)
-        denoised = x - s * v  # (B, C, H, W) data prediction
-        if callback is not None:
-            callback({"i": i, "x": x, "sigma": s, "sigma_next": s_next, "denoised": denoised})
+        s, s_next, _, denoised = _flow_prediction(model_fn, x, sigmas, i, extra_args, callback)  # (B, C, H, W)
         lam, lam_next = _flow_lambda(s), _flow_lambda(s_next)
         h = lam_next - lam
         alpha_next = 1.0 - s_next

@@ -36,6 +36,8 @@ class ModelConfig:
     text_max_length: int = 64
     # Start the trained network (and its EMA) from this model folder instead of random weights.
     init_from: str | None = None
+    # Text features of up to this many distinct captions stay on the device (t2i; 0 = encode every batch).
+    text_cache: int = 65536
 
 
 @dataclass
@@ -54,6 +56,12 @@ class DataConfig:
     num_workers: int = 2
     # Seed of the data order / shapes stream (kept apart from the evaluation seeds).
     seed: int = 0
+    # Sample pool (t2i, shapes): keep this many prepared samples (latents + text features) on the
+    # device; each step trains on a random batch of them and replaces batch_size / reuse of them by
+    # fresh stream samples, so every rendered + encoded scene is used `reuse` times on average.
+    # 0 = no pool: every sample is fresh (rendering and the DC-AE encode then run per sample).
+    pool_size: int = 0
+    reuse: int = 1
 
 
 @dataclass
@@ -107,6 +115,8 @@ class LoopConfig:
     max_minutes: float | None = None
     mixed_precision: str = "bf16"
     gradient_checkpointing: bool = False
+    # torch.compile the trained network (fullgraph); pays ~1 min of compilation once per job.
+    compile: bool = False
     distributed: str = "ddp"
     ema_decay: float = 0.999
     log_every: int = 50
@@ -181,6 +191,20 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             raise ConfigError("task 't2i' needs model.vae_path (a trained DC-AE folder)")
     if cfg.task == "dcae" and not cfg.model.vae:
         raise ConfigError("task 'dcae' needs model.vae (DCAE config keys)")
+    if cfg.data.pool_size:
+        d, b = cfg.data, cfg.train.batch_size
+        if cfg.task != "t2i" or d.source != "shapes":
+            raise ConfigError("data.pool_size needs task 't2i' and data.source 'shapes' (a pool of latents, "
+                              "not of images); set data.pool_size 0")
+        if d.reuse < 1 or b % d.reuse:
+            raise ConfigError(f"data.reuse ({d.reuse}) must be >= 1 and divide train.batch_size ({b})")
+        if d.pool_size < b or d.pool_size % (b // d.reuse):
+            raise ConfigError(f"data.pool_size ({d.pool_size}) must be >= train.batch_size ({b}) and a multiple of "
+                              f"train.batch_size / data.reuse ({b // d.reuse})")
+    elif cfg.data.reuse != 1:
+        raise ConfigError("data.reuse > 1 needs a sample pool: set data.pool_size (e.g. 131072)")
+    if cfg.model.text_cache < 0:
+        raise ConfigError(f"model.text_cache must be >= 0, got {cfg.model.text_cache}")
     if cfg.data.resolution % 32:
         raise ConfigError(f"data.resolution must be a multiple of 32, got {cfg.data.resolution}")
     return cfg

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from ..errors import InputError
 
@@ -222,12 +222,24 @@ class BatchPositionSampler(Sampler[list[int]]):
         return 2**62
 
 
+def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
+    # default_collate stacks straight into shared memory inside a worker (no second copy when the
+    # batch is sent to the main process). Images (3, H, W) that are views of (H, W, 3) renders are
+    # stacked in their HWC memory, a plain copy, and returned as a (B, 3, H, W) channels-last view,
+    # which is the layout the DC-AE's convolutions want on the GPU (stacking the strided views
+    # into NCHW costs ~3x more here, and the GPU would transpose them back).
+    first = tensors[0]
+    if first.dim() == 3 and first.permute(1, 2, 0).is_contiguous() and not first.is_contiguous():
+        return default_collate([t.permute(1, 2, 0) for t in tensors]).permute(0, 3, 1, 2)  # (B, 3, H, W)
+    return default_collate(tensors)
+
+
 def collate(items: list[dict]) -> dict:
-    """Stack tensors, keep captions as a list."""
+    """Stack tensors (images channels-last), keep captions as a list."""
     out: dict = {"caption": [it["caption"] for it in items]}
     for key in items[0]:
         if key != "caption":
-            out[key] = torch.stack([it[key] for it in items])
+            out[key] = _stack([it[key] for it in items])
     return out
 
 

@@ -81,12 +81,12 @@ class CAME(torch.optim.Optimizer):
         return loss
 
 
-def build_optimizer(params: Iterable[nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
-    """AdamW or CAME over `params`, from the config."""
+def build_optimizer(params: Iterable[nn.Parameter], cfg: OptimConfig, fused: bool = False) -> torch.optim.Optimizer:
+    """AdamW or CAME over `params`, from the config; `fused` = AdamW's single-kernel CUDA step."""
     params = [p for p in params if p.requires_grad]
     if cfg.name == "adamw":
         return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
-                                 weight_decay=cfg.weight_decay)
+                                 weight_decay=cfg.weight_decay, fused=fused or None)
     if cfg.name == "came":
         return CAME(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
     raise unknown_choice("optimizer", cfg.name, OPTIMIZERS)
