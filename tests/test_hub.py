@@ -254,7 +254,7 @@ def test_frozen_config_copies_and_pickles():
     deep = copy.deepcopy(cfg)
     assert deep["blocks"] is not cfg["blocks"]  # a deep copy owns its values
     with pytest.raises(AttributeError):
-        cfg._missing  # private names are never config keys (and never recurse)
+        _ = cfg._missing  # private names are never config keys (and never recurse)
     with pytest.raises(AttributeError, match="read-only"):
         cfg.width = 3
 

@@ -55,7 +55,8 @@ class TextFeatureCache:
         padded = texts + [""] * (self.block - len(texts))
         ids, mask = self.encoder.tokenize(padded)  # (block, L) each
         ids, mask = _to_device(ids, self.device), _to_device(mask, self.device)
-        hidden = self.encoder._hidden_states(ids, mask)  # (block, L, C), inference tensor
+        hidden = self.encoder._hidden_states(ids, mask)  # (block, L_all, C), inference tensor
+        hidden, mask = self.encoder._select_tokens(hidden, mask)  # (block, L, C), (block, L)
         return hidden[: len(texts)].float(), mask[: len(texts)].long()
 
     def _store(self, hidden: torch.Tensor, mask: torch.Tensor) -> int:

@@ -37,7 +37,7 @@ class ModelConfig:
     # Start the trained network (and its EMA) from this model folder instead of random weights.
     init_from: str | None = None
     # Text features of up to this many distinct captions stay on the device (t2i; 0 = encode every batch).
-    text_cache: int = 65536
+    text_cache: int = 16384
 
 
 @dataclass

@@ -69,7 +69,7 @@ class T2IPrepare:
     the shapes captions repeat.
     """
 
-    def __init__(self, vae, text_encoder, text_cache: int = 65536):
+    def __init__(self, vae, text_encoder, text_cache: int = 16384):
         self.vae, self.text_encoder = vae, text_encoder
         self.text_cache_size = text_cache
         self.text_cache: TextFeatureCache | None = None
