@@ -329,3 +329,47 @@ def test_linear_attention_matches_quadratic_form():
     assert torch.allclose(half.float(), expected, atol=0.1)
     # a query with no positive feature gets 0, not NaN
     assert torch.equal(linear_attention(-q.abs(), k, v), torch.zeros_like(q))
+
+
+def _mix_ffn_conv_reference(ff, grid: torch.Tensor) -> torch.Tensor:
+    # The Mix-FFN written as diffusers' GLUMBConv does it, on the (B, D, H, W) grid.
+    h = ff.conv_depth(torch.nn.functional.silu(ff.conv_inverted(grid)))  # (B, 2h, H, W)
+    h, gate = h.chunk(2, dim=1)
+    return ff.conv_point(h * torch.nn.functional.silu(gate))  # (B, D, H, W)
+
+
+def test_mix_ffn_token_path_matches_conv_grid_path():
+    from sanaflow.models.sana_transformer import GLUMBConv
+    from sanaflow.quant.layers import Int8WeightOnlyLinear
+
+    torch.manual_seed(0)
+    ff = GLUMBConv(16, 2.5)
+    grid = torch.randn(2, 16, 5, 7)  # non-square: catches a swapped height/width
+    tokens = grid.flatten(2).transpose(1, 2).contiguous()  # (B, N, D) row-major, as the block holds them
+    with torch.no_grad():
+        expected = _mix_ffn_conv_reference(ff, grid)
+        got = ff.forward_tokens(tokens, 5, 7)  # (B, N, D)
+        assert got.shape == (2, 35, 16)
+        assert (got - expected.flatten(2).transpose(1, 2)).abs().max().item() <= 1e-5
+        assert (ff(grid) - expected).abs().max().item() <= 1e-5  # the grid API is kept
+        # A quantized replacement of a 1x1 conv takes the grid; the token path must still feed it right.
+        ff.conv_inverted = Int8WeightOnlyLinear.from_float(ff.conv_inverted)
+        ff.conv_point = Int8WeightOnlyLinear.from_float(ff.conv_point)
+        expected_q = _mix_ffn_conv_reference(ff, grid)
+        got_q = ff.forward_tokens(tokens, 5, 7)
+        assert (got_q - expected_q.flatten(2).transpose(1, 2)).abs().max().item() <= 1e-5
+
+
+def test_block_does_not_modify_its_input(tmp_path):
+    _, folder = _diffusers_model(tmp_path)
+    model = SanaTransformer.from_pretrained(folder).eval()
+    block = model.transformer_blocks[0]
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 12, 16, generator=gen)  # (B, N = 3 * 4, D)
+    context = torch.randn(2, CAPTION_LEN, 16, generator=gen)
+    modulation = torch.randn(2, 6 * 16, generator=gen)
+    before = x.clone()
+    with torch.no_grad():
+        out = block(x, context, None, modulation, 3, 4)
+    assert out.shape == x.shape
+    assert torch.equal(x, before)  # hooks and callers may hold the block input

@@ -237,9 +237,35 @@ class GLUMBConv(nn.Module):
         self.conv_point = nn.Conv2d(hidden, dim, 1, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv_depth(F.silu(self.conv_inverted(x)))  # (B, 2h, H, W)
-        x, gate = x.chunk(2, dim=1)  # (B, h, H, W) each
-        return self.conv_point(x * F.silu(gate))  # (B, D, H, W)
+        """Grid (B, D, H, W) -> (B, D, H, W); the block calls `forward_tokens` instead."""
+        height, width = x.shape[-2:]
+        out = self.forward_tokens(x.flatten(2).transpose(1, 2), height, width)  # (B, N, D)
+        return out.transpose(1, 2).unflatten(2, (height, width))  # (B, D, H, W)
+
+    def forward_tokens(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """Tokens (B, N, D) of a row-major (height, width) grid -> (B, N, D), with no layout copies.
+
+        The 1x1 convs run as matmuls on the tokens (F.linear with the stored conv weights: cuBLAS
+        adds the bias in the GEMM epilogue, where cuDNN convs add it in a separate pass), and the
+        depthwise 3x3 conv sees the tokens as a channels-last (B, C, H, W) view, so no
+        (B, N, D) <-> (B, D, H, W) transpose is ever materialised.
+        """
+        h = F.silu(_pointwise(self.conv_inverted, x, height, width))  # (B, N, 2h)
+        grid = h.unflatten(1, (height, width)).permute(0, 3, 1, 2)  # (B, 2h, H, W) channels-last view
+        h = self.conv_depth(grid).permute(0, 2, 3, 1)  # (B, H, W, 2h), contiguous when channels-last
+        h, gate = h.chunk(2, dim=-1)  # (B, H, W, h) each
+        h = (h * F.silu(gate)).flatten(1, 2)  # (B, N, h)
+        return _pointwise(self.conv_point, h, height, width)  # (B, N, D)
+
+
+def _pointwise(conv: nn.Module, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    # A 1x1 Conv2d applied to tokens (B, N, C_in) -> (B, N, C_out). A plain Conv2d is a Linear over
+    # its (C_out, C_in, 1, 1) weight; any other module (a quantized replacement, see
+    # sanaflow.quant) takes the grid, so it gets a channels-last view and its output is viewed back.
+    if isinstance(conv, nn.Conv2d):
+        return F.linear(x, conv.weight.flatten(1), conv.bias)  # (B, N, C_out)
+    grid = x.unflatten(1, (height, width)).permute(0, 3, 1, 2)  # (B, C_in, H, W) view
+    return conv(grid).flatten(2).transpose(1, 2)  # (B, N, C_out)
 
 
 # --------------------------------------------------------------------------------------------
@@ -451,15 +477,19 @@ class SanaTransformerBlock(nn.Module):
         mod = self.scale_shift_table[None] + modulation.unflatten(1, (6, -1))  # (B, 6, D)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=1)  # (B, 1, D) each
 
-        h = (self.norm1(x) * (1 + scale_msa) + shift_msa).to(x.dtype)  # (B, N, D)
-        x = x + gate_msa * self.attn1(h, height, width)
+        # Each (B, N, D) elementwise step is a full read+write of the activations (at 4096 px that
+        # is memory-bound work beside the GEMMs), so modulation and gated residuals are single
+        # addcmul passes: norm * (1 + scale) + shift and x + gate * out. Out of place on purpose:
+        # the same traffic as addcmul_, autograd-safe, and the block input (which hooks or callers
+        # may hold) is never mutated.
+        h = torch.addcmul(shift_msa, self.norm1(x), 1 + scale_msa).to(x.dtype)  # (B, N, D)
+        x = torch.addcmul(x, gate_msa, self.attn1(h, height, width))  # (B, N, D)
 
         if self.attn2 is not None:
-            x = x + self.attn2(x, context, context_bias)
+            x = x + self.attn2(x, context, context_bias)  # (B, N, D)
 
-        h = self.norm2(x) * (1 + scale_mlp) + shift_mlp  # (B, N, D)
-        h = self.ff(h.unflatten(1, (height, width)).permute(0, 3, 1, 2))  # (B, D, H, W)
-        return x + gate_mlp * h.flatten(2).transpose(1, 2)  # (B, N, D)
+        h = torch.addcmul(shift_mlp, self.norm2(x), 1 + scale_mlp)  # (B, N, D)
+        return torch.addcmul(x, gate_mlp, self.ff.forward_tokens(h, height, width))  # (B, N, D)
 
 
 class SanaTransformer(ModelMixin):
@@ -677,7 +707,7 @@ class SanaTransformer(ModelMixin):
                 x = x + controlnet_block_samples[i - 1]
 
         shift, scale = (self.scale_shift_table[None] + t_emb[:, None]).chunk(2, dim=1)  # (B, 1, D) each
-        x = self.norm_out(x) * (1 + scale) + shift  # (B, N, D)
+        x = torch.addcmul(shift, self.norm_out(x), 1 + scale)  # (B, N, D)
         x = self.proj_out(x)  # (B, N, p*p*C)
         x = x.reshape(batch, h, w, p, p, -1).permute(0, 5, 1, 3, 2, 4)  # (B, C, h, p, w, p)
         return x.reshape(batch, -1, height, width)  # (B, C, H, W)

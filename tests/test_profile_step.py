@@ -1,0 +1,63 @@
+"""benchmarks/profile_step.py: the CPU smoke run (--tiny) and its op categorisation."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+pytest.importorskip("diffusers")  # bench_sana (imported by the script) builds diffusers' models
+
+
+def _script():
+    sys.path.insert(0, str(BENCH))  # the script imports its siblings _common and bench_sana
+    spec = importlib.util.spec_from_file_location("profile_step", BENCH / "profile_step.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["profile_step"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_tiny_profile_of_both_impls_writes_tables(tmp_path, capsys):
+    script = _script()
+    out = tmp_path / "prof.json"
+    assert script.main(["--tiny", "--steps", "1", "--warmup", "1", "--top", "5", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert set(data["impls"]) == {"ours", "diffusers"}
+    assert data["cosine_ours_vs_diffusers"] > 0.9999  # same weights, fp32
+    for report in data["impls"].values():
+        assert report["total_ms"] > 0
+        assert 0 < len(report["ops"]) <= 5
+        cats = {c["category"] for c in report["categories"]}
+        assert {"gemm", "conv"} <= cats
+        assert abs(sum(c["pct"] for c in report["categories"]) - 100) < 1e-6
+    printed = capsys.readouterr().out
+    assert "=== ours:" in printed and "=== diffusers:" in printed and "category" in printed
+
+
+def test_categories_and_byte_estimates():
+    script = _script()
+    assert script.categorize("aten::addmm") == "gemm"
+    assert script.categorize("aten::cudnn_convolution") == "conv"
+    assert script.categorize("aten::addcmul") == "elementwise"
+    assert script.categorize("aten::copy_") == "copy/layout"
+    assert script.categorize("aten::_efficient_attention_forward") == "attention"
+    assert script.categorize("aten::native_layer_norm") == "norm"
+    # addmm(bias (N,), a (M, K), b (K, N)): reads N + M*K + K*N, writes M*N, at 2 bytes each
+    assert script.bytes_per_call("aten::addmm", [[6], [4, 5], [5, 6]], 2) == (6 + 20 + 30 + 24) * 2
+    # a 3x3 depthwise conv (B, C, H, W) with weight (C, 1, 3, 3): output (B, C, H, W)
+    assert script.bytes_per_call("aten::cudnn_convolution", [[2, 8, 4, 4], [8, 1, 3, 3]], 4) == (
+        (256 + 72 + 256) * 4
+    )
+    assert script.bytes_per_call("aten::add", [[2, 3], [2, 3], []], 4) == 18 * 4
+
+
+def test_bad_px_is_refused():
+    script = _script()
+    with pytest.raises(SystemExit):
+        script.parse_args(["--tiny", "--px", "100"])
