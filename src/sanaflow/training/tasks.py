@@ -144,36 +144,11 @@ def fill_feature_cache(source: FolderSource, prepare: T2IPrepare, device: torch.
 
 def scheduler_config(flow_shift: float) -> dict[str, Any]:
     """The DPMSolverMultistepScheduler config of official SANA folders (flow sigmas, flow prediction)."""
-    return {
-        "_class_name": "DPMSolverMultistepScheduler",
-        "_diffusers_version": "0.42.1",
-        "algorithm_type": "dpmsolver++",
-        "beta_end": 0.02,
-        "beta_schedule": "linear",
-        "beta_start": 0.0001,
-        "dynamic_thresholding_ratio": 0.995,
-        "euler_at_final": False,
-        "final_sigmas_type": "zero",
-        "flow_shift": float(flow_shift),
-        "lambda_min_clipped": float("-inf"),
-        "lower_order_final": True,
-        "num_train_timesteps": 1000,
-        "prediction_type": "flow_prediction",
-        "rescale_betas_zero_snr": False,
-        "sample_max_value": 1.0,
-        "solver_order": 2,
-        "solver_type": "midpoint",
-        "steps_offset": 0,
-        "thresholding": False,
-        "timestep_spacing": "linspace",
-        "trained_betas": None,
-        "use_beta_sigmas": False,
-        "use_exponential_sigmas": False,
-        "use_flow_sigmas": True,
-        "use_karras_sigmas": False,
-        "use_lu_lambdas": False,
-        "variance_type": None,
-    }
+    from ..config import SchedulerSpec
+    from ..hub import DIFFUSERS_VERSION
+
+    return {**SchedulerSpec(type="flow-dpm-solver", flow_shift=float(flow_shift)).diffusers_config(),
+            "_diffusers_version": DIFFUSERS_VERSION}
 
 
 def build_t2i(cfg: TrainConfig) -> Task:
