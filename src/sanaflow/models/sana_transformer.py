@@ -49,6 +49,7 @@ from torch.utils.checkpoint import checkpoint
 from ..errors import ConfigError, InputError, suggest
 from ..hub import ModelMixin, register_to_config
 from ..ops.linear_attention import linear_attention
+from ..ops.mixffn import fused_mixffn_fn
 
 QK_NORMS = (None, "rms_norm_across_heads")
 TIMESTEP_CHANNELS = 256  # sinusoidal timestep features before the MLP
@@ -250,12 +251,22 @@ class GLUMBConv(nn.Module):
         depthwise 3x3 conv sees the tokens as a channels-last (B, C, H, W) view, so no
         (B, N, D) <-> (B, D, H, W) transpose is ever materialised.
         """
-        h = F.silu(_pointwise(self.conv_inverted, x, height, width))  # (B, N, 2h)
+        h = _pointwise(self.conv_inverted, x, height, width)  # (B, N, 2h), before the SiLU
+        conv = self.conv_depth
+        fused = fused_mixffn_fn(h, conv.weight) if isinstance(conv, nn.Conv2d) else None  # opt-in, see ops.mixffn
+        if fused is not None:
+            h = fused(h, conv.weight, conv.bias, height, width)  # (B, N, h)
+        else:
+            h = self.dwconv_glu(h, height, width)  # (B, N, h)
+        return _pointwise(self.conv_point, h, height, width)  # (B, N, D)
+
+    def dwconv_glu(self, h: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """The torch path of the middle: (B, N, 2h) -> SiLU, depthwise 3x3, x * SiLU(gate) -> (B, N, h)."""
+        h = F.silu(h)  # (B, N, 2h)
         grid = h.unflatten(1, (height, width)).permute(0, 3, 1, 2)  # (B, 2h, H, W) channels-last view
         h = self.conv_depth(grid).permute(0, 2, 3, 1)  # (B, H, W, 2h), contiguous when channels-last
         h, gate = h.chunk(2, dim=-1)  # (B, H, W, h) each
-        h = (h * F.silu(gate)).flatten(1, 2)  # (B, N, h)
-        return _pointwise(self.conv_point, h, height, width)  # (B, N, D)
+        return (h * F.silu(gate)).flatten(1, 2)  # (B, N, h)
 
 
 def _pointwise(conv: nn.Module, x: torch.Tensor, height: int, width: int) -> torch.Tensor:

@@ -1,0 +1,130 @@
+"""Triton kernel of the fused Mix-FFN middle (imported only when triton is installed).
+
+The kernel is a plain function here (its helpers are ``triton.jit`` functions, which Triton needs
+for calls from a kernel); `sanaflow.ops.triton_mixffn` compiles it with ``triton.jit`` for CUDA
+tensors and wraps it in Triton's interpreter for CPU tensors (``TRITON_INTERPRET=1``), so the same
+source is tested on a CPU-only machine.
+
+Notation: ``a`` (B, N, 2h) is the 1x1-conv output on a row-major (H, W) token grid, channels last;
+``s = silu(a)``; ``c = dwconv3x3(s) + bias`` (zero padding); ``out = c[:h] * silu(c[h:])`` (B, N, h).
+All loads are upcast to float32 at once (the interpreter mishandles bf16 arithmetic).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _silu(v):
+    return v / (1.0 + tl.exp(-v))
+
+
+@triton.jit
+def _load_shifted(base, row, cols, c_off, mask_c, H, W, s_n, DX: tl.constexpr):
+    """silu(a) of grid row `row` at columns `cols + DX` (zero outside the grid): (BLOCK_W, BLOCK_C)."""
+    col = cols + DX
+    m = ((row >= 0) & (row < H) & (col >= 0) & (col < W))[:, None] & mask_c[None, :]
+    v = tl.load(base + col[:, None].to(tl.int64) * s_n + c_off, mask=m, other=0.0).to(tl.float32)
+    return _silu(v)  # silu(0) = 0: padding after the SiLU equals padding before it
+
+
+@triton.jit
+def _load_row(x_ptr, row, cols, offs_c, mask_c, H, W, s_n, s_c, GATHER: tl.constexpr):
+    """silu(a) of grid row `row` at columns `cols - 1`, `cols`, `cols + 1`: three (BLOCK_W, BLOCK_C) tiles.
+
+    GATHER: one load and one SiLU, the neighbours taken from the tile by `tl.gather` (the tile's
+    first and last column then get clamped, wrong neighbours: the caller does not store them).
+    Otherwise three loads (the shifted ones hit L1) and three SiLUs.
+    """
+    base = x_ptr + (row * W).to(tl.int64) * s_n  # int64: B*N*2h passes 2**31 at 4096 px
+    c_off = offs_c[None, :] * s_c
+    mid = _load_shifted(base, row, cols, c_off, mask_c, H, W, s_n, 0)
+    if GATHER:
+        i = tl.arange(0, cols.shape[0])[:, None] + offs_c[None, :] * 0  # (BLOCK_W, BLOCK_C) tile columns
+        left = tl.gather(mid, tl.maximum(i - 1, 0), axis=0)
+        right = tl.gather(mid, tl.minimum(i + 1, cols.shape[0] - 1), axis=0)
+    else:
+        left = _load_shifted(base, row, cols, c_off, mask_c, H, W, s_n, -1)
+        right = _load_shifted(base, row, cols, c_off, mask_c, H, W, s_n, 1)
+    return left, mid, right
+
+
+@triton.jit
+def _taps(w_ptr, offs_c, mask_c, i: tl.constexpr):
+    """Row `i` of the 3x3 depthwise weights (C, 1, 3, 3) contiguous: three (1, BLOCK_C) float32 rows."""
+    w0 = tl.load(w_ptr + offs_c * 9 + 3 * i + 0, mask=mask_c, other=0.0).to(tl.float32)
+    w1 = tl.load(w_ptr + offs_c * 9 + 3 * i + 1, mask=mask_c, other=0.0).to(tl.float32)
+    w2 = tl.load(w_ptr + offs_c * 9 + 3 * i + 2, mask=mask_c, other=0.0).to(tl.float32)
+    return w0[None, :], w1[None, :], w2[None, :]
+
+
+def dwconv_glu_kernel(
+    x_ptr, w_ptr, b_ptr, o_ptr,
+    H, W, HID, rows_per_prog, n_strips,
+    s_xb, s_xn, s_xc,
+    s_ob, s_on, s_oc,
+    HAS_BIAS: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, GATHER: tl.constexpr,
+):
+    """out = dw(silu(a))[:h] * silu(dw(silu(a))[h:]) for a strip of rows x BLOCK_W columns x BLOCK_C
+    channels; grid (cdiv(W, BLOCK_W), cdiv(h, BLOCK_C), B * n_strips), or with GATHER (neighbour
+    columns shuffled in registers, see `_load_row`) tiles of BLOCK_W columns that overlap by two and
+    store their BLOCK_W - 2 inner ones: grid (cdiv(W, BLOCK_W - 2), ...).
+
+    The rows are swept top to bottom: each input row is loaded (and SiLU'd) once per column shift,
+    and its three weighted horizontal sums go to output rows r+1, r, r-1; two running accumulators
+    carry the unfinished rows, so output row r-1 is complete (and stored) after input row r.
+    """
+    pid_w = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    pid_bs = tl.program_id(2)
+    b = (pid_bs // n_strips).to(tl.int64)
+    y0 = (pid_bs % n_strips) * rows_per_prog
+    y1 = tl.minimum(y0 + rows_per_prog, H)
+    if GATHER:
+        cols = pid_w * (BLOCK_W - 2) - 1 + tl.arange(0, BLOCK_W)
+        inner = (tl.arange(0, BLOCK_W) >= 1) & (tl.arange(0, BLOCK_W) < BLOCK_W - 1) & (cols >= 0)
+    else:
+        cols = pid_w * BLOCK_W + tl.arange(0, BLOCK_W)
+        inner = cols >= 0  # all of them
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < HID
+    x_base = x_ptr + b * s_xb
+    xg_base = x_base + HID * s_xc  # the gate half: channels h..2h-1
+    o_base = o_ptr + b * s_ob
+
+    # weights of the x half (channels c) and of the gate half (channels h + c)
+    xa0, xa1, xa2 = _taps(w_ptr, offs_c, mask_c, 0)
+    xb0, xb1, xb2 = _taps(w_ptr, offs_c, mask_c, 1)
+    xc0, xc1, xc2 = _taps(w_ptr, offs_c, mask_c, 2)
+    ga0, ga1, ga2 = _taps(w_ptr + HID * 9, offs_c, mask_c, 0)
+    gb0, gb1, gb2 = _taps(w_ptr + HID * 9, offs_c, mask_c, 1)
+    gc0, gc1, gc2 = _taps(w_ptr + HID * 9, offs_c, mask_c, 2)
+    if HAS_BIAS:
+        bias_x = tl.load(b_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)[None, :]
+        bias_g = tl.load(b_ptr + HID + offs_c, mask=mask_c, other=0.0).to(tl.float32)[None, :]
+    else:
+        bias_x = tl.zeros((1, BLOCK_C), dtype=tl.float32)
+        bias_g = tl.zeros((1, BLOCK_C), dtype=tl.float32)
+
+    acc_x = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)  # output row r (rows r-1 and r summed in)
+    acc_g = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
+    nxt_x = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)  # output row r+1 (row r summed in)
+    nxt_g = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
+    for r in range(y0 - 1, y1 + 1):
+        lx, cx, rx = _load_row(x_base, r, cols, offs_c, mask_c, H, W, s_xn, s_xc, GATHER)
+        lg, cg, rg = _load_row(xg_base, r, cols, offs_c, mask_c, H, W, s_xn, s_xc, GATHER)
+        # finish output row r-1 with weight row 2 (the input row below it), then store it
+        done_x = acc_x + xc0 * lx + xc1 * cx + xc2 * rx + bias_x  # (BLOCK_W, BLOCK_C)
+        done_g = acc_g + gc0 * lg + gc1 * cg + gc2 * rg + bias_g
+        out = done_x * _silu(done_g)
+        y = r - 1
+        yv = cols * 0 + y  # as a vector: the interpreter cannot combine a scalar bool with a mask
+        keep = inner & (cols < W) & (yv >= y0) & (yv < y1)  # the first two sweeps only fill the accumulators
+        o_ptrs = o_base + (y * W).to(tl.int64) * s_on + cols[:, None].to(tl.int64) * s_on + offs_c[None, :] * s_oc
+        tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=keep[:, None] & mask_c[None, :])
+        acc_x = nxt_x + xb0 * lx + xb1 * cx + xb2 * rx  # output row r: weight row 1
+        acc_g = nxt_g + gb0 * lg + gb1 * cg + gb2 * rg
+        nxt_x = xa0 * lx + xa1 * cx + xa2 * rx  # output row r+1: weight row 0 (the row above it)
+        nxt_g = ga0 * lg + ga1 * cg + ga2 * rg

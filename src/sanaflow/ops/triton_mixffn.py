@@ -1,0 +1,115 @@
+"""Fused Mix-FFN middle in Triton: SiLU, depthwise 3x3 conv + bias, GLU gating in one pass (inference).
+
+SANA's Mix-FFN (GLUMBConv) runs, between its two 1x1 convs, on a (B, N, 2h) activation ``a`` that
+is a row-major (H, W) token grid, channels last:
+
+    s = silu(a); c = depthwise_conv3x3(s, weight, bias, zero padding); out = c[..., :h] * silu(c[..., h:])
+
+The torch path writes and re-reads ``s``, ``c`` and ``silu(gate)`` (about 6.5 passes over a
+(B, N, 2h) tensor: ~4.8 GB per block at 4096 px with the 1600M model, CFG batch 2); `fused_dwconv_glu` reads
+``a`` once (the column neighbours from cache) and writes the (B, N, h) result once, with float32
+arithmetic inside. Forward only: the model uses it for inference (no autograd graph) when
+``SANAFLOW_FUSED_MIXFFN=1`` is set, see `sanaflow.ops.mixffn`.
+
+Cost model (unmeasured): each program sweeps a strip of rows; every input row is loaded three
+times (columns shifted by -1, 0, +1; the shifted loads hit L1) and SiLU'd at each load, since Triton
+has no register shift. So ~7 SiLUs (exp + reciprocal on the SFUs) per output element: at 4096 px,
+1600M, CFG batch 2 that is ~2.6 G SFU ops, ~0.6 ms per block on an H100/H200, above the ~0.25 ms of
+its minimum memory traffic (1.1 GB); the torch path moves ~4.8 GB. The variant ``_GATHER = True`` does
+one SiLU per loaded element, 3 per output element (horizontal neighbours through `tl.gather`, at
+the price of shared-memory shuffles and 2 of every BLOCK_W columns loaded twice);
+`benchmarks/bench_mixffn.py --sweep` times both.
+
+CPU tensors run the same kernel in Triton's interpreter (slow, for tests only); that needs
+``TRITON_INTERPRET=1`` in the environment before triton is first imported.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import InputError
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_BLOCK_W = 16  # grid columns per program
+_BLOCK_C = 64  # channels per program: 128 contiguous bytes per pixel in bf16
+_ROWS = 32  # grid rows per program (each program also reads the row above and below its strip)
+_NUM_WARPS = 4
+# Neighbour columns by `tl.gather` (one SiLU per element, tiles overlapping by two columns) instead of
+# shifted reloads (three SiLUs): both pass the interpreter tests; which is faster is not yet measured.
+_GATHER = False
+
+try:  # triton is optional: without it this module imports, and only `fused_dwconv_glu` refuses
+    import triton
+
+    from . import _mixffn_kernels as _src
+except ImportError:
+    triton = None
+    _KERNEL = None
+else:
+    # Module-level JIT object (not built in a cached function) so torch.compile traces the launch.
+    _KERNEL = triton.jit(_src.dwconv_glu_kernel)
+
+
+def triton_available() -> bool:
+    """True when triton is installed (the kernel then runs on CUDA tensors)."""
+    return _KERNEL is not None
+
+
+def _interpreting() -> bool:
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(_KERNEL, InterpretedFunction)
+
+
+def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, height: int, width: int) -> None:
+    if x.dim() != 3:
+        raise InputError(f"fused_dwconv_glu wants tokens of shape (B, N, 2h); got {tuple(x.shape)}")
+    B, N, C = x.shape
+    if height <= 0 or width <= 0 or height * width != N:
+        raise InputError(f"fused_dwconv_glu: a {height}x{width} grid does not hold the {N} tokens of {tuple(x.shape)}")
+    if C % 2 or C == 0:
+        raise InputError(f"fused_dwconv_glu needs an even, non-zero channel count (x and gate halves); got {C}")
+    if tuple(weight.shape) != (C, 1, 3, 3):
+        raise InputError(f"fused_dwconv_glu wants a depthwise weight of shape ({C}, 1, 3, 3); got {tuple(weight.shape)}")
+    if bias is not None and tuple(bias.shape) != (C,):
+        raise InputError(f"fused_dwconv_glu wants a bias of shape ({C},) or None; got {tuple(bias.shape)}")
+    if x.dtype not in _DTYPES:
+        raise InputError(f"fused_dwconv_glu supports float32, float16, bfloat16 tokens; got {x.dtype}")
+    devices = {x.device, weight.device} | ({bias.device} if bias is not None else set())
+    if len(devices) != 1:
+        raise InputError(f"fused_dwconv_glu: tokens, weight and bias are on different devices: {sorted(map(str, devices))}")
+    if _KERNEL is None:
+        raise InputError("fused_dwconv_glu needs triton (pip install triton); the Mix-FFN's torch path does not")
+    if not x.is_cuda and not _interpreting():
+        raise InputError(f"fused_dwconv_glu runs on CUDA tensors (got {x.device}); on CPU it runs only in Triton's "
+                         "interpreter (TRITON_INTERPRET=1 set before triton is imported)")
+
+
+def fused_dwconv_glu(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, height: int, width: int,
+    *, rows_per_program: int = _ROWS, gather: bool | None = None,
+) -> torch.Tensor:
+    """Tokens a (B, N=H*W, 2h) -> c[..., :h] * silu(c[..., h:]) (B, N, h), c = dwconv3x3(silu(a)) + bias.
+
+    `rows_per_program` and `gather` (default `_GATHER`) pick the kernel variant, for tests and tuning.
+    """
+    if rows_per_program < 1:
+        raise InputError(f"fused_dwconv_glu: rows_per_program must be >= 1; got {rows_per_program}")
+    _check(x, weight, bias, height, width)
+    B, N, C = x.shape
+    hid = C // 2
+    out = torch.empty(B, N, hid, device=x.device, dtype=x.dtype)  # (B, N, h)
+    if B == 0:
+        return out
+    w = weight.reshape(C, 9).contiguous()  # (2h, 9): no copy for a contiguous conv weight
+    b = bias.contiguous() if bias is not None else w  # an unused pointer when there is no bias
+    n_strips = -(-height // rows_per_program)
+    gather = _GATHER if gather is None else gather
+    cols_per_program = _BLOCK_W - 2 if gather else _BLOCK_W
+    grid = (-(-width // cols_per_program), -(-hid // _BLOCK_C), B * n_strips)
+    _KERNEL[grid](
+        x, w, b, out, height, width, hid, rows_per_program, n_strips, *x.stride(), *out.stride(),
+        HAS_BIAS=bias is not None, BLOCK_W=_BLOCK_W, BLOCK_C=_BLOCK_C, GATHER=gather, num_warps=_NUM_WARPS,
+    )
+    return out
