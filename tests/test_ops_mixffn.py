@@ -10,10 +10,7 @@ inputs. The same checks at the 1600M model's width and 4096 px run on a GPU (``g
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -22,6 +19,7 @@ from sanaflow.errors import InputError
 from sanaflow.models.sana_transformer import GLUMBConv
 from sanaflow.ops import mixffn
 from sanaflow.ops.triton_mixffn import fused_dwconv_glu
+from triton_interp import run_interpreted
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
@@ -83,12 +81,7 @@ FP32_CASES = ["fp32_odd", "fp32_strips", "fp32_strided_no_bias", "fp32_one_row",
 def interpreter_results() -> dict:
     if not HAS_TRITON:
         pytest.skip("triton is not installed")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-c", _INTERPRETER_SCRIPT], env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT"))
-    return json.loads(line[len("RESULT"):])
+    return run_interpreted(_INTERPRETER_SCRIPT)
 
 
 def test_interpreter_is_really_used(interpreter_results):

@@ -8,10 +8,6 @@ and report relative errors as JSON. The same checks at SANA's real sizes run on 
 from __future__ import annotations
 
 import importlib.util
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -19,6 +15,7 @@ import torch
 from sanaflow.errors import InputError
 from sanaflow.ops.linear_attention import linear_attention_reference
 from sanaflow.ops.triton_linear_attention import linear_attention_triton
+from triton_interp import run_interpreted
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
@@ -78,12 +75,7 @@ print("RESULT" + json.dumps(res))
 def interpreter_results() -> dict:
     if not HAS_TRITON:
         pytest.skip("triton is not installed")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-c", _INTERPRETER_SCRIPT], env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT"))
-    return json.loads(line[len("RESULT"):])
+    return run_interpreted(_INTERPRETER_SCRIPT)
 
 
 FP32_CASES = ["fp32_heads_last", "fp32_cross_lengths", "fp32_one_head_split", "fp32_head_dim_24",
