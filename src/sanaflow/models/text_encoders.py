@@ -16,7 +16,6 @@ prompt and a positive prompt always give the same L).
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -94,14 +93,10 @@ def _resolve_folder(root: str | os.PathLike, subfolder: str | None) -> Path:
 
 
 def _read_model_type(folder: Path) -> str:
+    from ..hub import read_json
+
     path = folder / "config.json"
-    if not path.is_file():
-        raise CheckpointError(f"missing config.json in {folder} (expected a transformers model folder)")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"cannot read {path}: {e}") from e
-    model_type = config.get("model_type") if isinstance(config, dict) else None
+    model_type = read_json(path).get("model_type")
     if not isinstance(model_type, str):
         raise CheckpointError(f"{path} has no 'model_type'")
     return model_type
