@@ -1,7 +1,10 @@
 """GPU fast paths of the text-to-image pipeline: CUDA-graph replay, torch.compile (inductor), offload, 4K memory.
 
-Every fast path is checked against the eager pipeline on the same GPU (float32: 1e-5 for CUDA-graph
-replay, which runs the very same kernels; 1e-3 for inductor, which fuses and reorders).
+Every fast path is checked against the eager pipeline on the same GPU, in float32. CUDA-graph replay
+runs the very same kernels: 1e-5. Inductor fuses and reorders reductions: one transformer call is
+held to 1e-3 of the output's scale (issue 7's bound); whole images after 4 solver steps with
+guidance 4.5 to `INDUCTOR_IMAGE_ATOL`, since CFG multiplies each step's difference by the scale and
+the solver carries it on (measured on an H200: 1.8e-3 on 3 of 12,288 pixels, the rest under 1e-3).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ pytestmark = pytest.mark.gpu
 PROMPTS = ["a red star", "a blue circle"]
 KW = dict(height=32, width=64, num_inference_steps=4, seed=[1, 2], output_type="pt", negative_prompt="blurry")
 GIB = 1024**3
+INDUCTOR_IMAGE_ATOL = 5e-3  # images in [0, 1]; see the module docstring
 
 
 @pytest.fixture(scope="module")
@@ -141,6 +145,21 @@ def test_cuda_graphs_bf16(tiny_folder):
     torch.testing.assert_close(pipe(PROMPTS, **kw).images, eager, rtol=0, atol=1e-2)
 
 
+def _assert_compiled_call_close(pipe) -> None:
+    """One transformer call (a CFG-sized batch), compiled vs eager: within 1e-3 of the output's scale."""
+    cfg = pipe.transformer.config
+    gen = torch.Generator("cuda").manual_seed(0)
+    x = torch.randn(2, cfg.in_channels, 8, 8, device="cuda", generator=gen)  # (B, C, h, w)
+    context = torch.randn(2, 8, cfg.caption_channels, device="cuda", generator=gen)  # (B, L, caption_channels)
+    t = torch.tensor([500.0, 20.0], device="cuda")  # (B,)
+    with torch.inference_mode():
+        eager = pipe.transformer(x, context, t)  # (B, C, h, w)
+        compiled = pipe._compiled_transformer(x, context, t).clone()  # (cudagraph trees reuse the output)
+    scale = eager.abs().max().item()
+    assert scale > 0
+    torch.testing.assert_close(compiled, eager, rtol=1e-3, atol=1e-3 * scale)
+
+
 def test_inductor_compile_with_cuda_graphs_matches_eager(tiny_folder):
     import sanaflow
 
@@ -149,8 +168,9 @@ def test_inductor_compile_with_cuda_graphs_matches_eager(tiny_folder):
     kw = dict(KW, guidance_scale=4.5)
     eager = pipe(PROMPTS, **kw).images
     pipe.compile(decoder=True)
+    _assert_compiled_call_close(pipe)
     compiled = pipe(PROMPTS, **kw).images
-    torch.testing.assert_close(compiled, eager, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=INDUCTOR_IMAGE_ATOL)
     pipe.cuda_graphs = True
     torch.testing.assert_close(pipe(PROMPTS, **kw).images, compiled, rtol=1e-5, atol=1e-5)
     torch._dynamo.reset()
@@ -166,7 +186,8 @@ def test_reduce_overhead_mode_matches_eager(tiny_folder):
     eager = pipe(PROMPTS, **kw).images
     pipe.compile(mode="reduce-overhead")  # torch's own CUDA graphs
     for _ in range(2):
-        torch.testing.assert_close(pipe(PROMPTS, **kw).images, eager, rtol=1e-3, atol=1e-3)
+        _assert_compiled_call_close(pipe)
+        torch.testing.assert_close(pipe(PROMPTS, **kw).images, eager, rtol=0, atol=INDUCTOR_IMAGE_ATOL)
     with pytest.raises(ConfigError, match="captures CUDA graphs itself"):
         pipe.cuda_graphs = True
     torch._dynamo.reset()
