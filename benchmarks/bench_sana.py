@@ -68,7 +68,8 @@ DEFAULT_IMPLS = {
 # impls that can be asked for with --impls but are not run by default
 EXTRA_IMPLS = {
     "transformer_step": ("ours-fp8-eager", "ours-int8"),
-    "dcae_decode": ("ours-untiled", "ours-tiled"),
+    # ours-tileN: tiled with N-pixel tiles (default 1024), to trade peak memory against time
+    "dcae_decode": ("ours-untiled", "ours-tiled", "ours-tile512", "ours-tile768", "ours-tile1536"),
     "e2e_t2i": ("diffusers-compile", "ours-fp8"),
     "e2e_t2i_text": ("diffusers-compile", "ours-fp8"),
     "sprint_e2e": ("diffusers-compile", "ours-fp8"),
@@ -527,10 +528,13 @@ def bench_dcae_decode(rec: Recorder, settings: Settings) -> None:
         run_case(rec, settings, case, "diffusers", model_name, px, None, lambda z=z: diffusers_decode(z, False))
         run_case(rec, settings, case, "diffusers-tiled", model_name, px, None, lambda z=z: diffusers_decode(z, True))
         dvae.disable_tiling()
-        for impl, tiling in (("ours", "auto"), ("ours-untiled", False), ("ours-tiled", True)):
+        variants = [("ours", "auto", None), ("ours-untiled", False, None), ("ours-tiled", True, None)]
+        variants += [(f"ours-tile{t}", True, t) for t in (512, 768, 1536)]
+        for impl, tiling, tile in variants:
             run_case(rec, settings, case, impl, model_name, px, None,
-                     lambda z=z, tiling=tiling: lambda: ours.decode(z, tiling=tiling),
-                     lambda out, px=px: f"tiled={ours.wants_tiling(px, px, 'auto')}")
+                     lambda z=z, tiling=tiling, tile=tile: lambda: ours.decode(z, tiling=tiling, tile=tile),
+                     lambda out, px=px, tiling=tiling, tile=tile: f"tiled={ours.wants_tiling(px, px, tiling)}"
+                     + ("" if tile is None else f", tile={tile}"))
     free_memory(settings)
 
 
