@@ -60,6 +60,8 @@ class DataConfig:
     # device; each step trains on a random batch of them and replaces batch_size / reuse of them by
     # fresh stream samples, so every rendered + encoded scene is used `reuse` times on average.
     # 0 = no pool: every sample is fresh (rendering and the DC-AE encode then run per sample).
+    # Per process, like batch_size: each rank pools its own share of the stream, so N processes at
+    # pool_size P / N hold the same samples as one process at P.
     pool_size: int = 0
     reuse: int = 1
 
@@ -108,7 +110,9 @@ class OptimConfig:
 class LoopConfig:
     """The training loop."""
 
-    batch_size: int = 32  # per process
+    # Per process: a step trains on batch_size x grad_accum x processes samples (the global batch), so
+    # 2 processes at batch 256 match 1 process at batch 512 (the ranks split the same stream).
+    batch_size: int = 32
     grad_accum: int = 1
     max_steps: int = 1000
     # Stop (with a checkpoint) after this many minutes: runs in short jobs resume from there.

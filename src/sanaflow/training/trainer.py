@@ -328,7 +328,12 @@ class Trainer:
         loader = make_loader(task.source, micro_step, acc.process_index, acc.num_processes, cfg.data.num_workers)
         next_batch = self._batches(acc, iter(loader), micro_step)
         accum = cfg.train.grad_accum
+        # train.batch_size is per process: with N processes each step trains on N x batch_size x grad_accum
+        # samples, rank r taking micro-batch k * N + r of the stream (data.py), so the union of the ranks'
+        # batches is what one process with an N times larger batch would see (tested).
         batch_global = cfg.train.batch_size * accum * acc.num_processes
+        acc.print(f"global batch {batch_global} = {acc.num_processes} process(es) x batch {cfg.train.batch_size}"
+                  f" x grad_accum {accum}")
         pbar = None
         if cfg.train.progress and acc.is_main_process:
             from tqdm.auto import tqdm
@@ -387,9 +392,14 @@ class Trainer:
                     acc.print(json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in record.items()}))
                 logs_acc, window_t, window_n = {}, time.time(), 0
             out_of_time = cfg.train.max_minutes is not None and (time.time() - t_start) / 60 > cfg.train.max_minutes
-            if acc.num_processes > 1:
-                flag = torch.tensor(float(out_of_time), device=device)
-                out_of_time = bool(acc.reduce(flag, reduction="sum").item() > 0)
+            if acc.num_processes > 1 and cfg.train.max_minutes is not None:
+                # The ranks must stop at the same step, but agreeing waits for the GPU (a host sync that
+                # would stop the host from queueing the next step): agree only on log steps, which sync anyway.
+                if step % cfg.train.log_every == 0:
+                    flag = torch.tensor(float(out_of_time), device=device)
+                    out_of_time = bool(acc.reduce(flag, reduction="sum").item() > 0)
+                else:
+                    out_of_time = False
             if step % cfg.train.checkpoint_every == 0 or out_of_time or step == cfg.train.max_steps:
                 self.save_checkpoint(acc, loss_unwrapped, ema, optimizer, scheduler, step, micro_step, samples)
                 last_ckpt = step
