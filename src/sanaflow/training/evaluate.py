@@ -157,7 +157,8 @@ def evaluate_model(model: str | None, n: int = 300, seed: int = 0, steps: int = 
     prompts = eval_prompts(n, seed=seed)
     images, results = generate_and_score(pipe, prompts, steps, guidance, batch=batch, size=pipe.native_size)
     summary = summarize(results, [r["held_out"] for r in results])
-    psnr_value, _, _ = reconstruction_psnr(pipe.vae, n_recon, pipe.native_size, pipe.device, seed=seed)
+    psnr_value = (reconstruction_psnr(pipe.vae, n_recon, pipe.native_size, pipe.device, seed=seed)[0]
+                  if n_recon > 0 else None)  # --n-recon 0: scores only
     if grid:
         save_grid(images[:48], Path(grid))
     failures = [r for r in results if not r["correct"]]
@@ -191,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     from ..shapes.detect import format_table
 
     print(format_table(result["shapes_score"]))
-    print(f"dcae psnr {result['dcae_psnr_db']:.2f} dB on {result['dcae_scenes']} held-out scenes")
+    if result["dcae_psnr_db"] is not None:
+        print(f"dcae psnr {result['dcae_psnr_db']:.2f} dB on {result['dcae_scenes']} held-out scenes")
     if args.out:
         atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
     return 0
