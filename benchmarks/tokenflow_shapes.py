@@ -15,15 +15,25 @@ edit. Each edit runs with three methods on one shared inversion per video and se
   tokenflow-dis   tokenflow-pnp with OpenCV DIS optical-flow correspondences
   per-frame       the same PnP edit on each frame alone (the baseline TokenFlow improves on)
 
-and two settings: ``fast`` (the CLI default: inversion on the 50-step editing schedule) and ``full``
-(500 inversion steps, the public code's default). Metrics (`sanaflow.shapes.video_metrics`): edit
-accuracy, structure IoU, warp error along the ground-truth flow and along DIS flow of the source.
-Targets: tokenflow's ground-truth warp error <= 0.7 x per-frame's, edit accuracy >= 0.8,
-structure IoU >= 0.75. Results (means per setting and method, the target checks, every edit's row
-and the command) go to benchmarks/results/tokenflow_shapes.json.
+and two settings: ``fast`` (the CLI default: inversion on the 50-step editing schedule, refined to
+the sampler's inverse with 5 fixed-point iterations per step) and ``full`` (500 plain inversion steps,
+the public code's default). Guidance and negative prompt are the model's defaults (SANA: 4.5 and
+the empty prompt), PnP thresholds TokenFlow's (0.8 / 0.5), 50 steps, chunks of 8 frames.
 
-    python benchmarks/tokenflow_shapes.py                     # the embedded model, GPU if present
-    python benchmarks/tokenflow_shapes.py --model PATH --settings fast --videos 5
+Metrics (`sanaflow.shapes.video_metrics`): edit accuracy, structure IoU, and the warp error along
+the ground-truth flow and along DIS flow of the source, both occlusion-masked; for shape edits the
+mask also drops the edited object's surroundings, where the source flow cannot say how the new
+outline moves (`edit_valid_mask`; the plain-mask values stay in the rows as ``*_all``). Each
+inversion is also sampled back without an edit: the ``reconstruction`` rows are the reference
+(what the model and the inversion give before any edit). Targets: tokenflow's ground-truth warp
+error <= 0.7 x per-frame's, edit accuracy >= 0.8, structure IoU >= 0.75. Results (means per setting
+and method, the target checks, every edit's row, timings and the command) go to
+benchmarks/results/tokenflow_quality.json, rewritten after every video.
+
+    # CPU (2 cores), the embedded model: ~3 min per video with all three methods (fast setting)
+    python benchmarks/tokenflow_shapes.py --device cpu --settings fast --videos 5      # ~15 min
+    python benchmarks/tokenflow_shapes.py --device cpu --settings fast                 # 20 videos, ~60 min
+    python benchmarks/tokenflow_shapes.py --settings full --out benchmarks/results/tokenflow_quality_full.json
     python benchmarks/tokenflow_shapes.py --smoke             # a tiny random SANA, CPU, seconds
 """
 
@@ -46,7 +56,7 @@ from _common import add_out_argument, fill_defaults
 ROOT = Path(__file__).resolve().parents[1]
 if importlib.util.find_spec("sanaflow") is None:  # a checkout without `pip install -e .`
     sys.path.insert(0, str(ROOT / "src"))
-DEFAULT_OUT = ROOT / "benchmarks" / "results" / "tokenflow_shapes.json"
+DEFAULT_OUT = ROOT / "benchmarks" / "results" / "tokenflow_quality.json"
 SMOKE_OUT = Path(tempfile.gettempdir()) / "tokenflow_shapes_smoke.json"
 
 SEED_BASE = 10_000_000  # video seeds SEED_BASE + i: kept out of every training run
@@ -61,6 +71,7 @@ METHODS: dict[str, dict[str, str]] = {
 SETTINGS: dict[str, int | None] = {"fast": None, "full": 500}  # inversion steps (None: = edit steps)
 TARGETS = {"warp_ratio_max": 0.7, "edit_accuracy_min": 0.8, "structure_iou_min": 0.75}
 METRICS = ("edit_accuracy", "structure_iou", "warp_error_gt", "warp_error_dis")
+EDGE_MARGIN = 3.0  # pixels added to an edited object's circumradius: anti-aliasing and the decoder's blur
 
 
 def edits_for(video, seed: int) -> list[tuple[str, dict[int, dict[str, str]]]]:
@@ -75,6 +86,67 @@ def edits_for(video, seed: int) -> list[tuple[str, dict[int, dict[str, str]]]]:
     colors = [c for c in PALETTE if c not in used and (c, obj["shape"]) not in HELD_OUT_PAIRS]
     shapes = [s for s in SHAPES if s != obj["shape"] and (obj["color"], s) not in HELD_OUT_PAIRS]
     return [("color", {k: {"color": rng.choice(colors)}}), ("shape", {k: {"shape": rng.choice(shapes)}})]
+
+
+def edit_valid_mask(video, edit: dict[int, dict[str, str]], valid: np.ndarray) -> np.ndarray:
+    """`valid` (T - 1, H, W) without the pixels whose true motion a shape edit leaves unknown.
+
+    The flow is the *source* video's. Inside an edited object's source footprint it stays right (the
+    new shape moves rigidly with the object), but around it a pixel the flow calls static background
+    may belong to the new shape at t or t + 1 (and the other way round), so a correct shape edit
+    would read as flicker there. Those pixels (within the larger of the two shapes' circumradius of
+    the object's centre at t or t + 1) are left out, except inside its source footprint at t away
+    from every other object (where one that the old outline hid may show through the new one).
+    """
+    from sanaflow.shapes.scene import EXTENT, SIZES
+
+    out = valid.copy()
+    t_count, h, w = valid.shape
+    ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)  # pixel centres, as the renderer's flow
+    objects = video.track["objects"]
+
+    def disc(o: dict, extent: float, frames: tuple[int, int]) -> np.ndarray:
+        near = np.zeros((h, w), dtype=bool)
+        for f in frames:
+            r = extent * o["scale"][f] * max(h, w) + EDGE_MARGIN
+            near |= (xs - (o["x"][f] * w - 0.5)) ** 2 + (ys - (o["y"][f] * h - 0.5)) ** 2 <= r * r
+        return near
+
+    for k, change in edit.items():
+        if "shape" not in change:
+            continue  # a colour edit keeps every outline: the source flow holds
+        o = objects[k]
+        extent = SIZES[o["size"]] * max(EXTENT[o["shape"]], EXTENT[change["shape"]])
+        for t in range(t_count):
+            others = np.zeros((h, w), dtype=bool)
+            for j, other in enumerate(objects):
+                if j != k:
+                    others |= disc(other, SIZES[other["size"]] * EXTENT[other["shape"]], (t, t + 1))
+            kept = (video.labels[t] == k + 1) & ~others
+            out[t] &= ~(disc(o, extent, (t, t + 1)) & ~kept)
+    return out
+
+
+def fit_frames(frames: np.ndarray, video) -> np.ndarray:
+    """Frames resized to the source video's size (the pipeline crops to the backbone's multiple)."""
+    import cv2
+
+    h, w = video.frames.shape[1:3]
+    if frames.shape[1:3] == (h, w):
+        return frames
+    return np.stack([cv2.resize(f, (w, h), interpolation=cv2.INTER_AREA) for f in frames])
+
+
+def edit_metrics(frames: np.ndarray, video, edit: dict[int, dict[str, str]], dis) -> dict[str, Any]:
+    """`video_metrics`, with both warp errors on `edit_valid_mask` (the plain-mask ones kept as *_all)."""
+    from sanaflow.shapes import video_metrics, warp_error
+
+    metrics = video_metrics(frames, video, edit)
+    flow, dis_valid = dis
+    metrics["warp_error_gt_all"], metrics["warp_error_dis_all"] = metrics["warp_error_gt"], metrics["warp_error_dis"]
+    metrics["warp_error_gt"] = warp_error(frames, video.flow, edit_valid_mask(video, edit, video.valid))
+    metrics["warp_error_dis"] = warp_error(frames, flow, edit_valid_mask(video, edit, dis_valid))
+    return metrics
 
 
 def tiny_backbone(device: torch.device):
@@ -136,10 +208,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=50, help="editing steps (default 50)")
     p.add_argument("--full-inversion-steps", type=int, default=SETTINGS["full"],
                    help="inversion steps of the full setting (default 500)")
-    p.add_argument("--cfg", type=float, default=7.5, help="guidance scale (default 7.5, the CLI default)")
-    p.add_argument("--negative", default="",
-                   help="negative prompt (default empty: the unconditional the model was trained with)")
+    p.add_argument("--inversion-refine", type=int, default=None,
+                   help="fixed-point refinements per inversion step (default: the pipeline's; 5 for the fast "
+                        "setting, 0 for the full one)")
+    p.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the model's, 4.5 for SANA)")
+    p.add_argument("--pnp-feature", type=float, default=0.8, help="PnP feature-injection fraction (default 0.8)")
+    p.add_argument("--pnp-attn", type=float, default=0.5, help="PnP attention-injection fraction (default 0.5)")
+    p.add_argument("--negative", default=None,
+                   help="negative prompt (default: the model's; for SANA the empty unconditional it was trained with)")
     p.add_argument("--batch-size", type=int, default=8, help="frames per chunk (default 8)")
+    p.add_argument("--no-reconstruction", action="store_true",
+                   help="skip the reference row of each inversion sampled back without guidance")
     p.add_argument("--save-videos", type=Path, default=None, help="also write source | edit mp4s here")
     p.add_argument("--smoke", action="store_true", help="tiny random SANA (unless --model), 2 videos, few steps")
     add_out_argument(p, DEFAULT_OUT, SMOKE_OUT)
@@ -156,16 +235,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return fill_defaults(args, DEFAULT_OUT, SMOKE_OUT)
 
 
+def _rounded(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()}
+
+
+def _line(m: dict[str, Any]) -> str:
+    warp = " ".join(f"{k} {m[k]:.5f}" for k in ("warp_error_gt", "warp_error_dis"))
+    acc = "-" if m["edit_accuracy"] is None else f"{m['edit_accuracy']:.3f}"
+    iou = "-" if m["structure_iou"] is None else f"{m['structure_iou']:.3f}"
+    return f"acc {acc} iou {iou} {warp}"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run every video x edit x method x setting; write the JSON after each video."""
     from sanaflow.pipelines.video_edit import VideoEditPipeline
-    from sanaflow.shapes import random_video, video_caption, video_metrics
+    from sanaflow.shapes import dis_flow, random_video, video_caption
     from sanaflow.utils import atomic_write_text
+    from sanaflow.video import VideoClip
 
     args = parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(min(torch.get_num_threads(), 4))
+    started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="tokenflow_shapes_") as tmp:
         if args.smoke and args.model is None:
             pipe = VideoEditPipeline(tiny_backbone(device), cache_dir=Path(tmp) / "cache")
@@ -174,66 +266,94 @@ def main(argv: list[str] | None = None) -> int:
             pipe = VideoEditPipeline.from_pretrained(args.model, device=device, dtype=args.dtype,
                                                      cache_dir=Path(tmp) / "cache")
             model = args.model or "embedded (sanaflow/shapes-tiny)"
+        # The pipeline's defaults, resolved here so the report names the values that ran.
+        cfg = pipe.backbone.default_guidance if args.cfg is None else args.cfg
+        negative = pipe.backbone.default_negative if args.negative is None else args.negative
         seeds = [SEED_BASE + i for i in range(args.videos)]
         report: dict[str, Any] = {
             "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if argv is None else " ".join(argv),
             "model": model, "model_identity": pipe.backbone.name, "device": str(device),
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "threads": torch.get_num_threads(),
             "torch": torch.__version__, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "smoke": args.smoke, "seeds": seeds, "frames": args.frames, "size": args.size, "steps": args.steps,
-            "cfg": args.cfg, "negative_prompt": args.negative, "batch_size": args.batch_size,
+            "cfg": cfg, "negative_prompt": negative, "batch_size": args.batch_size,
+            "pnp_feature": args.pnp_feature, "pnp_attention": args.pnp_attn,
             "settings": {s: {"inversion_steps": args.full_inversion_steps if s == "full" else args.steps}
                          for s in args.settings},
-            "methods": {m: METHODS[m] for m in args.methods}, "targets": TARGETS, "rows": [],
+            "methods": {m: METHODS[m] for m in args.methods}, "targets": TARGETS,
+            "warp_mask": f"source flow-valid pixels; shape edits also drop the edited object's surroundings "
+                         f"(circumradius + {EDGE_MARGIN:g} px) outside its source footprint (*_all: without that)",
+            "rows": [], "reconstructions": [],
         }
+        batch = max(args.batch_size, args.frames)  # inversion, reconstruction and decoding: no coupling
         for i, seed in enumerate(seeds):
             video = random_video(seed, frames=args.frames, size=args.size)
             source_prompt = video_caption(video)
+            dis = dis_flow(video.frames)  # the source's DIS flow, shared by every edit of the video
+            clip = pipe.prepare(VideoClip(video.frames, video.fps), size=args.size)
             for setting in args.settings:
                 inversion_steps = args.full_inversion_steps if setting == "full" else None
+                # One inversion per video and setting, timed on its own; every edit below reuses it.
+                t0 = time.perf_counter()
+                inversion = pipe.invert(clip, source_prompt, args.steps, inversion_steps, batch,
+                                        reconstruct=not args.no_reconstruction, progress=False,
+                                        inversion_refine=args.inversion_refine)
+                seconds = time.perf_counter() - t0
+                report["settings"][setting]["inversion_refine"] = inversion.cache.manifest["key"]["refine"]
+                if inversion.reconstruction is not None:
+                    # The reference: the inversion sampled back with no edit and no guidance.
+                    metrics = edit_metrics(fit_frames(inversion.reconstruction, video), video, {}, dis)
+                    report["reconstructions"].append({"seed": seed, "setting": setting, "seconds": round(seconds, 3),
+                                                      "metrics": _rounded(metrics)})
+                    print(f"[{i + 1}/{len(seeds)}] seed {seed} {setting:4s} inversion + reconstruction "
+                          f"{_line(metrics)} ({seconds:.1f} s)", flush=True)
                 for kind, edit in edits_for(video, seed):
                     target = video_caption(video, edit)
                     for method in args.methods:
                         t0 = time.perf_counter()
-                        out = pipe(video.frames, target, source_prompt=source_prompt, negative_prompt=args.negative,
-                                   steps=args.steps, inversion_steps=inversion_steps, guidance_scale=args.cfg,
-                                   batch_size=args.batch_size, inversion_batch_size=max(args.batch_size, args.frames),
-                                   progress=False, **METHODS[method])
+                        out = pipe(clip, target, source_prompt=source_prompt, negative_prompt=negative,
+                                   steps=args.steps, inversion_steps=inversion_steps, guidance_scale=cfg,
+                                   pnp_feature=args.pnp_feature, pnp_attention=args.pnp_attn,
+                                   batch_size=args.batch_size, inversion_batch_size=batch,
+                                   inversion_refine=args.inversion_refine, progress=False, **METHODS[method])
                         seconds = time.perf_counter() - t0
-                        metrics = video_metrics(out.frames, video, edit)
+                        if not out.inversion.reused:
+                            raise RuntimeError("the edit did not reuse the video's inversion (cache key mismatch)")
+                        metrics = edit_metrics(fit_frames(out.frames, video), video, edit, dis)
                         report["rows"].append({
                             "seed": seed, "setting": setting, "method": method, "kind": kind,
                             "edit": {str(k): v for k, v in edit.items()}, "source_prompt": source_prompt,
-                            "prompt": target, "seconds": round(seconds, 3),
-                            "metrics": {k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()},
+                            "prompt": target, "seconds": round(seconds, 3), "metrics": _rounded(metrics),
                         })
                         if args.save_videos is not None:
                             from sanaflow.video import side_by_side, write_video
 
                             write_video(args.save_videos / f"{seed}_{setting}_{kind}_{method}.mp4",
                                         side_by_side(video.frames, out.frames), video.fps)
-                        m = metrics
                         print(f"[{i + 1}/{len(seeds)}] seed {seed} {setting:4s} {kind:5s} {method:13s} "
-                              f"acc {m['edit_accuracy']} iou {m['structure_iou']} "
-                              f"warp_gt {m['warp_error_gt']:.5f} warp_dis {m['warp_error_dis']:.5f} "
-                              f"({seconds:.1f} s)", flush=True)
+                              f"{_line(metrics)} ({seconds:.1f} s)", flush=True)
             summary = {
                 s: {m: summarize([r for r in report["rows"] if r["setting"] == s and r["method"] == m])
                     for m in args.methods}
                 for s in args.settings
             }
+            for s in args.settings:
+                recs = [r for r in report["reconstructions"] if r["setting"] == s]
+                if recs:
+                    summary[s]["reconstruction"] = summarize([{**r, "kind": "none"} for r in recs])
             report["summary"] = summary
             report["checks"] = {s: check_targets(summary[s]) for s in args.settings}
             report["videos_done"] = i + 1
+            report["seconds_total"] = round(time.perf_counter() - started, 1)
             args.out.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(args.out, json.dumps(report, indent=1) + "\n")  # after every video
     for s in args.settings:
-        for m in args.methods:
-            r = report["summary"][s][m]
-            print(f"{s:4s} {m:13s} edits {r['edits']:3d}  acc {r['edit_accuracy']}  iou {r['structure_iou']}  "
+        for m, r in report["summary"][s].items():
+            print(f"{s:4s} {m:14s} edits {r['edits']:3d}  acc {r['edit_accuracy']}  iou {r['structure_iou']}  "
                   f"warp_gt {r['warp_error_gt']}  warp_dis {r['warp_error_dis']}", flush=True)
         print(f"{s:4s} checks {report['checks'][s]}", flush=True)
-    print(f"wrote {args.out}", flush=True)
+    print(f"wrote {args.out} ({report['seconds_total']:.0f} s)", flush=True)
     return 0
 
 

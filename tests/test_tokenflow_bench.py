@@ -88,7 +88,13 @@ def test_quality_benchmark_smoke(tmp_path):
     for r in rows:
         assert set(shapes.METRICS) <= set(r["metrics"]) and r["metrics"]["frames"] == 4
     summary = report["summary"]["fast"]
-    assert set(summary) == set(shapes.METHODS) and summary["tokenflow"]["edits"] == 2
+    assert set(summary) == {*shapes.METHODS, "reconstruction"} and summary["tokenflow"]["edits"] == 2
+    (recon,) = report["reconstructions"]  # the reference: the shared inversion sampled back
+    assert recon["metrics"]["edit_accuracy"] is None and recon["metrics"]["frames"] == 4
+    from sanaflow.pipelines.video_edit import DEFAULT_INVERSION_REFINE
+
+    assert report["settings"]["fast"]["inversion_refine"] == DEFAULT_INVERSION_REFINE
+    assert report["negative_prompt"] == "" and report["cfg"] == 4.5  # SANA's defaults, resolved
     checks = report["checks"]["fast"]
     assert {"warp_ratio_gt", "warp_ratio_ok", "edit_accuracy_ok", "structure_iou_ok"} <= set(checks)
     assert checks["warp_ratio_gt"] == pytest.approx(
@@ -113,6 +119,33 @@ def test_quality_edits_are_valid_and_deterministic():
         assert k2 == k and change2["shape"] != objects[k]["shape"]
         assert (objects[k]["color"], change2["shape"]) not in HELD_OUT_PAIRS
         assert video_caption(video, color) != video_caption(video)
+
+
+def test_quality_warp_mask_does_not_penalise_a_perfect_shape_edit():
+    """The ideal edited video (re-rendered with the new shape) is consistent along the edit-aware mask."""
+    import copy
+
+    from sanaflow.shapes import dis_flow, random_video
+    from sanaflow.shapes.motion import render_track
+
+    shapes = _script("tokenflow_shapes")
+    for seed in (shapes.SEED_BASE, shapes.SEED_BASE + 3):
+        video = random_video(seed, frames=4, size=96)
+        dis = dis_flow(video.frames)
+        for kind, edit in shapes.edits_for(video, seed):
+            track = copy.deepcopy(video.track)
+            for k, change in edit.items():
+                track["objects"][k].update(change)
+            ideal = render_track(track).frames
+            m = shapes.edit_metrics(ideal, video, edit, dis)
+            mask = shapes.edit_valid_mask(video, edit, video.valid)
+            assert m["warp_error_gt"] < 2e-4, (seed, kind, m["warp_error_gt"])
+            if kind == "shape":
+                assert m["warp_error_gt_all"] > 3 * m["warp_error_gt"]  # the plain mask reads flicker
+                assert mask.sum() < video.valid.sum() and not (mask & ~video.valid).any()
+            else:
+                np.testing.assert_array_equal(mask, video.valid)
+                assert m["warp_error_gt"] == m["warp_error_gt_all"]
 
 
 def test_keyframes_in_groups_store_like_one_call():

@@ -35,15 +35,17 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 def register(subparsers) -> None:
     """Add the `edit` and `invert` subcommands."""
     from ..tokenflow.correspondence import CORRESPONDENCES
-    from ..tokenflow.editor import DEFAULT_NEGATIVE, MODES
+    from ..tokenflow.editor import MODES
 
     edit = subparsers.add_parser("edit", help="edit a video with a text prompt (TokenFlow)",
                                  description="Edit a video with a text prompt, keeping its motion (TokenFlow).")
     _add_common(edit)
     edit.add_argument("--prompt", required=True, help="what the edited video should show")
-    edit.add_argument("--negative", default=DEFAULT_NEGATIVE, help="negative prompt")
+    edit.add_argument("--negative", default=None,
+                      help="negative prompt (default: the model's; TokenFlow's for SD, empty for SANA)")
     edit.add_argument("--mode", default="tokenflow-pnp", choices=MODES, help="editing method")
-    edit.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale")
+    edit.add_argument("--cfg", type=float, default=None,
+                      help="classifier-free guidance scale (default: the model's; 7.5 for SD, 4.5 for SANA)")
     edit.add_argument("--seed", type=int, default=1, help="seed of the keyframe draws")
     edit.add_argument("--pnp-feature", type=float, default=0.8, help="fraction of steps with PnP feature injection")
     edit.add_argument("--pnp-attn", type=float, default=0.5, help="fraction of steps with PnP attention injection")

@@ -16,7 +16,7 @@ import torch
 
 from ..errors import InputError
 from ..tokenflow.backbones import Backbone, load_backbone
-from ..tokenflow.editor import DEFAULT_NEGATIVE, EditSettings, calls_per_step, edit_latents
+from ..tokenflow.editor import EditSettings, calls_per_step, edit_latents
 from ..tokenflow.inversion import (
     InversionKey,
     LatentCache,
@@ -31,6 +31,10 @@ from ..tokenflow.inversion import (
 from ..video import VideoClip, read_video, resize_crop
 
 DEFAULT_MAX_SIDE = 512  # frames above this are downsized unless a size is given (TokenFlow works at 512)
+# Fixed-point refinements per step of an inversion run on the editing schedule (see `invert_latents`):
+# plain Euler / DDIM inversion with 50 steps does not retrace under the sampler (the source video's
+# reconstruction drifts and flickers), 5 refinements make it retrace (6x the inversion's model calls).
+DEFAULT_INVERSION_REFINE = 5
 
 
 @dataclass
@@ -131,16 +135,27 @@ class VideoEditPipeline:
         batch_size: int = 8,
         reconstruct: bool = False,
         progress: bool = True,
+        inversion_refine: int | None = None,
     ) -> InversionResult:
-        """Invert the frames (or reuse the cached inversion); optionally sample the reconstruction back."""
+        """Invert the frames (or reuse the cached inversion); optionally sample the reconstruction back.
+
+        `inversion_refine` fixed-point iterations per step make the inversion the inverse of the
+        sampler's step (see `invert_latents`); 0 is plain DDIM / Euler inversion. None:
+        DEFAULT_INVERSION_REFINE when the inversion runs on the editing schedule (the fast default),
+        0 for a longer inversion schedule (TokenFlow's 500 steps), whose small steps cost enough.
+        """
         if steps < 1 or (inversion_steps is not None and inversion_steps < 1) or batch_size < 1:
             raise InputError("--steps, --inversion-steps and the batch sizes must be at least 1")
         backbone = self.backbone
         inversion_steps = inversion_steps or steps
+        if inversion_refine is None:
+            inversion_refine = DEFAULT_INVERSION_REFINE if inversion_steps == steps else 0
+        if inversion_refine < 0:
+            raise InputError(f"--inversion-refine must be at least 0, got {inversion_refine}")
         h, w = clip.size
         key = InversionKey(
             video=video_hash(clip.frames), model=backbone.name, height=h, width=w, num_frames=clip.num_frames,
-            steps=steps, inversion_steps=inversion_steps, prompt=source_prompt,
+            steps=steps, inversion_steps=inversion_steps, prompt=source_prompt, refine=inversion_refine,
         )
         cache = LatentCache.find(self.cache_dir, key)
         reused = cache is not None
@@ -148,9 +163,11 @@ class VideoEditPipeline:
             clean = encode_frames(backbone, clip.frames, batch_size)  # (T, C, h, w)
             cond = backbone.embed([source_prompt])
             n_chunks = -(-clip.num_frames // batch_size)
-            bar = _Progress(n_chunks * len(inversion_schedule(backbone, steps, inversion_steps)), "inversion", progress)
+            calls = n_chunks * len(inversion_schedule(backbone, steps, inversion_steps)) * (1 + inversion_refine)
+            bar = _Progress(calls, "inversion", progress)
             try:
-                latents = invert_latents(backbone, clean, cond, steps, inversion_steps, batch_size, bar)
+                latents = invert_latents(backbone, clean, cond, steps, inversion_steps, batch_size, bar,
+                                         refine=inversion_refine)
             finally:
                 bar.close()
             cache = LatentCache.write(self.cache_dir, key, backbone.timesteps(steps), latents)
@@ -182,16 +199,17 @@ class VideoEditPipeline:
         video: str | os.PathLike | np.ndarray | VideoClip,
         prompt: str,
         source_prompt: str = "",
-        negative_prompt: str = DEFAULT_NEGATIVE,
+        negative_prompt: str | None = None,
         mode: str = "tokenflow-pnp",
         steps: int = 50,
         inversion_steps: int | None = None,
-        guidance_scale: float = 7.5,
+        guidance_scale: float | None = None,
         pnp_feature: float = 0.8,
         pnp_attention: float = 0.5,
         strength: float = 0.9,
         batch_size: int = 8,
         inversion_batch_size: int | None = None,
+        inversion_refine: int | None = None,
         seed: int = 1,
         correspondence: str = "features",
         control_scale: float | None = None,
@@ -208,9 +226,15 @@ class VideoEditPipeline:
 
         `batch_size` frames form a chunk (one keyframe each, one model call of 3 x batch_size);
         `inversion_batch_size` (default: batch_size) batches the inversion, reconstruction and decoding.
+        `negative_prompt` and `guidance_scale` default to the backbone's (SD: TokenFlow's negative
+        prompt and 7.5; SANA: the empty prompt and 4.5).
         """
         if not isinstance(prompt, str) or not prompt.strip():
             raise InputError("the edit needs a non-empty --prompt")
+        if negative_prompt is None:
+            negative_prompt = self.backbone.default_negative
+        if guidance_scale is None:
+            guidance_scale = self.backbone.default_guidance
         settings = EditSettings(
             prompt=prompt, source_prompt=source_prompt, negative_prompt=negative_prompt, mode=mode, steps=steps,
             guidance_scale=guidance_scale, pnp_feature=pnp_feature, pnp_attention=pnp_attention, strength=strength,
@@ -221,7 +245,8 @@ class VideoEditPipeline:
         clip = self.prepare(video, frames=frames, start=start, stride=stride, size=size)
         # Inversion, reconstruction and decoding have no cross-frame coupling: any batch size fits them.
         plain_batch = inversion_batch_size or batch_size
-        inversion = self.invert(clip, source_prompt, steps, inversion_steps, plain_batch, reconstruct, progress)
+        inversion = self.invert(clip, source_prompt, steps, inversion_steps, plain_batch, reconstruct, progress,
+                                inversion_refine=inversion_refine)
         run_steps = steps - settings.start_step()
         bar = _Progress(run_steps * calls_per_step(settings, clip.num_frames), "edit", progress)
         try:

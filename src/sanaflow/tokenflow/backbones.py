@@ -28,6 +28,7 @@ from .attention import AttentionOps, TokenFlowAttnProcessor, TokenFlowState
 from .injection import FeatureInjectionHook
 
 CANNY_THRESHOLDS = (100, 200)  # TokenFlow's announced ControlNet setting
+TOKENFLOW_NEGATIVE = "ugly, blurry, low res, unrealistic, unaesthetic"  # TokenFlow's default (for SD)
 
 
 @dataclass
@@ -53,6 +54,11 @@ class Backbone(Protocol):
     attention_ops: AttentionOps
     processor_class: type[TokenFlowAttnProcessor]  # the processor type its attention modules accept
     supports_control: bool
+    # Sampling defaults of the model family, used when an edit names none: SD is sampled at CFG 7.5
+    # with TokenFlow's negative prompt; SANA at CFG 4.5 with the empty prompt it was trained to
+    # treat as unconditional (any other text is out of distribution for its unconditional branch).
+    default_guidance: float
+    default_negative: str
 
     def encode(self, frames: torch.Tensor) -> torch.Tensor:
         """Frames (B, 3, H, W) in [-1, 1] -> scaled latents (B, C, h, w)."""
@@ -176,6 +182,8 @@ class StableDiffusionBackbone:
     SELF_ATTENTION = ".attn1"
 
     supports_control = True
+    default_guidance = 7.5
+    default_negative = TOKENFLOW_NEGATIVE
     processor_class = TokenFlowAttnProcessor
 
     def __init__(self, unet, vae, text_encoder, tokenizer, scheduler, controlnet=None, name: str = "sd"):
@@ -425,11 +433,14 @@ class SanaBackbone:
     """SANA: `SanaTransformer` (velocity), `DCAE` latents, a text encoder, flow-ODE Euler steps.
 
     Times are flow sigmas in [0, 1] (0 = clean); the transformer gets sigma x 1000 x timestep_scale.
-    PnP sites: the Mix-FFN output of the middle block and the self-attention of the later half of the
-    blocks, playing the roles of SD's decoder ResNet and decoder attentions.
+    PnP sites: the Mix-FFN output of the middle block (injected through its input, see `__init__`) and
+    the self-attention of the later half of the blocks, playing the roles of SD's decoder ResNet and
+    decoder attentions.
     """
 
     supports_control = False
+    default_guidance = 4.5  # SANA's own default (configs/generate/generate.yaml)
+    default_negative = ""
 
     def __init__(self, transformer, vae, text_encoder, scheduler_config: dict, name: str = "sana"):
         if transformer.config.guidance_embeds:
@@ -444,7 +455,11 @@ class SanaBackbone:
         self.multiple = vae.spatial_compression_ratio * transformer.config.patch_size
         self.scaling_factor = vae.scaling_factor
         layers = len(transformer.transformer_blocks)
-        self.feature_site = f"transformer_blocks.{layers // 2}.ff"
+        # PnP feature injection must give the edit branches the source's Mix-FFN output. The block
+        # calls its FFN through `ff.forward_tokens`, which module forward hooks never see, so the
+        # hook sits on the FFN's input (`norm2`'s output) instead: every branch of a call shares the
+        # timestep and hence the modulation, so the source's input gives exactly the source's output.
+        self.feature_site = f"transformer_blocks.{layers // 2}.norm2"
         self.pnp_sites = [f"transformer_blocks.{i}.attn1" for i in range(layers // 2, layers)]
 
     @classmethod

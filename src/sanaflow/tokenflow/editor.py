@@ -22,13 +22,13 @@ import torch
 
 from ..errors import ConfigError, InputError, unknown_choice
 from .attention import NUM_BRANCHES, Pass, TokenFlowState, blend_weights
-from .backbones import Backbone, TextCond, tokenflow_hooks
+from .backbones import TOKENFLOW_NEGATIVE, Backbone, TextCond, tokenflow_hooks
 from .correspondence import CORRESPONDENCES, FlowCorrespondence
 from .injection import injection_steps
 from .inversion import LatentCache
 
 MODES = ("tokenflow-pnp", "tokenflow-sdedit", "per-frame")
-DEFAULT_NEGATIVE = "ugly, blurry, low res, unrealistic, unaesthetic"  # TokenFlow's default
+DEFAULT_NEGATIVE = TOKENFLOW_NEGATIVE  # EditSettings' default; the pipeline uses the backbone's
 OFFLOAD_KEYFRAMES = 16
 
 

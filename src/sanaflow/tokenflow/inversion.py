@@ -62,6 +62,7 @@ class InversionKey:
     steps: int  # editing steps: latents are kept at these times
     inversion_steps: int
     prompt: str
+    refine: int = 0  # fixed-point refinements per inversion step (see `invert_latents`)
 
     def as_dict(self) -> dict:
         """Plain dict (JSON), with the cache format version."""
@@ -195,11 +196,21 @@ def invert_latents(
     inversion_steps: int,
     batch_size: int,
     progress: Progress | None = None,
+    refine: int = 0,
 ) -> dict[str, torch.Tensor]:
     """Invert latents (T, C, h, w) without guidance; return the latent at each editing time (CPU).
 
     Frames go through the whole inversion `batch_size` at a time, so device memory holds one batch.
+    Each step first moves with the model output at the current latent x (DDIM inversion / explicit
+    Euler), which is not the inverse of the sampler's step: the sampler evaluates the model at the
+    *noisier* end y. `refine` > 0 fixed-point iterations y <- move(x, model(y, t), t_prev, t) then
+    take the output at y instead; at the fixed point the sampler's own step from y lands on x exactly
+    (Euler flow steps and epsilon-DDIM steps with a given output are inverse pairs; v-prediction
+    nearly), so sampling, and the edit's source branch, retraces the inversion instead of drifting
+    from the source video. One more model call each; `progress` counts calls.
     """
+    if refine < 0:
+        raise ValueError(f"refine must be at least 0, got {refine}")
     edit_times = backbone.timesteps(steps)  # noisiest first
     slot = {round(float(t), 6): i for i, t in enumerate(edit_times)}
     times = inversion_schedule(backbone, steps, inversion_steps)
@@ -210,12 +221,14 @@ def invert_latents(
         t_prev = None
         for t in times:
             out = backbone.denoise(x, backbone.inversion_time(t_prev, t), rows)
-            x = backbone.move(x, out, t_prev, t)
-            t_prev = t
+            y = backbone.move(x, out, t_prev, t)  # (b, C, h, w)
+            for _ in range(refine):
+                y = backbone.move(x, backbone.denoise(y, t, rows), t_prev, t)  # the output taken at y, not x
+            x, t_prev = y, t
             if (i := slot.get(round(float(t), 6))) is not None:
                 stored[i].append(x.cpu())
             if progress is not None:
-                progress(1)
+                progress(1 + refine)
     latents = {step_key(i): torch.cat(parts) for i, parts in stored.items()}
     latents["clean"] = clean.cpu()
     return latents
