@@ -60,6 +60,9 @@ DEFAULT_OUT = ROOT / "benchmarks" / "results" / "tokenflow_quality.json"
 SMOKE_OUT = Path(tempfile.gettempdir()) / "tokenflow_shapes_smoke.json"
 
 SEED_BASE = 10_000_000  # video seeds SEED_BASE + i: kept out of every training run
+# --validation videos start here: same split, never reported, so settings (PnP thresholds, guidance)
+# can be chosen on them and then measured on the benchmark's own videos.
+VALIDATION_OFFSET = 1000
 NUM_VIDEOS = 20
 FRAMES = 16
 SIZE = 256
@@ -201,6 +204,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--dtype", default=None, help="model dtype (default: bf16 on CUDA, float32 on CPU)")
     p.add_argument("--videos", type=int, default=NUM_VIDEOS, help=f"number of videos (default {NUM_VIDEOS})")
+    p.add_argument("--validation", action="store_true",
+                   help=f"use the videos after the benchmark's (seeds {SEED_BASE + VALIDATION_OFFSET} + i), for "
+                        "choosing settings without touching the reported videos")
     p.add_argument("--frames", type=int, default=FRAMES, help=f"frames per video (default {FRAMES})")
     p.add_argument("--size", type=int, default=SIZE, help=f"frame side in pixels (default {SIZE})")
     p.add_argument("--settings", default=",".join(SETTINGS), help="fast and/or full (default both)")
@@ -269,7 +275,8 @@ def main(argv: list[str] | None = None) -> int:
         # The pipeline's defaults, resolved here so the report names the values that ran.
         cfg = pipe.backbone.default_guidance if args.cfg is None else args.cfg
         negative = pipe.backbone.default_negative if args.negative is None else args.negative
-        seeds = [SEED_BASE + i for i in range(args.videos)]
+        first = SEED_BASE + (VALIDATION_OFFSET if args.validation else 0)
+        seeds = [first + i for i in range(args.videos)]
         report: dict[str, Any] = {
             "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if argv is None else " ".join(argv),
             "model": model, "model_identity": pipe.backbone.name, "device": str(device),

@@ -101,6 +101,16 @@ def test_quality_benchmark_smoke(tmp_path):
         summary["tokenflow"]["warp_error_gt"] / summary["per-frame"]["warp_error_gt"], rel=1e-3)
 
 
+def test_quality_benchmark_validation_videos_are_not_the_reported_ones(tmp_path):
+    shapes = _script("tokenflow_shapes")
+    out = tmp_path / "validation.json"
+    assert shapes.main(["--smoke", "--device", "cpu", "--videos", "1", "--settings", "fast", "--validation",
+                        "--methods", "per-frame", "--no-reconstruction", "--out", str(out)]) == 0
+    seeds = json.loads(out.read_text())["seeds"]
+    assert seeds == [shapes.SEED_BASE + shapes.VALIDATION_OFFSET]
+    assert not set(seeds) & {shapes.SEED_BASE + i for i in range(shapes.NUM_VIDEOS)}
+
+
 def test_quality_edits_are_valid_and_deterministic():
     from sanaflow.shapes import HELD_OUT_PAIRS, random_video, video_caption
 
