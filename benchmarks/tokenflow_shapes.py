@@ -74,7 +74,6 @@ METHODS: dict[str, dict[str, str]] = {
 SETTINGS: dict[str, int | None] = {"fast": None, "full": 500}  # inversion steps (None: = edit steps)
 TARGETS = {"warp_ratio_max": 0.7, "edit_accuracy_min": 0.8, "structure_iou_min": 0.75}
 METRICS = ("edit_accuracy", "structure_iou", "warp_error_gt", "warp_error_dis")
-EDGE_MARGIN = 3.0  # pixels added to an edited object's circumradius: anti-aliasing and the decoder's blur
 
 
 def edits_for(video, seed: int) -> list[tuple[str, dict[int, dict[str, str]]]]:
@@ -91,45 +90,6 @@ def edits_for(video, seed: int) -> list[tuple[str, dict[int, dict[str, str]]]]:
     return [("color", {k: {"color": rng.choice(colors)}}), ("shape", {k: {"shape": rng.choice(shapes)}})]
 
 
-def edit_valid_mask(video, edit: dict[int, dict[str, str]], valid: np.ndarray) -> np.ndarray:
-    """`valid` (T - 1, H, W) without the pixels whose true motion a shape edit leaves unknown.
-
-    The flow is the *source* video's. Inside an edited object's source footprint it stays right (the
-    new shape moves rigidly with the object), but around it a pixel the flow calls static background
-    may belong to the new shape at t or t + 1 (and the other way round), so a correct shape edit
-    would read as flicker there. Those pixels (within the larger of the two shapes' circumradius of
-    the object's centre at t or t + 1) are left out, except inside its source footprint at t away
-    from every other object (where one that the old outline hid may show through the new one).
-    """
-    from sanaflow.shapes.scene import EXTENT, SIZES
-
-    out = valid.copy()
-    t_count, h, w = valid.shape
-    ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)  # pixel centres, as the renderer's flow
-    objects = video.track["objects"]
-
-    def disc(o: dict, extent: float, frames: tuple[int, int]) -> np.ndarray:
-        near = np.zeros((h, w), dtype=bool)
-        for f in frames:
-            r = extent * o["scale"][f] * max(h, w) + EDGE_MARGIN
-            near |= (xs - (o["x"][f] * w - 0.5)) ** 2 + (ys - (o["y"][f] * h - 0.5)) ** 2 <= r * r
-        return near
-
-    for k, change in edit.items():
-        if "shape" not in change:
-            continue  # a colour edit keeps every outline: the source flow holds
-        o = objects[k]
-        extent = SIZES[o["size"]] * max(EXTENT[o["shape"]], EXTENT[change["shape"]])
-        for t in range(t_count):
-            others = np.zeros((h, w), dtype=bool)
-            for j, other in enumerate(objects):
-                if j != k:
-                    others |= disc(other, SIZES[other["size"]] * EXTENT[other["shape"]], (t, t + 1))
-            kept = (video.labels[t] == k + 1) & ~others
-            out[t] &= ~(disc(o, extent, (t, t + 1)) & ~kept)
-    return out
-
-
 def fit_frames(frames: np.ndarray, video) -> np.ndarray:
     """Frames resized to the source video's size (the pipeline crops to the backbone's multiple)."""
     import cv2
@@ -141,15 +101,10 @@ def fit_frames(frames: np.ndarray, video) -> np.ndarray:
 
 
 def edit_metrics(frames: np.ndarray, video, edit: dict[int, dict[str, str]], dis) -> dict[str, Any]:
-    """`video_metrics`, with both warp errors on `edit_valid_mask` (the plain-mask ones kept as *_all)."""
-    from sanaflow.shapes import video_metrics, warp_error
+    """`video_metrics` with the source's DIS flow computed once per video (warp errors on the edit-aware mask)."""
+    from sanaflow.shapes import video_metrics
 
-    metrics = video_metrics(frames, video, edit)
-    flow, dis_valid = dis
-    metrics["warp_error_gt_all"], metrics["warp_error_dis_all"] = metrics["warp_error_gt"], metrics["warp_error_dis"]
-    metrics["warp_error_gt"] = warp_error(frames, video.flow, edit_valid_mask(video, edit, video.valid))
-    metrics["warp_error_dis"] = warp_error(frames, flow, edit_valid_mask(video, edit, dis_valid))
-    return metrics
+    return video_metrics(frames, video, edit, dis=dis)
 
 
 def tiny_backbone(device: torch.device):
@@ -256,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run every video x edit x method x setting; write the JSON after each video."""
     from sanaflow.pipelines.video_edit import VideoEditPipeline
     from sanaflow.shapes import dis_flow, random_video, video_caption
+    from sanaflow.shapes.motion import EDGE_MARGIN
     from sanaflow.utils import atomic_write_text
     from sanaflow.video import VideoClip
 

@@ -135,7 +135,7 @@ def test_quality_warp_mask_does_not_penalise_a_perfect_shape_edit():
     """The ideal edited video (re-rendered with the new shape) is consistent along the edit-aware mask."""
     import copy
 
-    from sanaflow.shapes import dis_flow, random_video
+    from sanaflow.shapes import dis_flow, edit_valid_mask, random_video
     from sanaflow.shapes.motion import render_track
 
     shapes = _script("tokenflow_shapes")
@@ -148,7 +148,7 @@ def test_quality_warp_mask_does_not_penalise_a_perfect_shape_edit():
                 track["objects"][k].update(change)
             ideal = render_track(track).frames
             m = shapes.edit_metrics(ideal, video, edit, dis)
-            mask = shapes.edit_valid_mask(video, edit, video.valid)
+            mask = edit_valid_mask(video, edit, video.valid)
             assert m["warp_error_gt"] < 2e-4, (seed, kind, m["warp_error_gt"])
             if kind == "shape":
                 assert m["warp_error_gt_all"] > 3 * m["warp_error_gt"]  # the plain mask reads flicker

@@ -12,6 +12,7 @@ from .detect import Detection, detect, exact_match, format_table, score, segment
 from .motion import (
     ShapesVideo,
     dis_flow,
+    edit_valid_mask,
     load_video,
     random_track,
     random_video,
@@ -72,5 +73,6 @@ __all__ = [
     "to_tensor",
     "video_caption",
     "video_metrics",
+    "edit_valid_mask",
     "warp_error",
 ]

@@ -440,8 +440,49 @@ def _matching(dets: list[Detection], labels: np.ndarray, gt: np.ndarray) -> tupl
     return j, float(hits[j] / max(union, 1))
 
 
+EDGE_MARGIN = 3.0  # pixels added to an edited object's circumradius: anti-aliasing and a decoder's blur
+
+
+def edit_valid_mask(video: ShapesVideo, edit: dict[int, dict[str, str]], valid: np.ndarray) -> np.ndarray:
+    """`valid` (T - 1, H, W) without the pixels whose true motion a shape edit leaves unknown.
+
+    The flow is the *source* video's. Inside an edited object's source footprint it stays right (the
+    new shape moves rigidly with the object), but around it a pixel the flow calls static background
+    may belong to the new shape at t or t + 1 (and the other way round), so a correct shape edit
+    would read as flicker there. Those pixels (within the larger of the two shapes' circumradius of
+    the object's centre at t or t + 1) are left out, except inside its source footprint at t away
+    from every other object (where one that the old outline hid may show through the new one).
+    """
+    out = valid.copy()
+    t_count, h, w = valid.shape
+    ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)  # pixel centres, as the renderer's flow
+    objects = video.track["objects"]
+
+    def disc(o: dict, extent: float, frames: tuple[int, int]) -> np.ndarray:
+        near = np.zeros((h, w), dtype=bool)
+        for f in frames:
+            r = extent * o["scale"][f] * max(h, w) + EDGE_MARGIN
+            near |= (xs - (o["x"][f] * w - 0.5)) ** 2 + (ys - (o["y"][f] * h - 0.5)) ** 2 <= r * r
+        return near
+
+    for k, change in edit.items():
+        if "shape" not in change:
+            continue  # a colour edit keeps every outline: the source flow holds
+        o = objects[k]
+        extent = SIZES[o["size"]] * max(EXTENT[o["shape"]], EXTENT[change["shape"]])
+        for t in range(t_count):
+            others = np.zeros((h, w), dtype=bool)
+            for j, other in enumerate(objects):
+                if j != k:
+                    others |= disc(other, SIZES[other["size"]] * EXTENT[other["shape"]], (t, t + 1))
+            kept = (video.labels[t] == k + 1) & ~others
+            out[t] &= ~(disc(o, extent, (t, t + 1)) & ~kept)
+    return out
+
+
 def video_metrics(
-    edited: np.ndarray, source: ShapesVideo, edit: dict | None = None, min_visible: float = 0.9
+    edited: np.ndarray, source: ShapesVideo, edit: dict | None = None, min_visible: float = 0.9,
+    dis: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> dict:
     """Edit accuracy, structure preservation (mask IoU) and warp errors (ground-truth and DIS flow).
 
@@ -449,7 +490,9 @@ def video_metrics(
     is detected near its true centre with its target colour and shape. structure_iou: mean IoU
     between each object's true visible mask and the detected mask overlapping it most, over objects
     whose shape is not edited. warp_error_gt / warp_error_dis: `warp_error` of the edited frames
-    along the ground-truth flow / the DIS flow of the source frames.
+    along the ground-truth flow / the DIS flow of the source frames, on `edit_valid_mask` (a shape
+    edit's new outline is not flicker); *_all: on the flows' plain masks. `dis`: the source's
+    `dis_flow`, when the caller already has it.
     """
     edited = _fit(edited, source)
     edit = check_edit(edit, source)
@@ -486,14 +529,16 @@ def video_metrics(
                     for d in dets
                 )
             correct += ok
-    dis, dis_valid = dis_flow(source.frames)
+    flow, dis_valid = dis_flow(source.frames) if dis is None else dis
     return {
         "frames": T,
         "edit_accuracy": correct / judged if judged else None,
         "judged_frames": judged,
         "structure_iou": float(np.mean(ious)) if ious else None,
-        "warp_error_gt": warp_error(edited, source.flow, source.valid),
-        "warp_error_dis": warp_error(edited, dis, dis_valid),
+        "warp_error_gt": warp_error(edited, source.flow, edit_valid_mask(source, edit, source.valid)),
+        "warp_error_dis": warp_error(edited, flow, edit_valid_mask(source, edit, dis_valid)),
+        "warp_error_gt_all": warp_error(edited, source.flow, source.valid),
+        "warp_error_dis_all": warp_error(edited, flow, dis_valid),
         "source_warp_error_gt": warp_error(source.frames, source.flow, source.valid),
-        "source_warp_error_dis": warp_error(source.frames, dis, dis_valid),
+        "source_warp_error_dis": warp_error(source.frames, flow, dis_valid),
     }
