@@ -217,8 +217,7 @@ def test_feature_injection_reaches_the_residual_branch(which, sd, sana):
     if which == "sd":
         model, t, probe = sd.unet, 500, sd.FEATURE_SITE
     else:
-        # The Mix-FFN after the hooked norm: its depthwise conv is a called module, so it can be probed.
-        model, t, probe = sana.transformer, 0.5, sana.feature_site.removesuffix("norm2") + "ff.conv_depth"
+        model, t, probe = sana.transformer, 0.5, sana.feature_site
     n = 2
     x = torch.randn(3 * n, 4, 8, 8)  # branches differ
     cond = backbone.embed(["a square", "", "a red square"]).take([0] * n + [1] * n + [2] * n)
@@ -226,7 +225,7 @@ def test_feature_injection_reaches_the_residual_branch(which, sd, sana):
     for inject in (False, True):
         state = TokenFlowState(mode=Pass.PER_FRAME, frames=n, inject_features=inject)
         with tokenflow_hooks(backbone, state):
-            # Registered after the injection hook, so on SD (probe == site) it sees the injected output.
+            # Registered after the injection hook on the same module, so it sees the injected output.
             handle = model.get_submodule(probe).register_forward_hook(lambda m, i, out: seen.append(out.clone()))
             try:
                 backbone.denoise(x, t, cond)

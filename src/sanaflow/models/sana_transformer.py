@@ -237,8 +237,14 @@ class GLUMBConv(nn.Module):
         self.conv_depth = nn.Conv2d(2 * hidden, 2 * hidden, 3, padding=1, groups=2 * hidden)
         self.conv_point = nn.Conv2d(hidden, dim, 1, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Grid (B, D, H, W) -> (B, D, H, W); the block calls `forward_tokens` instead."""
+    def forward(self, x: torch.Tensor, height: int | None = None, width: int | None = None) -> torch.Tensor:
+        """Tokens (B, N, D) of a `height` x `width` grid -> (B, N, D) (`forward_tokens`), or a grid (B, D, H, W) -> (B, D, H, W).
+
+        The block calls the module with its tokens, so forward hooks on the Mix-FFN (TokenFlow's PnP
+        feature injection, feature probes) see its real input and output.
+        """
+        if height is not None and width is not None:
+            return self.forward_tokens(x, height, width)  # (B, N, D)
         height, width = x.shape[-2:]
         out = self.forward_tokens(x.flatten(2).transpose(1, 2), height, width)  # (B, N, D)
         return out.transpose(1, 2).unflatten(2, (height, width))  # (B, D, H, W)
@@ -500,7 +506,7 @@ class SanaTransformerBlock(nn.Module):
             x = x + self.attn2(x, context, context_bias)  # (B, N, D)
 
         h = torch.addcmul(shift_mlp, self.norm2(x), 1 + scale_mlp)  # (B, N, D)
-        return torch.addcmul(x, gate_mlp, self.ff.forward_tokens(h, height, width))  # (B, N, D)
+        return torch.addcmul(x, gate_mlp, self.ff(h, height, width))  # (B, N, D)
 
 
 class SanaTransformer(ModelMixin):

@@ -56,11 +56,15 @@ def _flow_prediction(
     i: int,
     extra_args: Mapping[str, Any],
     callback: Callback | None,
-) -> tuple[float, float, torch.Tensor, torch.Tensor]:
-    """Step i of a flow sampler: (s, s_next, velocity v, data prediction x - s v), reported to `callback`."""
+    need_denoised: bool = True,
+) -> tuple[float, float, torch.Tensor, torch.Tensor | None]:
+    """Step i of a flow sampler: (s, s_next, velocity v, data prediction x - s v), reported to `callback`.
+
+    The data prediction is computed only when the solver needs it or a callback reports it (else None).
+    """
     s, s_next = float(sigmas[i]), float(sigmas[i + 1])
     v = model_fn(x, _sigma_batch(sigmas[i], x), **extra_args)  # (B, C, H, W)
-    denoised = x - s * v  # (B, C, H, W)
+    denoised = x - s * v if need_denoised or callback is not None else None  # (B, C, H, W)
     if callback is not None:
         callback({"i": i, "x": x, "sigma": s, "sigma_next": s_next, "denoised": denoised})
     return s, s_next, v, denoised
@@ -78,7 +82,7 @@ def sample_euler(
     """Flow-matching Euler: x_next = x + (s_next - s) v (diffusers' FlowMatchEulerDiscreteScheduler)."""
     extra_args = {} if extra_args is None else extra_args
     for i in trange(len(sigmas) - 1, disable=disable):
-        s, s_next, v, _ = _flow_prediction(model_fn, x, sigmas, i, extra_args, callback)
+        s, s_next, v, _ = _flow_prediction(model_fn, x, sigmas, i, extra_args, callback, need_denoised=False)
         x = x + (s_next - s) * v
     return x
 

@@ -453,8 +453,13 @@ def edit_valid_mask(video: ShapesVideo, edit: dict[int, dict[str, str]], valid: 
     the object's centre at t or t + 1) are left out, except inside its source footprint at t away
     from every other object (where one that the old outline hid may show through the new one).
     """
-    out = valid.copy()
-    t_count, h, w = valid.shape
+    return valid & ~_edit_unknown(video, edit, valid.shape)
+
+
+def _edit_unknown(video: ShapesVideo, edit: dict[int, dict[str, str]], shape: tuple[int, ...]) -> np.ndarray:
+    # The pixels `edit_valid_mask` leaves out, (T - 1, H, W): independent of the flow's own mask.
+    t_count, h, w = shape
+    unknown = np.zeros(shape, dtype=bool)
     ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)  # pixel centres, as the renderer's flow
     objects = video.track["objects"]
 
@@ -476,8 +481,8 @@ def edit_valid_mask(video: ShapesVideo, edit: dict[int, dict[str, str]], valid: 
                 if j != k:
                     others |= disc(other, SIZES[other["size"]] * EXTENT[other["shape"]], (t, t + 1))
             kept = (video.labels[t] == k + 1) & ~others
-            out[t] &= ~(disc(o, extent, (t, t + 1)) & ~kept)
-    return out
+            unknown[t] |= disc(o, extent, (t, t + 1)) & ~kept
+    return unknown
 
 
 def video_metrics(
@@ -530,13 +535,14 @@ def video_metrics(
                 )
             correct += ok
     flow, dis_valid = dis_flow(source.frames) if dis is None else dis
+    unknown = _edit_unknown(source, edit, source.valid.shape)  # (T - 1, H, W), once for both flows
     return {
         "frames": T,
         "edit_accuracy": correct / judged if judged else None,
         "judged_frames": judged,
         "structure_iou": float(np.mean(ious)) if ious else None,
-        "warp_error_gt": warp_error(edited, source.flow, edit_valid_mask(source, edit, source.valid)),
-        "warp_error_dis": warp_error(edited, flow, edit_valid_mask(source, edit, dis_valid)),
+        "warp_error_gt": warp_error(edited, source.flow, source.valid & ~unknown),
+        "warp_error_dis": warp_error(edited, flow, dis_valid & ~unknown),
         "warp_error_gt_all": warp_error(edited, source.flow, source.valid),
         "warp_error_dis_all": warp_error(edited, flow, dis_valid),
         "source_warp_error_gt": warp_error(source.frames, source.flow, source.valid),

@@ -433,9 +433,8 @@ class SanaBackbone:
     """SANA: `SanaTransformer` (velocity), `DCAE` latents, a text encoder, flow-ODE Euler steps.
 
     Times are flow sigmas in [0, 1] (0 = clean); the transformer gets sigma x 1000 x timestep_scale.
-    PnP sites: the Mix-FFN output of the middle block (injected through its input, see `__init__`) and
-    the self-attention of the later half of the blocks, playing the roles of SD's decoder ResNet and
-    decoder attentions.
+    PnP sites: the Mix-FFN output of the middle block and the self-attention of the later half of the
+    blocks, playing the roles of SD's decoder ResNet and decoder attentions.
     """
 
     supports_control = False
@@ -455,11 +454,7 @@ class SanaBackbone:
         self.multiple = vae.spatial_compression_ratio * transformer.config.patch_size
         self.scaling_factor = vae.scaling_factor
         layers = len(transformer.transformer_blocks)
-        # PnP feature injection must give the edit branches the source's Mix-FFN output. The block
-        # calls its FFN through `ff.forward_tokens`, which module forward hooks never see, so the
-        # hook sits on the FFN's input (`norm2`'s output) instead: every branch of a call shares the
-        # timestep and hence the modulation, so the source's input gives exactly the source's output.
-        self.feature_site = f"transformer_blocks.{layers // 2}.norm2"
+        self.feature_site = f"transformer_blocks.{layers // 2}.ff"
         self.pnp_sites = [f"transformer_blocks.{i}.attn1" for i in range(layers // 2, layers)]
 
     @classmethod

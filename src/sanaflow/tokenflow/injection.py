@@ -19,11 +19,10 @@ def injection_steps(num_steps: int, fraction: float) -> int:
 class FeatureInjectionHook:
     """Forward hook: the edit branches' output of a module is replaced by the source branch's.
 
-    Placed on the last layer of a residual branch (SD: ``conv2`` of one decoder ResNet) or on the
-    normalised input of one (SANA: ``norm2`` before the Mix-FFN of the middle block, which then
-    outputs exactly the source's features), so the skip connection of each branch is kept and only the
-    residual features come from the source video. The module must be *called* (forward hooks do not
-    see a method such as ``forward_tokens`` invoked directly).
+    Placed on the last layer of a residual branch (SD: ``conv2`` of one decoder ResNet; SANA: the
+    Mix-FFN of one middle block), so the skip connection of each branch is kept and only the residual
+    features come from the source video. The module must be *called* by its parent (forward hooks do
+    not see a method such as ``forward_tokens`` invoked directly).
     """
 
     def __init__(self, state: TokenFlowState):

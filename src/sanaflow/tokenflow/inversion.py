@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, InputError
 from ..utils import atomic_path, atomic_write_text
 from .backbones import Backbone, TextCond
 
@@ -210,7 +210,7 @@ def invert_latents(
     from the source video. One more model call each; `progress` counts calls.
     """
     if refine < 0:
-        raise ValueError(f"refine must be at least 0, got {refine}")
+        raise InputError(f"refine must be at least 0, got {refine}")
     edit_times = backbone.timesteps(steps)  # noisiest first
     slot = {round(float(t), 6): i for i, t in enumerate(edit_times)}
     times = inversion_schedule(backbone, steps, inversion_steps)
