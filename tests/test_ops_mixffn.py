@@ -133,8 +133,9 @@ def test_cpu_tensors_outside_the_interpreter_are_refused():
         fused_dwconv_glu(torch.randn(1, 12, 8), torch.randn(8, 1, 3, 3), torch.randn(8), 3, 4)
 
 
-def test_dispatch_is_opt_in_and_cuda_only():
-    assert mixffn.FUSED_MIXFFN == (os.environ.get("SANAFLOW_FUSED_MIXFFN") == "1")
+def test_dispatch_is_on_by_default_and_cuda_only():
+    switch = os.environ.get("SANAFLOW_FUSED_MIXFFN")
+    assert mixffn.FUSED_MIXFFN == (switch is None or switch.lower() not in ("0", "false", "off", "no"))
     h, w = torch.randn(1, 12, 8), torch.randn(8, 1, 3, 3)
     assert mixffn.fused_mixffn_fn(h, w, enabled=True) is None  # CPU tensors: always the torch path
     assert mixffn.fused_mixffn_fn(h, w, enabled=False) is None

@@ -228,7 +228,7 @@ def test_edit_steps_do_not_wait_for_the_host(plain_sd_folder, tmp_path):
     pipe = VideoEditPipeline(backbone, cache_dir=tmp_path)
     clip = pipe.prepare(np.random.default_rng(0).integers(0, 255, (6, 16, 16, 3), dtype=np.uint8))
     counts = {}
-    for steps in (2, 4):
+    for steps in (2, 2, 4):  # the first 2-step edit warms up one-time work (its syncs are not counted)
         inv = pipe.invert(clip, "a square", steps=steps, batch_size=8, progress=False)
         settings = EditSettings("a red square", source_prompt="a square", steps=steps, batch_size=2)
         with warnings.catch_warnings(record=True) as caught:
@@ -239,4 +239,6 @@ def test_edit_steps_do_not_wait_for_the_host(plain_sd_folder, tmp_path):
             finally:
                 torch.cuda.set_sync_debug_mode("default")
         counts[steps] = sum("synchroniz" in str(w.message) for w in caught)
-    assert counts[4] == counts[2], counts
+    # A per-step sync would add at least 2 between 2 and 4 steps; setup syncs may differ by one
+    # (a first-time lookup), so the count may not grow, but it need not be equal either.
+    assert counts[4] <= counts[2], counts

@@ -66,6 +66,12 @@ def _triton():
     return _triton_fn
 
 
+def preload() -> None:
+    """Resolve the Triton entry point now when CUDA is present (before torch.compile traces a call)."""
+    if _backend != "torch" and torch.cuda.is_available():
+        _triton()
+
+
 def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """ReLU linear attention: q (B,h,N,d), k/v (B,h,M,d) -> (B,h,N,d) in q's dtype (fp32 accumulation).
 

@@ -8,8 +8,8 @@ is a row-major (H, W) token grid, channels last:
 The torch path writes and re-reads ``s``, ``c`` and ``silu(gate)`` (about 6.5 passes over a
 (B, N, 2h) tensor: ~4.8 GB per block at 4096 px with the 1600M model, CFG batch 2); `fused_dwconv_glu` reads
 ``a`` once (the column neighbours from cache) and writes the (B, N, h) result once, with float32
-arithmetic inside. Forward only: the model uses it for inference (no autograd graph) when
-``SANAFLOW_FUSED_MIXFFN=1`` is set, see `sanaflow.ops.mixffn`.
+arithmetic inside. Forward only: the model uses it for inference (no autograd graph) on CUDA by
+default (``SANAFLOW_FUSED_MIXFFN=0`` turns it off), see `sanaflow.ops.mixffn`.
 
 Cost model (unmeasured): each program sweeps a strip of rows; every input row is loaded three
 times (columns shifted by -1, 0, +1; the shifted loads hit L1) and SiLU'd at each load, since Triton

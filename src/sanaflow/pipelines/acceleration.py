@@ -53,6 +53,10 @@ def compile_module(module: torch.nn.Module, mode: str | None = None, backend: st
     kwargs: dict[str, Any] = {"fullgraph": True, "dynamic": False, "backend": backend}
     if mode is not None:
         kwargs["mode"] = mode
+    from ..ops import linear_attention, mixffn
+
+    linear_attention.preload()  # the kernels' lazy imports happen here, not inside the traced graph
+    mixffn.preload()
     return torch.compile(module, **kwargs)
 
 
