@@ -61,6 +61,27 @@ def curve_gap(a: dict[int, float], b: dict[int, float], window: int = 5) -> dict
             "last_step": steps[-1]}
 
 
+def offset_test(a: dict[int, float], b: dict[int, float], block: int = 5) -> dict[str, float] | None:
+    """Is b's curve offset from a's? Mean (b - a) over common steps, with a standard error from block means.
+
+    Consecutive log points are correlated (the two runs drift apart slowly), so the error is taken
+    from the means of blocks of `block` points: |t| well above 2 means a systematic difference.
+    Also the scatter of the difference (how noisy the pair is point to point). None when the runs
+    share fewer than two blocks of log points.
+    """
+    steps = sorted(set(a) & set(b))
+    d = np.array([b[s] - a[s] for s in steps])
+    n_blocks = len(d) // max(1, block)
+    if n_blocks < 2:
+        return None
+    means = d[: n_blocks * block].reshape(n_blocks, block).mean(axis=1)
+    se = float(means.std(ddof=1) / np.sqrt(n_blocks))
+    mean = float(d.mean())
+    t = mean / se if se > 0 else (0.0 if mean == 0 else float(np.copysign(np.inf, mean)))
+    return {"mean": mean, "stderr": se, "t": t,
+            "blocks": n_blocks, "point_sd": float(d.std(ddof=1))}
+
+
 def throughput(records: list[dict[str, Any]], skip_windows: int = 2) -> float:
     """Median images/s over the log windows after the first `skip_windows` (all of them if too few)."""
     rates = [float(r["img_per_s"]) for r in records]
@@ -86,6 +107,8 @@ def compare(runs: dict[str, list[dict[str, Any]]], reference: str = "a", multi: 
     gap = curve_gap(curves[reference], curves[multi], window)
     noise_gap = curve_gap(curves[reference], curves[noise], window)
     other = curve_gap(curves[multi], curves[noise], window)
+    offsets = {f"{x}_{y}": offset_test(curves[y], curves[x], window)
+               for x, y in ((multi, reference), (multi, noise), (noise, reference))}
     batches = {name: samples_per_step(recs) for name, recs in runs.items()}
     same_batch = batches[reference] is not None and batches[reference] == batches[multi] == batches[noise]
     # Identical curves have no noise; then only an identical multi-process curve passes.
@@ -103,6 +126,9 @@ def compare(runs: dict[str, list[dict[str, Any]]], reference: str = "a", multi: 
         f"gap_{reference}_{multi}": gap,
         f"noise_{reference}_{noise}": noise_gap,
         f"gap_{multi}_{noise}": other,
+        "offset_test": offsets,
+        "offset_note": f"informational, not part of the verdict: mean (x - y) of the raw logged losses over common "
+                       f"steps, stderr from means of blocks of {window} log points; |t| > 2: systematic",
         "same_global_batch": same_batch,
         "global_batch": batches,
         "final_loss": final,
@@ -146,6 +172,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"loss gap a-b {g['mean_abs']:.5f} vs noise a-c {n['mean_abs']:.5f} (ratio {summary['gap_ratio']:.2f}, "
           f"tolerance {args.tolerance}) over {g['points']} log points; same global batch: "
           f"{summary['same_global_batch']}; {'PASS' if summary['pass'] else 'FAIL'}")
+    for pair, o in summary["offset_test"].items():
+        x, _, y = pair.partition("_")
+        if o is None:
+            continue
+        print(f"offset {x}-{y}: {o['mean']:+.5f} +- {o['stderr']:.5f} (t {o['t']:+.2f}), point sd {o['point_sd']:.5f}")
     rates = summary["img_per_s"]
     print("img/s: " + ", ".join(f"{k} {v:.0f}" for k, v in rates.items())
           + (f"; scaling b/a {summary['scaling']:.2f}x" if summary["scaling"] else ""))

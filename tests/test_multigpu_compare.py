@@ -93,6 +93,7 @@ def test_curves_equal_within_noise_pass(cr, seed):
     assert 0.6 < out["gap_ratio"] < 1.4
     assert out["gap_a_b"]["points"] == 100
     assert out["scaling"] == pytest.approx(1.9)
+    assert abs(out["offset_test"]["b_a"]["t"]) < 3.5  # no systematic offset between same-noise runs
 
 
 @pytest.mark.parametrize("shift", [1e-3, -1e-3])
@@ -102,6 +103,9 @@ def test_shifted_curve_fails(cr, shift):
     assert not out["pass"]
     assert out["gap_ratio"] > 1.5
     assert np.sign(out["gap_a_b"]["mean_signed"]) == np.sign(shift)
+    offset = out["offset_test"]["b_a"]
+    assert abs(offset["t"]) > 5 and offset["mean"] == pytest.approx(shift, abs=3e-4)
+    assert abs(out["offset_test"]["c_a"]["t"]) < 3.5
 
 
 def test_other_global_batch_fails(cr):
