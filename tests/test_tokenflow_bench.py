@@ -111,6 +111,26 @@ def test_quality_benchmark_validation_videos_are_not_the_reported_ones(tmp_path)
     assert not set(seeds) & {shapes.SEED_BASE + i for i in range(shapes.NUM_VIDEOS)}
 
 
+def test_validation_sweep_smoke_and_grid_errors(tmp_path):
+    sweep = _script("tokenflow_sweep")
+    shapes = _script("tokenflow_shapes")
+    out = tmp_path / "sweep.json"
+    assert sweep.main(["--smoke", "--device", "cpu", "--grid", "0.8/0.5/4.5,0/0/1", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["seeds"] == [shapes.SEED_BASE + shapes.VALIDATION_OFFSET]  # never a reported video
+    assert report["grid"] == ["0.8/0.5/4.5", "0/0/1"]
+    assert len(report["rows"]) == 2 * 2  # 2 edits x 2 settings
+    assert set(report["summary"]) == set(report["grid"])
+    for entry in report["summary"].values():
+        assert entry["edits"] == 2 and entry["structure_iou"] is not None
+    # The settings run different edits (a PnP edit is not plain guided sampling).
+    first, second = (report["summary"][k]["structure_iou"] for k in report["grid"])
+    assert first != second
+    for bad in ("0.8/0.5", "1.5/0.5/4.5", "a/b/c", ","):
+        with pytest.raises(Exception, match="grid"):
+            sweep.parse_grid(bad)
+
+
 def test_quality_edits_are_valid_and_deterministic():
     from sanaflow.shapes import HELD_OUT_PAIRS, random_video, video_caption
 

@@ -1,0 +1,148 @@
+"""Choose TokenFlow's PnP thresholds and guidance for a backbone on the --validation videos (issue 6).
+
+The same procedural videos and edits as `tokenflow_shapes.py`, but from the validation seeds
+(10_001_000 + i: the video split, never reported), and one edit method (default: tokenflow-pnp with
+feature correspondences) run over a grid of settings ``feature/attention/guidance`` on one shared
+inversion per video. Writes the mean edit accuracy, structure IoU and warp errors per setting, so
+that a backbone's defaults are chosen here and then measured once on the benchmark's own videos.
+
+    # CPU, the embedded model: ~35 s per video for the inversion + ~18 s per edit and setting
+    python benchmarks/tokenflow_sweep.py --device cpu --videos 4 \\
+        --grid 0.8/0.5/4.5,0.6/0.4/4.5,0.4/0.2/4.5,0.8/0.5/7.0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from _common import add_out_argument, fill_defaults
+from tokenflow_shapes import (
+    METHODS,
+    ROOT,
+    SEED_BASE,
+    VALIDATION_OFFSET,
+    _line,
+    _rounded,
+    edit_metrics,
+    edits_for,
+    fit_frames,
+    summarize,
+    tiny_backbone,
+)
+
+DEFAULT_OUT = ROOT / "benchmarks" / "results" / "tokenflow_validation_sweep.json"
+SMOKE_OUT = Path(tempfile.gettempdir()) / "tokenflow_sweep_smoke.json"
+
+
+def parse_grid(text: str) -> list[tuple[float, float, float]]:
+    """'0.8/0.5/4.5,0.6/0.4/4.5' -> [(feature, attention, guidance), ...] (fractions in [0, 1], guidance >= 0)."""
+    out = []
+    for item in (t.strip() for t in text.split(",")):
+        if not item:
+            continue
+        parts = item.split("/")
+        try:
+            feature, attention, guidance = (float(v) for v in parts)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"grid entry {item!r}: write FEATURE/ATTENTION/GUIDANCE, e.g. 0.8/0.5/4.5") from None
+        if not (0 <= feature <= 1 and 0 <= attention <= 1 and guidance >= 0):
+            raise argparse.ArgumentTypeError(
+                f"grid entry {item!r}: PnP fractions must lie in [0, 1] and guidance be >= 0")
+        out.append((feature, attention, guidance))
+    if not out:
+        raise argparse.ArgumentTypeError("the grid is empty")
+    return out
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--model", default=None, help="SANA model folder (default: the embedded model)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--dtype", default=None, help="model dtype (default: bf16 on CUDA, float32 on CPU)")
+    p.add_argument("--videos", type=int, default=4, help="validation videos (default 4)")
+    p.add_argument("--frames", type=int, default=16)
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--steps", type=int, default=50, help="editing steps (default 50; inversion on the same schedule)")
+    p.add_argument("--method", default="tokenflow", choices=sorted(METHODS))
+    p.add_argument("--grid", type=parse_grid, default=parse_grid("0.8/0.5/4.5"),
+                   help="comma-separated FEATURE/ATTENTION/GUIDANCE settings (default 0.8/0.5/4.5)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--smoke", action="store_true", help="tiny random SANA, 1 video, few steps")
+    add_out_argument(p, DEFAULT_OUT, SMOKE_OUT)
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.videos, args.frames, args.size, args.steps = 1, 4, 64, 3
+    return fill_defaults(args, DEFAULT_OUT, SMOKE_OUT)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from sanaflow.pipelines.video_edit import VideoEditPipeline
+    from sanaflow.shapes import dis_flow, random_video, video_caption
+    from sanaflow.utils import atomic_write_text
+    from sanaflow.video import VideoClip
+
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(min(torch.get_num_threads(), 4))
+    started = time.perf_counter()
+    keys = [f"{f:g}/{a:g}/{g:g}" for f, a, g in args.grid]
+    with tempfile.TemporaryDirectory(prefix="tokenflow_sweep_") as tmp:
+        if args.smoke and args.model is None:
+            pipe = VideoEditPipeline(tiny_backbone(device), cache_dir=Path(tmp) / "cache")
+        else:
+            pipe = VideoEditPipeline.from_pretrained(args.model, device=device, dtype=args.dtype,
+                                                     cache_dir=Path(tmp) / "cache")
+        negative = pipe.backbone.default_negative
+        seeds = [SEED_BASE + VALIDATION_OFFSET + i for i in range(args.videos)]
+        report: dict[str, Any] = {
+            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if argv is None else " ".join(argv),
+            "model_identity": pipe.backbone.name, "device": str(device), "torch": torch.__version__,
+            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "smoke": args.smoke,
+            "seeds": seeds, "frames": args.frames, "size": args.size, "steps": args.steps,
+            "method": args.method, "grid": keys, "negative_prompt": negative, "rows": [],
+        }
+        batch = max(args.batch_size, args.frames)
+        for i, seed in enumerate(seeds):
+            video = random_video(seed, frames=args.frames, size=args.size)
+            source_prompt = video_caption(video)
+            dis = dis_flow(video.frames)
+            clip = pipe.prepare(VideoClip(video.frames, video.fps), size=args.size)
+            pipe.invert(clip, source_prompt, args.steps, None, batch, reconstruct=False, progress=False)
+            for kind, edit in edits_for(video, seed):
+                target = video_caption(video, edit)
+                for key, (feature, attention, guidance) in zip(keys, args.grid):
+                    t0 = time.perf_counter()
+                    out = pipe(clip, target, source_prompt=source_prompt, negative_prompt=negative,
+                               steps=args.steps, guidance_scale=guidance, pnp_feature=feature,
+                               pnp_attention=attention, batch_size=args.batch_size,
+                               inversion_batch_size=batch, progress=False, **METHODS[args.method])
+                    if not out.inversion.reused:
+                        raise RuntimeError("the edit did not reuse the video's inversion (cache key mismatch)")
+                    metrics = edit_metrics(fit_frames(out.frames, video), video, edit, dis)
+                    report["rows"].append({"seed": seed, "setting": key, "kind": kind, "prompt": target,
+                                           "seconds": round(time.perf_counter() - t0, 3),
+                                           "metrics": _rounded(metrics)})
+                    print(f"[{i + 1}/{len(seeds)}] seed {seed} {kind:5s} {key:12s} {_line(metrics)}", flush=True)
+            report["summary"] = {k: summarize([r for r in report["rows"] if r["setting"] == k]) for k in keys}
+            report["videos_done"] = i + 1
+            report["seconds_total"] = round(time.perf_counter() - started, 1)
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(args.out, json.dumps(report, indent=1) + "\n")
+    for k, r in report["summary"].items():
+        print(f"{k:12s} acc {r['edit_accuracy']}  iou {r['structure_iou']}  warp_gt {r['warp_error_gt']}", flush=True)
+    print(f"wrote {args.out} ({report['seconds_total']:.0f} s)", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
