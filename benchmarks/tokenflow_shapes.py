@@ -115,6 +115,22 @@ def tiny_backbone(device: torch.device):
     return build_sana(device, smoke=True)
 
 
+def open_pipeline(args: argparse.Namespace, cache_dir: Path):
+    """(VideoEditPipeline, model name) for the scripts' --model / --device / --dtype / --smoke options.
+
+    On the CPU torch uses at most 4 threads (more only adds contention on small frames).
+    """
+    from sanaflow.pipelines.video_edit import VideoEditPipeline
+
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(min(torch.get_num_threads(), 4))
+    if args.smoke and args.model is None:
+        return VideoEditPipeline(tiny_backbone(device), cache_dir=cache_dir), "tiny random SANA (smoke)"
+    pipe = VideoEditPipeline.from_pretrained(args.model, device=device, dtype=args.dtype, cache_dir=cache_dir)
+    return pipe, args.model or "embedded (sanaflow/shapes-tiny)"
+
+
 def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Means of every metric over rows (None values skipped), overall and per edit kind."""
 
@@ -151,13 +167,18 @@ def check_targets(summary: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """--model, --device, --dtype (what `open_pipeline` reads)."""
+    p.add_argument("--model", default=None, help="SANA model folder (default: the embedded model)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--dtype", default=None, help="model dtype (default: bf16 on CUDA, float32 on CPU)")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("--model", default=None, help="SANA model folder (default: the embedded model)")
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--dtype", default=None, help="model dtype (default: bf16 on CUDA, float32 on CPU)")
+    add_model_arguments(p)
     p.add_argument("--videos", type=int, default=NUM_VIDEOS, help=f"number of videos (default {NUM_VIDEOS})")
     p.add_argument("--validation", action="store_true",
                    help=f"use the videos after the benchmark's (seeds {SEED_BASE + VALIDATION_OFFSET} + i), for "
@@ -209,7 +230,6 @@ def _line(m: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run every video x edit x method x setting; write the JSON after each video."""
-    from sanaflow.pipelines.video_edit import VideoEditPipeline
     from sanaflow.shapes import dis_flow, random_video, video_caption
     from sanaflow.shapes.motion import EDGE_MARGIN
     from sanaflow.utils import atomic_write_text
@@ -217,17 +237,9 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parse_args(argv)
     device = torch.device(args.device)
-    if device.type == "cpu":
-        torch.set_num_threads(min(torch.get_num_threads(), 4))
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="tokenflow_shapes_") as tmp:
-        if args.smoke and args.model is None:
-            pipe = VideoEditPipeline(tiny_backbone(device), cache_dir=Path(tmp) / "cache")
-            model = "tiny random SANA (smoke)"
-        else:
-            pipe = VideoEditPipeline.from_pretrained(args.model, device=device, dtype=args.dtype,
-                                                     cache_dir=Path(tmp) / "cache")
-            model = args.model or "embedded (sanaflow/shapes-tiny)"
+        pipe, model = open_pipeline(args, Path(tmp) / "cache")
         # The pipeline's defaults, resolved here so the report names the values that ran.
         cfg = pipe.backbone.default_guidance if args.cfg is None else args.cfg
         negative = pipe.backbone.default_negative if args.negative is None else args.negative

@@ -30,11 +30,12 @@ from tokenflow_shapes import (
     VALIDATION_OFFSET,
     _line,
     _rounded,
+    add_model_arguments,
     edit_metrics,
     edits_for,
     fit_frames,
+    open_pipeline,
     summarize,
-    tiny_backbone,
 )
 
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "tokenflow_validation_sweep.json"
@@ -65,9 +66,7 @@ def parse_grid(text: str) -> list[tuple[float, float, float]]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("--model", default=None, help="SANA model folder (default: the embedded model)")
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--dtype", default=None, help="model dtype (default: bf16 on CUDA, float32 on CPU)")
+    add_model_arguments(p)
     p.add_argument("--videos", type=int, default=4, help="validation videos (default 4)")
     p.add_argument("--frames", type=int, default=16)
     p.add_argument("--size", type=int, default=256)
@@ -85,23 +84,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from sanaflow.pipelines.video_edit import VideoEditPipeline
     from sanaflow.shapes import dis_flow, random_video, video_caption
     from sanaflow.utils import atomic_write_text
     from sanaflow.video import VideoClip
 
     args = parse_args(argv)
     device = torch.device(args.device)
-    if device.type == "cpu":
-        torch.set_num_threads(min(torch.get_num_threads(), 4))
     started = time.perf_counter()
     keys = [f"{f:g}/{a:g}/{g:g}" for f, a, g in args.grid]
     with tempfile.TemporaryDirectory(prefix="tokenflow_sweep_") as tmp:
-        if args.smoke and args.model is None:
-            pipe = VideoEditPipeline(tiny_backbone(device), cache_dir=Path(tmp) / "cache")
-        else:
-            pipe = VideoEditPipeline.from_pretrained(args.model, device=device, dtype=args.dtype,
-                                                     cache_dir=Path(tmp) / "cache")
+        pipe, _ = open_pipeline(args, Path(tmp) / "cache")
         negative = pipe.backbone.default_negative
         seeds = [SEED_BASE + VALIDATION_OFFSET + i for i in range(args.videos)]
         report: dict[str, Any] = {
