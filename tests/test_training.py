@@ -338,3 +338,38 @@ def test_embedded_model_folder():
     assert pipe.native_size == 256
     out = pipe("a red circle", num_inference_steps=2, seed=0, output_type="np")
     assert out.images.shape == (1, 256, 256, 3)
+
+
+def test_category_weights_shape_the_shapes_stream():
+    from sanaflow.shapes.scene import CATEGORIES, derive_seed, sample_scene
+    from sanaflow.training.data import ShapesSource
+
+    plain = ShapesSource(32, seed=3)
+    for i in range(4):  # no weights: the stream as it was, the scene seed alone decides
+        assert plain.category(i) is None
+        assert plain[i]["caption"] == sample_scene(derive_seed(3, i), "train").caption()
+    only = ShapesSource(32, seed=3, category_weights={c: 0 for c in CATEGORIES if c != "position"})
+    assert {only.category(i) for i in range(40)} == {"position"}
+    heavy = ShapesSource(32, seed=3, category_weights={"position": 5})  # 5 of 10 weight units
+    share = sum(heavy.category(i) == "position" for i in range(2000)) / 2000
+    assert 0.45 < share < 0.55
+    again = ShapesSource(32, seed=3, category_weights={"position": 5})
+    assert [heavy.category(i) for i in range(20)] == [again.category(i) for i in range(20)]
+    for i in range(6):
+        cat = heavy.category(i)
+        scene = sample_scene(derive_seed(3, i), "train", category=cat)
+        assert scene.category == cat and heavy[i]["caption"] == scene.caption()
+
+
+@pytest.mark.parametrize("weights, message", [
+    ({"positon": 2}, "did you mean 'position'"),
+    ({"position": -1}, ">= 0"),
+    ({c: 0 for c in ("single_object", "two_object", "counting", "colors", "position", "color_attr")}, "weight 0"),
+])
+def test_bad_category_weights_are_refused(tmp_path, weights, message):
+    data = tiny_config(tmp_path / "run")
+    data.setdefault("data", {})["category_weights"] = weights
+    cfg = write_yaml(tmp_path / "bad.yaml", data)
+    with pytest.raises(ConfigError, match=message):
+        build_task(load_config(cfg, TrainConfig))
+    assert not (tmp_path / "run").exists()

@@ -64,6 +64,10 @@ class DataConfig:
     # pool_size P / N hold the same samples as one process at P.
     pool_size: int = 0
     reuse: int = 1
+    # Shapes source: relative weights of the caption categories (single_object, two_object, counting,
+    # colors, position, color_attr), e.g. {position: 3} draws position captions 3x as often as each
+    # unnamed category (weight 1). None: every category equally often (the shapes stream as is).
+    category_weights: dict[str, float] | None = None
 
 
 @dataclass
@@ -211,4 +215,23 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"model.text_cache must be >= 0, got {cfg.model.text_cache}")
     if cfg.data.resolution % 32:
         raise ConfigError(f"data.resolution must be a multiple of 32, got {cfg.data.resolution}")
+    if cfg.data.category_weights is not None:
+        if cfg.data.source != "shapes":
+            raise ConfigError("data.category_weights needs data.source 'shapes' (it weights the shapes captions)")
+        category_probabilities(cfg.data.category_weights)  # raises on unknown names / bad weights
     return cfg
+
+
+def category_probabilities(weights: dict[str, float]) -> list[float]:
+    """Probabilities of the shapes caption categories (CATEGORIES order); unnamed categories weigh 1."""
+    from ..shapes.scene import CATEGORIES
+
+    for name, w in weights.items():
+        if name not in CATEGORIES:
+            raise unknown_choice("data.category_weights category", name, CATEGORIES)
+        if not isinstance(w, int | float) or not w >= 0 or w == float("inf"):
+            raise ConfigError(f"data.category_weights.{name} must be a finite number >= 0, got {w!r}")
+    full = [float(weights.get(c, 1.0)) for c in CATEGORIES]
+    if sum(full) <= 0:
+        raise ConfigError(f"data.category_weights gives every category weight 0: {weights}")
+    return [w / sum(full) for w in full]

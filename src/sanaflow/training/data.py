@@ -34,10 +34,16 @@ class ShapesSource(Dataset):
 
     The train split never draws a held-out colour-shape pair or states a held-out relation, and its
     seeds are mixed with the split id, so they never coincide with evaluation or video seeds.
+    `category_weights` (see `DataConfig`) draws item i's caption category from its own seed first;
+    without it the scene seed alone decides, every category equally often.
     """
 
-    def __init__(self, resolution: int, seed: int = 0, batch_size: int = 1):
+    def __init__(self, resolution: int, seed: int = 0, batch_size: int = 1,
+                 category_weights: dict[str, float] | None = None):
+        from .config import category_probabilities
+
         self.resolution, self.seed, self.batch_size = resolution, seed, batch_size
+        self.category_probs = None if category_weights is None else category_probabilities(category_weights)
 
     def __len__(self) -> int:  # an endless stream; DataLoader only needs a length for len()
         return 2**62
@@ -46,11 +52,23 @@ class ShapesSource(Dataset):
         """Item numbers of global batch `batch`."""
         return list(range(batch * self.batch_size, (batch + 1) * self.batch_size))
 
+    def category(self, index: int) -> str | None:
+        """Item `index`'s caption category under `category_weights` (None: left to the scene seed)."""
+        if self.category_probs is None:
+            return None
+        import random
+
+        from ..shapes.scene import CATEGORIES, derive_seed
+
+        # A stream of its own (salt 1), so the category does not correlate with the scene's draws.
+        rng = random.Random(derive_seed(self.seed, index, 1))
+        return rng.choices(CATEGORIES, weights=self.category_probs)[0]
+
     def __getitem__(self, index: int) -> dict:
         from ..shapes.render import render
         from ..shapes.scene import derive_seed, sample_scene
 
-        scene = sample_scene(derive_seed(self.seed, index), "train")
+        scene = sample_scene(derive_seed(self.seed, index), "train", category=self.category(index))
         image = render(scene, self.resolution)  # (H, W, 3) uint8
         return {"image": torch.from_numpy(image).permute(2, 0, 1), "caption": scene.caption()}
 

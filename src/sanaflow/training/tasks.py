@@ -55,7 +55,7 @@ def _source(cfg: TrainConfig, multiple: int):
     if d.source == "shapes":
         # With a sample pool the stream delivers chunks of batch_size / reuse fresh samples per step.
         chunk = cfg.train.batch_size // d.reuse if d.pool_size else cfg.train.batch_size
-        return ShapesSource(d.resolution, seed=d.seed, batch_size=chunk)
+        return ShapesSource(d.resolution, seed=d.seed, batch_size=chunk, category_weights=d.category_weights)
     return FolderSource(d.path, d.resolution, cfg.train.batch_size, seed=d.seed, caption_ext=d.caption_ext,
                         buckets=d.buckets, multiple=multiple,
                         cache_dir=d.cache_dir if cfg.task == "t2i" else None)
