@@ -47,6 +47,34 @@ def test_generate_same_seed_same_bytes(model, tmp_path):
     assert a == b
 
 
+def test_out_png_file_for_one_image(model, tmp_path, capsys):
+    target = tmp_path / "sub" / "star.png"
+    assert main(["generate", "a red star", "--model", str(model), "--size", "32x32", "--steps", "1",
+                 "--seed", "5", "--out", str(target), "--device", "cpu"]) == 0
+    assert target.is_file() and Image.open(target).text["prompt"] == "a red star"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["star.png"]  # no config.yaml, no temp files
+    assert capsys.readouterr().out.strip() == str(target)
+    folder = tmp_path / "looks.png"  # an existing folder keeps folder semantics
+    folder.mkdir()
+    assert main(["generate", "a cat", "--model", str(model), "--size", "32x32", "--steps", "1",
+                 "--out", str(folder), "--device", "cpu"]) == 0
+    assert len(list(folder.glob("*.png"))) == 1 and (folder / "config.yaml").is_file()
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["a cat", "a dog", "--out", "two.png"], "makes 2 images"),
+    (["a cat", "-n", "3", "--out", "three.png"], "makes 3 images"),
+    (["a cat", "--out", "cat.jpg"], "PNG"),
+])
+def test_out_file_errors(model, tmp_path, args, needle):
+    args = [a if not a.endswith((".png", ".jpg")) else str(tmp_path / a) for a in args]
+    r = _cli("generate", *args, "--model", str(model), "--steps", "1")
+    assert r.returncode == 2, r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and needle in lines[0], r.stderr
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
 def test_prompts_file(model, tmp_path):
     f = tmp_path / "prompts.txt"
     f.write_text("a red star\n\na blue square\n")

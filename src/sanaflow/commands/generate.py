@@ -33,7 +33,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=None, help="seed of the first image; image k uses seed+k (default: random)")
     p.add_argument("-n", "--num-images", type=int, default=None, help="images per prompt (default 1)")
     p.add_argument("--sampler", default=None, help="dpm++2m (default) or euler; Sprint models always use scm")
-    p.add_argument("--out", default=None, help="output folder (default ./outputs)")
+    p.add_argument("--out", default=None,
+                   help="output folder (default ./outputs), or a .png file name when the run makes one image")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--batch-size", type=int, default=4, help="images per model call (default 4)")
@@ -113,6 +114,25 @@ def resolve_config(args: argparse.Namespace):
     return cfg
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+
+
+def single_output_file(out: Path, count: int) -> Path | None:
+    """`out` when it names one PNG file for a one-image run; None when it is a folder.
+
+    A name with another image suffix, or a .png name for a run of several images, is an error.
+    """
+    suffix = out.suffix.lower()
+    if suffix not in IMAGE_SUFFIXES or out.is_dir():  # an existing folder stays a folder, whatever its name
+        return None
+    if suffix != ".png":
+        raise InputError(f"--out {out}: images are written as PNG (with their settings in the metadata); "
+                         f"name a .png file or a folder")
+    if count != 1:
+        raise InputError(f"--out {out} names one file, but this run makes {count} images; name a folder")
+    return out
+
+
 def check_writable(folder: Path) -> None:
     """Create `folder` and make sure files can be written there, before any work is done."""
     try:
@@ -184,6 +204,10 @@ def run_generate(args: argparse.Namespace) -> int:
         if pick_device(cfg.device).type != "cuda":
             raise InputError(f"--cuda-graphs needs a CUDA device; this run uses {pick_device(cfg.device)}")
     out_dir = Path(cfg.output_dir)
+    n = cfg.num_images_per_prompt
+    out_file = single_output_file(out_dir, len(prompts) * n)
+    if out_file is not None:
+        out_dir = out_file.parent
     check_writable(out_dir)
 
     if cfg.compile or cfg.cuda_graphs or cfg.offload_text_encoder:
@@ -193,7 +217,6 @@ def run_generate(args: argparse.Namespace) -> int:
     width = cfg.width or pipe.native_size
     height = cfg.height or pipe.native_size
     seed = sc.seed if sc.seed is not None else random.randrange(2**31 - 1)
-    n = cfg.num_images_per_prompt
     jobs = [(p, seed + k * n + j) for k, p in enumerate(prompts) for j in range(n)]
     sampler_name = "scm" if pipe.is_sprint else sc.sampler
     written = []
@@ -208,7 +231,7 @@ def run_generate(args: argparse.Namespace) -> int:
             meta = {"prompt": p, "negative_prompt": cfg.negative_prompt, "seed": s, "steps": sc.steps,
                     "guidance_scale": sc.guidance_scale, "pag_scale": sc.pag_scale, "sampler": sampler_name,
                     "model": pipe.name, "width": width, "height": height, "sanaflow_version": __version__}
-            path = out_dir / f"{len(written):04d}-{slug(p)}-{s}.png"
+            path = out_file or out_dir / f"{len(written):04d}-{slug(p)}-{s}.png"
             with atomic_path(path) as tmp:
                 img.save(tmp, format="PNG", pnginfo=png_metadata(meta))
             written.append(path)
@@ -216,7 +239,8 @@ def run_generate(args: argparse.Namespace) -> int:
     bar.close()
     resolved = dataclasses.replace(cfg, prompts=prompts, width=width, height=height, model=pipe.name,
                                    sampling=dataclasses.replace(sc, seed=seed, sampler=sampler_name))
-    dump_config(resolved, out_dir / "config.yaml")
+    if out_file is None:  # a folder run records its settings; a single file carries them in its metadata
+        dump_config(resolved, out_dir / "config.yaml")
     for p in written:
         print(p)
     return 0
