@@ -4,8 +4,9 @@ Reads each run's ``metrics.jsonl`` (the trainer's log records: step, loss, sampl
 the runs on their common logged steps, smooths each loss curve by a moving average over ``window``
 log points, and reports the mean |difference| of two smoothed curves. The reference run ``a`` (one
 process) is compared with ``b`` (several processes, same global batch, same data) and with ``c`` (one
-process, another seed: run-to-run noise). The multi-process run passes when its gap to ``a`` is at
-most ``tolerance`` times the noise gap a-vs-c, and when it trained on the same number of samples per
+process, another seed: run-to-run noise; optionally more of them, ``c2``, ``c3`` ..., whose gaps to
+``a`` are averaged with a-vs-c). The multi-process run passes when its gap to ``a`` is at most
+``tolerance`` times that noise gap, and when it trained on the same number of samples per
 step (the global batch). Throughput is the median img/s over the log windows after the first
 ``skip_windows`` (start-up: cuDNN autotuning, loader warm-up, text-cache misses).
 
@@ -107,25 +108,34 @@ def compare(runs: dict[str, list[dict[str, Any]]], reference: str = "a", multi: 
     gap = curve_gap(curves[reference], curves[multi], window)
     noise_gap = curve_gap(curves[reference], curves[noise], window)
     other = curve_gap(curves[multi], curves[noise], window)
+    # More noise runs (c2, c3, ...: 1 process, other seeds) make the noise level a mean over several
+    # pairs with the reference; with c alone it is the a-c gap.
+    extra = sorted((n for n in runs if n.startswith(noise) and n[len(noise):].isdigit()), key=lambda n: int(n[len(noise):]))
+    extra_gaps = {n: curve_gap(curves[reference], curves[n], window) for n in extra}
+    noise_level = float(np.mean([noise_gap["mean_abs"], *(g["mean_abs"] for g in extra_gaps.values())]))
     offsets = {f"{x}_{y}": offset_test(curves[y], curves[x], window)
                for x, y in ((multi, reference), (multi, noise), (noise, reference))}
     batches = {name: samples_per_step(recs) for name, recs in runs.items()}
-    same_batch = batches[reference] is not None and batches[reference] == batches[multi] == batches[noise]
+    same_batch = batches[reference] is not None and all(
+        batches[n] == batches[reference] for n in (multi, noise, *extra))
     # Identical curves have no noise; then only an identical multi-process curve passes.
-    ratio = gap["mean_abs"] / noise_gap["mean_abs"] if noise_gap["mean_abs"] > 0 else (
+    ratio = gap["mean_abs"] / noise_level if noise_level > 0 else (
         0.0 if gap["mean_abs"] == 0 else float("inf"))
     rates = {name: throughput(recs, skip_windows) for name, recs in runs.items()}
     final = {name: float(np.mean([v for _, v in sorted(c.items())[-window:]])) for name, c in curves.items()}
     return {
         "pass": bool(same_batch and ratio <= tolerance),
         "criterion": f"mean |smoothed loss {multi} - {reference}| <= {tolerance} x mean |smoothed loss {noise} - "
-                     f"{reference}| (moving average over {window} log points, common steps), same global batch",
+                     f"{reference}| (moving average over {window} log points, common steps; with more noise runs "
+                     f"{noise}2, {noise}3 ... the mean of their gaps to {reference}), same global batch",
+        "noise_level": noise_level,
         "gap_ratio": ratio,
         "tolerance": tolerance,
         "window": window,
         f"gap_{reference}_{multi}": gap,
         f"noise_{reference}_{noise}": noise_gap,
         f"gap_{multi}_{noise}": other,
+        **{f"noise_{reference}_{n}": g for n, g in extra_gaps.items()},
         "offset_test": offsets,
         "offset_note": f"informational, not part of the verdict: mean (x - y) of the raw logged losses over common "
                        f"steps, stderr from means of blocks of {window} log points; |t| > 2: systematic",
@@ -169,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     atomic_write_text(Path(args.out), json.dumps(summary, indent=2) + "\n")
     g, n = summary["gap_a_b"], summary["noise_a_c"]
-    print(f"loss gap a-b {g['mean_abs']:.5f} vs noise a-c {n['mean_abs']:.5f} (ratio {summary['gap_ratio']:.2f}, "
+    print(f"loss gap a-b {g['mean_abs']:.5f} vs noise {summary['noise_level']:.5f} (a-c {n['mean_abs']:.5f}) (ratio {summary['gap_ratio']:.2f}, "
           f"tolerance {args.tolerance}) over {g['points']} log points; same global batch: "
           f"{summary['same_global_batch']}; {'PASS' if summary['pass'] else 'FAIL'}")
     for pair, o in summary["offset_test"].items():

@@ -5,7 +5,8 @@
 #   a: 1 process, global batch $BATCH, seed 0
 #   b: $NPROC processes (torchrun), batch $BATCH / $NPROC each = the same global batch, seed 1000
 #      (rank r takes stream batch k * NPROC + r, so the union of the ranks' batches at step k is a's batch k)
-#   c: 1 process, global batch $BATCH, seed 2000: the run-to-run noise that a-vs-b is judged against.
+#   c: 1 process, global batch $BATCH, seed 2000: the run-to-run noise that a-vs-b is judged against
+#      (NOISE_RUNS=k adds c2 .. ck at seeds 3000, 4000 ...: the noise level is then the mean gap to a).
 # All three train on the same scenes (data.seed) from the same weights; `seed` (rank r uses seed + r) drives
 # the noise, timesteps and caption dropout. Each run gets its own, so that a-b and a-c differ by the same
 # kind of randomness and only a real N-process difference can make a-b the larger gap.
@@ -15,7 +16,8 @@
 # Env: STEPS (1000), BATCH (512, global), LOG_EVERY (10), TRAIN_MIN (1.5: each run's cap in minutes,
 # start-up inside the trainer included; the comparison uses the steps all runs reached), RUN_TIMEOUT
 # (150 s: a hung run is killed), WORKERS (14 loader workers per process), LR (7e-4), WARMUP (100),
-# NPROC (2), TE (.carry/minilm), RUN (/tmp/multigpu_runs). Worst case ~3 x 2.5 min; ~3-5 min expected.
+# NPROC (2), NOISE_RUNS (1), TE (.carry/minilm), RUN (/tmp/multigpu_runs). Worst case ~3 x 2.5 min
+# (plus 2.5 per extra noise run); ~3-5 min expected.
 # SMOKE=1: a CPU dry run (gloo, fp32, batch 8, 6 steps, no loader workers), ~2 min on 2 cores.
 set -uo pipefail
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
@@ -84,9 +86,14 @@ EOF
 run_one a 1 0
 run_one b "$NPROC" 1000
 run_one c 1 2000
+NOISE_ARGS=(--run c=$OUT/c --run-info c=$OUT/c/run.json)
+for k in $(seq 2 "${NOISE_RUNS:-1}"); do
+  run_one c$k 1 $(( 1000 * (k + 1) ))
+  NOISE_ARGS+=(--run c$k=$OUT/c$k --run-info c$k=$OUT/c$k/run.json)
+done
 [ "$failed" = 0 ] || { echo "a run failed: no comparison (logs in $OUT)" >&2; exit 1; }
-"$PY" benchmarks/compare_runs.py --run a=$OUT/a --run b=$OUT/b --run c=$OUT/c \
-  --run-info a=$OUT/a/run.json --run-info b=$OUT/b/run.json --run-info c=$OUT/c/run.json \
+"$PY" benchmarks/compare_runs.py --run a=$OUT/a --run b=$OUT/b "${NOISE_ARGS[@]}" \
+  --run-info a=$OUT/a/run.json --run-info b=$OUT/b/run.json \
   --meta "device=$DEVICE" --meta "command=bash benchmarks/multigpu_compare.sh" \
   --meta "settings=steps $STEPS, global batch $BATCH, log every $LOG_EVERY, $WORKERS loader workers per process, lr ${LR:-7.0e-4}, warmup ${WARMUP:-100}, max $TRAIN_MIN min per run, smoke ${SMOKE:-0}" \
   --out "$OUT/multigpu_loss.json" || exit 1

@@ -171,3 +171,17 @@ def test_two_processes_agree_on_the_time_limit_at_log_steps(tmp_path):
     state = json.loads((tmp_path / "run" / "checkpoints" / "step_0000003" / "trainer_state.json").read_text())
     assert state["samples"] == 3 * 2 * 2  # 3 steps x 2 processes x batch 2: the global batch is per process x N
     assert sorted(losses(tmp_path / "run")) == [3]
+
+
+def test_more_noise_runs_average_the_noise_level(cr):
+    a, b, c = _curves(0)
+    _, _, c2 = _curves(1)
+    one = cr.compare({"a": _records(a), "b": _records(b), "c": _records(c)})
+    assert one["noise_level"] == pytest.approx(one["noise_a_c"]["mean_abs"])
+    two = cr.compare({"a": _records(a), "b": _records(b), "c": _records(c), "c2": _records(c2 + 2e-3)})
+    level = (two["noise_a_c"]["mean_abs"] + two["noise_a_c2"]["mean_abs"]) / 2
+    assert two["noise_level"] == pytest.approx(level) and level > one["noise_level"]
+    assert two["gap_ratio"] == pytest.approx(two["gap_a_b"]["mean_abs"] / level)
+    # a noise run of another global batch breaks the comparison
+    bad = cr.compare({"a": _records(a), "b": _records(b), "c": _records(c), "c2": _records(c2, batch=1024)})
+    assert not bad["same_global_batch"] and not bad["pass"]
