@@ -9,6 +9,9 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+# Image files sanaflow reads (frame folders, training folders): PIL / OpenCV open all of them.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
 
 def _umask() -> int:
     mask = os.umask(0)  # the only portable way to read it before Python 3.13 (os.getumask)

@@ -16,10 +16,9 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputError
-from .utils import atomic_path
+from .utils import IMAGE_SUFFIXES, atomic_path
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".m4v", ".mkv", ".webm", ".avi", ".gif")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 MAX_SIDE = 4096  # frames with a longer side are refused unless `max_side` downsizes them on read
 MAX_BYTES = 8 * 2**30  # decoded frames above this size are refused: pick fewer frames instead
 DEFAULT_FPS = 24.0  # for frame folders, which carry no frame rate

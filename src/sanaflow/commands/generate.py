@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, InputError, SanaflowError
+from ..utils import IMAGE_SUFFIXES
 
 MAX_SIDE = 4096
 
@@ -114,7 +115,8 @@ def resolve_config(args: argparse.Namespace):
     return cfg
 
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+# --out names with these suffixes are image files, not folders (only .png is written).
+OUT_IMAGE_SUFFIXES = (*IMAGE_SUFFIXES, ".tif", ".tiff", ".gif")
 
 
 def single_output_file(out: Path, count: int) -> Path | None:
@@ -123,7 +125,7 @@ def single_output_file(out: Path, count: int) -> Path | None:
     A name with another image suffix, or a .png name for a run of several images, is an error.
     """
     suffix = out.suffix.lower()
-    if suffix not in IMAGE_SUFFIXES or out.is_dir():  # an existing folder stays a folder, whatever its name
+    if suffix not in OUT_IMAGE_SUFFIXES or out.is_dir():  # an existing folder stays a folder, whatever its name
         return None
     if suffix != ".png":
         raise InputError(f"--out {out}: images are written as PNG (with their settings in the metadata); "

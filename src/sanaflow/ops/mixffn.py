@@ -27,11 +27,18 @@ def _load():
     return fused_dwconv_glu if triton_available() else False
 
 
+def _resolve():
+    """fused_dwconv_glu or False, imported on the first call."""
+    global _fused_fn
+    if _fused_fn is None:
+        _fused_fn = _load()
+    return _fused_fn
+
+
 def preload() -> None:
     """Resolve the kernel now (imports triton when switched on and CUDA is present)."""
-    global _fused_fn
-    if _fused_fn is None and FUSED_MIXFFN and torch.cuda.is_available():
-        _fused_fn = _load()
+    if FUSED_MIXFFN and torch.cuda.is_available():
+        _resolve()
 
 
 def fused_mixffn_fn(h: torch.Tensor, weight: torch.Tensor, enabled: bool | None = None):
@@ -39,11 +46,8 @@ def fused_mixffn_fn(h: torch.Tensor, weight: torch.Tensor, enabled: bool | None 
 
     `enabled` overrides the SANAFLOW_FUSED_MIXFFN switch (tests).
     """
-    global _fused_fn
     if not (FUSED_MIXFFN if enabled is None else enabled) or not h.is_cuda:
         return None
     if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
         return None  # forward-only kernel: autograd would lose the graph
-    if _fused_fn is None:
-        _fused_fn = _load()
-    return _fused_fn or None
+    return _resolve() or None

@@ -18,12 +18,11 @@ from .backbones import (
     tokenflow_hooks,
 )
 from .correspondence import CORRESPONDENCES, FlowCorrespondence
-from .editor import DEFAULT_NEGATIVE, MODES, EditSettings, edit_latents
+from .editor import MODES, EditSettings, edit_latents
 from .inversion import InversionKey, LatentCache, default_cache_dir, invert_latents, sample_plain
 
 __all__ = [
     "CORRESPONDENCES",
-    "DEFAULT_NEGATIVE",
     "MODES",
     "Backbone",
     "EditSettings",

@@ -28,7 +28,6 @@ from .injection import injection_steps
 from .inversion import LatentCache
 
 MODES = ("tokenflow-pnp", "tokenflow-sdedit", "per-frame")
-DEFAULT_NEGATIVE = TOKENFLOW_NEGATIVE  # EditSettings' default; the pipeline uses the backbone's
 OFFLOAD_KEYFRAMES = 16
 
 
@@ -38,7 +37,7 @@ class EditSettings:
 
     prompt: str
     source_prompt: str = ""
-    negative_prompt: str = DEFAULT_NEGATIVE
+    negative_prompt: str = TOKENFLOW_NEGATIVE  # the pipeline passes the backbone's default
     mode: str = "tokenflow-pnp"
     steps: int = 50
     guidance_scale: float = 7.5

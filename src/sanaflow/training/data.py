@@ -20,9 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from ..errors import InputError
-
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-
+from ..utils import IMAGE_SUFFIXES
 
 # --------------------------------------------------------------------------------------------
 # Sources: global batch number -> list of items
@@ -56,8 +54,6 @@ class ShapesSource(Dataset):
         """Item `index`'s caption category under `category_weights` (None: left to the scene seed)."""
         if self.category_probs is None:
             return None
-        import random
-
         from ..shapes.scene import CATEGORIES, derive_seed
 
         # A stream of its own (salt 1), so the category does not correlate with the scene's draws.
@@ -119,9 +115,9 @@ def scan_folder(root: str | os.PathLike, caption_ext: str = ".txt") -> list[tupl
     root = Path(root).expanduser()
     if not root.is_dir():
         raise InputError(f"dataset folder {str(root)!r} does not exist")
-    images = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+    images = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not images:
-        raise InputError(f"no images ({', '.join(IMAGE_EXTS)}) in {root}")
+        raise InputError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {root}")
     missing = [p for p in images if not p.with_suffix(caption_ext).is_file()]
     if missing:
         shown = ", ".join(str(p.relative_to(root)) for p in missing[:3])
