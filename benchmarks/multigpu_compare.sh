@@ -17,7 +17,8 @@
 # start-up inside the trainer included; the comparison uses the steps all runs reached), RUN_TIMEOUT
 # (150 s: a hung run is killed), WORKERS (14 loader workers per process), LR (7e-4), WARMUP (100),
 # NPROC (2), NOISE_RUNS (1), TE (.carry/minilm), RUN (/tmp/multigpu_runs). Worst case ~3 x 2.5 min
-# (plus 2.5 per extra noise run); ~3-5 min expected.
+# (plus 2.5 per extra noise run); ~3-5 min expected. NOISE_PARALLEL=1 runs the noise runs two at a time,
+# one per GPU (their loss curves do not depend on speed; a's and b's throughput is still measured alone).
 # SMOKE=1: a CPU dry run (gloo, fp32, batch 8, 6 steps, no loader workers), ~2 min on 2 cores.
 set -uo pipefail
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
@@ -55,21 +56,27 @@ COMMON=(--config train/shapes-tiny-dit --set model.vae_path=$ASSET/vae --set mod
         --set data.reuse=1 --set data.num_workers=$WORKERS --set optim.lr=${LR:-7.0e-4}
         --set optim.warmup_steps=${WARMUP:-100} "${EXTRA[@]}")
 
-failed=0
-run_one() {  # name processes seed
-  local name=$1 nproc=$2 seed=$3 per=$(( BATCH / $2 )) dir=$RUN/$1 rc t0 t1 launch
+run_one() {  # name processes seed [gpu [quiet]]; the exit status goes to $OUT/name/exit_code
+  local name=$1 nproc=$2 seed=$3 gpu=${4:-0} quiet=${5:-0} per=$(( BATCH / $2 )) dir=$RUN/$1 rc t0 t1 launch
   rm -rf "$dir" "$OUT/$name"
   mkdir -p "$OUT/$name"
   if [ "$nproc" = 1 ]; then
-    launch=(env CUDA_VISIBLE_DEVICES=0 "$PY" -m sanaflow.cli train)
+    launch=(env CUDA_VISIBLE_DEVICES=$gpu "$PY" -m sanaflow.cli train)
   else
     launch=("$PY" -m torch.distributed.run --standalone --nproc_per_node "$nproc" -m sanaflow.cli train)
   fi
   echo "== run $name: $nproc process(es) x batch $per, seed $seed"
   t0=$(date +%s.%N)
-  timeout -k 10 "$RUN_TIMEOUT" "${launch[@]}" "${COMMON[@]}" --set output_dir=$dir --set seed=$seed --set train.batch_size=$per \
-    2>&1 | tee "$OUT/$name/train.log"
-  rc=${PIPESTATUS[0]}
+  if [ "$quiet" = 1 ]; then  # in the background beside another run: its log goes to its file only
+    timeout -k 10 "$RUN_TIMEOUT" "${launch[@]}" "${COMMON[@]}" --set output_dir=$dir --set seed=$seed \
+      --set train.batch_size=$per > "$OUT/$name/train.log" 2>&1
+    rc=$?
+  else
+    timeout -k 10 "$RUN_TIMEOUT" "${launch[@]}" "${COMMON[@]}" --set output_dir=$dir --set seed=$seed \
+      --set train.batch_size=$per 2>&1 | tee "$OUT/$name/train.log"
+    rc=${PIPESTATUS[0]}
+  fi
+  echo "$rc" > "$OUT/$name/exit_code"
   t1=$(date +%s.%N)
   cp "$dir/metrics.jsonl" "$dir/config.yaml" "$OUT/$name/" 2>/dev/null
   "$PY" - "$OUT/$name/run.json" "$nproc" "$per" "$seed" "$t0" "$t1" "$rc" "${launch[*]}" <<'EOF'
@@ -80,16 +87,32 @@ json.dump({"processes": int(nproc), "batch_per_process": int(per), "seed": int(s
 EOF
   rm -rf "$dir/checkpoints"
   echo "== run $name: exit $rc, $("$PY" -c "print(round($t1 - $t0, 1))") s"
-  [ "$rc" = 0 ] || failed=1
 }
 
 run_one a 1 0
 run_one b "$NPROC" 1000
-run_one c 1 2000
-NOISE_ARGS=(--run c=$OUT/c --run-info c=$OUT/c/run.json)
-for k in $(seq 2 "${NOISE_RUNS:-1}"); do
-  run_one c$k 1 $(( 1000 * (k + 1) ))
-  NOISE_ARGS+=(--run c$k=$OUT/c$k --run-info c$k=$OUT/c$k/run.json)
+NOISE=(c)
+for k in $(seq 2 "${NOISE_RUNS:-1}"); do NOISE+=(c$k); done
+NGPU=$(nvidia-smi -L 2>/dev/null | wc -l)
+NOISE_ARGS=()
+for i in "${!NOISE[@]}"; do
+  name=${NOISE[$i]}
+  NOISE_ARGS+=(--run $name=$OUT/$name --run-info $name=$OUT/$name/run.json)
+  if [ "${NOISE_PARALLEL:-0}" = 1 ] && [ "$NGPU" -ge 2 ]; then  # pairs: even index on GPU 0, odd on GPU 1
+    if (( i % 2 == 0 )); then
+      run_one "$name" 1 $(( 1000 * (i + 2) )) 0 1 &
+    else
+      run_one "$name" 1 $(( 1000 * (i + 2) )) 1 1
+      wait
+    fi
+  else
+    run_one "$name" 1 $(( 1000 * (i + 2) ))
+  fi
+done
+wait
+failed=0
+for name in a b "${NOISE[@]}"; do
+  [ "$(cat "$OUT/$name/exit_code" 2>/dev/null)" = 0 ] || { echo "run $name failed (log: $OUT/$name/train.log)" >&2; failed=1; }
 done
 [ "$failed" = 0 ] || { echo "a run failed: no comparison (logs in $OUT)" >&2; exit 1; }
 "$PY" benchmarks/compare_runs.py --run a=$OUT/a --run b=$OUT/b "${NOISE_ARGS[@]}" \
