@@ -61,9 +61,9 @@ DEFAULT_IMPLS = {
     "linear_attention": ("reference", "ours", "reference-fwd-bwd", "ours-fwd-bwd"),
     "dcae_decode": ("diffusers", "diffusers-tiled", "ours"),
     "text_encoder": ("transformers",),
-    "e2e_t2i": ("diffusers", "ours", "ours-compile", "ours-compile-cudagraphs"),
-    "e2e_t2i_text": ("diffusers", "ours", "ours-compile", "ours-compile-cudagraphs"),
-    "sprint_e2e": ("diffusers", "ours", "ours-compile", "ours-compile-cudagraphs"),
+    "e2e_t2i": ("diffusers", "ours", "ours-compile", "ours-compile-cudagraphs", "ours-compile-all"),
+    "e2e_t2i_text": ("diffusers", "ours", "ours-compile", "ours-compile-cudagraphs", "ours-compile-all"),
+    "sprint_e2e": ("diffusers", "ours", "ours-compile", "ours-compile-cudagraphs", "ours-compile-all"),
 }
 # impls that can be asked for with --impls but are not run by default
 EXTRA_IMPLS = {
@@ -691,8 +691,10 @@ def _pipeline_case(rec: Recorder, settings: Settings, case: str, vaes, embeds) -
                                scheduler_config=_scheduler_config(scheduler), name="bench")
         pipe = TextToImagePipeline(comps, settings.device)
         if impl != "ours":
-            cudagraphs = impl == "ours-compile-cudagraphs"
-            pipe.compile(mode=None if cudagraphs else settings.ours_compile_mode, backend=settings.compile_backend)
+            # ours-compile-all: the transformer compiled and replayed as CUDA graphs, the DC-AE decoder compiled
+            cudagraphs = impl in ("ours-compile-cudagraphs", "ours-compile-all")
+            pipe.compile(mode=None if cudagraphs else settings.ours_compile_mode, backend=settings.compile_backend,
+                         decoder=impl == "ours-compile-all")
             pipe.cuda_graphs = cudagraphs
         return pipe
 
@@ -713,7 +715,7 @@ def _pipeline_case(rec: Recorder, settings: Settings, case: str, vaes, embeds) -
         free_memory(settings)
 
     ours = ours_like(SanaTransformer, dt, cfg)
-    for impl in ("ours", "ours-compile", "ours-compile-cudagraphs", "ours-fp8"):
+    for impl in ("ours", "ours-compile", "ours-compile-cudagraphs", "ours-compile-all", "ours-fp8"):
         if not settings.wants(case, impl):
             continue
         holder: dict[str, Any] = {}
