@@ -2,31 +2,23 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from bench_scripts import load_bench_script
 from sanaflow.errors import InputError
 from sanaflow.training import TrainConfig
 from sanaflow.training.cache import SamplePool
 from sanaflow.training.data import BatchPositionSampler
 from sanaflow.training.tasks import _source
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-
 
 @pytest.fixture(scope="module")
 def cr():
-    spec = importlib.util.spec_from_file_location("compare_runs", BENCH / "compare_runs.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["compare_runs"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_script("compare_runs")
 
 
 # ------------------------------------------------------------------------------ data split across ranks

@@ -2,25 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
+from bench_scripts import load_bench_script
 from sanaflow.shapes.scene import relation_holds
-
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 @pytest.fixture(scope="module")
 def probe_script():
-    spec = importlib.util.spec_from_file_location("position_probe", BENCH / "position_probe.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["position_probe"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_script("position_probe")
 
 
 def test_swapped_scene_names_the_objects_the_other_way_and_stays_true(probe_script):

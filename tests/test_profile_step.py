@@ -2,25 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+from bench_scripts import load_bench_script
 
 pytest.importorskip("diffusers")  # bench_sana (imported by the script) builds diffusers' models
 
 
 def _script():
-    sys.path.insert(0, str(BENCH))  # the script imports its siblings _common and bench_sana
-    spec = importlib.util.spec_from_file_location("profile_step", BENCH / "profile_step.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["profile_step"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_script("profile_step")  # it imports its siblings _common and bench_sana
 
 
 def test_tiny_profile_of_both_impls_writes_tables(tmp_path, capsys):

@@ -2,28 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from bench_scripts import load_bench_script
 from sanaflow.tokenflow import Pass, TokenFlowAttnProcessor, TokenFlowState, load_backbone, tokenflow_hooks
 from sanaflow.tokenflow.backbones import SDAttentionOps
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-
 
 def _script(name: str):
-    sys.path.insert(0, str(BENCH))  # tokenflow_shapes imports its sibling bench_tokenflow
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses resolve their annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_script(name)  # tokenflow_shapes imports its sibling bench_tokenflow
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # from conftest.py
