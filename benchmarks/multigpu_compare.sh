@@ -67,13 +67,13 @@ run_one() {  # name processes seed [gpu [quiet]]; the exit status goes to $OUT/n
   fi
   echo "== run $name: $nproc process(es) x batch $per, seed $seed"
   t0=$(date +%s.%N)
+  local cmd=(timeout -k 10 "$RUN_TIMEOUT" "${launch[@]}" "${COMMON[@]}" --set output_dir=$dir --set seed=$seed
+             --set train.batch_size=$per)
   if [ "$quiet" = 1 ]; then  # in the background beside another run: its log goes to its file only
-    timeout -k 10 "$RUN_TIMEOUT" "${launch[@]}" "${COMMON[@]}" --set output_dir=$dir --set seed=$seed \
-      --set train.batch_size=$per > "$OUT/$name/train.log" 2>&1
+    "${cmd[@]}" > "$OUT/$name/train.log" 2>&1
     rc=$?
   else
-    timeout -k 10 "$RUN_TIMEOUT" "${launch[@]}" "${COMMON[@]}" --set output_dir=$dir --set seed=$seed \
-      --set train.batch_size=$per 2>&1 | tee "$OUT/$name/train.log"
+    "${cmd[@]}" 2>&1 | tee "$OUT/$name/train.log"
     rc=${PIPESTATUS[0]}
   fi
   echo "$rc" > "$OUT/$name/exit_code"

@@ -48,9 +48,10 @@ def position_prompts(n: int, seed: int = PROBE_SEED) -> list:
 
 def swapped(scene):
     """The scene with its two objects' roles exchanged (the caption names them in the other order)."""
+    from sanaflow.shapes.scene import INVERSE_RELATIONS
+
     a, b = scene.objects
-    inverse = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
-    return replace(scene, objects=(b, a), relation=inverse[scene.relation])
+    return replace(scene, objects=(b, a), relation=INVERSE_RELATIONS[scene.relation])
 
 
 def _images(pipe, captions: list[str], seeds: list[int], steps: int, guidance: float) -> np.ndarray:

@@ -275,12 +275,14 @@ def _phrase(obj: ShapeObject, color: bool, size: bool) -> str:
     return ("an " if words[0] in "aeiou" else "a ") + words
 
 
+# 'A <relation> B' says the same as 'B <inverse> A'.
+INVERSE_RELATIONS = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+
+
 def canonical_relation(a: str, relation: str, b: str) -> tuple[str, str, str]:
     """Write 'A right of B' as (B, 'left of', A) and 'A below B' as (B, 'above', A)."""
-    if relation == "right of":
-        return (b, "left of", a)
-    if relation == "below":
-        return (b, "above", a)
+    if relation in ("right of", "below"):
+        return (b, INVERSE_RELATIONS[relation], a)
     return (a, relation, b)
 
 

@@ -8,6 +8,7 @@ With several processes, micro-batch k of rank r is global batch k * world + r.
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import random
@@ -38,10 +39,14 @@ class ShapesSource(Dataset):
 
     def __init__(self, resolution: int, seed: int = 0, batch_size: int = 1,
                  category_weights: dict[str, float] | None = None):
+        from ..shapes.scene import CATEGORIES
         from .config import category_probabilities
 
         self.resolution, self.seed, self.batch_size = resolution, seed, batch_size
         self.category_probs = None if category_weights is None else category_probabilities(category_weights)
+        # cumulative weights once, not per item (random.choices would rebuild them on every call)
+        self._categories = CATEGORIES
+        self._cum_probs = None if self.category_probs is None else list(itertools.accumulate(self.category_probs))
 
     def __len__(self) -> int:  # an endless stream; DataLoader only needs a length for len()
         return 2**62
@@ -52,13 +57,13 @@ class ShapesSource(Dataset):
 
     def category(self, index: int) -> str | None:
         """Item `index`'s caption category under `category_weights` (None: left to the scene seed)."""
-        if self.category_probs is None:
+        if self._cum_probs is None:
             return None
-        from ..shapes.scene import CATEGORIES, derive_seed
+        from ..shapes.scene import derive_seed
 
         # A stream of its own (salt 1), so the category does not correlate with the scene's draws.
         rng = random.Random(derive_seed(self.seed, index, 1))
-        return rng.choices(CATEGORIES, weights=self.category_probs)[0]
+        return rng.choices(self._categories, cum_weights=self._cum_probs)[0]
 
     def __getitem__(self, index: int) -> dict:
         from ..shapes.render import render
