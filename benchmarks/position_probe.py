@@ -1,18 +1,26 @@
 #!/usr/bin/env python
-"""Why does a model miss position captions? Two checks on a text-to-image model (issue 5).
+"""Why does a model miss position captions? Three checks on a text-to-image model (issue 5).
 
 1. **Failure breakdown**: generate `--n` position prompts of the evaluation world (a seed other than the
    300-prompt evaluation's) and sort each miss into "an object is missing" or "both objects are there
    but the relation is wrong"; with both objects found, a model that ignores the relation is right
    about half the time.
 2. **Word-order sensitivity**: for `--pairs` position captions, generate with the caption and with its
-   role-swapped twin (same words, the two objects exchanged: "a red circle above a blue square" ->
-   "a blue square above a red circle") from the same seeds, and compare the mean absolute image
-   difference with that of an unrelated caption from the same seeds. A model that reads the relation
-   changes its image about as much for the swapped caption as for another caption (ratio near 1); a
-   model that reads the caption as a bag of words barely changes it (ratio near 0).
+   role-swapped twin (same words and relation, the two objects exchanged, so the layout it asks for is
+   the mirror image: "a red circle above a blue square" -> "a blue square above a red circle") from the
+   same seeds, and compare the mean absolute image difference with that of an unrelated caption from
+   the same seeds. A model that reads the relation changes its image about as much for the swapped
+   caption as for another caption (ratio near 1); a model that reads the caption as a bag of words
+   barely changes it (ratio near 0).
+3. **First-step layout**: the layout of an image is decided at the noisiest times, where only the
+   caption can decide it. For `--layout` position captions that name two different colours, predict
+   the clean image from pure noise (sigma 1, the sampler's first model call, no guidance) for
+   `--seeds` noises, decode it and locate each named colour (colour-weighted centroid). The
+   displacement of the first object from the second along the stated axis is positive when the
+   prediction follows the relation; a model that ignores the relation words scores ~50 % right and a
+   mean displacement ~0.
 
-    python benchmarks/position_probe.py                       # embedded model, CPU, ~3 min
+    python benchmarks/position_probe.py                       # embedded model, CPU, ~4 min
     python benchmarks/position_probe.py --model DIR --out probe.json
 """
 
@@ -47,11 +55,60 @@ def position_prompts(n: int, seed: int = PROBE_SEED) -> list:
 
 
 def swapped(scene):
-    """The scene with its two objects' roles exchanged (the caption names them in the other order)."""
-    from sanaflow.shapes.scene import INVERSE_RELATIONS
-
+    """The scene with its two objects' roles exchanged: the caption names them in the other order with the
+    same relation, so it asks for the mirrored layout (each object moves to the other's place)."""
     a, b = scene.objects
-    return replace(scene, objects=(b, a), relation=INVERSE_RELATIONS[scene.relation])
+    return replace(scene, objects=(replace(b, x=a.x, y=a.y), replace(a, x=b.x, y=b.y)))
+
+
+def _colour_centroids(images: np.ndarray, colors: list[str]) -> np.ndarray:
+    """Colour-weighted centroids (x, y) in [0, 1] of each named colour in images (N, H, W, 3) in [0, 1]."""
+    from sanaflow.shapes.scene import PALETTE
+
+    h, w = images.shape[1:3]
+    ys, xs = (np.arange(h) + 0.5) / h, (np.arange(w) + 0.5) / w
+    out = np.zeros((len(colors), len(images), 2))
+    for k, c in enumerate(colors):
+        ref = np.asarray(PALETTE[c], dtype=np.float64) / 255.0
+        chroma = images.max(-1) - images.min(-1)  # 0 on the neutral backgrounds
+        wgt = chroma * np.exp(-((images - ref) ** 2).sum(-1) / (2 * 0.12**2))  # (N, H, W)
+        tot = wgt.sum((1, 2)) + 1e-9
+        out[k, :, 0] = (wgt.sum(1) * xs).sum(1) / tot
+        out[k, :, 1] = (wgt.sum(2) * ys).sum(1) / tot
+    return out  # (colours, N, 2)
+
+
+def first_step_layout(pipe, prompts: list, seeds: int) -> dict:
+    """Check 3: does the prediction from pure noise place the two named colours as the relation says?"""
+    import torch
+
+    from sanaflow import sampling
+
+    schedule = sampling.schedule_from_scheduler_config(pipe.scheduler_config, 20)
+    model = pipe._model_fn(schedule.timestep_of, None)
+    sigma = float(schedule.sigmas[0])
+    cfg = pipe.transformer.config
+    lat = pipe.native_size // pipe.vae_scale
+    noise = torch.randn(seeds, cfg.in_channels, lat, lat, generator=torch.Generator().manual_seed(0))
+    rows, signed = [], []
+    for p in prompts:
+        scene = replace(p.scene, mention_color=True)
+        a, b = scene.objects
+        (hidden, mask), _ = pipe.encode_prompts([scene.caption()], None)
+        x = noise.to(pipe.device)
+        with torch.no_grad():
+            v = model(x, torch.full((seeds,), sigma, device=pipe.device), hidden.expand(seeds, -1, -1),
+                      mask.expand(seeds, -1))
+            x0 = x - sigma * v  # the flow's clean-image estimate
+            img = ((pipe.decode(x0).float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).cpu().numpy()
+        ca, cb = _colour_centroids(img.astype(np.float64), [a.color, b.color])
+        axis, sign = {"left of": (0, -1), "right of": (0, 1), "above": (1, -1), "below": (1, 1)}[scene.relation]
+        d = float(np.mean(sign * (ca[:, axis] - cb[:, axis])))  # > 0: a sits on the stated side of b
+        signed.append(d)
+        rows.append({"caption": scene.caption(), "displacement": round(d, 4)})
+    return {"captions": len(rows), "seeds": seeds, "sigma": sigma,
+            "right": round(float(np.mean([d > 0 for d in signed])), 3) if rows else None,
+            "mean_displacement": round(float(np.mean(signed)), 4) if rows else None, "rows": rows}
 
 
 def _images(pipe, captions: list[str], seeds: list[int], steps: int, guidance: float) -> np.ndarray:
@@ -61,13 +118,13 @@ def _images(pipe, captions: list[str], seeds: list[int], steps: int, guidance: f
 
 
 def probe(model: str | None = None, n: int = 60, pairs: int = 8, seeds: int = 4, steps: int = 20,
-          guidance: float = 4.5, device: str | None = "cpu", batch: int = 20) -> dict:
+          guidance: float = 4.5, device: str | None = "cpu", batch: int = 20, layout: int = 40) -> dict:
     """Run both checks; return a JSON-ready dict."""
     from sanaflow.pipelines.text_to_image import load_pipeline
     from sanaflow.training.evaluate import generate_and_score
 
     pipe = load_pipeline(model, device=device)
-    prompts = position_prompts(max(n, pairs))
+    prompts = position_prompts(max(n, pairs, layout))
     kinds = collections.Counter()
     if n > 0:
         _, results = generate_and_score(pipe, prompts[:n], steps, guidance, batch=batch, size=pipe.native_size)
@@ -92,6 +149,7 @@ def probe(model: str | None = None, n: int = 60, pairs: int = 8, seeds: int = 4,
         "order_sensitivity": {"pairs": len(rows), "seeds_per_pair": seeds, "mean_diff_swapped": d_swap,
                               "mean_diff_other": d_ref,
                               "ratio": round(d_swap / d_ref, 3) if rows and d_ref > 0 else None, "rows": rows},
+        "first_step_layout": first_step_layout(pipe, prompts[:layout], max(seeds, 8)) if layout > 0 else None,
     }
 
 
@@ -101,12 +159,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=60, help="position prompts for the failure breakdown (0: skip)")
     p.add_argument("--pairs", type=int, default=8, help="caption / swapped-caption pairs")
     p.add_argument("--seeds", type=int, default=4, help="images per caption of a pair")
+    p.add_argument("--layout", type=int, default=40, help="captions for the first-step layout check (0: skip)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=4.5)
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=None, help="write the JSON here (default: print it)")
     a = p.parse_args(argv)
-    result = probe(a.model, a.n, a.pairs, a.seeds, a.steps, a.guidance, a.device)
+    result = probe(a.model, a.n, a.pairs, a.seeds, a.steps, a.guidance, a.device, layout=a.layout)
     text = json.dumps(result, indent=1)
     if a.out:
         from sanaflow.utils import atomic_write_text
@@ -116,6 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"position prompts: {f}", file=sys.stderr)
     print(f"word-order sensitivity: swapped {o['mean_diff_swapped']}, other caption {o['mean_diff_other']}, "
           f"ratio {o['ratio']}", file=sys.stderr)
+    if result["first_step_layout"]:
+        fl = result["first_step_layout"]
+        print(f"first-step layout: right {fl['right']}, mean displacement {fl['mean_displacement']}", file=sys.stderr)
     if not a.out:
         print(text)
     return 0

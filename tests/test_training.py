@@ -373,3 +373,49 @@ def test_bad_category_weights_are_refused(tmp_path, weights, message):
     with pytest.raises(ConfigError, match=message):
         build_task(load_config(cfg, TrainConfig))
     assert not (tmp_path / "run").exists()
+
+
+def test_flow_matching_coarse_term_weighs_block_errors_by_the_pooled_area():
+    class Const(torch.nn.Module):
+        def __init__(self, value):
+            super().__init__()
+            self.value = value
+
+        def forward(self, xt, hidden, t, encoder_attention_mask=None):
+            s = (t / 1000)[:, None, None, None]
+            noise = (xt - (1 - s) * self.x0) / s
+            return noise - self.x0 + self.value  # the exact velocity plus a chosen error
+
+    null, mask = torch.zeros(1, 3, 5), torch.tensor([[1, 0, 0]])
+    x0 = torch.randn(8, 2, 8, 8, dtype=torch.float64).float()
+    batch = {"latents": x0, "hidden": torch.zeros(8, 3, 5), "mask": torch.ones(8, 3, dtype=torch.long)}
+    block = torch.zeros(8, 2, 8, 8)
+    block[:, :, :4, :4] = 0.5  # one error per 4 x 4 window: coarse = 16 x the plain loss
+    net = Const(block)
+    net.x0 = x0
+    plain = FlowMatchingLoss(net, null, mask, caption_dropout=0.0)
+    multi = FlowMatchingLoss(net, null, mask, caption_dropout=0.0, coarse=0.5, coarse_factor=4)
+    torch.manual_seed(0)
+    v0, logs0 = plain(batch)
+    torch.manual_seed(0)
+    v1, logs1 = multi(batch)
+    assert "loss_coarse" not in logs0 and torch.allclose(logs1["loss"], v0)
+    assert torch.allclose(v0, block.pow(2).mean(), rtol=1e-4)
+    assert torch.allclose(logs1["loss_coarse"], 16 * v0, rtol=1e-4)
+    assert torch.allclose(v1, v0 + 0.5 * logs1["loss_coarse"], rtol=1e-5)
+    # a white error keeps about the plain loss's scale (pooling 16 values divides the variance by 16)
+    white = torch.randn(64, 2, 16, 16, generator=torch.Generator().manual_seed(3))
+    net.value, net.x0 = white, torch.zeros(64, 2, 16, 16)
+    _, logs = multi({"latents": net.x0, "hidden": torch.zeros(64, 3, 5), "mask": torch.ones(64, 3, dtype=torch.long)})
+    assert 0.8 < float(logs["loss_coarse"] / logs["loss"]) < 1.2
+
+
+@pytest.mark.parametrize("flow, message", [({"coarse": -1.0}, "flow.coarse must be >= 0"),
+                                           ({"coarse": 1.0, "coarse_factor": 0}, "coarse_factor >= 1")])
+def test_bad_coarse_term_settings_are_refused(tmp_path, flow, message):
+    data = tiny_config(tmp_path / "run")
+    data.setdefault("flow", {}).update(flow)
+    cfg = write_yaml(tmp_path / "bad.yaml", data)
+    with pytest.raises(ConfigError, match=message):
+        build_task(load_config(cfg, TrainConfig))
+    assert not (tmp_path / "run").exists()

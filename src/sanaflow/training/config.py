@@ -80,6 +80,9 @@ class FlowLossConfig:
     shift: float = 1.0
     # Probability of replacing a caption by the empty prompt (teaches the unconditional branch of CFG).
     caption_dropout: float = 0.1
+    # Weight of the coarse-scale term (velocity error average-pooled by coarse_factor; 0 = off).
+    coarse: float = 0.0
+    coarse_factor: int = 4
 
 
 @dataclass
@@ -188,6 +191,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"train.ema_decay must be in [0, 1), got {cfg.train.ema_decay}")
     if not 0.0 <= cfg.flow.caption_dropout < 1.0:
         raise ConfigError(f"flow.caption_dropout must be in [0, 1), got {cfg.flow.caption_dropout}")
+    if cfg.flow.coarse < 0 or cfg.flow.coarse_factor < 1:
+        raise ConfigError(f"flow.coarse must be >= 0 and flow.coarse_factor >= 1, got {cfg.flow.coarse} "
+                          f"and {cfg.flow.coarse_factor}")
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"optim.betas needs two numbers, got {cfg.optim.betas}")
     if cfg.data.source == "folder" and not cfg.data.path:
