@@ -419,3 +419,33 @@ def test_bad_coarse_term_settings_are_refused(tmp_path, flow, message):
     with pytest.raises(ConfigError, match=message):
         build_task(load_config(cfg, TrainConfig))
     assert not (tmp_path / "run").exists()
+
+
+def test_terminal_share_moves_samples_to_the_pure_noise_end_and_is_free_when_off():
+    from sanaflow.training.losses import sample_flow_sigmas
+
+    torch.manual_seed(0)
+    plain = sample_flow_sigmas(20000, 0.0, 1.0, 3.0, torch.device("cpu"))
+    after_plain = torch.rand(1)
+    torch.manual_seed(0)
+    off = sample_flow_sigmas(20000, 0.0, 1.0, 3.0, torch.device("cpu"), terminal=0.0)
+    assert torch.equal(plain, off) and torch.equal(torch.rand(1), after_plain)  # no extra draws when off
+    torch.manual_seed(0)
+    on = sample_flow_sigmas(20000, 0.0, 1.0, 3.0, torch.device("cpu"), terminal=0.2, terminal_from=0.97)
+    moved = on != plain
+    assert 0.18 < float(moved.float().mean()) < 0.22
+    assert float(on[moved].min()) >= 0.97 and float(on[moved].max()) < 1.0
+    assert float((plain > 0.97).float().mean()) < 0.02 and float((on > 0.97).float().mean()) > 0.19
+    all_end = sample_flow_sigmas(1000, 0.0, 1.0, 1.0, torch.device("cpu"), terminal=1.0, terminal_from=0.9)
+    assert float(all_end.min()) >= 0.9
+
+
+@pytest.mark.parametrize("flow, message", [({"terminal": 1.5}, "flow.terminal must be in"),
+                                           ({"terminal": 0.1, "terminal_from": 1.0}, "terminal_from in")])
+def test_bad_terminal_settings_are_refused(tmp_path, flow, message):
+    data = tiny_config(tmp_path / "run")
+    data.setdefault("flow", {}).update(flow)
+    cfg = write_yaml(tmp_path / "bad.yaml", data)
+    with pytest.raises(ConfigError, match=message):
+        build_task(load_config(cfg, TrainConfig))
+    assert not (tmp_path / "run").exists()

@@ -83,6 +83,9 @@ class FlowLossConfig:
     # Weight of the coarse-scale term (velocity error average-pooled by coarse_factor; 0 = off).
     coarse: float = 0.0
     coarse_factor: int = 4
+    # Share of samples at the pure-noise end: s uniform in [terminal_from, 1] (0 = off).
+    terminal: float = 0.0
+    terminal_from: float = 0.97
 
 
 @dataclass
@@ -194,6 +197,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if cfg.flow.coarse < 0 or cfg.flow.coarse_factor < 1:
         raise ConfigError(f"flow.coarse must be >= 0 and flow.coarse_factor >= 1, got {cfg.flow.coarse} "
                           f"and {cfg.flow.coarse_factor}")
+    if not (0.0 <= cfg.flow.terminal <= 1.0 and 0.0 < cfg.flow.terminal_from < 1.0):
+        raise ConfigError(f"flow.terminal must be in [0, 1] and flow.terminal_from in (0, 1), got "
+                          f"{cfg.flow.terminal} and {cfg.flow.terminal_from}")
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"optim.betas needs two numbers, got {cfg.optim.betas}")
     if cfg.data.source == "folder" and not cfg.data.path:
