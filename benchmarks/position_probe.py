@@ -14,8 +14,8 @@
    barely changes it (ratio near 0).
 3. **First-step layout**: the layout of an image is decided at the noisiest times, where only the
    caption can decide it. For `--layout` position captions that name two different colours, predict
-   the clean image from pure noise (sigma 1, the sampler's first model call, no guidance) for
-   `--seeds` noises, decode it and locate each named colour (colour-weighted centroid). The
+   the clean image from pure noise (the schedule's first sigma, ~1: the sampler's first model call, no
+   guidance) for max(`--seeds`, 8) noises, decode it and locate each named colour (colour-weighted centroid). The
    displacement of the first object from the second along the stated axis is positive when the
    prediction follows the relation; a model that ignores the relation words scores ~50 % right and a
    mean displacement ~0.
@@ -119,7 +119,7 @@ def _images(pipe, captions: list[str], seeds: list[int], steps: int, guidance: f
 
 def probe(model: str | None = None, n: int = 60, pairs: int = 8, seeds: int = 4, steps: int = 20,
           guidance: float = 4.5, device: str | None = "cpu", batch: int = 20, layout: int = 40) -> dict:
-    """Run both checks; return a JSON-ready dict."""
+    """Run the checks (each skipped with a count of 0); return a JSON-ready dict."""
     from sanaflow.pipelines.text_to_image import load_pipeline
     from sanaflow.training.evaluate import generate_and_score
 
@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default=None, help="model folder (default: the embedded model)")
     p.add_argument("--n", type=int, default=60, help="position prompts for the failure breakdown (0: skip)")
     p.add_argument("--pairs", type=int, default=8, help="caption / swapped-caption pairs")
-    p.add_argument("--seeds", type=int, default=4, help="images per caption of a pair")
+    p.add_argument("--seeds", type=int, default=4, help="images per caption of a pair (the layout check uses at least 8 noises)")
     p.add_argument("--layout", type=int, default=40, help="captions for the first-step layout check (0: skip)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=4.5)

@@ -83,7 +83,7 @@ class FlowLossConfig:
     # Weight of the coarse-scale term (velocity error average-pooled by coarse_factor; 0 = off).
     coarse: float = 0.0
     coarse_factor: int = 4
-    # Share of samples at the pure-noise end: s uniform in [terminal_from, 1] (0 = off).
+    # Share of samples at the pure-noise end: s uniform in [terminal_from, 1) (0 = off).
     terminal: float = 0.0
     terminal_from: float = 0.97
 

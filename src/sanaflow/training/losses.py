@@ -19,7 +19,7 @@ def sample_flow_sigmas(
     n: int, logit_mean: float, logit_std: float, shift: float, device: torch.device,
     terminal: float = 0.0, terminal_from: float = 0.97,
 ) -> torch.Tensor:
-    """Flow times s in (0, 1]: logit-normal (SD3 / SANA), then the flow shift s' = k s / (1 + (k - 1) s).
+    """Flow times s in (0, 1): logit-normal (SD3 / SANA), then the flow shift s' = k s / (1 + (k - 1) s).
 
     With ``terminal`` > 0 that share of the samples (in expectation) instead takes s uniform in
     [``terminal_from``, 1), up to pure noise: the sampler's first step starts there, and the
@@ -49,7 +49,8 @@ class FlowMatchingLoss(nn.Module):
     structure (white) the term equals the plain loss; for an error that is the same over a pooling
     window (a misplaced object, a wrong colour of a region) it is ``coarse_factor**2`` times larger.
     It weighs the coarse layout that the noisiest steps decide above the per-pixel detail they cannot
-    predict (the multiscale loss of "simple diffusion", Hoogeboom et al. 2023).
+    predict (the multiscale loss of "simple diffusion", Hoogeboom et al. 2023). The pooled error keeps
+    its per-image mean, so an error in a uniform background is weighed up as much as a layout error.
     """
 
     def __init__(
