@@ -78,6 +78,15 @@ def _colour_centroids(images: np.ndarray, colors: list[str]) -> np.ndarray:
     return out  # (colours, N, 2)
 
 
+def relation_displacement(images: np.ndarray, scene) -> np.ndarray:
+    """Per image (N, H, W, 3) in [0, 1]: how far the scene's first named colour sits on the stated side of
+    the second, along the relation's axis (fractions of the image side; > 0 where the relation holds)."""
+    a, b = scene.objects
+    ca, cb = _colour_centroids(images, [a.color, b.color])  # (N, 2) each
+    axis, sign = {"left of": (0, -1), "right of": (0, 1), "above": (1, -1), "below": (1, 1)}[scene.relation]
+    return sign * (ca[:, axis] - cb[:, axis])  # (N,)
+
+
 def first_step_layout(pipe, prompts: list, seeds: int) -> dict:
     """Check 3: does the prediction from pure noise place the two named colours as the relation says?"""
     import torch
@@ -93,7 +102,6 @@ def first_step_layout(pipe, prompts: list, seeds: int) -> dict:
     rows, signed = [], []
     for p in prompts:
         scene = replace(p.scene, mention_color=True)
-        a, b = scene.objects
         (hidden, mask), _ = pipe.encode_prompts([scene.caption()], None)
         x = noise.to(pipe.device)
         with torch.no_grad():
@@ -101,9 +109,7 @@ def first_step_layout(pipe, prompts: list, seeds: int) -> dict:
                       mask.expand(seeds, -1))
             x0 = x - sigma * v  # the flow's clean-image estimate
             img = ((pipe.decode(x0).float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).cpu().numpy()
-        ca, cb = _colour_centroids(img.astype(np.float64), [a.color, b.color])
-        axis, sign = {"left of": (0, -1), "right of": (0, 1), "above": (1, -1), "below": (1, 1)}[scene.relation]
-        d = float(np.mean(sign * (ca[:, axis] - cb[:, axis])))  # > 0: a sits on the stated side of b
+        d = float(relation_displacement(img.astype(np.float64), scene).mean())
         signed.append(d)
         rows.append({"caption": scene.caption(), "displacement": round(d, 4)})
     return {"captions": len(rows), "seeds": seeds, "sigma": sigma,

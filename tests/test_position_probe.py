@@ -47,6 +47,23 @@ def test_colour_centroids_find_rendered_objects(probe_script):
         assert abs(c[1, 0, 0] - b.x) < 0.06 and abs(c[1, 0, 1] - b.y) < 0.06
 
 
+def test_relation_displacement_is_positive_for_true_layouts_and_negative_for_mirrored(probe_script):
+    from sanaflow.shapes.render import render
+
+    checked = 0
+    for p in probe_script.position_prompts(16):
+        scene = p.scene
+        if scene.objects[0].color == scene.objects[1].color:
+            continue
+        true = render(scene, 128)[None].astype(np.float64) / 255.0
+        mirrored = render(probe_script.swapped(scene), 128)[None].astype(np.float64) / 255.0
+        assert probe_script.relation_displacement(true, scene)[0] > 0.1  # placed >= 0.2 apart along the axis
+        # the mirrored picture (objects on each other's place) breaks the original caption's relation
+        assert probe_script.relation_displacement(mirrored, scene)[0] < -0.1
+        checked += 1
+    assert checked >= 8
+
+
 def test_probe_runs_on_the_embedded_model(probe_script, tmp_path, one_thread):
     out = tmp_path / "probe.json"
     assert probe_script.main(["--n", "2", "--pairs", "1", "--seeds", "1", "--steps", "2", "--layout", "2",
