@@ -76,3 +76,12 @@ def test_probe_runs_on_the_embedded_model(probe_script, tmp_path, one_thread):
     fl = r["first_step_layout"]
     assert fl["captions"] == 2 and 0 <= fl["right"] <= 1 and len(fl["rows"]) == 2
     assert all(" " in row["caption"] and abs(row["displacement"]) < 1 for row in fl["rows"])
+    bd = r["binding_at_noise"]
+    assert bd["captions"] == 2 and bd["sigma"] == 0.9 and 0 <= bd["follows_caption"] <= 1
+    assert all(row["twin"] != row["caption"] and abs(row["displacement_twin"]) < 1 for row in bd["rows"])
+
+
+def test_probe_refuses_a_binding_sigma_outside_the_open_unit_interval(probe_script, capsys):
+    with pytest.raises(SystemExit) as e:
+        probe_script.main(["--binding-sigma", "1.0", "--n", "0"])
+    assert e.value.code == 2 and "--binding-sigma must be in (0, 1)" in capsys.readouterr().err
