@@ -74,9 +74,9 @@ def _colour_centroids(images: np.ndarray, colors: list[str]) -> np.ndarray:
     h, w = images.shape[1:3]
     ys, xs = (np.arange(h) + 0.5) / h, (np.arange(w) + 0.5) / w
     out = np.zeros((len(colors), len(images), 2))
+    chroma = images.max(-1) - images.min(-1)  # (N, H, W); 0 on the neutral backgrounds
     for k, c in enumerate(colors):
         ref = np.asarray(PALETTE[c], dtype=np.float64) / 255.0
-        chroma = images.max(-1) - images.min(-1)  # 0 on the neutral backgrounds
         wgt = chroma * np.exp(-((images - ref) ** 2).sum(-1) / (2 * 0.12**2))  # (N, H, W)
         tot = wgt.sum((1, 2)) + 1e-9
         out[k, :, 0] = (wgt.sum(1) * xs).sum(1) / tot
@@ -93,29 +93,40 @@ def relation_displacement(images: np.ndarray, scene) -> np.ndarray:
     return sign * (ca[:, axis] - cb[:, axis])  # (N,)
 
 
+def _clean_estimator(pipe):
+    """(first sigma of the schedule, estimate(x, sigma, caption) -> decoded clean-image estimates
+    (N, H, W, 3) in [0, 1]): one unguided model call through the pipeline's own model function."""
+    import torch
+
+    from sanaflow import sampling
+    from sanaflow.pipelines.text_to_image import to_output
+
+    schedule = sampling.schedule_from_scheduler_config(pipe.scheduler_config, 20)
+    model = pipe._model_fn(schedule.timestep_of, None)
+
+    @torch.no_grad()
+    def estimate(x, sigma: float, caption: str) -> np.ndarray:
+        (hidden, mask), _ = pipe.encode_prompts([caption], None)
+        n = len(x)
+        v = model(x, torch.full((n,), sigma, device=pipe.device), hidden.expand(n, -1, -1), mask.expand(n, -1))
+        return to_output(pipe.decode(x - sigma * v), "np").astype(np.float64)  # x0 = x_t - sigma v
+
+    return float(schedule.sigmas[0]), estimate
+
+
 def first_step_layout(pipe, prompts: list, seeds: int) -> dict:
     """Check 3: does the prediction from pure noise place the two named colours as the relation says?"""
     import torch
 
-    from sanaflow import sampling
-
-    schedule = sampling.schedule_from_scheduler_config(pipe.scheduler_config, 20)
-    model = pipe._model_fn(schedule.timestep_of, None)
-    sigma = float(schedule.sigmas[0])
+    sigma, estimate = _clean_estimator(pipe)
     cfg = pipe.transformer.config
     lat = pipe.native_size // pipe.vae_scale
     noise = torch.randn(seeds, cfg.in_channels, lat, lat, generator=torch.Generator().manual_seed(0))
+    x = noise.to(pipe.device)
     rows, signed = [], []
     for p in prompts:
         scene = replace(p.scene, mention_color=True)
-        (hidden, mask), _ = pipe.encode_prompts([scene.caption()], None)
-        x = noise.to(pipe.device)
-        with torch.no_grad():
-            v = model(x, torch.full((seeds,), sigma, device=pipe.device), hidden.expand(seeds, -1, -1),
-                      mask.expand(seeds, -1))
-            x0 = x - sigma * v  # the flow's clean-image estimate
-            img = ((pipe.decode(x0).float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).cpu().numpy()
-        d = float(relation_displacement(img.astype(np.float64), scene).mean())
+        d = float(relation_displacement(estimate(x, sigma, scene.caption()), scene).mean())
         signed.append(d)
         rows.append({"caption": scene.caption(), "displacement": round(d, 4)})
     return {"captions": len(rows), "seeds": seeds, "sigma": sigma,
@@ -127,11 +138,9 @@ def binding_at_noise(pipe, prompts: list, seeds: int, sigma: float = 0.9) -> dic
     """Check 4: from the rendered scene noised to `sigma`, does the caption decide which blob gets which colour?"""
     import torch
 
-    from sanaflow import sampling
     from sanaflow.shapes.render import render
 
-    schedule = sampling.schedule_from_scheduler_config(pipe.scheduler_config, 20)
-    model = pipe._model_fn(schedule.timestep_of, None)
+    _, estimate = _clean_estimator(pipe)
     size = pipe.native_size
     rows, follows, d_true, d_twin = [], [], [], []
     gen = torch.Generator().manual_seed(0)
@@ -142,15 +151,9 @@ def binding_at_noise(pipe, prompts: list, seeds: int, sigma: float = 0.9) -> dic
         with torch.no_grad():
             z = pipe.vae.encode(image.to(pipe.device)).float() * pipe.vae.config.scaling_factor  # (1, C, h, w)
             noise = torch.randn(seeds, *z.shape[1:], generator=gen).to(pipe.device)
-            x = (1 - sigma) * z + sigma * noise  # (seeds, C, h, w)
-            shown = []
-            for caption in (scene.caption(), twin.caption()):
-                (hidden, mask), _ = pipe.encode_prompts([caption], None)
-                v = model(x, torch.full((seeds,), sigma, device=pipe.device), hidden.expand(seeds, -1, -1),
-                          mask.expand(seeds, -1))
-                x0 = x - sigma * v
-                img = ((pipe.decode(x0).float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).cpu().numpy()
-                shown.append(float(relation_displacement(img.astype(np.float64), scene).mean()))
+        x = (1 - sigma) * z + sigma * noise  # (seeds, C, h, w)
+        shown = [float(relation_displacement(estimate(x, sigma, c), scene).mean())
+                 for c in (scene.caption(), twin.caption())]
         d_true.append(shown[0])
         d_twin.append(shown[1])
         follows.append(shown[0] > shown[1])

@@ -91,11 +91,11 @@ class FlowMatchingLoss(nn.Module):
         sb = s[:, None, None, None]
         xt = (1 - sb) * x0 + sb * noise  # (B, C, H, W)
         target = noise - x0
-        pred = self.net(xt, hidden, s * NUM_TRAIN_TIMESTEPS, encoder_attention_mask=mask)
-        loss = F.mse_loss(pred.float(), target)
+        pred = self.net(xt, hidden, s * NUM_TRAIN_TIMESTEPS, encoder_attention_mask=mask).float()
+        loss = F.mse_loss(pred, target)
         if self.coarse > 0:
             f = self.coarse_factor
-            coarse = F.avg_pool2d(pred.float() - target, f, ceil_mode=True).pow(2).mean() * f * f
+            coarse = F.avg_pool2d(pred - target, f, ceil_mode=True).pow(2).mean() * f * f
             return loss + self.coarse * coarse, {"loss": loss.detach(), "loss_coarse": coarse.detach()}
         return loss, {"loss": loss.detach()}
 

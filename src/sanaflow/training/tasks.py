@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -170,10 +171,8 @@ def build_t2i(cfg: TrainConfig) -> Task:
         raise ConfigError(f"model.transformer.caption_channels ({net.config.caption_channels}) must equal the text "
                           f"encoder's hidden size ({text_encoder.hidden_size})")
     null_hidden, null_mask = text_encoder.encode([""], dtype=torch.float32)
-    loss = FlowMatchingLoss(net, null_hidden.clone().cpu(), null_mask.clone().cpu(), logit_mean=cfg.flow.logit_mean,
-                            logit_std=cfg.flow.logit_std, shift=cfg.flow.shift, caption_dropout=cfg.flow.caption_dropout,
-                            coarse=cfg.flow.coarse, coarse_factor=cfg.flow.coarse_factor,
-                            terminal=cfg.flow.terminal, terminal_from=cfg.flow.terminal_from)
+    # FlowLossConfig's fields are FlowMatchingLoss's keyword arguments, one for one
+    loss = FlowMatchingLoss(net, null_hidden.clone().cpu(), null_mask.clone().cpu(), **dataclasses.asdict(cfg.flow))
     prepare = T2IPrepare(vae, text_encoder, text_cache=cfg.model.text_cache)
     source = _source(cfg, vae.spatial_compression_ratio * net.config.patch_size)
     if isinstance(source, FolderSource) and source.cache_dir is not None:
