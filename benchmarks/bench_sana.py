@@ -501,14 +501,14 @@ def bench_dcae_decode(rec: Recorder, settings: Settings) -> None:
     """Latents -> image at each px: diffusers untiled / tiled, ours (tiling chosen by size)."""
     from diffusers import AutoencoderDC
 
-    from sanaflow.models.dc_ae import DCAE
+    from sanaflow.models.dc_ae import DCAE, use_channels_last
 
     case = "dcae_decode"
     model_name = "tiny" if settings.smoke else "dc-ae-f32c32"
     cfg = settings.dcae_config
     try:
         dvae = build_random(AutoencoderDC, cfg, settings, seed=2)
-        ours = ours_like(DCAE, dvae, cfg)
+        ours = ours_like(DCAE, dvae, cfg).to("cpu")  # only the model being timed stays on the device
     except Exception as e:
         rec.add(case, "diffusers", model_name, None, None, None, error=f"building the model: {short_error(e)}")
         return
@@ -528,13 +528,19 @@ def bench_dcae_decode(rec: Recorder, settings: Settings) -> None:
         run_case(rec, settings, case, "diffusers", model_name, px, None, lambda z=z: diffusers_decode(z, False))
         run_case(rec, settings, case, "diffusers-tiled", model_name, px, None, lambda z=z: diffusers_decode(z, True))
         dvae.disable_tiling()
+        # each implementation's peak holds its own weights only (ours shared diffusers' tensors)
+        dvae.to("cpu")
+        ours.to(settings.device)
+        free_memory(settings)
         variants = [("ours", "auto", None), ("ours-untiled", False, None), ("ours-tiled", True, None)]
         variants += [(f"ours-tile{t}", True, t) for t in (512, 768, 1536)]
         for impl, tiling, tile in variants:
             run_case(rec, settings, case, impl, model_name, px, None,
                      lambda z=z, tiling=tiling, tile=tile: lambda: ours.decode(z, tiling=tiling, tile=tile),
                      lambda out, px=px, tiling=tiling, tile=tile: f"tiled={ours.wants_tiling(px, px, tiling)}"
-                     + ("" if tile is None else f", tile={tile}"))
+                     + ("" if tile is None else f", tile={tile}") + f", channels_last={use_channels_last(out)}")
+        ours.to("cpu")
+        dvae.to(settings.device)
     free_memory(settings)
 
 

@@ -180,6 +180,32 @@ def test_tiled_decode_and_encode_match_untiled(saved, layout):
         assert (lat_tiled - lat).abs().max().item() <= TILE_TOL * lat.abs().max().item()
 
 
+@pytest.mark.parametrize("layout", ["sana", "mixed"])
+def test_channels_last_decode_matches(saved, layout, monkeypatch):
+    """The channels-last decode (CUDA's default) gives the contiguous path's numbers, tiled and untiled.
+
+    Forced on the CPU here; the decoder's conv weights are converted once and back when the format changes.
+    """
+    from sanaflow.models import dc_ae
+
+    ours = DCAE.from_pretrained(saved[layout][1])
+    f = ours.spatial_compression_ratio
+    z = torch.randn(1, 8, 384 // f, 320 // f)
+    tile = 256 if f == 32 else 128
+    with torch.no_grad():
+        ref, ref_tiled = ours.decode(z, tiling=False), ours.tiled_decode(z, tile=tile, tile_batch=2, chunk=160)
+        monkeypatch.setattr(dc_ae, "use_channels_last", lambda x: True)
+        out, out_tiled = ours.decode(z, tiling=False), ours.tiled_decode(z, tile=tile, tile_batch=2, chunk=160)
+        assert ours.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+        monkeypatch.setattr(dc_ae, "use_channels_last", lambda x: False)
+        back = ours.decode(z, tiling=False)
+    assert ours.decoder.conv_in.weight.is_contiguous()
+    for a, b in [(out, ref), (out_tiled, ref_tiled), (back, ref)]:
+        assert a.shape == b.shape and (a - b).abs().max().item() <= 1e-5
+    monkeypatch.setenv(dc_ae.CHANNELS_LAST_ENV, "0")
+    assert not dc_ae.use_channels_last(torch.zeros(1))  # and on the CPU never by default
+
+
 def test_tiles_partition_and_exact_on_a_local_function():
     # weights of each axis sum to one at every output position, for odd geometries too
     for size, tile, overlap, halo, scale in [(40, 12, 4, 2, 8), (37, 16, 6, 3, 1), (9, 4, 3, 1, 2), (20, 20, 4, 2, 4)]:

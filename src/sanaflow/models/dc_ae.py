@@ -31,6 +31,7 @@ covers the image with that many tiles.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -56,6 +57,14 @@ AUTO_TILE_PIXELS = 2048 * 2048  # tiling="auto" tiles images with more pixels th
 DEFAULT_TILE_CORE = 1024  # default tile side, image pixels, before adding the overlap
 TILE_BATCH_PIXELS = 1024 * 1024  # default tile_batch: as many tiles per call as fit this many output pixels
 DEFAULT_CHUNK = 8192  # positions per strip when the attention stages run on the whole map
+# On CUDA the decoder runs channels-last (NHWC) unless this is "0": cuDNN's 3x3 convolutions then need
+# no NCHW <-> NHWC transposes, which otherwise cost up to two activation-sized workspaces per call.
+CHANNELS_LAST_ENV = "SANAFLOW_DCAE_CHANNELS_LAST"
+
+
+def use_channels_last(x: torch.Tensor) -> bool:
+    """Whether a decode of `x` runs channels-last: on CUDA, unless SANAFLOW_DCAE_CHANNELS_LAST=0."""
+    return x.is_cuda and os.environ.get(CHANNELS_LAST_ENV, "1") != "0"
 
 
 # --------------------------------------------------------------------------------------------
@@ -710,6 +719,14 @@ class DCAE(ModelMixin):
         self.decoder = Decoder(in_channels, latent_channels, attention_head_dim, dec_types, dec_ch, dec_layers,
                                dec_scales, norms, acts, upsample_block_type, decoder_in_shortcut, decoder_conv_act_fn)
 
+    def _decode_format(self, x: torch.Tensor) -> torch.memory_format:
+        """The memory format a decode of `x` runs in; puts the decoder's conv weights in it (a no-op when they are)."""
+        fmt = torch.channels_last if use_channels_last(x) else torch.contiguous_format
+        w = self.decoder.conv_in.weight
+        if not w.is_contiguous(memory_format=fmt):  # converted once, kept until the format changes
+            self.decoder.to(memory_format=fmt)
+        return fmt
+
     # ---- properties -----------------------------------------------------------------------
 
     @property
@@ -805,7 +822,8 @@ class DCAE(ModelMixin):
         f = self.spatial_compression_ratio
         if self.wants_tiling(latents.shape[-2] * f, latents.shape[-1] * f, tiling):
             return self.tiled_decode(latents, tile=tile, overlap=overlap, tile_batch=tile_batch)
-        return self.decoder(latents.to(self.dtype))
+        z = latents.to(self.dtype)
+        return self.decoder(z.contiguous(memory_format=self._decode_format(z)))
 
     def tiled_encode(self, images: torch.Tensor, tile: int | None = None, overlap: int | None = None,
                      tile_batch: int | None = None, chunk: int | None = None) -> torch.Tensor:
@@ -842,7 +860,10 @@ class DCAE(ModelMixin):
         steps = self.decoder.steps()
         last_global = max((i for i, st in enumerate(steps) if math.isinf(st.radius)), default=-1)
         rest, local = steps[: last_global + 1], steps[last_global + 1:]
-        x = run_whole_map(rest, latents.to(self.dtype), chunk or DEFAULT_CHUNK)  # (B, C_k, h 2^k, w 2^k)
+        fmt = self._decode_format(latents)
+        z = latents.to(self.dtype).contiguous(memory_format=fmt)
+        x = run_whole_map(rest, z, chunk or DEFAULT_CHUNK)  # (B, C_k, h 2^k, w 2^k)
+        local = [Step(lambda t: t.contiguous(memory_format=fmt), 0, 1), *local]  # tiles in the decode's format
         radius, px_per_grid = local_geometry(local, 1)
         px_per_grid = round(px_per_grid)  # image pixels per position of x
         halo = math.ceil(radius)
