@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Why does a model miss position captions? Four checks on a text-to-image model (issue 5).
+"""Why does a model miss position captions? Five checks on a text-to-image model (issue 5).
 
 1. **Failure breakdown**: generate `--n` position prompts of the evaluation world (a seed other than the
    300-prompt evaluation's) and sort each miss into "an object is missing" or "both objects are there
@@ -25,6 +25,11 @@
    and once with its mirrored twin (no guidance). The relation displacement of the prediction
    (measured against the true caption) should drop, ideally below 0, under the twin; a model that
    reads the caption as a bag of words gives the same prediction for both (follows caption ~50 %).
+5. **Caption sensitivity over noise**: for `--sensitivity` captions, the rendered scene noised to each of
+   sigma 1.0, 0.93, 0.85, 0.7, 0.5 (`--seeds` noises): the mean absolute change of the unguided velocity
+   when the caption is replaced by its mirrored twin, by the caption with the inverse relation word, and
+   by the empty caption. A model that reads relations moves with the first two a good fraction of what
+   it moves without any caption; session 3's model moved an eighth to a tenth at every noise level.
 
     python benchmarks/position_probe.py                       # embedded model, CPU, ~4 min
     python benchmarks/position_probe.py --model DIR --out probe.json
@@ -93,25 +98,83 @@ def relation_displacement(images: np.ndarray, scene) -> np.ndarray:
     return sign * (ca[:, axis] - cb[:, axis])  # (N,)
 
 
-def _clean_estimator(pipe):
-    """(first sigma of the schedule, estimate(x, sigma, caption) -> decoded clean-image estimates
-    (N, H, W, 3) in [0, 1]): one unguided model call through the pipeline's own model function."""
+def _velocity_fn(pipe):
+    """(first sigma of the schedule, velocity(x, sigma, caption) -> the unguided model output for x):
+    one call through the pipeline's own model function; caption None is the unconditional (empty) one."""
     import torch
 
     from sanaflow import sampling
-    from sanaflow.pipelines.text_to_image import to_output
 
     schedule = sampling.schedule_from_scheduler_config(pipe.scheduler_config, 20)
     model = pipe._model_fn(schedule.timestep_of, None)
 
     @torch.no_grad()
-    def estimate(x, sigma: float, caption: str) -> np.ndarray:
-        (hidden, mask), _ = pipe.encode_prompts([caption], None)
+    def velocity(x, sigma: float, caption: str | None):
+        if caption is None:
+            _, (hidden, mask) = pipe.encode_prompts(["-"], [""])
+        else:
+            (hidden, mask), _ = pipe.encode_prompts([caption], None)
         n = len(x)
-        v = model(x, torch.full((n,), sigma, device=pipe.device), hidden.expand(n, -1, -1), mask.expand(n, -1))
+        return model(x, torch.full((n,), sigma, device=pipe.device), hidden.expand(n, -1, -1), mask.expand(n, -1))
+
+    return float(schedule.sigmas[0]), velocity
+
+
+def _clean_estimator(pipe):
+    """(first sigma of the schedule, estimate(x, sigma, caption) -> decoded clean-image estimates
+    (N, H, W, 3) in [0, 1]): one unguided model call through the pipeline's own model function."""
+    import torch
+
+    from sanaflow.pipelines.text_to_image import to_output
+
+    first, velocity = _velocity_fn(pipe)
+
+    @torch.no_grad()
+    def estimate(x, sigma: float, caption: str) -> np.ndarray:
+        v = velocity(x, sigma, caption)
         return to_output(pipe.decode(x - sigma * v), "np").astype(np.float64)  # x0 = x_t - sigma v
 
-    return float(schedule.sigmas[0]), estimate
+    return first, estimate
+
+
+def _noised_scene(pipe, scene, sigma: float, seeds: int, gen):
+    """The rendered scene's latents noised to `sigma` with `seeds` noises: (seeds, C, h, w)."""
+    import torch
+
+    from sanaflow.shapes.render import render
+
+    image = torch.from_numpy(render(scene, pipe.native_size)).permute(2, 0, 1)[None].float() / 127.5 - 1
+    with torch.no_grad():
+        z = pipe.vae.encode(image.to(pipe.device)).float() * pipe.vae.config.scaling_factor  # (1, C, h, w)
+        noise = torch.randn(seeds, *z.shape[1:], generator=gen).to(pipe.device)
+    return (1 - sigma) * z + sigma * noise
+
+
+def caption_sensitivity(pipe, prompts: list, seeds: int, sigmas=(1.0, 0.93, 0.85, 0.7, 0.5)) -> dict:
+    """Check 5: how much the velocity moves, at each noise level, when the caption's two objects swap
+    places (mirrored twin), when its relation word is inverted, and when the caption is dropped."""
+    import torch
+
+    from sanaflow.shapes.scene import INVERSE_RELATIONS
+
+    _, velocity = _velocity_fn(pipe)
+    gen = torch.Generator().manual_seed(0)
+    out = {}
+    for sigma in sigmas:
+        diffs = collections.defaultdict(list)
+        for p in prompts:
+            scene = replace(p.scene, mention_color=True)
+            x = _noised_scene(pipe, scene, min(sigma, 1.0), seeds, gen)
+            v = velocity(x, sigma, scene.caption())
+            others = {"mirrored": swapped(scene).caption(),
+                      "relation_inverted": replace(scene, relation=INVERSE_RELATIONS[scene.relation]).caption(),
+                      "no_caption": None}
+            for name, caption in others.items():
+                diffs[name].append(float((velocity(x, sigma, caption) - v).abs().mean()))
+        row = {k: round(float(np.mean(d)), 5) for k, d in diffs.items()}
+        row["mirrored_vs_no_caption"] = round(row["mirrored"] / row["no_caption"], 3) if row["no_caption"] else None
+        out[str(sigma)] = row
+    return {"captions": len(prompts), "seeds": seeds, "by_sigma": out}
 
 
 def first_step_layout(pipe, prompts: list, seeds: int) -> dict:
@@ -138,20 +201,13 @@ def binding_at_noise(pipe, prompts: list, seeds: int, sigma: float = 0.9) -> dic
     """Check 4: from the rendered scene noised to `sigma`, does the caption decide which blob gets which colour?"""
     import torch
 
-    from sanaflow.shapes.render import render
-
     _, estimate = _clean_estimator(pipe)
-    size = pipe.native_size
     rows, follows, d_true, d_twin = [], [], [], []
     gen = torch.Generator().manual_seed(0)
     for p in prompts:
         scene = replace(p.scene, mention_color=True)
         twin = swapped(scene)
-        image = torch.from_numpy(render(scene, size)).permute(2, 0, 1)[None].float() / 127.5 - 1  # (1, 3, H, W)
-        with torch.no_grad():
-            z = pipe.vae.encode(image.to(pipe.device)).float() * pipe.vae.config.scaling_factor  # (1, C, h, w)
-            noise = torch.randn(seeds, *z.shape[1:], generator=gen).to(pipe.device)
-        x = (1 - sigma) * z + sigma * noise  # (seeds, C, h, w)
+        x = _noised_scene(pipe, scene, sigma, seeds, gen)  # (seeds, C, h, w)
         shown = [float(relation_displacement(estimate(x, sigma, c), scene).mean())
                  for c in (scene.caption(), twin.caption())]
         d_true.append(shown[0])
@@ -173,13 +229,13 @@ def _images(pipe, captions: list[str], seeds: list[int], steps: int, guidance: f
 
 def probe(model: str | None = None, n: int = 60, pairs: int = 8, seeds: int = 4, steps: int = 20,
           guidance: float = 4.5, device: str | None = "cpu", batch: int = 20, layout: int = 40,
-          binding_sigma: float = 0.9) -> dict:
+          binding_sigma: float = 0.9, sensitivity: int = 24) -> dict:
     """Run the checks (each skipped with a count of 0); return a JSON-ready dict."""
     from sanaflow.pipelines.text_to_image import load_pipeline
     from sanaflow.training.evaluate import generate_and_score
 
     pipe = load_pipeline(model, device=device)
-    prompts = position_prompts(max(n, pairs, layout))
+    prompts = position_prompts(max(n, pairs, layout, sensitivity))
     kinds = collections.Counter()
     if n > 0:
         _, results = generate_and_score(pipe, prompts[:n], steps, guidance, batch=batch, size=pipe.native_size)
@@ -207,6 +263,7 @@ def probe(model: str | None = None, n: int = 60, pairs: int = 8, seeds: int = 4,
         "first_step_layout": first_step_layout(pipe, prompts[:layout], max(seeds, 8)) if layout > 0 else None,
         "binding_at_noise": binding_at_noise(pipe, prompts[:layout], max(seeds, 8), binding_sigma)
         if layout > 0 else None,
+        "caption_sensitivity": caption_sensitivity(pipe, prompts[:sensitivity], seeds) if sensitivity > 0 else None,
     }
 
 
@@ -218,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, default=4, help="images per caption of a pair (the layout check uses at least 8 noises)")
     p.add_argument("--layout", type=int, default=40, help="captions for the first-step layout check (0: skip)")
     p.add_argument("--binding-sigma", type=float, default=0.9, help="noise level of the binding check (default 0.9)")
+    p.add_argument("--sensitivity", type=int, default=24, help="captions for the caption-sensitivity check (0: skip)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=4.5)
     p.add_argument("--device", default="cpu")
@@ -226,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 < a.binding_sigma < 1:
         p.error(f"--binding-sigma must be in (0, 1), got {a.binding_sigma}")
     result = probe(a.model, a.n, a.pairs, a.seeds, a.steps, a.guidance, a.device, layout=a.layout,
-                   binding_sigma=a.binding_sigma)
+                   binding_sigma=a.binding_sigma, sensitivity=a.sensitivity)
     text = json.dumps(result, indent=1)
     if a.out:
         from sanaflow.utils import atomic_write_text
@@ -242,6 +300,9 @@ def main(argv: list[str] | None = None) -> int:
         bd = result["binding_at_noise"]
         print(f"binding at sigma {bd['sigma']}: follows caption {bd['follows_caption']}, displacement "
               f"{bd['mean_displacement']} (caption) vs {bd['mean_displacement_twin']} (mirrored twin)", file=sys.stderr)
+    if result["caption_sensitivity"]:
+        for sigma, row in result["caption_sensitivity"]["by_sigma"].items():
+            print(f"caption sensitivity at sigma {sigma}: {row}", file=sys.stderr)
     if not a.out:
         print(text)
     return 0

@@ -67,7 +67,7 @@ def test_relation_displacement_is_positive_for_true_layouts_and_negative_for_mir
 def test_probe_runs_on_the_embedded_model(probe_script, tmp_path, one_thread):
     out = tmp_path / "probe.json"
     assert probe_script.main(["--n", "2", "--pairs", "1", "--seeds", "1", "--steps", "2", "--layout", "2",
-                              "--out", str(out)]) == 0
+                              "--sensitivity", "2", "--out", str(out)]) == 0
     r = json.loads(out.read_text())
     f, o = r["failures"], r["order_sensitivity"]
     assert f["prompts"] == 2 and sum(f.get(k, 0) for k in ("correct", "wrong relation", "object missing")) == 2
@@ -79,6 +79,10 @@ def test_probe_runs_on_the_embedded_model(probe_script, tmp_path, one_thread):
     bd = r["binding_at_noise"]
     assert bd["captions"] == 2 and bd["sigma"] == 0.9 and 0 <= bd["follows_caption"] <= 1
     assert all(row["twin"] != row["caption"] and abs(row["displacement_twin"]) < 1 for row in bd["rows"])
+    cs = r["caption_sensitivity"]
+    assert cs["captions"] == 2 and set(cs["by_sigma"]) == {"1.0", "0.93", "0.85", "0.7", "0.5"}
+    for row in cs["by_sigma"].values():
+        assert row["no_caption"] > 0 and row["mirrored"] >= 0 and row["relation_inverted"] >= 0
 
 
 def test_probe_refuses_a_binding_sigma_outside_the_open_unit_interval(probe_script, capsys):
