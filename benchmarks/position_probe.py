@@ -29,7 +29,7 @@
    sigma 1.0, 0.93, 0.85, 0.7, 0.5 (`--seeds` noises): the mean absolute change of the unguided velocity
    when the caption is replaced by its mirrored twin, by the caption with the inverse relation word, and
    by the empty caption. A model that reads relations moves with the first two a good fraction of what
-   it moves without any caption; session 3's model moved an eighth to a tenth at every noise level.
+   it moves without any caption; session 3's model moved 0.08-0.13x at every noise level.
 
     python benchmarks/position_probe.py                       # embedded model, CPU, ~4 min
     python benchmarks/position_probe.py --model DIR --out probe.json
