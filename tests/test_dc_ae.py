@@ -202,8 +202,17 @@ def test_channels_last_decode_matches(saved, layout, monkeypatch):
     assert ours.decoder.conv_in.weight.is_contiguous()
     for a, b in [(out, ref), (out_tiled, ref_tiled), (back, ref)]:
         assert a.shape == b.shape and (a - b).abs().max().item() <= 1e-5
-    monkeypatch.setenv(dc_ae.CHANNELS_LAST_ENV, "0")
-    assert not dc_ae.use_channels_last(torch.zeros(1))  # and on the CPU never by default
+    monkeypatch.undo()
+    assert not dc_ae.use_channels_last(torch.zeros(1))  # on the CPU never by default
+    meta = torch.zeros(1, device="meta")
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))  # a stand-in CUDA tensor
+    with torch.no_grad():
+        assert dc_ae.use_channels_last(meta)  # CUDA inference: on
+        monkeypatch.setenv(dc_ae.CHANNELS_LAST_ENV, "0")
+        assert not dc_ae.use_channels_last(meta)  # switched off
+    monkeypatch.delenv(dc_ae.CHANNELS_LAST_ENV)
+    with torch.enable_grad():
+        assert not dc_ae.use_channels_last(meta)  # training keeps the parameters' layout
 
 
 def test_auto_tiling_bounds_live_memory_of_the_real_decoder_at_4096():

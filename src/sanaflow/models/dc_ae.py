@@ -57,14 +57,15 @@ AUTO_TILE_PIXELS = 2048 * 2048  # tiling="auto" tiles images with more pixels th
 DEFAULT_TILE_CORE = 1024  # default tile side, image pixels, before adding the overlap
 TILE_BATCH_PIXELS = 1024 * 1024  # default tile_batch: as many tiles per call as fit this many output pixels
 DEFAULT_CHUNK = 8192  # positions per strip when the attention stages run on the whole map
-# On CUDA the decoder runs channels-last (NHWC) unless this is "0": cuDNN's 3x3 convolutions then need
-# no NCHW <-> NHWC transposes, which otherwise cost up to two activation-sized workspaces per call.
+# Inference decodes on CUDA run channels-last (NHWC) unless this is "0": cuDNN's 3x3 convolutions then
+# need no NCHW <-> NHWC transposes, which otherwise cost up to two activation-sized workspaces per call.
 CHANNELS_LAST_ENV = "SANAFLOW_DCAE_CHANNELS_LAST"
 
 
 def use_channels_last(x: torch.Tensor) -> bool:
-    """Whether a decode of `x` runs channels-last: on CUDA, unless SANAFLOW_DCAE_CHANNELS_LAST=0."""
-    return x.is_cuda and os.environ.get(CHANNELS_LAST_ENV, "1") != "0"
+    """Whether a decode of `x` runs channels-last: on CUDA without autograd (training keeps its parameters'
+    layout, which DDP / FSDP have already bucketed), unless SANAFLOW_DCAE_CHANNELS_LAST=0."""
+    return x.is_cuda and not torch.is_grad_enabled() and os.environ.get(CHANNELS_LAST_ENV, "1") != "0"
 
 
 # --------------------------------------------------------------------------------------------
