@@ -58,13 +58,11 @@ def quantize_fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x (..., I) @ (int8 weight (O, I) * scale (O,))^T + bias -> (..., O) in x's dtype."""
     x2 = x.reshape(-1, x.shape[-1])  # (M, I)
-    if x2.device.type == "cpu" and x2.dtype in (torch.float32, torch.bfloat16) and x2.shape[1] % 32 == 0:
-        # torch's CPU kernel reads the int8 weight directly (no dequantised copy of the weight).
-        # Only for in_features % 32 == 0: torch 2.13's bf16 kernel crashes (SIGSEGV) on K = 24 or 40.
-        out = torch._weight_int8pack_mm(x2.contiguous(), weight, scale.to(x2.dtype))  # (M, O)
-    else:
-        # int8 values are exact in any float dtype; the scale goes on the (smaller) output
-        out = F.linear(x2, weight.to(x2.dtype)) * scale.to(x2.dtype)  # (M, O)
+    # Dequantise the weight for one float GEMM: int8 values are exact in any float dtype and the scale
+    # goes on the (smaller) output. torch's int8-weight CPU kernel (`_weight_int8pack_mm`) was 4-40x
+    # slower than this on the 2-core dev machine (one thread) at every M from 1 to 2,560 (1,170 vs 28 ms for
+    # 2,560 x 256 -> 768), so it is not used.
+    out = F.linear(x2, weight.to(x2.dtype)) * scale.to(x2.dtype)  # (M, O)
     if bias is not None:
         out = out + bias.to(out.dtype)
     return out.reshape(*x.shape[:-1], weight.shape[0])
