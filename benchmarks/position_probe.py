@@ -107,13 +107,16 @@ def _velocity_fn(pipe):
 
     schedule = sampling.schedule_from_scheduler_config(pipe.scheduler_config, 20)
     model = pipe._model_fn(schedule.timestep_of, None)
+    features: dict[str | None, tuple] = {}  # caption -> (hidden, mask): each caption is encoded once
 
     @torch.no_grad()
     def velocity(x, sigma: float, caption: str | None):
-        if caption is None:
-            _, (hidden, mask) = pipe.encode_prompts(["-"], [""])
-        else:
-            (hidden, mask), _ = pipe.encode_prompts([caption], None)
+        if caption not in features:
+            if caption is None:
+                features[None] = pipe.encode_prompts(["-"], [""])[1]
+            else:
+                features[caption] = pipe.encode_prompts([caption], None)[0]
+        hidden, mask = features[caption]
         n = len(x)
         return model(x, torch.full((n,), sigma, device=pipe.device), hidden.expand(n, -1, -1), mask.expand(n, -1))
 
@@ -164,7 +167,7 @@ def caption_sensitivity(pipe, prompts: list, seeds: int, sigmas=(1.0, 0.93, 0.85
         diffs = collections.defaultdict(list)
         for p in prompts:
             scene = replace(p.scene, mention_color=True)
-            x = _noised_scene(pipe, scene, min(sigma, 1.0), seeds, gen)
+            x = _noised_scene(pipe, scene, sigma, seeds, gen)
             v = velocity(x, sigma, scene.caption())
             others = {"mirrored": swapped(scene).caption(),
                       "relation_inverted": replace(scene, relation=INVERSE_RELATIONS[scene.relation]).caption(),
