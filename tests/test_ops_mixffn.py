@@ -225,3 +225,11 @@ def test_gpu_fused_path_compiles_fullgraph(monkeypatch):
         eager = mod.forward_tokens(x, 12, 10)
         compiled = torch.compile(mod.forward_tokens, fullgraph=True)(x, 12, 10)
     assert _rel(compiled, eager) < 1e-2
+
+
+def test_fast_silu_formula_matches_silu():
+    # The kernel's half-precision SiLU is 0.5 v (1 + tanh(v / 2)) (tanh on the GPU's tanh.approx,
+    # checked by the GPU tests); the identity itself, over the range bf16 activations take:
+    v = torch.linspace(-60, 60, 20001, dtype=torch.float64)
+    half = 0.5 * v
+    torch.testing.assert_close(half + half * torch.tanh(half), torch.nn.functional.silu(v), rtol=1e-12, atol=1e-12)
