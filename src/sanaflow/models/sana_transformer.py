@@ -48,6 +48,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..errors import ConfigError, InputError, suggest
 from ..hub import ModelMixin, register_to_config
+from ..ops.cross_attention import attend_tokens
 from ..ops.linear_attention import linear_attention
 from ..ops.mixffn import fused_mixffn_fn
 
@@ -344,8 +345,7 @@ class SoftmaxCrossAttnProcessor(CrossAttnProcessor):
     ) -> torch.Tensor:
         q = attn.project_q(hidden_states)  # (B, h, N, d)
         k, v = attn.project_kv(encoder_hidden_states)  # (B, h, L, d) each
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_bias)  # (B, h, N, d)
-        return attn.project_out(out.transpose(1, 2).flatten(2))  # (B, N, D)
+        return attn.project_out(attend_tokens(q, k, v, attention_bias))  # (B, N, D)
 
 
 class _AttentionProjections(nn.Module):
