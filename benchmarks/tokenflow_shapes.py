@@ -18,7 +18,8 @@ edit. Each edit runs with three methods on one shared inversion per video and se
 and two settings: ``fast`` (the CLI default: inversion on the 50-step editing schedule, refined to
 the sampler's inverse with 5 fixed-point iterations per step) and ``full`` (500 plain inversion steps,
 the public code's default). Guidance and negative prompt are the model's defaults (SANA: 4.5 and
-the empty prompt), PnP thresholds TokenFlow's (0.8 / 0.5), 50 steps, chunks of 8 frames.
+the empty prompt), PnP thresholds TokenFlow's (0.8 / 0.5), cross-attention control the model's
+default (SANA: 0.5 of the steps), 50 steps, chunks of 8 frames.
 
 Metrics (`sanaflow.shapes.video_metrics`): edit accuracy, structure IoU, and the warp error along
 the ground-truth flow and along DIS flow of the source, both occlusion-masked; for shape edits the
@@ -196,6 +197,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the model's, 4.5 for SANA)")
     p.add_argument("--pnp-feature", type=float, default=0.8, help="PnP feature-injection fraction (default 0.8)")
     p.add_argument("--pnp-attn", type=float, default=0.5, help="PnP attention-injection fraction (default 0.5)")
+    p.add_argument("--cross-attn", type=float, default=None,
+                   help="Prompt-to-Prompt cross-attention fraction (default: the model's, 0.5 for SANA)")
     p.add_argument("--negative", default=None,
                    help="negative prompt (default: the model's; for SANA the empty unconditional it was trained with)")
     p.add_argument("--batch-size", type=int, default=8, help="frames per chunk (default 8)")
@@ -243,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         # The pipeline's defaults, resolved here so the report names the values that ran.
         cfg = pipe.backbone.default_guidance if args.cfg is None else args.cfg
         negative = pipe.backbone.default_negative if args.negative is None else args.negative
+        cross = pipe.backbone.default_cross_attention if args.cross_attn is None else args.cross_attn
         first = SEED_BASE + (VALIDATION_OFFSET if args.validation else 0)
         seeds = [first + i for i in range(args.videos)]
         report: dict[str, Any] = {
@@ -253,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
             "torch": torch.__version__, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "smoke": args.smoke, "seeds": seeds, "frames": args.frames, "size": args.size, "steps": args.steps,
             "cfg": cfg, "negative_prompt": negative, "batch_size": args.batch_size,
-            "pnp_feature": args.pnp_feature, "pnp_attention": args.pnp_attn,
+            "pnp_feature": args.pnp_feature, "pnp_attention": args.pnp_attn, "cross_attention": cross,
             "settings": {s: {"inversion_steps": args.full_inversion_steps if s == "full" else args.steps}
                          for s in args.settings},
             "methods": {m: METHODS[m] for m in args.methods}, "targets": TARGETS,
@@ -290,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
                         out = pipe(clip, target, source_prompt=source_prompt, negative_prompt=negative,
                                    steps=args.steps, inversion_steps=inversion_steps, guidance_scale=cfg,
                                    pnp_feature=args.pnp_feature, pnp_attention=args.pnp_attn,
+                                   cross_attention=cross,
                                    batch_size=args.batch_size, inversion_batch_size=batch,
                                    inversion_refine=args.inversion_refine, progress=False, **METHODS[method])
                         seconds = time.perf_counter() - t0

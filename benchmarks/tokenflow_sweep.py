@@ -2,8 +2,9 @@
 
 The same procedural videos and edits as `tokenflow_shapes.py`, but from the validation seeds
 (10_001_000 + i: the video split, never reported), and one edit method (default: tokenflow-pnp with
-feature correspondences) run over a grid of settings ``feature/attention/guidance`` on one shared
-inversion per video. Writes the mean edit accuracy, structure IoU and warp errors per setting, so
+feature correspondences) run over a grid of settings ``feature/attention/guidance[/cross]`` on one
+shared inversion per video (cross: the Prompt-to-Prompt cross-attention fraction; left out, the
+model's default). Writes the mean edit accuracy, structure IoU and warp errors per setting, so
 that a backbone's defaults are chosen here and then measured once on the benchmark's own videos.
 
     # CPU, the embedded model: ~35 s per video for the inversion + ~18 s per edit and setting
@@ -42,22 +43,29 @@ DEFAULT_OUT = ROOT / "benchmarks" / "results" / "tokenflow_validation_sweep.json
 SMOKE_OUT = Path(tempfile.gettempdir()) / "tokenflow_sweep_smoke.json"
 
 
-def parse_grid(text: str) -> list[tuple[float, float, float]]:
-    """'0.8/0.5/4.5,0.6/0.4/4.5' -> [(feature, attention, guidance), ...] (fractions in [0, 1], guidance >= 0)."""
+def parse_grid(text: str) -> list[tuple[float, float, float, float | None]]:
+    """'0.8/0.5/4.5,0.6/0.4/4.5/0' -> [(feature, attention, guidance, cross or None), ...].
+
+    Fractions lie in [0, 1], guidance >= 0; a missing cross-attention fraction is the model's default.
+    """
     out = []
     for item in (t.strip() for t in text.split(",")):
         if not item:
             continue
         parts = item.split("/")
         try:
-            feature, attention, guidance = (float(v) for v in parts)
+            if len(parts) not in (3, 4):
+                raise ValueError
+            feature, attention, guidance, *rest = (float(v) for v in parts)
         except ValueError:
             raise argparse.ArgumentTypeError(
-                f"grid entry {item!r}: write FEATURE/ATTENTION/GUIDANCE, e.g. 0.8/0.5/4.5") from None
-        if not (0 <= feature <= 1 and 0 <= attention <= 1 and guidance >= 0):
+                f"grid entry {item!r}: write FEATURE/ATTENTION/GUIDANCE[/CROSS], e.g. 0.8/0.5/4.5 or 0.8/0.5/4.5/0.3"
+            ) from None
+        cross = rest[0] if rest else None
+        if not (0 <= feature <= 1 and 0 <= attention <= 1 and guidance >= 0 and (cross is None or 0 <= cross <= 1)):
             raise argparse.ArgumentTypeError(
-                f"grid entry {item!r}: PnP fractions must lie in [0, 1] and guidance be >= 0")
-        out.append((feature, attention, guidance))
+                f"grid entry {item!r}: PnP and cross-attention fractions must lie in [0, 1] and guidance be >= 0")
+        out.append((feature, attention, guidance, cross))
     if not out:
         raise argparse.ArgumentTypeError("the grid is empty")
     return out
@@ -73,7 +81,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=50, help="editing steps (default 50; inversion on the same schedule)")
     p.add_argument("--method", default="tokenflow", choices=sorted(METHODS))
     p.add_argument("--grid", type=parse_grid, default=parse_grid("0.8/0.5/4.5"),
-                   help="comma-separated FEATURE/ATTENTION/GUIDANCE settings (default 0.8/0.5/4.5)")
+                   help="comma-separated FEATURE/ATTENTION/GUIDANCE[/CROSS] settings (default 0.8/0.5/4.5; "
+                        "CROSS: the cross-attention control fraction, default the model's)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--smoke", action="store_true", help="tiny random SANA, 1 video, few steps")
     add_out_argument(p, DEFAULT_OUT, SMOKE_OUT)
@@ -91,17 +100,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
     started = time.perf_counter()
-    keys = [f"{f:g}/{a:g}/{g:g}" for f, a, g in args.grid]
+    keys = [f"{f:g}/{a:g}/{g:g}" + ("" if c is None else f"/{c:g}") for f, a, g, c in args.grid]
     with tempfile.TemporaryDirectory(prefix="tokenflow_sweep_") as tmp:
         pipe, _ = open_pipeline(args, Path(tmp) / "cache")
         negative = pipe.backbone.default_negative
+        # The cross-attention fraction each setting ran with (the model's default where the grid names none).
+        crosses = [pipe.backbone.default_cross_attention if c is None else c for *_, c in args.grid]
         seeds = [SEED_BASE + VALIDATION_OFFSET + i for i in range(args.videos)]
         report: dict[str, Any] = {
             "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if argv is None else " ".join(argv),
             "model_identity": pipe.backbone.name, "device": str(device), "torch": torch.__version__,
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "smoke": args.smoke,
             "seeds": seeds, "frames": args.frames, "size": args.size, "steps": args.steps,
-            "method": args.method, "grid": keys, "negative_prompt": negative, "rows": [],
+            "method": args.method, "grid": keys, "negative_prompt": negative,
+            "cross_attention": dict(zip(keys, crosses)), "rows": [],
         }
         batch = max(args.batch_size, args.frames)
         for i, seed in enumerate(seeds):
@@ -112,11 +124,11 @@ def main(argv: list[str] | None = None) -> int:
             pipe.invert(clip, source_prompt, args.steps, None, batch, reconstruct=False, progress=False)
             for kind, edit in edits_for(video, seed):
                 target = video_caption(video, edit)
-                for key, (feature, attention, guidance) in zip(keys, args.grid):
+                for key, cross, (feature, attention, guidance, _) in zip(keys, crosses, args.grid):
                     t0 = time.perf_counter()
                     out = pipe(clip, target, source_prompt=source_prompt, negative_prompt=negative,
                                steps=args.steps, guidance_scale=guidance, pnp_feature=feature,
-                               pnp_attention=attention, batch_size=args.batch_size,
+                               pnp_attention=attention, cross_attention=cross, batch_size=args.batch_size,
                                inversion_batch_size=batch, progress=False, **METHODS[args.method])
                     if not out.inversion.reused:
                         raise RuntimeError("the edit did not reuse the video's inversion (cache key mismatch)")

@@ -301,7 +301,8 @@ def test_single_frame_without_injection_equals_plain_sampling(which, sd, sana, t
     pipe = VideoEditPipeline(backbone, cache_dir=tmp_path)
     source = pipe.prepare(clip(t=1))
     inv = pipe.invert(source, "a square", steps=3, progress=False)
-    settings = EditSettings("a red square", source_prompt="a square", steps=3, pnp_feature=0.0, pnp_attention=0.0)
+    settings = EditSettings("a red square", source_prompt="a square", steps=3, pnp_feature=0.0, pnp_attention=0.0,
+                            cross_attention=0.0)
     edited = edit_latents(backbone, inv.cache, settings)
     conds = backbone.embed([settings.negative_prompt, settings.prompt])
     plain = sample_plain(backbone, inv.cache.latents(0), conds.take([1]), inv.cache.timesteps, 8,

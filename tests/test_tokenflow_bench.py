@@ -86,6 +86,7 @@ def test_quality_benchmark_smoke(tmp_path):
 
     assert report["settings"]["fast"]["inversion_refine"] == DEFAULT_INVERSION_REFINE
     assert report["negative_prompt"] == "" and report["cfg"] == 4.5  # SANA's defaults, resolved
+    assert report["cross_attention"] == 0.0  # resolved too (the smoke model's stand-in encoder has no token ids)
     checks = report["checks"]["fast"]
     assert {"warp_ratio_gt", "warp_ratio_ok", "edit_accuracy_ok", "structure_iou_ok"} <= set(checks)
     assert checks["warp_ratio_gt"] == pytest.approx(
@@ -117,7 +118,10 @@ def test_validation_sweep_smoke_and_grid_errors(tmp_path):
     # The settings run different edits (a PnP edit is not plain guided sampling).
     first, second = (report["summary"][k]["structure_iou"] for k in report["grid"])
     assert first != second
-    for bad in ("0.8/0.5", "1.5/0.5/4.5", "a/b/c", ","):
+    # the stand-in caption encoder of the smoke model has no token ids: its default is no cross-attention control
+    assert report["cross_attention"] == {"0.8/0.5/4.5": 0.0, "0/0/1": 0.0}
+    assert sweep.parse_grid("0.8/0.5/4.5/0.3,0.8/0.5/4.5") == [(0.8, 0.5, 4.5, 0.3), (0.8, 0.5, 4.5, None)]
+    for bad in ("0.8/0.5", "1.5/0.5/4.5", "a/b/c", ",", "0.8/0.5/4.5/1.5", "0.8/0.5/4.5/0.3/1"):
         with pytest.raises(Exception, match="grid"):
             sweep.parse_grid(bad)
 

@@ -49,6 +49,10 @@ def register(subparsers) -> None:
     edit.add_argument("--seed", type=int, default=1, help="seed of the keyframe draws")
     edit.add_argument("--pnp-feature", type=float, default=0.8, help="fraction of steps with PnP feature injection")
     edit.add_argument("--pnp-attn", type=float, default=0.5, help="fraction of steps with PnP attention injection")
+    edit.add_argument("--cross-attn", type=float, default=None, metavar="F",
+                      help="fraction of steps (in [0, 1]) whose cross-attention keeps the source prompt's word "
+                           "maps, token-aligned (Prompt-to-Prompt), so a swapped word lands on the object of the "
+                           "word it replaces; PnP modes only (default: the model's; 0.5 for SANA, 0 for SD)")
     edit.add_argument("--strength", type=float, default=0.9, help="tokenflow-sdedit: fraction of the schedule re-run")
     edit.add_argument("--correspondence", default="features", choices=CORRESPONDENCES,
                       help="token correspondences: diffusion-feature nearest neighbours or DIS optical flow")
@@ -118,7 +122,8 @@ def run_edit(args) -> int:
     out = pipe(
         clip, args.prompt, source_prompt=args.source_prompt, negative_prompt=args.negative, mode=args.mode,
         steps=args.steps, inversion_steps=args.inversion_steps, guidance_scale=args.cfg,
-        pnp_feature=args.pnp_feature, pnp_attention=args.pnp_attn, strength=args.strength,
+        pnp_feature=args.pnp_feature, pnp_attention=args.pnp_attn, cross_attention=args.cross_attn,
+        strength=args.strength,
         batch_size=args.batch_size, inversion_batch_size=args.inversion_batch_size, seed=args.seed,
         correspondence=args.correspondence,
         max_keyframes=args.max_keyframes,

@@ -6,6 +6,8 @@ Every encoder has one interface, `TextEncoder`:
 
 with attributes ``hidden_size`` (C) and ``max_length`` (L, fixed for a given encoder, so a negative
 prompt and a positive prompt always give the same L).
+Both encoders below also say which token ids sit at those L positions (``caption_ids``, the
+`TokenizingTextEncoder` protocol), which aligning two prompts token by token needs.
 
 - `GemmaTextEncoder`: the SANA text encoder, Gemma-2 (``Gemma2Model``, last hidden state), with the
   complex-human-instruction (CHI) prefix and the 300-token selection of SANA's reference pipeline.
@@ -62,6 +64,17 @@ class TextEncoder(Protocol):
         dtype: torch.dtype | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Encode prompts to (hidden_states (B, L, C), mask (B, L))."""
+        ...
+
+
+@runtime_checkable
+class TokenizingTextEncoder(TextEncoder, Protocol):
+    """A text encoder that also tells which token ids sit at its output positions (for prompt alignment)."""
+
+    def caption_ids(
+        self, prompts: Sequence[str] | str, use_instruction: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids and mask (B, L) of the positions `encode` returns."""
         ...
 
 
@@ -174,6 +187,12 @@ class _TransformersTextEncoder:
     def _select_tokens(self, hidden: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # The caption tokens kept out of the model's L_all: all of them unless an encoder selects.
         return hidden, mask
+
+    def caption_ids(
+        self, prompts: Sequence[str] | str, use_instruction: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids and mask (B, max_length) of the positions `encode` returns (specials, padding, selection)."""
+        return self._select_tokens(*self.tokenize(prompts, use_instruction))
 
     def encode(
         self,

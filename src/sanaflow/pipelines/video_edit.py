@@ -206,6 +206,7 @@ class VideoEditPipeline:
         guidance_scale: float | None = None,
         pnp_feature: float = 0.8,
         pnp_attention: float = 0.5,
+        cross_attention: float | None = None,
         strength: float = 0.9,
         batch_size: int = 8,
         inversion_batch_size: int | None = None,
@@ -226,8 +227,9 @@ class VideoEditPipeline:
 
         `batch_size` frames form a chunk (one keyframe each, one model call of 3 x batch_size);
         `inversion_batch_size` (default: batch_size) batches the inversion, reconstruction and decoding.
-        `negative_prompt` and `guidance_scale` default to the backbone's (SD: TokenFlow's negative
-        prompt and 7.5; SANA: the empty prompt and 4.5).
+        `negative_prompt`, `guidance_scale` and `cross_attention` (the fraction of steps with
+        Prompt-to-Prompt cross-attention control) default to the backbone's (SD: TokenFlow's negative
+        prompt, 7.5 and 0; SANA: the empty prompt, 4.5 and 0.5).
         """
         if not isinstance(prompt, str) or not prompt.strip():
             raise InputError("the edit needs a non-empty --prompt")
@@ -235,9 +237,12 @@ class VideoEditPipeline:
             negative_prompt = self.backbone.default_negative
         if guidance_scale is None:
             guidance_scale = self.backbone.default_guidance
+        if cross_attention is None:
+            cross_attention = self.backbone.default_cross_attention
         settings = EditSettings(
             prompt=prompt, source_prompt=source_prompt, negative_prompt=negative_prompt, mode=mode, steps=steps,
-            guidance_scale=guidance_scale, pnp_feature=pnp_feature, pnp_attention=pnp_attention, strength=strength,
+            guidance_scale=guidance_scale, pnp_feature=pnp_feature, pnp_attention=pnp_attention,
+            cross_attention=cross_attention, strength=strength,
             batch_size=batch_size, seed=seed, correspondence=correspondence, control_scale=control_scale,
             offload_keyframes=offload_keyframes, max_keyframes=max_keyframes,
         )

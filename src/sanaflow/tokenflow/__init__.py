@@ -18,6 +18,7 @@ from .backbones import (
     tokenflow_hooks,
 )
 from .correspondence import CORRESPONDENCES, FlowCorrespondence
+from .cross_attention import CrossAttentionControl, align_tokens, controlled_cross_attention
 from .editor import MODES, EditSettings, edit_latents
 from .inversion import InversionKey, LatentCache, default_cache_dir, invert_latents, sample_plain
 
@@ -25,6 +26,7 @@ __all__ = [
     "CORRESPONDENCES",
     "MODES",
     "Backbone",
+    "CrossAttentionControl",
     "EditSettings",
     "FlowCorrespondence",
     "InversionKey",
@@ -35,7 +37,9 @@ __all__ = [
     "TextCond",
     "TokenFlowAttnProcessor",
     "TokenFlowState",
+    "align_tokens",
     "canny_edges",
+    "controlled_cross_attention",
     "default_cache_dir",
     "edit_latents",
     "extended_attention",

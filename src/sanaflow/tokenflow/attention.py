@@ -18,6 +18,7 @@ each call:
 
 The arithmetic of one attention (projections, softmax or linear kernel, output projection) belongs
 to the backbone and comes in as an `AttentionOps`; this module only decides who attends to whom.
+Cross-attention (Prompt-to-Prompt control) reads the same state; it lives in `cross_attention.py`.
 """
 
 from __future__ import annotations
@@ -53,6 +54,10 @@ class TokenFlowState:
     frames: int = 0  # frames per branch in the current call (the batch is NUM_BRANCHES * frames)
     inject_attention: bool = False  # PnP: source queries/keys replace the edit branches' ones
     inject_features: bool = False  # PnP: source residual features replace the edit branches' ones
+    # Prompt-to-Prompt: the target branch's cross-attention probabilities come from the source
+    # branch's, column j from source caption position token_map[j] (-1: the target's own column).
+    inject_cross: bool = False
+    token_map: torch.Tensor | None = None  # (L,) long, on the device; built once per edit
     # Propagation: keyframe slots (indices into the stored keyframes) the current frames copy from,
     # and the weight of the first slot per frame (the second gets 1 - w).
     anchors: list[int] = field(default_factory=list)

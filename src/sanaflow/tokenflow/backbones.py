@@ -1,8 +1,9 @@
 """The Backbone protocol TokenFlow is written against, and its Stable Diffusion implementation.
 
-A backbone gives the editor: frame encode/decode, text embedding, one denoiser call on a batch of
-frames, its self-attention sites (with the arithmetic of one attention, `AttentionOps`), the sites
-that take PnP attention and feature injection, and its scheduler as two functions: `timesteps`
+A backbone gives the editor: frame encode/decode, text embedding (and the token ids behind it), one
+denoiser call on a batch of frames, its self-attention sites (with the arithmetic of one attention,
+`AttentionOps`), its cross-attention sites (with `CrossAttentionOps`, for Prompt-to-Prompt control),
+the sites that take PnP attention and feature injection, and its scheduler as two functions: `timesteps`
 (the model-call times of a sampling run, noisiest first) and `move` (deterministic transport of a
 latent from one time to another given the model output: a DDIM step or a flow-ODE Euler step; the
 same function runs forward for sampling and backward for inversion). Hook sites are named once, here.
@@ -25,10 +26,15 @@ import torch.nn.functional as F
 
 from ..errors import CheckpointError, ConfigError
 from .attention import AttentionOps, TokenFlowAttnProcessor, TokenFlowState
+from .cross_attention import CrossAttentionControl, CrossAttentionOps
 from .injection import FeatureInjectionHook
 
 CANNY_THRESHOLDS = (100, 200)  # TokenFlow's announced ControlNet setting
 TOKENFLOW_NEGATIVE = "ugly, blurry, low res, unrealistic, unaesthetic"  # TokenFlow's default (for SD)
+# SANA's default fraction of steps with Prompt-to-Prompt cross-attention control: on the embedded
+# model, PnP alone often binds an edited attribute to the wrong object; keeping the source's
+# cross-attention maps for the first half of the steps fixes much of it (see cross_attention.py).
+SANA_CROSS_ATTENTION = 0.5
 
 
 @dataclass
@@ -53,12 +59,16 @@ class Backbone(Protocol):
     dtype: torch.dtype
     attention_ops: AttentionOps
     processor_class: type[TokenFlowAttnProcessor]  # the processor type its attention modules accept
+    cross_attention_ops: CrossAttentionOps
+    cross_processor_class: type[CrossAttentionControl]  # the same, for its cross-attention modules
     supports_control: bool
     # Sampling defaults of the model family, used when an edit names none: SD is sampled at CFG 7.5
     # with TokenFlow's negative prompt; SANA at CFG 4.5 with the empty prompt it was trained to
     # treat as unconditional (any other text is out of distribution for its unconditional branch).
     default_guidance: float
     default_negative: str
+    # Fraction of leading steps with Prompt-to-Prompt cross-attention control when an edit names none.
+    default_cross_attention: float
 
     def encode(self, frames: torch.Tensor) -> torch.Tensor:
         """Frames (B, 3, H, W) in [-1, 1] -> scaled latents (B, C, h, w)."""
@@ -68,6 +78,9 @@ class Backbone(Protocol):
 
     def embed(self, prompts: Sequence[str]) -> TextCond:
         """Text embeddings of `prompts`."""
+
+    def token_ids(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Token ids (P, L) behind `embed`'s positions and the mask (P, L) it carries (None: no mask)."""
 
     def denoise(
         self, x: torch.Tensor, t: float, cond: TextCond, control: torch.Tensor | None = None,
@@ -83,6 +96,12 @@ class Backbone(Protocol):
 
     def set_self_attention_processors(self, processors: dict[str, Any]) -> None:
         """Replace the processors of the named self-attention sites."""
+
+    def cross_attention_processors(self) -> dict[str, Any]:
+        """The current processors of every cross-attention site, by site name."""
+
+    def set_cross_attention_processors(self, processors: dict[str, Any]) -> None:
+        """Replace the processors of the named cross-attention sites."""
 
     def pnp_attention_sites(self) -> list[str]:
         """Self-attention sites that take PnP query/key injection."""
@@ -102,21 +121,28 @@ class Backbone(Protocol):
 
 @contextlib.contextmanager
 def tokenflow_hooks(backbone: Backbone, state: TokenFlowState) -> Iterator[None]:
-    """Install TokenFlow processors and PnP feature hooks that read `state`; restore on exit."""
+    """Install TokenFlow's self- and cross-attention processors and PnP feature hooks reading `state`; restore on exit."""
     original = backbone.self_attention_processors()
     pnp = set(backbone.pnp_attention_sites())
     processors = {
         site: backbone.processor_class(site, state, backbone.attention_ops, proc, pnp=site in pnp)
         for site, proc in original.items()
     }
+    original_cross = backbone.cross_attention_processors()
+    cross = {
+        site: backbone.cross_processor_class(site, state, backbone.cross_attention_ops, proc)
+        for site, proc in original_cross.items()
+    }
     hook = FeatureInjectionHook(state)
     handles = [m.register_forward_hook(hook) for m in backbone.feature_modules().values()]
     backbone.set_self_attention_processors(processors)
+    backbone.set_cross_attention_processors(cross)
     try:
         yield
     finally:
         for h in handles:
             h.remove()
+        backbone.set_cross_attention_processors(original_cross)
         backbone.set_self_attention_processors(original)
 
 
@@ -165,11 +191,53 @@ class SDAttentionOps:
 
     def output(self, attn, o, x):
         """Output projection (B, h, N, d) -> (B, N, D)."""
-        b, h, n, d = o.shape
-        out = attn.to_out[1](attn.to_out[0](o.transpose(1, 2).reshape(b, n, h * d)))  # (B, N, D)
-        if attn.residual_connection:
-            out = out + x
-        return out / attn.rescale_output_factor
+        return _sd_output(attn, o, x)
+
+
+def _sd_output(attn, o: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A diffusers `Attention`'s output: projection of o (B, h, N, d), residual, rescale -> (B, N, D)."""
+    b, h, n, d = o.shape
+    out = attn.to_out[1](attn.to_out[0](o.transpose(1, 2).reshape(b, n, h * d)))  # (B, N, D)
+    if attn.residual_connection:
+        out = out + x
+    return out / attn.rescale_output_factor
+
+
+class SDCrossAttentionOps:
+    """Softmax cross-attention of a diffusers `Attention` module (``attn2``), as its default processor runs it."""
+
+    def project(self, attn, x, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        """q (B, h, N, d), k, v (B, h, L, d) and the additive mask (B, h, 1|N, L) or None."""
+        if x.ndim != 3 or attn.spatial_norm is not None:
+            raise RuntimeError("cross-attention control needs token inputs (B, N, D) and no spatial norm "
+                               f"(got {x.ndim}-D input, spatial_norm={attn.spatial_norm is not None})")
+        context = x if encoder_hidden_states is None else encoder_hidden_states  # (B, L, C)
+        b, length = context.shape[:2]
+        bias = None
+        if attention_mask is not None:
+            # diffusers' convention: one row per (batch, head), then split into (B, h, 1|N, L)
+            bias = attn.prepare_attention_mask(attention_mask, length, b)
+            bias = bias.view(b, attn.heads, -1, bias.shape[-1])
+        if attn.group_norm is not None:
+            x = attn.group_norm(x.transpose(1, 2)).transpose(1, 2)
+        if encoder_hidden_states is not None and attn.norm_cross:
+            context = attn.norm_encoder_hidden_states(context)
+        q, k, v = attn.to_q(x), attn.to_k(context), attn.to_v(context)  # (B, N|L, inner)
+        d = k.shape[-1] // attn.heads
+        q, k, v = (t.view(b, -1, attn.heads, d).transpose(1, 2) for t in (q, k, v))  # (B, h, N|L, d)
+        if attn.norm_q is not None:
+            q = attn.norm_q(q)
+        if attn.norm_k is not None:
+            k = attn.norm_k(k)
+        return q, k, v, bias
+
+    def scale(self, attn, q):
+        """The module's softmax scale (1 / sqrt(d) for SD)."""
+        return attn.scale
+
+    def output(self, attn, o, x):
+        """Output projection (B, h, N, d) -> (B, N, D), with the module's residual and rescale settings."""
+        return _sd_output(attn, o, x)
 
 
 class StableDiffusionBackbone:
@@ -180,11 +248,14 @@ class StableDiffusionBackbone:
     # up_blocks[2], [3] attentions 0-2).
     FEATURE_SITE = "up_blocks.1.resnets.1.conv2"
     SELF_ATTENTION = ".attn1"
+    CROSS_ATTENTION = ".attn2"
 
     supports_control = True
     default_guidance = 7.5
     default_negative = TOKENFLOW_NEGATIVE
+    default_cross_attention = 0.0  # TokenFlow's published setting on SD has no cross-attention control
     processor_class = TokenFlowAttnProcessor
+    cross_processor_class = CrossAttentionControl
 
     def __init__(self, unet, vae, text_encoder, tokenizer, scheduler, controlnet=None, name: str = "sd"):
         self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
@@ -196,6 +267,7 @@ class StableDiffusionBackbone:
         self.device = unet.device
         self.dtype = unet.dtype
         self.attention_ops = SDAttentionOps()
+        self.cross_attention_ops = SDCrossAttentionOps()
         self.multiple = 2 ** (len(vae.config.block_out_channels) - 1)
         self.scaling_factor = vae.config.scaling_factor
         self.prediction_type = scheduler.config.prediction_type
@@ -261,11 +333,16 @@ class StableDiffusionBackbone:
     @torch.no_grad()
     def embed(self, prompts):
         """Text embeddings of `prompts`."""
+        ids, _ = self.token_ids(prompts)
+        return TextCond(self.text_encoder(ids.to(self.device))[0])  # (P, 77, D)
+
+    def token_ids(self, prompts):
+        """CLIP ids (P, 77) padded to the tokenizer's length; no mask (SD attends to the padding too)."""
         ids = self.tokenizer(
             list(prompts), padding="max_length", max_length=self.tokenizer.model_max_length,
             truncation=True, return_tensors="pt",
-        ).input_ids.to(self.device)
-        return TextCond(self.text_encoder(ids)[0])  # (P, 77, D)
+        ).input_ids  # (P, 77)
+        return ids, None
 
     def control_images(self, frames):
         """Per-frame control images (T, 3, H, W) in [0, 1]."""
@@ -323,11 +400,26 @@ class StableDiffusionBackbone:
 
     def set_self_attention_processors(self, processors):
         """Replace the processors of the named self-attention sites."""
+        self._set_processors(processors)
+
+    def cross_attention_processors(self):
+        """The processors of every cross-attention site, by site name."""
+        return {
+            name.removesuffix(".processor"): proc
+            for name, proc in self.unet.attn_processors.items()
+            if name.removesuffix(".processor").endswith(self.CROSS_ATTENTION)
+        }
+
+    def set_cross_attention_processors(self, processors):
+        """Replace the processors of the named cross-attention sites."""
+        self._set_processors(processors)
+
+    def _set_processors(self, processors):
         # diffusers' set_attn_processor wants every processor of the UNet, keyed "<module>.processor".
         current = dict(self.unet.attn_processors)
         current.update({f"{site}.processor": proc for site, proc in processors.items()})
-        self.unet.set_attn_processor(current)
-        self._hooked = any(isinstance(p, TokenFlowAttnProcessor) for p in processors.values())
+        self._hooked = any(isinstance(p, (TokenFlowAttnProcessor, CrossAttentionControl)) for p in current.values())
+        self.unet.set_attn_processor(current)  # (empties `current`: diffusers pops what it assigns)
 
     def pnp_attention_sites(self):
         """Self-attention sites that take PnP query/key injection."""
@@ -422,11 +514,36 @@ class SanaAttentionOps:
         return attn.project_out(o.transpose(1, 2).flatten(2))  # (B, N, D)
 
 
+class SanaCrossAttentionOps:
+    """Softmax cross-attention with the projections of a `SanaCrossAttention` (as `SoftmaxCrossAttnProcessor`)."""
+
+    def project(self, attn, x, encoder_hidden_states, attention_bias):
+        """q (B, h, N, d), k, v (B, h, L, d) and the caption bias (B, 1, 1, L) or None."""
+        q = attn.project_q(x)  # (B, h, N, d)
+        k, v = attn.project_kv(encoder_hidden_states)  # (B, h, L, d) each
+        return q, k, v, attention_bias
+
+    def scale(self, attn, q):
+        """1 / sqrt(d), the default of scaled_dot_product_attention that SANA uses."""
+        return q.shape[-1] ** -0.5
+
+    def output(self, attn, o, x):
+        """Output projection (B, h, N, d) -> (B, N, D)."""
+        return attn.project_out(o.transpose(1, 2).flatten(2))  # (B, N, D)
+
+
 def _sana_processor_class() -> type[TokenFlowAttnProcessor]:
     from ..models.sana_transformer import SelfAttnProcessor
 
     # SanaTransformer accepts only SelfAttnProcessor instances on its self-attention modules.
     return type("SanaTokenFlowAttnProcessor", (TokenFlowAttnProcessor, SelfAttnProcessor), {})
+
+
+def _sana_cross_processor_class() -> type[CrossAttentionControl]:
+    from ..models.sana_transformer import CrossAttnProcessor
+
+    # ... and only CrossAttnProcessor instances on its cross-attention modules.
+    return type("SanaCrossAttentionControl", (CrossAttentionControl, CrossAttnProcessor), {})
 
 
 class SanaBackbone:
@@ -442,6 +559,8 @@ class SanaBackbone:
     default_negative = ""
 
     def __init__(self, transformer, vae, text_encoder, scheduler_config: dict, name: str = "sana"):
+        from ..models.text_encoders import TokenizingTextEncoder
+
         if transformer.config.guidance_embeds:
             raise ConfigError("guidance-distilled (SANA-Sprint) models cannot edit videos; use a flow-matching SANA model")
         self.transformer, self.vae, self.text_encoder = transformer, vae, text_encoder
@@ -451,6 +570,12 @@ class SanaBackbone:
         self.dtype = next(transformer.parameters()).dtype
         self.attention_ops = SanaAttentionOps()
         self.processor_class = _sana_processor_class()
+        self.cross_attention_ops = SanaCrossAttentionOps()
+        self.cross_processor_class = _sana_cross_processor_class()
+        # The control aligns the prompts' tokens: an encoder that gives no token ids (precomputed or
+        # stand-in embeddings) cannot take it, so it is off by default there (and refused if asked for).
+        tokenizes = isinstance(text_encoder, TokenizingTextEncoder)
+        self.default_cross_attention = SANA_CROSS_ATTENTION if tokenizes else 0.0
         self.multiple = vae.spatial_compression_ratio * transformer.config.patch_size
         self.scaling_factor = vae.scaling_factor
         layers = len(transformer.transformer_blocks)
@@ -483,6 +608,17 @@ class SanaBackbone:
         hidden, mask = self.text_encoder.encode(list(prompts), device=self.device)
         return TextCond(hidden, mask)  # (P, L, C), (P, L)
 
+    def token_ids(self, prompts):
+        """The ids (P, L) and mask (P, L) of the caption positions `embed` returns (after any token selection)."""
+        from ..models.text_encoders import TokenizingTextEncoder
+
+        if not isinstance(self.text_encoder, TokenizingTextEncoder):
+            raise ConfigError(
+                f"the text encoder ({type(self.text_encoder).__name__}) gives no token ids, which cross-attention "
+                "control needs to align the prompts; set cross_attention to 0 (--cross-attn 0)"
+            )
+        return self.text_encoder.caption_ids(list(prompts))
+
     def control_images(self, frames):
         """Per-frame control images (T, 3, H, W) in [0, 1]."""
         raise ConfigError("ControlNet conditioning is only available with Stable Diffusion models")
@@ -504,6 +640,14 @@ class SanaBackbone:
 
     def set_self_attention_processors(self, processors):
         """Replace the processors of the named self-attention sites."""
+        self.transformer.set_attn_processor(processors)
+
+    def cross_attention_processors(self):
+        """The processors of every cross-attention site, by site name."""
+        return {n: p for n, p in self.transformer.attn_processors.items() if n.endswith(".attn2")}
+
+    def set_cross_attention_processors(self, processors):
+        """Replace the processors of the named cross-attention sites."""
         self.transformer.set_attn_processor(processors)
 
     def pnp_attention_sites(self):

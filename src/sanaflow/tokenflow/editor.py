@@ -5,7 +5,9 @@ cache: pick one random keyframe per chunk of `batch_size` frames; run the keyfra
 (`Pass.KEYFRAMES`: extended attention, PnP injection from the source branch) so every self-attention
 site stores its keyframe tokens; then run every chunk (`Pass.PROPAGATE`): self-attention outputs are
 copied from the chunk's keyframe and the previous chunk's keyframe along nearest-neighbour
-correspondences, blended by frame distance. Classifier-free guidance combines the two edit branches
+correspondences, blended by frame distance. In every pass of the leading `cross_attention` steps the
+target branch's cross-attention takes the source branch's (token-aligned) probabilities, as in
+Prompt-to-Prompt (`cross_attention.py`). Classifier-free guidance combines the two edit branches
 and the backbone's `move` takes the step. Model calls see one chunk (or the keyframes) at a time, so
 device memory holds one chunk's activations plus the keyframe tokens (moved to the CPU for long
 videos), whatever the video length; only the latents themselves (a few MB) stay on the device for
@@ -24,6 +26,7 @@ from ..errors import ConfigError, InputError, unknown_choice
 from .attention import NUM_BRANCHES, Pass, TokenFlowState, blend_weights
 from .backbones import TOKENFLOW_NEGATIVE, Backbone, TextCond, tokenflow_hooks
 from .correspondence import CORRESPONDENCES, FlowCorrespondence
+from .cross_attention import align_tokens
 from .injection import injection_steps
 from .inversion import LatentCache
 
@@ -43,6 +46,9 @@ class EditSettings:
     guidance_scale: float = 7.5
     pnp_feature: float = 0.8  # fraction of leading steps with residual-feature injection
     pnp_attention: float = 0.5  # fraction of leading steps with self-attention q/k injection
+    # Fraction of leading steps whose target cross-attention takes the source's probabilities
+    # (Prompt-to-Prompt); None = the backbone's default (SANA 0.5, SD 0). Like PnP, only PnP modes use it.
+    cross_attention: float | None = None
     strength: float = 0.9  # tokenflow-sdedit: fraction of the schedule that is re-run
     batch_size: int = 8  # frames per chunk (one keyframe each) and per denoiser call
     seed: int = 1
@@ -68,10 +74,12 @@ class EditSettings:
             raise ConfigError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.max_keyframes is not None and self.max_keyframes < 1:
             raise ConfigError(f"max_keyframes must be at least 1 (or None for all), got {self.max_keyframes}")
-        for name in ("pnp_feature", "pnp_attention", "strength"):
+        fractions = {"pnp_feature": "--pnp-feature", "pnp_attention": "--pnp-attn", "strength": "--strength",
+                     "cross_attention": "--cross-attn"}
+        for name, flag in fractions.items():
             value = getattr(self, name)
-            if not 0.0 <= value <= 1.0:
-                raise ConfigError(f"--{name.replace('_', '-')} must lie in [0, 1], got {value}")
+            if value is not None and not 0.0 <= value <= 1.0:
+                raise ConfigError(f"{flag} ({name}) must lie in [0, 1], got {value}")
         if self.mode == "tokenflow-sdedit" and int(self.strength * self.steps) < 1:
             raise ConfigError(f"--strength {self.strength} leaves no step of {self.steps} to run; raise it")
 
@@ -143,6 +151,13 @@ class _Caller:
         return uncond + self.guidance * (cond_out - uncond)  # (n, C, h, w)
 
 
+def token_map(backbone: Backbone, source_prompt: str, prompt: str) -> torch.Tensor:
+    """(L,) long: the source caption position whose cross-attention probability each target position takes, or -1."""
+    ids, mask = backbone.token_ids([source_prompt, prompt])  # (2, L) each
+    masks = (None, None) if mask is None else (mask[0].tolist(), mask[1].tolist())
+    return torch.tensor(align_tokens(ids[0].tolist(), ids[1].tolist(), *masks), dtype=torch.long)
+
+
 def _rows(x: torch.Tensor, frames: list[int]) -> torch.Tensor:
     """x[frames] without a host sync (the index goes up asynchronously)."""
     index = torch.tensor(frames).to(x.device, non_blocking=True)
@@ -183,11 +198,17 @@ def edit_latents(
     pnp = settings.mode != "tokenflow-sdedit"
     n_feature = injection_steps(settings.steps, settings.pnp_feature) if pnp else 0
     n_attention = injection_steps(settings.steps, settings.pnp_attention) if pnp else 0
+    cross = settings.cross_attention
+    if cross is None:
+        cross = backbone.default_cross_attention
+    n_cross = injection_steps(settings.steps, cross) if pnp else 0
     generator = torch.Generator().manual_seed(settings.seed)
     offload = settings.offload_keyframes
     if offload is None:
         offload = len(parts) > OFFLOAD_KEYFRAMES
     state = TokenFlowState(store_device=torch.device("cpu") if offload else None)
+    if n_cross > start:
+        state.token_map = token_map(backbone, settings.source_prompt, settings.prompt).to(device)
     # Anchors and blend weights per chunk are the same at every step: put them on the device once.
     plans = []
     for b in range(len(parts)):
@@ -201,6 +222,7 @@ def edit_latents(
             source = cache.latents(i).to(device, torch.float32, non_blocking=True)  # (T, C, h, w)
             state.inject_features = i < n_feature
             state.inject_attention = i < n_attention
+            state.inject_cross = i < n_cross
             new = torch.empty_like(x)
             if settings.mode == "per-frame":
                 state.mode = Pass.PER_FRAME
