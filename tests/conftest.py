@@ -32,3 +32,20 @@ def sd_folder(tmp_path_factory):
     from tokenflow_tiny import build_tiny_sd
 
     return build_tiny_sd(tmp_path_factory.mktemp("sd") / "tiny-sd", controlnet=True)
+
+
+@pytest.fixture(scope="module")
+def sd(sd_folder):
+    """The tiny SD folder as a TokenFlow backbone."""
+    from sanaflow.tokenflow.backbones import load_backbone
+
+    return load_backbone(sd_folder)
+
+
+@pytest.fixture(scope="module")
+def sana(tmp_path_factory):
+    """A tiny random SANA folder as a TokenFlow backbone."""
+    from sanaflow.tokenflow.backbones import load_backbone
+    from tiny_sana import save_tiny_sana
+
+    return load_backbone(save_tiny_sana(tmp_path_factory.mktemp("sana") / "tiny-sana"))

@@ -38,20 +38,8 @@ def clip(t: int = 4, h: int = 16, w: int = 16, seed: int = 0) -> np.ndarray:
     return frames
 
 
-# one_thread and sd_folder (a tiny SD folder with a ControlNet) come from conftest.py.
+# one_thread, sd_folder (a tiny SD folder with a ControlNet) and the backbones sd / sana come from conftest.py.
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def sd(sd_folder):
-    return load_backbone(sd_folder)
-
-
-@pytest.fixture(scope="module")
-def sana(tmp_path_factory):
-    from tiny_sana import save_tiny_sana
-
-    return load_backbone(save_tiny_sana(tmp_path_factory.mktemp("sana") / "tiny-sana"))
 
 
 # --------------------------------------------------------------------------------------------

@@ -14,7 +14,6 @@ from sanaflow.tokenflow import (
     TokenFlowState,
     align_tokens,
     edit_latents,
-    load_backbone,
     tokenflow_hooks,
 )
 from sanaflow.tokenflow.backbones import (
@@ -25,20 +24,8 @@ from sanaflow.tokenflow.backbones import (
 from sanaflow.tokenflow.editor import token_map
 from sanaflow.tokenflow.inversion import InversionKey, LatentCache, step_key
 
-# one_thread and sd_folder (a tiny SD folder with a ControlNet) come from conftest.py.
+# one_thread, sd_folder (a tiny SD folder with a ControlNet) and the backbones sd / sana come from conftest.py.
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def sd(sd_folder):
-    return load_backbone(sd_folder)
-
-
-@pytest.fixture(scope="module")
-def sana(tmp_path_factory):
-    from tiny_sana import save_tiny_sana
-
-    return load_backbone(save_tiny_sana(tmp_path_factory.mktemp("sana") / "tiny-sana"))
 
 
 # --------------------------------------------------------------------------------------------

@@ -392,11 +392,7 @@ class StableDiffusionBackbone:
 
     def self_attention_processors(self):
         """The processors of every self-attention site, by site name."""
-        return {
-            name.removesuffix(".processor"): proc
-            for name, proc in self.unet.attn_processors.items()
-            if name.removesuffix(".processor").endswith(self.SELF_ATTENTION)
-        }
+        return self._processors_ending(self.SELF_ATTENTION)
 
     def set_self_attention_processors(self, processors):
         """Replace the processors of the named self-attention sites."""
@@ -404,10 +400,14 @@ class StableDiffusionBackbone:
 
     def cross_attention_processors(self):
         """The processors of every cross-attention site, by site name."""
+        return self._processors_ending(self.CROSS_ATTENTION)
+
+    def _processors_ending(self, suffix):
+        # attn_processors is keyed "<module>.processor"; sites are the module names.
         return {
             name.removesuffix(".processor"): proc
             for name, proc in self.unet.attn_processors.items()
-            if name.removesuffix(".processor").endswith(self.CROSS_ATTENTION)
+            if name.removesuffix(".processor").endswith(suffix)
         }
 
     def set_cross_attention_processors(self, processors):
