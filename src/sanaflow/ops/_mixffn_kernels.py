@@ -94,7 +94,8 @@ def dwconv_glu_kernel(
         cols = pid_w * BLOCK_W + tl.arange(0, BLOCK_W)
         inner = cols >= 0  # all of them
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = (offs_c < HID)[None, :]
+    in_c = offs_c < HID  # (BLOCK_C,)
+    mask_c = in_c[None, :]
     # loop invariants: in-row element offsets of the tile (int32) and the masks of the three column shifts
     x_offs = cols[:, None] * s_xn + offs_c[None, :] * s_xc  # (BLOCK_W, BLOCK_C)
     o_offs = cols[:, None] * s_on + offs_c[None, :] * s_oc
@@ -109,15 +110,15 @@ def dwconv_glu_kernel(
     out_row_stride = W.to(tl.int64) * s_on
 
     # weights of the x half (channels c) and of the gate half (channels h + c)
-    xa0, xa1, xa2 = _taps(w_ptr, offs_c, offs_c < HID, 0)
-    xb0, xb1, xb2 = _taps(w_ptr, offs_c, offs_c < HID, 1)
-    xc0, xc1, xc2 = _taps(w_ptr, offs_c, offs_c < HID, 2)
-    ga0, ga1, ga2 = _taps(w_ptr + HID * 9, offs_c, offs_c < HID, 0)
-    gb0, gb1, gb2 = _taps(w_ptr + HID * 9, offs_c, offs_c < HID, 1)
-    gc0, gc1, gc2 = _taps(w_ptr + HID * 9, offs_c, offs_c < HID, 2)
+    xa0, xa1, xa2 = _taps(w_ptr, offs_c, in_c, 0)
+    xb0, xb1, xb2 = _taps(w_ptr, offs_c, in_c, 1)
+    xc0, xc1, xc2 = _taps(w_ptr, offs_c, in_c, 2)
+    ga0, ga1, ga2 = _taps(w_ptr + HID * 9, offs_c, in_c, 0)
+    gb0, gb1, gb2 = _taps(w_ptr + HID * 9, offs_c, in_c, 1)
+    gc0, gc1, gc2 = _taps(w_ptr + HID * 9, offs_c, in_c, 2)
     if HAS_BIAS:
-        bias_x = tl.load(b_ptr + offs_c, mask=offs_c < HID, other=0.0).to(tl.float32)[None, :]
-        bias_g = tl.load(b_ptr + HID + offs_c, mask=offs_c < HID, other=0.0).to(tl.float32)[None, :]
+        bias_x = tl.load(b_ptr + offs_c, mask=in_c, other=0.0).to(tl.float32)[None, :]
+        bias_g = tl.load(b_ptr + HID + offs_c, mask=in_c, other=0.0).to(tl.float32)[None, :]
     else:
         bias_x = tl.zeros((1, BLOCK_C), dtype=tl.float32)
         bias_g = tl.zeros((1, BLOCK_C), dtype=tl.float32)

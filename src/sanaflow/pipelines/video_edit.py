@@ -237,8 +237,6 @@ class VideoEditPipeline:
             negative_prompt = self.backbone.default_negative
         if guidance_scale is None:
             guidance_scale = self.backbone.default_guidance
-        if cross_attention is None:
-            cross_attention = self.backbone.default_cross_attention
         settings = EditSettings(
             prompt=prompt, source_prompt=source_prompt, negative_prompt=negative_prompt, mode=mode, steps=steps,
             guidance_scale=guidance_scale, pnp_feature=pnp_feature, pnp_attention=pnp_attention,

@@ -636,7 +636,7 @@ class SanaBackbone:
 
     def self_attention_processors(self):
         """The processors of every self-attention site, by site name."""
-        return {n: p for n, p in self.transformer.attn_processors.items() if n.endswith(".attn1")}
+        return self._processors_ending(".attn1")
 
     def set_self_attention_processors(self, processors):
         """Replace the processors of the named self-attention sites."""
@@ -644,7 +644,10 @@ class SanaBackbone:
 
     def cross_attention_processors(self):
         """The processors of every cross-attention site, by site name."""
-        return {n: p for n, p in self.transformer.attn_processors.items() if n.endswith(".attn2")}
+        return self._processors_ending(".attn2")
+
+    def _processors_ending(self, suffix):
+        return {n: p for n, p in self.transformer.attn_processors.items() if n.endswith(suffix)}
 
     def set_cross_attention_processors(self, processors):
         """Replace the processors of the named cross-attention sites."""
