@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import fnmatch
 import gc
 import math
@@ -67,7 +68,13 @@ DEFAULT_IMPLS = {
 }
 # impls that can be asked for with --impls but are not run by default
 EXTRA_IMPLS = {
-    "transformer_step": ("ours-fp8-eager", "ours-int8"),
+    # -regional: torch.compile of each transformer block instead of the whole model (seconds to compile
+    # instead of minutes); -cudagraphs: the step replayed from a CUDA graph (sanaflow's CUDAGraphRunner,
+    # the same for both impls), which removes the host's kernel launches from the timing
+    "transformer_step": ("ours-fp8-eager", "ours-int8", "diffusers-cudagraphs", "diffusers-compile-cudagraphs",
+                         "diffusers-compile-regional", "diffusers-compile-regional-cudagraphs", "ours-cudagraphs",
+                         "ours-compile-cudagraphs", "ours-compile-regional", "ours-compile-regional-cudagraphs",
+                         "ours-fp8-cudagraphs", "ours-fp8-regional", "ours-fp8-regional-cudagraphs"),
     # ours-tileN: tiled with N-pixel tiles (default 1024), to trade peak memory against time
     "dcae_decode": ("ours-untiled", "ours-tiled", "ours-tile512", "ours-tile768", "ours-tile1536"),
     "e2e_t2i": ("diffusers-compile", "ours-fp8"),
@@ -276,7 +283,16 @@ def run_case(rec: Recorder, settings: Settings, case: str, impl: str, model: str
     try:
         fn = make()
         with torch.inference_mode():
-            notes = check(fn()) if check is not None else None
+            graphs_before = _dynamo_graphs()
+            t0 = time.perf_counter()
+            out = fn()  # compiles / captures, if the impl does
+            sync(settings)
+            first = f"first_call_s={time.perf_counter() - t0:.1f}"
+            if _dynamo_graphs() > graphs_before:
+                first += f" compiled_graphs={_dynamo_graphs() - graphs_before}"
+            notes = check(out) if check is not None else None
+            out = None
+            notes = f"{notes} {first}" if notes else first
             result = measure(fn, settings)
         rec.add(case, impl, model, px, steps, result, notes=notes)
     except Exception as e:  # OOM, compile failure, unsupported device: record and go on
@@ -286,6 +302,13 @@ def run_case(rec: Recorder, settings: Settings, case: str, impl: str, model: str
         gc.collect()
         if settings.cuda:
             torch.cuda.empty_cache()
+
+
+def _dynamo_graphs() -> int:
+    """Graphs torch.compile has compiled in this process so far (a recompile per block would show)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -335,11 +358,28 @@ def ours_like(ours_cls, diffusers_model, config: dict[str, Any]):
 
 def compiled(module, settings: Settings, ours: bool):
     """torch.compile with the run's backend / mode, static shapes; ours must compile without graph breaks."""
+    from sanaflow.ops import preload_kernels
+
+    preload_kernels()
     kw: dict[str, Any] = {"backend": settings.compile_backend, "dynamic": False, "fullgraph": ours}
     mode = settings.ours_compile_mode if ours else settings.compile_mode
     if mode is not None and settings.compile_backend == "inductor":
         kw["mode"] = mode
     return torch.compile(module, **kw)
+
+
+def regional(module, settings: Settings, ours: bool):
+    """torch.compile each transformer block in place (regional compilation; the rest stays eager)."""
+    from sanaflow.ops import preload_kernels
+
+    preload_kernels()
+    kw: dict[str, Any] = {"backend": settings.compile_backend, "dynamic": False, "fullgraph": ours}
+    mode = settings.ours_compile_mode if ours else settings.compile_mode
+    if mode is not None and settings.compile_backend == "inductor":
+        kw["mode"] = mode
+    for block in module.transformer_blocks:
+        block.compile(**kw)
+    return module
 
 
 def transformer_inputs(settings: Settings, cfg: dict[str, Any], px: int, batch: int = 2, seed: int = 0):
@@ -366,12 +406,26 @@ def bench_transformer_step(rec: Recorder, settings: Settings) -> None:
         free_memory(settings)
 
 
-def _step_fn(model, inputs, px: int, diffusers_api: bool) -> Callable[[], torch.Tensor]:
+def _step_fn(model, inputs, px: int, diffusers_api: bool, graphs: bool = False) -> Callable[[], torch.Tensor]:
     x, c, m, t = inputs[px]
     if diffusers_api:
-        return lambda: model(hidden_states=x, encoder_hidden_states=c, encoder_attention_mask=m, timestep=t,
-                             return_dict=False)[0]
-    return lambda: model(x, c, t, encoder_attention_mask=m)
+        def call(x, c, m, t):
+            return model(hidden_states=x, encoder_hidden_states=c, encoder_attention_mask=m, timestep=t,
+                         return_dict=False)[0]
+    else:
+        def call(x, c, m, t):
+            return model(x, c, t, encoder_attention_mask=m)
+    if not graphs:
+        return lambda: call(x, c, m, t)
+    from sanaflow.pipelines.acceleration import CUDAGraphRunner
+
+    runner: list[CUDAGraphRunner] = []
+
+    def replay() -> torch.Tensor:
+        if not runner:  # capture at the first call (warm-up calls compile first, if compiled)
+            runner.append(CUDAGraphRunner(call, {"x": x, "c": c, "m": m, "t": t}))
+        return runner[0](x=x, c=c, m=m, t=t)
+    return replay
 
 
 def _transformer_step(rec: Recorder, settings: Settings, model_name: str) -> None:
@@ -407,26 +461,40 @@ def _transformer_step(rec: Recorder, settings: Settings, model_name: str) -> Non
         return fn
 
     def run_all(impl: str, model, diffusers_api: bool, **check_kw) -> None:
-        for px in settings.px:
-            run_case(rec, settings, case, impl, model_name, px, 1,
-                     lambda px=px: _step_fn(model, inputs, px, diffusers_api), check(px, **check_kw))
+        # `impl` and, where asked for, `impl`-cudagraphs (the same model replayed from a CUDA graph)
+        for graphs in (False, True):
+            name = f"{impl}-cudagraphs" if graphs else impl
+            for px in settings.px:
+                run_case(rec, settings, case, name, model_name, px, 1,
+                         lambda px=px, graphs=graphs: _step_fn(model, inputs, px, diffusers_api, graphs),
+                         check(px, **check_kw))
+
+    def wants_any(impl: str) -> bool:
+        return settings.wants(case, impl) or settings.wants(case, f"{impl}-cudagraphs")
 
     run_all("diffusers", dmodel, True, store="diffusers")
-    if settings.wants(case, "diffusers-compile"):
+    if wants_any("diffusers-compile"):
         run_all("diffusers-compile", compiled(dmodel, settings, ours=False), True)
+        free_memory(settings)
+    if wants_any("diffusers-compile-regional"):
+        run_all("diffusers-compile-regional", regional(copy.deepcopy(dmodel), settings, ours=False), True)
         free_memory(settings)
     ours = ours_like(SanaTransformer, dmodel, cfg)
     run_all("ours", ours, False, store="ours", extra=f"linear_attention={backend}")
-    if settings.wants(case, "ours-compile"):
+    if wants_any("ours-compile"):
         run_all("ours-compile", compiled(ours, settings, ours=True), False)
+        free_memory(settings)
+    if wants_any("ours-compile-regional"):
+        run_all("ours-compile-regional", regional(ours_like(SanaTransformer, dmodel, cfg), settings, ours=True),
+                False)
         free_memory(settings)
 
     # Quantized copies last, the float weights freed first so that peaks hold only what each impl
     # needs: diffusers' model goes now, ours once its last quantized copy exists.
     dmodel = None
     free_memory(settings)
-    modes = {"int8": ("ours-int8",), "fp8": ("ours-fp8", "ours-fp8-eager")}
-    wanted = [m for m, impls in modes.items() if any(settings.wants(case, i) for i in impls)]
+    modes = {"int8": ("ours-int8",), "fp8": ("ours-fp8", "ours-fp8-eager", "ours-fp8-regional")}
+    wanted = [m for m, impls in modes.items() if any(wants_any(i) for i in impls)]
     for i, mode in enumerate(wanted):
         try:
             qmodel = quantize_transformer(ours_like(SanaTransformer, ours, cfg), mode)
@@ -439,10 +507,12 @@ def _transformer_step(rec: Recorder, settings: Settings, model_name: str) -> Non
             if i == len(wanted) - 1:
                 ours = None
                 free_memory(settings)
-        if mode == "fp8" and settings.wants(case, "ours-fp8"):
+        if mode == "fp8" and wants_any("ours-fp8"):
             run_all("ours-fp8", compiled(qmodel, settings, ours=True), False, vs_ours=True)
             free_memory(settings)
         run_all("ours-int8" if mode == "int8" else "ours-fp8-eager", qmodel, False, vs_ours=True)
+        if mode == "fp8" and wants_any("ours-fp8-regional"):  # last: it compiles qmodel's blocks in place
+            run_all("ours-fp8-regional", regional(qmodel, settings, ours=True), False, vs_ours=True)
         qmodel = None
         free_memory(settings)
 

@@ -109,7 +109,19 @@ def build_models(args: argparse.Namespace, device: torch.device, dtype: torch.dt
             randomize(ours, seed=1)
             ours._init_computed_buffers()
         models["ours"] = ours.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        if args.quantize is not None:
+            from sanaflow.quant import quantize_transformer
+
+            models["ours"] = quantize_transformer(models["ours"], args.quantize)
     if args.compile:
+        from sanaflow.ops import preload_kernels
+
+        preload_kernels()
+    if args.compile and args.regional:  # each block compiled (in place), the rest eager
+        for k, m in models.items():
+            for block in m.transformer_blocks:
+                block.compile(dynamic=False, fullgraph=k == "ours")
+    elif args.compile:
         models = {k: torch.compile(m, dynamic=False, fullgraph=k == "ours") for k, m in models.items()}
     return models
 
@@ -226,6 +238,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2, help="unprofiled forwards first (default 2)")
     p.add_argument("--top", type=int, default=25, help="rows of the op and kernel tables (default 25)")
     p.add_argument("--compile", action="store_true", help="profile torch.compile'd models (warm-up compiles)")
+    p.add_argument("--regional", action="store_true",
+                   help="with --compile: compile each transformer block instead of the whole model (fast to compile)")
+    p.add_argument("--quantize", choices=("fp8", "int8"), default=None, help="profile our model quantized")
     p.add_argument("--tiny", action="store_true", help="toy config at 256 px, for a CPU check of the script")
     p.add_argument("--json", type=Path, default=None, help="also write the tables to this JSON file")
     p.add_argument("--trace", type=Path, default=None, help="folder for Chrome traces (<impl>.json)")

@@ -51,6 +51,8 @@ from ..hub import ModelMixin, register_to_config
 from ..ops.cross_attention import attend_tokens
 from ..ops.linear_attention import linear_attention
 from ..ops.mixffn import fused_mixffn_fn
+from ..ops.norm import norm_modulate
+from ..quant.layers import prequantize
 
 QK_NORMS = (None, "rms_norm_across_heads")
 TIMESTEP_CHANNELS = 256  # sinusoidal timestep features before the MLP
@@ -389,6 +391,7 @@ class SanaSelfAttention(_AttentionProjections):
 
     def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q, k, v of tokens (B, N, D), each (B, heads, N, d), with qk-norm applied (no ReLU yet)."""
+        x = prequantize(x, self.to_q, self.to_k, self.to_v)  # fp8 layers: one quantisation of x for all three
         q = self.split_heads(self.norm_q(self.to_q(x)))
         k = self.split_heads(self.norm_k(self.to_k(x)))
         v = self.split_heads(self.to_v(x))
@@ -430,6 +433,7 @@ class SanaCrossAttention(_AttentionProjections):
 
     def project_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of caption tokens (B, L, D) -> (B, heads, L, d) each, qk-norm applied to keys."""
+        context = prequantize(context, self.to_k, self.to_v)  # fp8 layers: one quantisation for both
         return self.split_heads(self.norm_k(self.to_k(context))), self.split_heads(self.to_v(context))
 
     def project_out(self, x: torch.Tensor) -> torch.Tensor:
@@ -499,13 +503,13 @@ class SanaTransformerBlock(nn.Module):
         # addcmul passes: norm * (1 + scale) + shift and x + gate * out. Out of place on purpose:
         # the same traffic as addcmul_, autograd-safe, and the block input (which hooks or callers
         # may hold) is never mutated.
-        h = torch.addcmul(shift_msa, self.norm1(x), 1 + scale_msa).to(x.dtype)  # (B, N, D)
+        # The norms with their modulation (and the cross-attention's residual add) run as one fused
+        # kernel in CUDA inference (sanaflow.ops.norm).
+        _, h = norm_modulate(self.norm1, x, shift_msa, scale_msa)  # (B, N, D)
         x = torch.addcmul(x, gate_msa, self.attn1(h, height, width))  # (B, N, D)
 
-        if self.attn2 is not None:
-            x = x + self.attn2(x, context, context_bias)  # (B, N, D)
-
-        h = torch.addcmul(shift_mlp, self.norm2(x), 1 + scale_mlp)  # (B, N, D)
+        cross = self.attn2(x, context, context_bias) if self.attn2 is not None else None  # (B, N, D)
+        x, h = norm_modulate(self.norm2, x, shift_mlp, scale_mlp, residual=cross)  # (B, N, D) each
         return torch.addcmul(x, gate_mlp, self.ff(h, height, width))  # (B, N, D)
 
 

@@ -70,7 +70,7 @@ def attn_out_kernel(
     q = tl.load(q_ptr + b * s_qb + h * s_qh + offs_n[:, None] * s_qn + offs_d[None, :] * s_qd, mask=mask, other=0.0)
     qr = tl.maximum(q.to(tl.float32), 0.0)  # (BLOCK_N, BLOCK_D)
     num = tl.dot(qr, kv, input_precision=PRECISION)  # (BLOCK_N, BLOCK_D)
-    den = tl.sum(qr * ks[None, :], axis=1) + eps  # (BLOCK_N,)
+    den = tl.sum(qr * ks[None, :], axis=1) + tl.cast(eps, tl.float32)  # (BLOCK_N,); float32 even if eps came as float64
     out = num / den[:, None]
     o_ptrs = o_ptr + b * s_ob + h * s_oh + offs_n[:, None] * s_on + offs_d[None, :] * s_od
     tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=mask)
@@ -108,7 +108,7 @@ def bwd_q_kernel(
         g = tl.load(g_base + offs_n[:, None] * s_gn + offs_d[None, :] * s_gd, mask=mask, other=0.0).to(tl.float32)
         qr = tl.maximum(q, 0.0)  # (BLOCK_N, BLOCK_D)
         num = tl.dot(qr, kv, input_precision=PRECISION)  # (BLOCK_N, BLOCK_D)
-        den = tl.sum(qr * ks[None, :], axis=1) + eps  # (BLOCK_N,)
+        den = tl.sum(qr * ks[None, :], axis=1) + tl.cast(eps, tl.float32)  # (BLOCK_N,); float32 even if eps came as float64
         dnum = g / den[:, None]  # d loss / d num
         dden = -tl.sum(dnum * num, axis=1) / den  # d loss / d den = -sum_e g out / den
         dqr = tl.dot(dnum, tl.trans(kv), input_precision=PRECISION) + dden[:, None] * ks[None, :]

@@ -106,8 +106,10 @@ def dwconv_glu_kernel(
     x_base = x_ptr + b * s_xb
     o_base = o_ptr + b * s_ob
     gate = HID * s_xc  # the gate half: channels h..2h-1
-    row_stride = W.to(tl.int64) * s_xn  # int64: B*N*2h passes 2**31 at 4096 px
-    out_row_stride = W.to(tl.int64) * s_on
+    # int64: B*N*2h passes 2**31 at 4096 px. tl.cast (not W.to) also takes a W specialised to a
+    # constant, as inductor's analysis of user kernels does (it otherwise assumes every input mutated).
+    row_stride = tl.cast(W, tl.int64) * s_xn
+    out_row_stride = tl.cast(W, tl.int64) * s_on
 
     # weights of the x half (channels c) and of the gate half (channels h + c)
     xa0, xa1, xa2 = _taps(w_ptr, offs_c, in_c, 0)

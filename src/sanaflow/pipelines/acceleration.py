@@ -53,10 +53,9 @@ def compile_module(module: torch.nn.Module, mode: str | None = None, backend: st
     kwargs: dict[str, Any] = {"fullgraph": True, "dynamic": False, "backend": backend}
     if mode is not None:
         kwargs["mode"] = mode
-    from ..ops import linear_attention, mixffn
+    from ..ops import preload_kernels
 
-    linear_attention.preload()  # the kernels' lazy imports happen here, not inside the traced graph
-    mixffn.preload()
+    preload_kernels()  # the kernels' lazy imports happen here, not inside the traced graph
     return torch.compile(module, **kwargs)
 
 

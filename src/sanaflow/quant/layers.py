@@ -15,6 +15,8 @@ SANA's Mix-FFN produces) and returns (B, O, H, W) in the same layout.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -48,11 +50,42 @@ def quantize_int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def quantize_fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row float8 e4m3: x (R, I) -> (q fp8 (R, I), scale float32 (R, 1)), x ~ q * scale."""
+    """Per-row float8 e4m3: x (R, I) -> (q fp8 (R, I), scale float32 (R, 1)), x ~ q * scale.
+
+    On CUDA (with triton) one fused pass (`sanaflow.ops.triton_norm.quantize_rows`), else
+    `quantize_fp8_rows_reference`: the same values.
+    """
+    if x.is_cuda and x.dim() == 2 and 0 < x.shape[1] <= _ROW_KERNEL_MAX and _row_kernel() is not None:
+        return _row_kernel()(x, FP8_DTYPE, FP8_MAX, _SCALE_MIN)
+    return quantize_fp8_rows_reference(x)
+
+
+def quantize_fp8_rows_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The torch path of `quantize_fp8_rows` (three passes: amax, scale, cast)."""
     amax = x.abs().amax(dim=-1, keepdim=True).float()  # (R, 1)
     scale = amax.clamp(min=_SCALE_MIN) / FP8_MAX  # (R, 1)
     q = (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)  # (R, I)
     return q, scale
+
+
+_ROW_KERNEL_MAX = 16384
+_row_kernel_fn = None  # triton_norm.quantize_rows, or False without triton; None until resolved
+
+
+def _row_kernel():
+    """The fused per-row quantisation kernel, or None without triton."""
+    global _row_kernel_fn
+    if _row_kernel_fn is None:
+        from ..ops.triton_norm import quantize_rows, triton_available
+
+        _row_kernel_fn = quantize_rows if triton_available() else False
+    return _row_kernel_fn or None
+
+
+def preload() -> None:
+    """Resolve the row-quantisation kernel now (CUDA present), before torch.compile traces a call."""
+    if torch.cuda.is_available():
+        _row_kernel()
 
 
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -68,10 +101,37 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
-def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x (..., I) @ (fp8 weight (O, I) * scale (O,))^T + bias, activations quantized per row -> (..., O)."""
-    x2 = x.reshape(-1, x.shape[-1])  # (M, I)
-    xq, x_scale = quantize_fp8_rows(x2)  # (M, I) fp8, (M, 1) float32
+class Fp8Rows(NamedTuple):
+    """An activation quantized once for several fp8 layers that read it (`prequantize`)."""
+
+    q: torch.Tensor  # (M, I) float8 e4m3, row-major
+    scale: torch.Tensor  # (M, 1) float32
+    shape: torch.Size  # the activation's shape (..., I)
+    dtype: torch.dtype  # and its dtype (the layers' output dtype)
+
+
+def prequantize(x: torch.Tensor, *layers: nn.Module) -> torch.Tensor | Fp8Rows:
+    """`x` quantized once (`Fp8Rows`) when every layer is an `Fp8Linear` reading tokens, else `x` itself.
+
+    Three projections of one activation (q, k, v) then share one quantisation pass instead of three.
+    """
+    if not x.is_cuda or not all(type(m) is Fp8Linear and not m.pointwise_conv for m in layers):
+        return x
+    q, scale = quantize_fp8_rows(x.reshape(-1, x.shape[-1]))
+    return Fp8Rows(q, scale, x.shape, x.dtype)
+
+
+def fp8_linear(x: torch.Tensor | Fp8Rows, weight: torch.Tensor, scale: torch.Tensor,
+               bias: torch.Tensor | None) -> torch.Tensor:
+    """x (..., I) @ (fp8 weight (O, I) * scale (O,))^T + bias, activations quantized per row -> (..., O).
+
+    `x` may come quantized already (`Fp8Rows`, from `prequantize`).
+    """
+    if isinstance(x, Fp8Rows):
+        xq, x_scale, shape, dtype = x
+    else:
+        shape, dtype = x.shape, x.dtype
+        xq, x_scale = quantize_fp8_rows(x.reshape(-1, x.shape[-1]))  # (M, I) fp8, (M, 1) float32
     xq = xq.contiguous()  # _scaled_mm wants a row-major A (a no-op unless x was an odd view)
     # row-wise scaled matmul: output is bf16 only; a bf16 bias is fused into the epilogue
     fused_bias = bias if bias is not None and bias.dtype == torch.bfloat16 else None
@@ -81,7 +141,7 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias:
     )  # (M, O)
     if bias is not None and fused_bias is None:
         out = out + bias.to(out.dtype)
-    return out.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
+    return out.to(dtype).reshape(*shape[:-1], weight.shape[0])
 
 
 class _QuantizedLinear(nn.Module):
@@ -124,7 +184,7 @@ class _QuantizedLinear(nn.Module):
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | Fp8Rows) -> torch.Tensor:
         if not self.pointwise_conv:
             return self._matmul(x)  # (..., O)
         y = self._matmul(x.permute(0, 2, 3, 1))  # (B, H, W, O)
@@ -175,8 +235,8 @@ class Fp8Linear(_QuantizedLinear):
         q, scale = quantize_fp8_rows(w)
         return q, scale[:, 0]
 
-    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
-        if not x.is_cuda:
+    def _matmul(self, x: torch.Tensor | Fp8Rows) -> torch.Tensor:
+        if not (x.q if isinstance(x, Fp8Rows) else x).is_cuda:
             raise InputError(f"fp8 layers run on CUDA GPUs with FP8 tensor cores (compute capability >= 8.9); "
                              f"got an input on {x.device}")
         return fp8_linear(x, self.weight, self.weight_scale, self.bias)
