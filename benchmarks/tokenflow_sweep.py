@@ -86,9 +86,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--negatives", default="default",
                    help="comma-separated negative prompts to cross with the grid: 'default' (the model's) and/or "
                         "'source' (each video's source prompt, guiding away from it) (default: default)")
-    p.add_argument("--noise-mixes", default="0",
-                   help="comma-separated fresh-noise fractions of the edit's start latent to cross with the grid "
-                        "(default 0)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--smoke", action="store_true", help="tiny random SANA, 1 video, few steps")
     add_out_argument(p, DEFAULT_OUT, SMOKE_OUT)
@@ -96,12 +93,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.negatives = [n.strip() for n in args.negatives.split(",") if n.strip()]
     if not args.negatives or any(n not in ("default", "source") for n in args.negatives):
         p.error(f"--negatives takes 'default' and/or 'source'; got {args.negatives}")
-    try:
-        args.noise_mixes = [float(v) for v in args.noise_mixes.split(",") if v.strip()]
-    except ValueError:
-        p.error(f"--noise-mixes takes comma-separated numbers in [0, 1); got {args.noise_mixes!r}")
-    if not args.noise_mixes or any(not 0 <= v < 1 for v in args.noise_mixes):
-        p.error(f"--noise-mixes takes comma-separated numbers in [0, 1); got {args.noise_mixes!r}")
     if args.smoke:
         args.videos, args.frames, args.size, args.steps = 1, 4, 64, 3
     return fill_defaults(args, DEFAULT_OUT, SMOKE_OUT)
@@ -115,14 +106,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
     started = time.perf_counter()
-    grid = [(setting, neg, mix) for mix in args.noise_mixes for neg in args.negatives for setting in args.grid]
+    grid = [(setting, neg) for neg in args.negatives for setting in args.grid]
     keys = [f"{f:g}/{a:g}/{g:g}" + ("" if c is None else f"/{c:g}") + ("" if neg == "default" else f"+neg={neg}")
-            + ("" if mix == 0 else f"+mix={mix:g}") for (f, a, g, c), neg, mix in grid]
+            for (f, a, g, c), neg in grid]
     with tempfile.TemporaryDirectory(prefix="tokenflow_sweep_") as tmp:
         pipe, _ = open_pipeline(args, Path(tmp) / "cache")
         negative = pipe.backbone.default_negative
         # The cross-attention fraction each setting ran with (the model's default where the grid names none).
-        crosses = [pipe.backbone.default_cross_attention if c is None else c for (*_, c), _, _ in grid]
+        crosses = [pipe.backbone.default_cross_attention if c is None else c for (*_, c), _ in grid]
         seeds = [SEED_BASE + VALIDATION_OFFSET + i for i in range(args.videos)]
         report: dict[str, Any] = {
             "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if argv is None else " ".join(argv),
@@ -141,13 +132,12 @@ def main(argv: list[str] | None = None) -> int:
             pipe.invert(clip, source_prompt, args.steps, None, batch, reconstruct=False, progress=False)
             for kind, edit in edits_for(video, seed):
                 target = video_caption(video, edit)
-                for key, cross, ((feature, attention, guidance, _), neg, mix) in zip(keys, crosses, grid):
+                for key, cross, ((feature, attention, guidance, _), neg) in zip(keys, crosses, grid):
                     t0 = time.perf_counter()
                     out = pipe(clip, target, source_prompt=source_prompt,
                                negative_prompt=source_prompt if neg == "source" else negative,
                                steps=args.steps, guidance_scale=guidance, pnp_feature=feature,
-                               pnp_attention=attention, cross_attention=cross, noise_mix=mix,
-                               batch_size=args.batch_size,
+                               pnp_attention=attention, cross_attention=cross, batch_size=args.batch_size,
                                inversion_batch_size=batch, progress=False, **METHODS[args.method])
                     if not out.inversion.reused:
                         raise RuntimeError("the edit did not reuse the video's inversion (cache key mismatch)")

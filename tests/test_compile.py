@@ -105,6 +105,40 @@ def test_compiled_sprint_matches_eager(tmp_path):
     torch.testing.assert_close(got, eager, rtol=0, atol=1e-6)
 
 
+def test_regional_compilation_shares_weights_and_leaves_the_model_alone():
+    model = _tiny_transformer(num_layers=3)
+    x, context, t = torch.randn(2, 4, 8, 8), torch.randn(2, 8, 16), torch.tensor([500.0, 20.0])
+    with torch.inference_mode():
+        eager = model(x, context, t, encoder_attention_mask=MASK)
+    compiled = compile_module(model, backend="eager", regional=True)
+    assert compiled is not model
+    blocks = list(compiled.transformer_blocks)
+    assert all(isinstance(b, torch._dynamo.eval_frame.OptimizedModule) for b in blocks)
+    assert not any(isinstance(b, torch._dynamo.eval_frame.OptimizedModule) for b in model.transformer_blocks)
+    # the same parameter tensors, not copies
+    assert compiled.patch_embed is model.patch_embed
+    assert all(b._orig_mod is o for b, o in zip(blocks, model.transformer_blocks))
+    counters = torch._dynamo.utils.counters
+    before = counters["stats"]["unique_graphs"]
+    with torch.inference_mode():
+        got = compiled(x, context, t, encoder_attention_mask=MASK)
+    torch.testing.assert_close(got, eager, rtol=0, atol=1e-6)
+    # one graph for all three blocks: they share the code and differ only in their (input) weights
+    assert counters["stats"]["unique_graphs"] - before == 1
+    with pytest.raises(ConfigError, match="transformer_blocks"):
+        compile_module(torch.nn.Linear(2, 2), backend="eager", regional=True)
+
+
+def test_regionally_compiled_pipeline_matches_eager(tiny_folder):
+    import sanaflow
+
+    pipe = sanaflow.load_pipeline(tiny_folder, device="cpu")
+    eager = pipe(PROMPTS, seed=[1, 2], guidance_scale=4.5, **KW).images
+    got = pipe.compile(backend="aot_eager", regional=True)(PROMPTS, seed=[1, 2], guidance_scale=4.5, **KW).images
+    assert pipe.compiled
+    torch.testing.assert_close(got, eager, rtol=0, atol=1e-6)
+
+
 def test_compile_options_are_checked(tiny_folder):
     import sanaflow
 
@@ -253,6 +287,8 @@ def test_cli_flags_reach_the_config(tiny_folder, tmp_path):
     assert (cfg.compile, cfg.cuda_graphs, cfg.offload_text_encoder) == (True, True, True)
     cfg = resolve_config(parser.parse_args(["generate", "x", "--set", "offload_text_encoder=true"]))
     assert cfg.offload_text_encoder and not cfg.compile
+    cfg = resolve_config(parser.parse_args(["generate", "x", "--compile-regional"]))
+    assert cfg.compile_regional and not cfg.compile
 
     out = tmp_path / "out"
     assert main(["generate", "a cat", "--model", str(tiny_folder), "--size", "32x32", "--steps", "1",

@@ -128,23 +128,27 @@ class TextToImagePipeline:
         return cls(components, dev, offload_text_encoder=offload_text_encoder, cuda_graphs=cuda_graphs)
 
     # ---------------------------------------------------------------------------------- fast paths
-    def compile(self, mode: str | None = None, backend: str = "inductor", decoder: bool = False) -> TextToImagePipeline:
+    def compile(self, mode: str | None = None, backend: str = "inductor", decoder: bool = False,
+                regional: bool = False) -> TextToImagePipeline:
         """torch.compile the transformer (fullgraph, static shapes), and the DC-AE decoder with `decoder=True`.
 
         `mode` is torch.compile's (None, "max-autotune-no-cudagraphs", ...); `backend` e.g. "aot_eager"
-        for a cheap check on CPU. The decoder is compiled for untiled decodes only (tiled decodes run
+        for a cheap check on CPU. `regional=True` compiles one transformer block graph that every
+        block reuses (seconds instead of a minute to compile; best with `cuda_graphs`, see
+        `compile_module`). The decoder is compiled for untiled decodes only (tiled decodes run
         eager). Returns the pipeline.
         """
         if mode in CUDAGRAPH_COMPILE_MODES and self.cuda_graphs:
             raise ConfigError(f"compile mode {mode!r} captures CUDA graphs itself; with cuda_graphs=True use "
                               "mode=None or 'max-autotune-no-cudagraphs'")
-        self._compiled_transformer = compile_module(self.transformer, mode, backend)
+        self._compiled_transformer = compile_module(self.transformer, mode, backend, regional=regional)
         self._compiled_decoder = compile_module(self.vae.decoder, mode, backend) if decoder else None
         self._compile_mode = mode
         self._compiled_shapes.clear()
         self._graphs.clear()
-        logger.info("torch.compile (backend %s, mode %s) on for the transformer%s; the first call at each new "
-                    "image size compiles", backend, mode, " and the DC-AE decoder" if decoder else "")
+        logger.info("torch.compile (backend %s, mode %s) on for the transformer%s%s; the first call at each new "
+                    "image size compiles", backend, mode, " (per block)" if regional else "",
+                    " and the DC-AE decoder" if decoder else "")
         return self
 
     @property
@@ -488,10 +492,14 @@ def swapped_self_attention(transformer, layers, processor):
 
 
 def load_pipeline(ref: str | os.PathLike | None = None, device=None, dtype=None, compile: bool = False,
-                  offload_text_encoder: bool = False, cuda_graphs: bool = False) -> TextToImagePipeline:
-    """Load a text-to-image pipeline (None = the embedded default model); see TextToImagePipeline for the options."""
+                  offload_text_encoder: bool = False, cuda_graphs: bool = False,
+                  compile_regional: bool = False) -> TextToImagePipeline:
+    """Load a text-to-image pipeline (None = the embedded default model); see TextToImagePipeline for the options.
+
+    `compile_regional` compiles per transformer block (`TextToImagePipeline.compile(regional=True)`); it implies `compile`.
+    """
     pipe = TextToImagePipeline.from_pretrained(ref, device=device, dtype=dtype,
                                                offload_text_encoder=offload_text_encoder, cuda_graphs=cuda_graphs)
-    if compile:
-        pipe.compile()
+    if compile or compile_regional:
+        pipe.compile(regional=compile_regional)
     return pipe

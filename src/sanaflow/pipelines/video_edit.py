@@ -208,7 +208,6 @@ class VideoEditPipeline:
         pnp_attention: float = 0.5,
         cross_attention: float | None = None,
         strength: float = 0.9,
-        noise_mix: float = 0.0,
         batch_size: int = 8,
         inversion_batch_size: int | None = None,
         inversion_refine: int | None = None,
@@ -241,7 +240,7 @@ class VideoEditPipeline:
         settings = EditSettings(
             prompt=prompt, source_prompt=source_prompt, negative_prompt=negative_prompt, mode=mode, steps=steps,
             guidance_scale=guidance_scale, pnp_feature=pnp_feature, pnp_attention=pnp_attention,
-            cross_attention=cross_attention, strength=strength, noise_mix=noise_mix,
+            cross_attention=cross_attention, strength=strength,
             batch_size=batch_size, seed=seed, correspondence=correspondence, control_scale=control_scale,
             offload_keyframes=offload_keyframes, max_keyframes=max_keyframes,
         )

@@ -16,7 +16,6 @@ every frame, so the loop never waits for the host between chunks.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -51,9 +50,6 @@ class EditSettings:
     # (Prompt-to-Prompt); None = the backbone's default (SANA 0.5, SD 0). Like PnP, only PnP modes use it.
     cross_attention: float | None = None
     strength: float = 0.9  # tokenflow-sdedit: fraction of the schedule that is re-run
-    # PnP modes: the edit starts from sqrt(1 - m^2) * inverted latent + m * fresh noise (one noise map
-    # shared by all frames), which loosens what the inverted noise keeps of the source (its colours).
-    noise_mix: float = 0.0
     batch_size: int = 8  # frames per chunk (one keyframe each) and per denoiser call
     seed: int = 1
     correspondence: str = "features"
@@ -79,7 +75,7 @@ class EditSettings:
         if self.max_keyframes is not None and self.max_keyframes < 1:
             raise ConfigError(f"max_keyframes must be at least 1 (or None for all), got {self.max_keyframes}")
         fractions = {"pnp_feature": "--pnp-feature", "pnp_attention": "--pnp-attn", "strength": "--strength",
-                     "cross_attention": "--cross-attn", "noise_mix": "--noise-mix"}
+                     "cross_attention": "--cross-attn"}
         for name, flag in fractions.items():
             value = getattr(self, name)
             if value is not None and not 0.0 <= value <= 1.0:
@@ -193,10 +189,6 @@ def edit_latents(
     # All frames' latents stay on the device (a few MB even for long videos): chunks are slices of
     # them, so no step waits for a copy back to the host.
     x = cache.latents(start).to(device, torch.float32)  # (T, C, h, w)
-    if settings.noise_mix > 0 and settings.mode != "tokenflow-sdedit":
-        m = settings.noise_mix
-        noise = torch.randn(x.shape[1:], generator=torch.Generator().manual_seed(settings.seed + 7919))  # (C, h, w)
-        x = math.sqrt(1.0 - m * m) * x + m * noise.to(device)[None]
     num_frames = len(x)
     parts = chunks(num_frames, settings.batch_size)
     conds = backbone.embed([settings.source_prompt, settings.negative_prompt, settings.prompt])
