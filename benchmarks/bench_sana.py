@@ -356,8 +356,8 @@ def ours_like(ours_cls, diffusers_model, config: dict[str, Any]):
     return model.eval().requires_grad_(False)
 
 
-def compiled(module, settings: Settings, ours: bool):
-    """torch.compile with the run's backend / mode, static shapes; ours must compile without graph breaks."""
+def _compile_kwargs(settings: Settings, ours: bool) -> dict[str, Any]:
+    """The run's backend / mode, static shapes; ours must compile without graph breaks (kernels preloaded)."""
     from sanaflow.ops import preload_kernels
 
     preload_kernels()
@@ -365,18 +365,17 @@ def compiled(module, settings: Settings, ours: bool):
     mode = settings.ours_compile_mode if ours else settings.compile_mode
     if mode is not None and settings.compile_backend == "inductor":
         kw["mode"] = mode
-    return torch.compile(module, **kw)
+    return kw
+
+
+def compiled(module, settings: Settings, ours: bool):
+    """torch.compile of the whole model."""
+    return torch.compile(module, **_compile_kwargs(settings, ours))
 
 
 def regional(module, settings: Settings, ours: bool):
     """torch.compile each transformer block in place (regional compilation; the rest stays eager)."""
-    from sanaflow.ops import preload_kernels
-
-    preload_kernels()
-    kw: dict[str, Any] = {"backend": settings.compile_backend, "dynamic": False, "fullgraph": ours}
-    mode = settings.ours_compile_mode if ours else settings.compile_mode
-    if mode is not None and settings.compile_backend == "inductor":
-        kw["mode"] = mode
+    kw = _compile_kwargs(settings, ours)
     for block in module.transformer_blocks:
         block.compile(**kw)
     return module

@@ -9,7 +9,6 @@ inputs. The same checks at the 1600M model's width and 4096 px run on a GPU (``g
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import pytest
@@ -19,9 +18,7 @@ from sanaflow.errors import InputError
 from sanaflow.models.sana_transformer import GLUMBConv
 from sanaflow.ops import mixffn
 from sanaflow.ops.triton_mixffn import fused_dwconv_glu
-from triton_interp import run_interpreted
-
-HAS_TRITON = importlib.util.find_spec("triton") is not None
+from triton_interp import HAS_TRITON, interpreter_fixture
 
 # Runs in a fresh interpreter with TRITON_INTERPRET=1; prints one JSON object of relative errors.
 _INTERPRETER_SCRIPT = r"""
@@ -77,11 +74,7 @@ FP32_CASES = ["fp32_odd", "fp32_strips", "fp32_strided_no_bias", "fp32_one_row",
               "fp32_large_values", "fp32_gather_strips", "fp32_gather_one_column"]
 
 
-@pytest.fixture(scope="module")
-def interpreter_results() -> dict:
-    if not HAS_TRITON:
-        pytest.skip("triton is not installed")
-    return run_interpreted(_INTERPRETER_SCRIPT)
+interpreter_results = interpreter_fixture(_INTERPRETER_SCRIPT)
 
 
 def test_interpreter_is_really_used(interpreter_results):

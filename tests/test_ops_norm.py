@@ -10,7 +10,6 @@ kernels on and off.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import pytest
@@ -21,9 +20,8 @@ from sanaflow.errors import InputError
 from sanaflow.ops import norm as norm_ops
 from sanaflow.ops.triton_norm import norm_modulate, quantize_rows
 from sanaflow.quant.layers import FP8_MAX, Fp8Rows, prequantize
-from triton_interp import run_interpreted
+from triton_interp import HAS_TRITON, interpreter_fixture
 
-HAS_TRITON = importlib.util.find_spec("triton") is not None
 TINY = dict(in_channels=4, out_channels=4, attention_head_dim=16, caption_channels=32, mlp_ratio=2.5,
             sample_size=8, patch_size=1, attention_bias=False, norm_elementwise_affine=False, norm_eps=1e-6,
             interpolation_scale=None, num_attention_heads=2, num_layers=2, num_cross_attention_heads=2,
@@ -94,11 +92,7 @@ print("RESULT" + json.dumps(res))
 """
 
 
-@pytest.fixture(scope="module")
-def interpreter_results() -> dict:
-    if not HAS_TRITON:
-        pytest.skip("triton is not installed")
-    return run_interpreted(_INTERPRETER_SCRIPT)
+interpreter_results = interpreter_fixture(_INTERPRETER_SCRIPT)
 
 
 def test_interpreter_is_really_used(interpreter_results):

@@ -7,17 +7,13 @@ and report relative errors as JSON. The same checks at SANA's real sizes run on 
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
 
 from sanaflow.errors import InputError
 from sanaflow.ops.linear_attention import linear_attention_reference
 from sanaflow.ops.triton_linear_attention import linear_attention_triton
-from triton_interp import run_interpreted
-
-HAS_TRITON = importlib.util.find_spec("triton") is not None
+from triton_interp import HAS_TRITON, interpreter_fixture
 
 # Runs in a fresh interpreter with TRITON_INTERPRET=1; prints one JSON object of relative errors.
 _INTERPRETER_SCRIPT = r"""
@@ -71,11 +67,7 @@ print("RESULT" + json.dumps(res))
 """
 
 
-@pytest.fixture(scope="module")
-def interpreter_results() -> dict:
-    if not HAS_TRITON:
-        pytest.skip("triton is not installed")
-    return run_interpreted(_INTERPRETER_SCRIPT)
+interpreter_results = interpreter_fixture(_INTERPRETER_SCRIPT)
 
 
 FP32_CASES = ["fp32_heads_last", "fp32_cross_lengths", "fp32_one_head_split", "fp32_head_dim_24",
