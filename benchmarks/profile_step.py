@@ -28,6 +28,7 @@ import json
 import math
 import re
 import sys
+import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -153,13 +154,26 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def host_timing(fn, steps: int, device: torch.device) -> dict[str, float]:
+    """Unprofiled ms per step: `host_ms` until the last call returned (the host's launch work), `wall_ms`
+    until the device finished. Equal values: the step is bound by the host's launches, not the GPU."""
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    host = time.perf_counter() - t0
+    _sync(device)
+    wall = time.perf_counter() - t0
+    return {"host_ms": 1e3 * host / steps, "wall_ms": 1e3 * wall / steps}
+
+
 def profile_impl(fn, args: argparse.Namespace, device: torch.device, trace: Path | None) -> dict[str, Any]:
-    """Warm up, profile `args.steps` calls of `fn` and return the op / kernel / category tables (ms per step)."""
+    """Warm up, time and profile `args.steps` calls of `fn`; the op / kernel / category tables (ms per step)."""
     cuda = device.type == "cuda"
     with torch.no_grad():
         for _ in range(args.warmup):
             fn()
-        _sync(device)
+        timing = host_timing(fn, args.steps, device)
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
         with profile(activities=activities, record_shapes=True) as prof:
             for _ in range(args.steps):
@@ -198,6 +212,7 @@ def profile_impl(fn, args: argparse.Namespace, device: torch.device, trace: Path
     top = sorted(ops.items(), key=lambda kv: -kv[1])[: args.top]
     return {
         "total_ms": total,
+        **timing,
         "ops": [{"op": k, "ms": v, "pct": 100 * v / total, "calls_per_step": calls[k] / args.steps} for k, v in top],
         "kernels": [{"kernel": k, "ms": v, "pct": 100 * v / total}
                     for k, v in sorted(kernels.items(), key=lambda kv: -kv[1])[: args.top]],
@@ -213,6 +228,8 @@ def print_report(name: str, report: dict[str, Any], cuda: bool) -> None:
     """The three tables of one implementation, as plain text."""
     clock = "self CUDA" if cuda else "self CPU"
     print(f"\n=== {name}: {report['total_ms']:.2f} ms {clock} time per step (profiled) ===")
+    print(f"unprofiled: {report['wall_ms']:.2f} ms per step, of which the host's calls took {report['host_ms']:.2f} ms"
+          + (" (launch-bound)" if cuda and report["host_ms"] > 0.9 * report["wall_ms"] else ""))
     print(f"{'ms/step':>9} {'%':>6} {'calls':>7}  op")
     for r in report["ops"]:
         print(f"{r['ms']:9.3f} {r['pct']:6.1f} {r['calls_per_step']:7.0f}  {r['op']}")
