@@ -218,6 +218,41 @@ def test_cli_quantize_transformer_and_pipeline(tmp_path, capsys):
     assert not (tmp_path / "f").exists() and not (tmp_path / "qq").exists()
 
 
+def test_generate_quantize_flag_and_pipeline_quantize(tmp_path, capsys):
+    pytest.importorskip("diffusers")
+    import yaml
+
+    from sanaflow.pipelines.text_to_image import load_pipeline
+    from tiny_sana import save_tiny_sana
+
+    src = save_tiny_sana(tmp_path / "pipe")
+    kw = dict(seed=0, num_inference_steps=3, output_type="pt", height=64, width=64)
+    ref = load_pipeline(src, device="cpu")("a red cat", **kw).images
+    pipe = load_pipeline(src, device="cpu", quantize="int8")
+    assert is_quantized(pipe.transformer) == "int8"
+    assert cosine(pipe("a red cat", **kw).images, ref) >= 0.99
+    with pytest.raises(ConfigError, match="already quantized"):
+        pipe.quantize("int8")
+    compiled = load_pipeline(src, device="cpu").compile(backend="eager")
+    with pytest.raises(ConfigError, match="before compile"):
+        compiled.quantize("int8")
+
+    out = tmp_path / "out"
+    assert main(["generate", "a red cat", "--model", str(src), "--size", "64x64", "--steps", "2", "--device", "cpu",
+                 "--quantize", "int8", "--seed", "1", "--out", str(out)]) == 0
+    assert len(list(out.glob("*.png"))) == 1
+    assert yaml.safe_load((out / "config.yaml").read_text())["quantize"] == "int8"
+    # errors: one line, exit 2, nothing written
+    capsys.readouterr()
+    for mode, words in (("fp8", "fp8"), ("int4", "int8")):
+        bad = tmp_path / f"bad-{mode}"
+        assert main(["generate", "a red cat", "--model", str(src), "--size", "64x64", "--steps", "1",
+                     "--device", "cpu", "--quantize", mode, "--out", str(bad)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert words in err and len(err.splitlines()) == 1, err
+        assert not bad.exists() or not list(bad.glob("*.png"))
+
+
 # ----------------------------------------------------------------------------------------------
 # GPU
 # ----------------------------------------------------------------------------------------------

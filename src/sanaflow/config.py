@@ -169,6 +169,8 @@ class GenerateConfig:
     cuda_graphs: bool = False
     # Keep the text encoder on the CPU except while encoding (less GPU memory, e.g. for 4K).
     offload_text_encoder: bool = False
+    # Quantize the transformer after loading: int8 weight-only (CPU and GPU) or fp8 (H100-class GPUs).
+    quantize: Literal["int8", "fp8"] | None = None
 
     def __post_init__(self) -> None:
         if self.num_images_per_prompt < 1:

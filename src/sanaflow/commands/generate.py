@@ -47,6 +47,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "instead of a minute (best with --cuda-graphs)")
     p.add_argument("--cuda-graphs", action="store_true", default=None,
                    help="replay each sampling step from a captured CUDA graph (CUDA only)")
+    p.add_argument("--quantize", default=None, metavar="MODE",
+                   help="quantize the transformer after loading: int8 (weight-only, CPU and GPU) or fp8 "
+                        "(H100-class GPUs); `sanaflow quantize` saves a quantized model instead")
     p.add_argument("--offload", action="store_true", default=None,
                    help="keep the text encoder on the CPU except while encoding (less GPU memory)")
     p.set_defaults(func=run_generate)
@@ -94,7 +97,7 @@ FLAG_KEYS = {"model": "model", "negative": "negative_prompt", "steps": "sampling
              "num_images": "num_images_per_prompt", "sampler": "sampling.sampler", "out": "output_dir",
              "device": "device", "dtype": "dtype", "compile": "compile", "compile_regional": "compile_regional",
              "cuda_graphs": "cuda_graphs",
-             "offload": "offload_text_encoder"}
+             "offload": "offload_text_encoder", "quantize": "quantize"}
 
 
 def resolve_config(args: argparse.Namespace):
@@ -204,11 +207,19 @@ def run_generate(args: argparse.Namespace) -> int:
         raise InputError(f"--batch-size must be >= 1, got {args.batch_size}")
     if sc.steps > 1000:
         raise InputError(f"steps {sc.steps} is above the limit of 1000")
-    if cfg.cuda_graphs:
+    if cfg.cuda_graphs or cfg.quantize is not None:
         from ..pipelines.components import pick_device
 
-        if pick_device(cfg.device).type != "cuda":
-            raise InputError(f"--cuda-graphs needs a CUDA device; this run uses {pick_device(cfg.device)}")
+        device = pick_device(cfg.device)
+        if cfg.cuda_graphs and device.type != "cuda":
+            raise InputError(f"--cuda-graphs needs a CUDA device; this run uses {device}")
+        if cfg.quantize is not None:
+            from ..quant import check_mode, fp8_supported
+
+            check_mode(cfg.quantize)
+            if cfg.quantize == "fp8" and not fp8_supported(device):
+                raise InputError(f"--quantize fp8 needs a CUDA GPU with FP8 tensor cores (H100/H200, L40S, RTX 40xx); "
+                                 f"this run uses {device}: use --quantize int8 (CPU and any GPU)")
     out_dir = Path(cfg.output_dir)
     n = cfg.num_images_per_prompt
     out_file = single_output_file(out_dir, len(prompts) * n)
@@ -220,7 +231,7 @@ def run_generate(args: argparse.Namespace) -> int:
         _show_progress_logs()
     pipe = load_pipeline(cfg.model, device=cfg.device, dtype=cfg.dtype, compile=cfg.compile,
                          offload_text_encoder=cfg.offload_text_encoder, cuda_graphs=cfg.cuda_graphs,
-                         compile_regional=cfg.compile_regional)
+                         compile_regional=cfg.compile_regional, quantize=cfg.quantize)
     width = cfg.width or pipe.native_size
     height = cfg.height or pipe.native_size
     seed = sc.seed if sc.seed is not None else random.randrange(2**31 - 1)

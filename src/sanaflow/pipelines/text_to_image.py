@@ -151,6 +151,21 @@ class TextToImagePipeline:
                     " and the DC-AE decoder" if decoder else "")
         return self
 
+    def quantize(self, mode: str) -> TextToImagePipeline:
+        """Quantize the transformer in place: "int8" (weight-only, CPU and GPU) or "fp8" (sm_89+ GPUs).
+
+        Call before `compile()`. Returns the pipeline. `sanaflow quantize` saves a quantized model
+        instead, which loads without this step.
+        """
+        from ..quant import quantize_transformer
+
+        if self.compiled:
+            raise ConfigError("quantize the pipeline before compile(): the compiled graph holds the float layers")
+        quantize_transformer(self.transformer, mode)
+        self._graphs.clear()  # captured graphs hold the float weights' addresses
+        logger.info("transformer quantized (%s)", mode)
+        return self
+
     @property
     def compiled(self) -> bool:
         """True once `compile()` was called."""
@@ -493,13 +508,16 @@ def swapped_self_attention(transformer, layers, processor):
 
 def load_pipeline(ref: str | os.PathLike | None = None, device=None, dtype=None, compile: bool = False,
                   offload_text_encoder: bool = False, cuda_graphs: bool = False,
-                  compile_regional: bool = False) -> TextToImagePipeline:
+                  compile_regional: bool = False, quantize: str | None = None) -> TextToImagePipeline:
     """Load a text-to-image pipeline (None = the embedded default model); see TextToImagePipeline for the options.
 
-    `compile_regional` compiles per transformer block (`TextToImagePipeline.compile(regional=True)`); it implies `compile`.
+    `compile_regional` compiles per transformer block (`TextToImagePipeline.compile(regional=True)`); it implies
+    `compile`. `quantize` ("int8" / "fp8") quantizes the transformer after loading (`TextToImagePipeline.quantize`).
     """
     pipe = TextToImagePipeline.from_pretrained(ref, device=device, dtype=dtype,
                                                offload_text_encoder=offload_text_encoder, cuda_graphs=cuda_graphs)
+    if quantize is not None:
+        pipe.quantize(quantize)
     if compile or compile_regional:
         pipe.compile(regional=compile_regional)
     return pipe
