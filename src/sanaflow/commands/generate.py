@@ -214,12 +214,9 @@ def run_generate(args: argparse.Namespace) -> int:
         if cfg.cuda_graphs and device.type != "cuda":
             raise InputError(f"--cuda-graphs needs a CUDA device; this run uses {device}")
         if cfg.quantize is not None:
-            from ..quant import check_mode, fp8_supported
+            from ..quant import check_quantization
 
-            check_mode(cfg.quantize)
-            if cfg.quantize == "fp8" and not fp8_supported(device):
-                raise InputError(f"--quantize fp8 needs a CUDA GPU with FP8 tensor cores (H100/H200, L40S, RTX 40xx); "
-                                 f"this run uses {device}: use --quantize int8 (CPU and any GPU)")
+            check_quantization(cfg.quantize, device)  # before any model loads
     out_dir = Path(cfg.output_dir)
     n = cfg.num_images_per_prompt
     out_file = single_output_file(out_dir, len(prompts) * n)

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 def preload_kernels() -> None:
     """Resolve every lazily imported Triton entry point now (CUDA present), before torch.compile traces a call."""
-    from ..quant import layers
     from . import linear_attention, mixffn, norm
 
     linear_attention.preload()
     mixffn.preload()
-    norm.preload()
-    layers.preload()
+    norm.preload()  # the fused norm and the fp8 row quantisation

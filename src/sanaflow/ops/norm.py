@@ -5,6 +5,7 @@ one) and h = norm(x') * (1 + scale) + shift. The fused kernel (`sanaflow.ops.tri
 the tokens are on CUDA, triton is installed, autograd is not recording (forward only), the norm is
 a LayerNorm without affine parameters (SANA's) and nothing hooks it; otherwise the torch path runs.
 ``SANAFLOW_FUSED_NORM=0`` (or false / off / no) switches the kernel off; read once at import.
+`row_quantizer` hands fp8 layers (`sanaflow.quant.layers`) the same module's row-quantisation kernel.
 """
 
 from __future__ import annotations
@@ -16,16 +17,23 @@ from torch import nn
 
 FUSED_NORM = os.environ.get("SANAFLOW_FUSED_NORM", "1").strip().lower() not in ("0", "false", "off", "no")
 
-_fused_fn = None  # triton_norm.norm_modulate, or False without triton; None until resolved
+_kernels = None  # the triton_norm module, or False without triton; None until resolved
 
 
 def _resolve():
-    global _fused_fn
-    if _fused_fn is None:
-        from .triton_norm import norm_modulate, triton_available  # imports without triton too
+    """`sanaflow.ops.triton_norm` when triton is installed, else False (imported on first use)."""
+    global _kernels
+    if _kernels is None:
+        from . import triton_norm  # imports without triton too
 
-        _fused_fn = norm_modulate if triton_available() else False
-    return _fused_fn
+        _kernels = triton_norm if triton_norm.triton_available() else False
+    return _kernels
+
+
+def row_quantizer():
+    """The one-pass per-row quantisation kernel (`triton_norm.quantize_rows`), or None without triton."""
+    kernels = _resolve()
+    return kernels.quantize_rows if kernels else None
 
 
 def _interpreting() -> bool:
@@ -35,8 +43,9 @@ def _interpreting() -> bool:
 
 
 def preload() -> None:
-    """Resolve the kernel now (imports triton when switched on and CUDA is present)."""
-    if FUSED_NORM and torch.cuda.is_available():
+    """Resolve the kernels now (imports triton when CUDA is present; fp8 layers use the row quantisation
+    even with the fused norm switched off)."""
+    if torch.cuda.is_available():
         _resolve()
 
 
@@ -61,9 +70,9 @@ def norm_modulate(
     interpreter when it is on).
     """
     if _fusable(norm, x, enabled):
-        fused = _resolve()
-        if fused:
-            return fused(x, shift, scale, norm.eps, residual)
+        kernels = _resolve()
+        if kernels:
+            return kernels.norm_modulate(x, shift, scale, norm.eps, residual)
     if residual is not None:
         x = x + residual
     return x, torch.addcmul(shift, norm(x), 1 + scale).to(x.dtype)

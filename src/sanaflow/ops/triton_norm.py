@@ -11,7 +11,7 @@ norm, then the modulation, and (for the block's second norm) the residual add be
 kernels, each reading and writing a (B, N, D) tensor; compiled, inductor fuses them into a looped
 reduction that measured ~3x slower than the bytes it moves (`benchmarks/profile_step.py`).
 
-`quantize_rows(x, dtype, qmax)` is the dynamic per-row quantisation of fp8 (and int8) activations:
+`quantize_rows(x, dtype, qmax, scale_min)` is the dynamic per-row quantisation of fp8 activations:
 one read of the bf16 row, one write of the 1-byte values and the row's float32 scale.
 
 Both keep the whole row in registers (one program per row, D up to 16,384). CPU tensors run the

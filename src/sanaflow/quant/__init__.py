@@ -85,6 +85,18 @@ def check_mode(mode: str) -> None:
         raise unknown_choice("quantization mode", mode, QUANT_MODES)
 
 
+def check_quantization(mode: str, device: torch.device | str) -> None:
+    """Raise unless `mode` is a quantization mode that runs on `device` (fp8 needs FP8 tensor cores)."""
+    check_mode(mode)
+    device = torch.device(device)
+    if mode == "fp8" and not fp8_supported(device):
+        where = "a CPU" if device.type != "cuda" else f"{torch.cuda.get_device_name(device)} (compute capability < 8.9)"
+        raise InputError(
+            f"fp8 quantization needs a CUDA GPU with FP8 tensor cores (H100/H200, L40S, RTX 40xx), but the model is on "
+            f"{where}; use such a GPU, or quantize to int8 (runs on CPU and any GPU)"
+        )
+
+
 def _keep_high_precision(name: str) -> bool:
     return any(name == p or name.startswith(p + ".") for p in HIGH_PRECISION_MODULES)
 
@@ -126,13 +138,7 @@ def quantize_transformer(model: nn.Module, mode: str) -> nn.Module:
     check_mode(mode)
     if (current := is_quantized(model)) is not None:
         raise ConfigError(f"this model is already quantized ({current}); load the float model to quantize again")
-    device = _device_of(model)
-    if mode == "fp8" and not fp8_supported(device):
-        where = "a CPU" if device.type != "cuda" else f"{torch.cuda.get_device_name(device)} (compute capability < 8.9)"
-        raise InputError(
-            f"fp8 quantization needs a CUDA GPU with FP8 tensor cores (H100/H200, L40S, RTX 40xx), but the model is on "
-            f"{where}; move the model to such a GPU first, or use --mode int8 (runs on CPU and any GPU)"
-        )
+    check_quantization(mode, _device_of(model))
     cls = LAYER_CLASSES[mode]
     with torch.no_grad():
         for name in quantizable_modules(model, mode):

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InputError
+from ..ops.norm import row_quantizer
 
 INT8_MAX = 127.0
 FP8_DTYPE = torch.float8_e4m3fn
@@ -55,8 +56,10 @@ def quantize_fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     On CUDA (with triton) one fused pass (`sanaflow.ops.triton_norm.quantize_rows`), else
     `quantize_fp8_rows_reference`: the same values.
     """
-    if x.is_cuda and x.dim() == 2 and 0 < x.shape[1] <= _ROW_KERNEL_MAX and _row_kernel() is not None:
-        return _row_kernel()(x, FP8_DTYPE, FP8_MAX, _SCALE_MIN)
+    if x.is_cuda and x.dim() == 2 and 0 < x.shape[1] <= _ROW_KERNEL_MAX:
+        kernel = row_quantizer()
+        if kernel is not None:
+            return kernel(x, FP8_DTYPE, FP8_MAX, _SCALE_MIN)
     return quantize_fp8_rows_reference(x)
 
 
@@ -68,24 +71,7 @@ def quantize_fp8_rows_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     return q, scale
 
 
-_ROW_KERNEL_MAX = 16384
-_row_kernel_fn = None  # triton_norm.quantize_rows, or False without triton; None until resolved
-
-
-def _row_kernel():
-    """The fused per-row quantisation kernel, or None without triton."""
-    global _row_kernel_fn
-    if _row_kernel_fn is None:
-        from ..ops.triton_norm import quantize_rows, triton_available
-
-        _row_kernel_fn = quantize_rows if triton_available() else False
-    return _row_kernel_fn or None
-
-
-def preload() -> None:
-    """Resolve the row-quantisation kernel now (CUDA present), before torch.compile traces a call."""
-    if torch.cuda.is_available():
-        _row_kernel()
+_ROW_KERNEL_MAX = 16384  # widest row the kernel holds (sanaflow.ops.triton_norm.MAX_ROW)
 
 
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
