@@ -5,7 +5,10 @@ one) and h = norm(x') * (1 + scale) + shift. The fused kernel (`sanaflow.ops.tri
 the tokens are on CUDA, triton is installed, autograd is not recording (forward only), the norm is
 a LayerNorm without affine parameters (SANA's) and nothing hooks it; otherwise the torch path runs.
 ``SANAFLOW_FUSED_NORM=0`` (or false / off / no) switches the kernel off; read once at import.
-`row_quantizer` hands fp8 layers (`sanaflow.quant.layers`) the same module's row-quantisation kernel.
+`row_quantizer` hands fp8 layers (`sanaflow.quant.layers`) the same module's row-quantisation kernel,
+and `norm_quantizer` / `residual_quantizer` the passes that write an activation as fp8 rows directly
+(``quant.layers.norm_modulate_fp8`` / ``gated_residual_fp8``), under the same conditions and switch
+as the fused norm: they return None where the torch path must run.
 """
 
 from __future__ import annotations
@@ -49,15 +52,42 @@ def preload() -> None:
         _resolve()
 
 
-def _fusable(norm: nn.Module, x: torch.Tensor, enabled: bool | None) -> bool:
+def _kernel_runs(enabled: bool | None, x: torch.Tensor, *others: torch.Tensor | None) -> bool:
+    """Whether a row kernel takes tokens `x` (and the other inputs): switched on, on CUDA, nothing to differentiate."""
     if not (FUSED_NORM if enabled is None else enabled):
         return False
     if not x.is_cuda and not (enabled is True and _interpreting()):  # CPU: only tests, in Triton's interpreter
         return False
-    if torch.is_grad_enabled() and x.requires_grad:
-        return False  # forward-only kernel
-    return (type(norm) is nn.LayerNorm and norm.weight is None and norm.bias is None
-            and len(norm.normalized_shape) == 1 and not norm._forward_hooks and not norm._forward_pre_hooks)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *others)):
+        return False  # forward-only kernels
+    return True
+
+
+def _fusable(norm: nn.Module, x: torch.Tensor, enabled: bool | None, *others: torch.Tensor | None) -> bool:
+    return (_kernel_runs(enabled, x, *others) and type(norm) is nn.LayerNorm and norm.weight is None
+            and norm.bias is None and len(norm.normalized_shape) == 1
+            and not norm._forward_hooks and not norm._forward_pre_hooks)
+
+
+def norm_quantizer(
+    norm: nn.Module, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
+    residual: torch.Tensor | None = None, enabled: bool | None = None,
+):
+    """`triton_norm.norm_modulate_quantize` where `norm_modulate` would run its kernel on these inputs, else None."""
+    if _fusable(norm, x, enabled, shift, scale, residual):
+        kernels = _resolve()
+        if kernels:
+            return kernels.norm_modulate_quantize
+    return None
+
+
+def residual_quantizer(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, enabled: bool | None = None):
+    """`triton_norm.gated_residual_quantize` for x + gate * y when the row kernels run on these inputs, else None."""
+    if _kernel_runs(enabled, x, gate, y) and x.dtype == gate.dtype == y.dtype:
+        kernels = _resolve()
+        if kernels:
+            return kernels.gated_residual_quantize
+    return None
 
 
 def norm_modulate(
@@ -69,7 +99,7 @@ def norm_modulate(
     `enabled` overrides the SANAFLOW_FUSED_NORM switch (tests; True also runs CPU tokens in Triton's
     interpreter when it is on).
     """
-    if _fusable(norm, x, enabled):
+    if _fusable(norm, x, enabled, shift, scale, residual):
         kernels = _resolve()
         if kernels:
             return kernels.norm_modulate(x, shift, scale, norm.eps, residual)
