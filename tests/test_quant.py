@@ -1,4 +1,9 @@
-"""INT8 / FP8 quantization of the SANA transformer: accuracy, save/load, CLI, errors."""
+"""INT8 / FP8 quantization of the SANA transformer: accuracy, save/load, CLI, errors.
+
+The fp8 block wiring (norms and the residual add handing fp8 layers quantized rows) runs on the CPU
+with torch's CPU ``_scaled_mm`` standing in for the GPU's (the fp8 device check patched, `cpu_fp8`);
+the kernels themselves are checked in tests/test_ops_norm.py.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +13,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import sanaflow.models.sana_transformer as st
+import sanaflow.quant as quant
+import sanaflow.quant.layers as layers
 from sanaflow.cli import main
 from sanaflow.errors import CheckpointError, ConfigError, InputError, SanaflowError
-from sanaflow.models.sana_transformer import SanaTransformer
+from sanaflow.models.sana_transformer import (
+    LinearSelfAttnProcessor,
+    SanaTransformer,
+    SoftmaxCrossAttnProcessor,
+)
+from sanaflow.ops import norm as norm_ops
 from sanaflow.quant import (
     HIGH_PRECISION_MODULES,
     Fp8Linear,
@@ -20,7 +33,14 @@ from sanaflow.quant import (
     quantize_transformer,
     save_quantized,
 )
-from sanaflow.quant.layers import fp8_linear, int8_linear, quantize_fp8_rows, quantize_int8_rows
+from sanaflow.quant.layers import (
+    Fp8Rows,
+    accepts_fp8_rows,
+    fp8_linear,
+    int8_linear,
+    quantize_fp8_rows,
+    quantize_int8_rows,
+)
 
 TINY = dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=2,
             num_cross_attention_heads=2, cross_attention_head_dim=16, cross_attention_dim=32, caption_channels=16,
@@ -254,6 +274,156 @@ def test_generate_quantize_flag_and_pipeline_quantize(tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------------------------
+# fp8 producers: the norms and the residual add hand fp8 layers quantized rows (CPU)
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def cpu_fp8(monkeypatch):
+    """fp8 layers that run on the CPU: torch's CPU _scaled_mm for the GPU's (the fp8 device checks patched)."""
+    a = torch.zeros(16, 16).to(torch.float8_e4m3fn)
+    try:
+        torch._scaled_mm(a, a.t(), scale_a=torch.ones(16, 1), scale_b=torch.ones(1, 16), out_dtype=torch.bfloat16)
+    except (RuntimeError, NotImplementedError) as e:  # older torch: no CPU _scaled_mm
+        pytest.skip(f"torch._scaled_mm unavailable on CPU: {e}")
+    monkeypatch.setattr(layers, "_on_fp8_device", lambda x: True)
+    monkeypatch.setattr(quant, "check_quantization", lambda mode, device: None)
+    monkeypatch.setattr(norm_ops, "FUSED_NORM", True)  # the switch the rows path follows (the suite may run it off)
+
+
+def fp8_pair(dtype=torch.float32, num_layers=2):
+    """(float model, its fp8 copy) of the tiny config on the CPU."""
+    torch.manual_seed(0)
+    model = SanaTransformer(**{**TINY, "num_layers": num_layers}).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(std=0.2)
+    model = model.to(dtype)
+    qmodel = SanaTransformer(**{**TINY, "num_layers": num_layers}).eval().to(dtype)
+    qmodel.load_state_dict(model.state_dict())
+    return model, quantize_transformer(qmodel, "fp8")
+
+
+def spy(monkeypatch) -> dict[str, int]:
+    """Count the block's fp8 producers and what its fp8 matmuls are given (rows or tensors)."""
+    calls = {"norm": 0, "residual": 0, "rows_in": 0, "tensor_in": 0}
+
+    def counted(name, fn):
+        def run(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return run
+
+    def matmul(x, *args):
+        calls["rows_in" if isinstance(x, Fp8Rows) else "tensor_in"] += 1
+        return fp8_matmul(x, *args)
+
+    fp8_matmul = layers.fp8_linear
+    monkeypatch.setattr(st, "norm_modulate_fp8", counted("norm", st.norm_modulate_fp8))
+    monkeypatch.setattr(st, "gated_residual_fp8", counted("residual", st.gated_residual_fp8))
+    monkeypatch.setattr(layers, "fp8_linear", matmul)
+    return calls
+
+
+def inputs_as(dtype):
+    x, caption, t, mask = tiny_inputs()
+    return x.to(dtype), caption.to(dtype), t, mask
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp8_block_hands_rows_and_matches_the_unfused_block(cpu_fp8, monkeypatch, dtype):
+    model, qmodel = fp8_pair(dtype)
+    inputs = inputs_as(dtype)
+    ref = run(model, inputs)
+    calls = spy(monkeypatch)
+    rows = run(qmodel, inputs)
+    # per block: norm1 -> rows for attn1's q/k/v, x + gate * attn1 -> rows for attn2's q, norm2 -> rows
+    # for ff's first 1x1 conv; with attn2's caption k/v rows (prequantize) 7 of 10 matmuls read rows
+    assert calls == {"norm": 4, "residual": 2, "rows_in": 14, "tensor_in": 6}, calls
+    monkeypatch.setattr(st, "fp8_rows_wanted", lambda x: False)  # the unfused block: each layer quantizes
+    plain = run(qmodel, inputs)
+    assert calls == {"norm": 4, "residual": 2, "rows_in": 24, "tensor_in": 16}, calls  # q/k/v, caption k/v: rows
+    # Without the kernels (CPU, outside the interpreter) the producers run the torch path and quantize
+    # with the reference: the very rows the layers build themselves, so the outputs agree bit for bit.
+    assert torch.equal(rows, plain)
+    assert cosine(rows, ref) >= 0.99 and not torch.equal(rows.float(), ref.float())
+
+
+def test_fp8_rows_reach_only_default_processors_and_unhooked_modules(cpu_fp8, monkeypatch):
+    _, qmodel = fp8_pair(num_layers=3)
+    inputs = inputs_as(torch.float32)
+    monkeypatch.setattr(st, "fp8_rows_wanted", lambda x: False)
+    plain = run(qmodel, inputs)  # no rows anywhere
+    monkeypatch.setattr(st, "fp8_rows_wanted", layers.fp8_rows_wanted)
+    seen = []
+
+    class SelfRecorder(LinearSelfAttnProcessor):  # a subclass: the same math, but not the default class
+        def __call__(self, attn, hidden_states, height, width):
+            seen.append(("attn1 processor", type(hidden_states)))
+            return super().__call__(attn, hidden_states, height, width)
+
+    class CrossRecorder(SoftmaxCrossAttnProcessor):
+        def __call__(self, attn, hidden_states, encoder_hidden_states, attention_bias):
+            seen.append(("attn2 processor", type(hidden_states)))
+            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_bias)
+
+    b0, b1, b2 = qmodel.transformer_blocks
+    # block 0: a custom attn1 processor (TokenFlow's, PAG's), a pre-hook on attn2, ff free
+    qmodel.set_attn_processor({"transformer_blocks.0.attn1": SelfRecorder()})
+    b0.attn2.register_forward_pre_hook(lambda m, args: seen.append(("attn2 pre-hook", type(args[0]))))
+    # block 1: attn1 free, a custom attn2 processor, a forward hook on ff (TokenFlow's feature hook)
+    qmodel.set_attn_processor({"transformer_blocks.1.attn2": CrossRecorder()})
+    b1.ff.register_forward_hook(lambda m, args, out: seen.append(("ff hook", type(args[0]))))
+    # block 2: hooks on the fp8 layers themselves (attn1's to_k, ff's conv_inverted); attn2 free
+    b2.attn1.to_k.register_forward_pre_hook(lambda m, args: seen.append(("to_k pre-hook", type(args[0]))))
+    b2.ff.conv_inverted.register_forward_pre_hook(lambda m, args: seen.append(("conv pre-hook", type(args[0]))))
+    calls = spy(monkeypatch)
+    got = run(qmodel, inputs)
+    assert sorted({name for name, _ in seen}) == ["attn1 processor", "attn2 pre-hook", "attn2 processor", "conv pre-hook",
+                                                  "ff hook", "to_k pre-hook"]
+    assert all(kind is torch.Tensor for _, kind in seen), seen
+    assert (calls["norm"], calls["residual"]) == (2, 1)  # block 0's norm2, block 1's norm1, block 2's residual
+    assert torch.equal(got, plain)
+
+
+def test_accepts_fp8_rows_wants_unhooked_fp8_layers():
+    lin = Fp8Linear.from_float(torch.nn.Linear(32, 16))
+    conv = Fp8Linear.from_float(torch.nn.Conv2d(32, 16, 1))
+    assert accepts_fp8_rows(lin, conv)
+    assert not accepts_fp8_rows(lin, torch.nn.Linear(32, 16))
+    assert not accepts_fp8_rows(Int8WeightOnlyLinear.from_float(torch.nn.Linear(32, 16)))
+    conv.register_forward_hook(lambda *a: None)
+    assert not accepts_fp8_rows(lin, conv)  # a hook would see rows instead of the tensor it expects
+
+
+def test_fp8_pointwise_conv_reads_token_rows(cpu_fp8):
+    conv = Fp8Linear.from_float(torch.nn.Conv2d(32, 16, 1).bfloat16())
+    tokens = torch.randn(2, 12, 32).bfloat16()  # (B, N = 3 * 4, C)
+    grid = tokens.unflatten(1, (3, 4)).permute(0, 3, 1, 2)  # (B, C, 3, 4) channels-last view
+    q, scale = quantize_fp8_rows(tokens.reshape(-1, 32))
+    out = conv(Fp8Rows(q, scale, tokens.shape, tokens.dtype))
+    assert out.shape == (2, 12, 16)  # tokens in, tokens out
+    assert torch.equal(out, conv(grid).flatten(2).transpose(1, 2))
+
+
+def test_fp8_rows_path_compiles_into_one_graph(cpu_fp8, monkeypatch):
+    from sanaflow.pipelines.acceleration import compile_module
+
+    torch._dynamo.reset()
+    _, qmodel = fp8_pair(torch.bfloat16)
+    inputs = inputs_as(torch.bfloat16)
+    eager = run(qmodel, inputs)
+    calls = spy(monkeypatch)
+    try:
+        whole = run(torch.compile(qmodel, fullgraph=True, backend="eager"), inputs)  # a graph break fails
+        assert calls["norm"] == 4 and calls["residual"] == 2  # traced through the producers
+        regional = run(compile_module(qmodel, backend="eager", regional=True), inputs)
+    finally:
+        torch._dynamo.reset()
+    assert torch.equal(whole, eager) and torch.equal(regional, eager)
+
+
+# ----------------------------------------------------------------------------------------------
 # GPU
 # ----------------------------------------------------------------------------------------------
 
@@ -285,3 +455,41 @@ def test_gpu_quantized_close_to_bf16(mode, tmp_path):
     save_quantized(model, tmp_path / "q")
     loaded = SanaTransformer.from_pretrained(tmp_path / "q", torch_dtype=torch.bfloat16, device="cuda")
     assert torch.equal(run(loaded, inputs), out)
+
+
+@pytest.mark.gpu
+def test_gpu_fp8_block_with_fused_producers_matches_unfused_and_bf16(monkeypatch):
+    from sanaflow.pipelines.acceleration import compile_module
+    from sanaflow.quant import fp8_supported
+
+    if not fp8_supported():
+        pytest.skip("no FP8 tensor cores on this GPU")
+    if not norm_ops.FUSED_NORM:
+        pytest.skip("SANAFLOW_FUSED_NORM is off: no fused producers")
+    model, inputs = _gpu_model()
+    block = model.transformer_blocks[0]
+    g = torch.Generator(device="cuda").manual_seed(4)
+    D = block.norm1.normalized_shape[0]
+    tokens = torch.randn(2, 64 * 64, D, device="cuda", generator=g).bfloat16()  # (B, N, D) at 2048 px
+    context = torch.randn(2, 300, D, device="cuda", generator=g).bfloat16()
+    modulation = (torch.randn(2, 6 * D, device="cuda", generator=g) * 0.5).bfloat16()
+    block_args = (tokens, context, None, modulation, 64, 64)
+    with torch.no_grad():
+        ref_block = block(*block_args)
+        ref = run(model, inputs)
+        quantize_transformer(model, "fp8")
+        calls = spy(monkeypatch)
+        fused_block = block(*block_args)
+        assert (calls["norm"], calls["residual"]) == (2, 1)  # the producers wrote fp8 rows
+        fused = run(model, inputs)
+        monkeypatch.setattr(st, "fp8_rows_wanted", lambda x: False)  # fused norms still on; layers quantize
+        unfused_block = block(*block_args)
+        unfused = run(model, inputs)
+        monkeypatch.setattr(st, "fp8_rows_wanted", layers.fp8_rows_wanted)
+        torch._dynamo.reset()
+        regional = run(compile_module(model, regional=True), inputs)  # inductor traces the new kernels
+        torch._dynamo.reset()
+    assert cosine(fused_block, unfused_block) >= 0.9999
+    assert cosine(fused, unfused) >= 0.9999
+    assert cosine(fused_block, ref_block) >= 0.99 and cosine(fused, ref) >= 0.99
+    assert cosine(regional, fused) >= 0.9999

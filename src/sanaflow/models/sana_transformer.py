@@ -34,6 +34,11 @@ To write a processor, subclass `SelfAttnProcessor` or `CrossAttnProcessor` and i
 
 Processors keep any state they need themselves (e.g. a per-step state object that an editor sets
 before each call); the defaults are stateless and one instance may serve many modules.
+
+In an fp8 model (`sanaflow.quant`) the block may hand the *default* processors their
+``hidden_states`` as quantized rows (`sanaflow.quant.layers.Fp8Rows`) written by the norm or residual
+kernel, which ``project_qkv`` / ``project_q`` accept. A processor of any other class, and any module
+with hooks, always gets the tensor (`SanaSelfAttention.reads_fp8_rows`).
 """
 
 from __future__ import annotations
@@ -52,7 +57,14 @@ from ..ops.cross_attention import attend_tokens
 from ..ops.linear_attention import linear_attention
 from ..ops.mixffn import fused_mixffn_fn
 from ..ops.norm import norm_modulate
-from ..quant.layers import prequantize
+from ..quant.layers import (
+    Fp8Rows,
+    accepts_fp8_rows,
+    fp8_rows_wanted,
+    gated_residual_fp8,
+    norm_modulate_fp8,
+    prequantize,
+)
 
 QK_NORMS = (None, "rms_norm_across_heads")
 TIMESTEP_CHANNELS = 256  # sinusoidal timestep features before the MLP
@@ -240,11 +252,14 @@ class GLUMBConv(nn.Module):
         self.conv_depth = nn.Conv2d(2 * hidden, 2 * hidden, 3, padding=1, groups=2 * hidden)
         self.conv_point = nn.Conv2d(hidden, dim, 1, bias=False)
 
-    def forward(self, x: torch.Tensor, height: int | None = None, width: int | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor | Fp8Rows, height: int | None = None, width: int | None = None
+    ) -> torch.Tensor:
         """Tokens (B, N, D) of a `height` x `width` grid -> (B, N, D) (`forward_tokens`), or a grid (B, D, H, W) -> (B, D, H, W).
 
         The block calls the module with its tokens, so forward hooks on the Mix-FFN (TokenFlow's PnP
-        feature injection, feature probes) see its real input and output.
+        feature injection, feature probes) see its real input and output. Tokens may come as
+        `Fp8Rows` (with the grid size) where `reads_fp8_rows()`: the block does that only then.
         """
         if height is not None and width is not None:
             return self.forward_tokens(x, height, width)  # (B, N, D)
@@ -252,13 +267,14 @@ class GLUMBConv(nn.Module):
         out = self.forward_tokens(x.flatten(2).transpose(1, 2), height, width)  # (B, N, D)
         return out.transpose(1, 2).unflatten(2, (height, width))  # (B, D, H, W)
 
-    def forward_tokens(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    def forward_tokens(self, x: torch.Tensor | Fp8Rows, height: int, width: int) -> torch.Tensor:
         """Tokens (B, N, D) of a row-major (height, width) grid -> (B, N, D), with no layout copies.
 
         The 1x1 convs run as matmuls on the tokens (F.linear with the stored conv weights: cuBLAS
         adds the bias in the GEMM epilogue, where cuDNN convs add it in a separate pass), and the
         depthwise 3x3 conv sees the tokens as a channels-last (B, C, H, W) view, so no
-        (B, N, D) <-> (B, D, H, W) transpose is ever materialised.
+        (B, N, D) <-> (B, D, H, W) transpose is ever materialised. `Fp8Rows` tokens (fp8
+        conv_inverted) go straight into its matmul.
         """
         h = _pointwise(self.conv_inverted, x, height, width)  # (B, N, 2h), before the SiLU
         conv = self.conv_depth
@@ -269,6 +285,10 @@ class GLUMBConv(nn.Module):
             h = self.dwconv_glu(h, height, width)  # (B, N, h)
         return _pointwise(self.conv_point, h, height, width)  # (B, N, D)
 
+    def reads_fp8_rows(self) -> bool:
+        """True when the input may come as `Fp8Rows`: no hooks on this module and an unhooked fp8 conv_inverted."""
+        return not _hooked(self) and accepts_fp8_rows(self.conv_inverted)
+
     def dwconv_glu(self, h: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """The torch path of the middle: (B, N, 2h) -> SiLU, depthwise 3x3, x * SiLU(gate) -> (B, N, h)."""
         h = F.silu(h)  # (B, N, 2h)
@@ -278,10 +298,13 @@ class GLUMBConv(nn.Module):
         return (h * F.silu(gate)).flatten(1, 2)  # (B, N, h)
 
 
-def _pointwise(conv: nn.Module, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+def _pointwise(conv: nn.Module, x: torch.Tensor | Fp8Rows, height: int, width: int) -> torch.Tensor:
     # A 1x1 Conv2d applied to tokens (B, N, C_in) -> (B, N, C_out). A plain Conv2d is a Linear over
     # its (C_out, C_in, 1, 1) weight; any other module (a quantized replacement, see
     # sanaflow.quant) takes the grid, so it gets a channels-last view and its output is viewed back.
+    # Fp8Rows (only for an fp8 layer, see GLUMBConv.reads_fp8_rows) are token rows its matmul reads as they are.
+    if isinstance(x, Fp8Rows):
+        return conv(x)  # (B, N, C_out)
     if isinstance(conv, nn.Conv2d):
         return F.linear(x, conv.weight.flatten(1), conv.bias)  # (B, N, C_out)
     grid = x.unflatten(1, (height, width)).permute(0, 3, 1, 2)  # (B, C_in, H, W) view
@@ -316,10 +339,10 @@ class CrossAttnProcessor:
 
 
 class LinearSelfAttnProcessor(SelfAttnProcessor):
-    """The default self-attention: ReLU linear attention over all N tokens."""
+    """The default self-attention: ReLU linear attention over all N tokens (hidden_states may be `Fp8Rows`)."""
 
     def __call__(
-        self, attn: SanaSelfAttention, hidden_states: torch.Tensor, height: int, width: int
+        self, attn: SanaSelfAttention, hidden_states: torch.Tensor | Fp8Rows, height: int, width: int
     ) -> torch.Tensor:
         q, k, v = attn.project_qkv(hidden_states)  # (B, h, N, d) each
         out = linear_attention(q, k, v)  # (B, h, N, d)
@@ -336,12 +359,15 @@ class IdentitySelfAttnProcessor(SelfAttnProcessor):
 
 
 class SoftmaxCrossAttnProcessor(CrossAttnProcessor):
-    """The default cross-attention: softmax attention to the caption tokens with an additive mask."""
+    """The default cross-attention: softmax attention to the caption tokens with an additive mask.
+
+    hidden_states may be `Fp8Rows` (fp8 models: the block's residual kernel quantizes the queries' input).
+    """
 
     def __call__(
         self,
         attn: SanaCrossAttention,
-        hidden_states: torch.Tensor,
+        hidden_states: torch.Tensor | Fp8Rows,
         encoder_hidden_states: torch.Tensor,
         attention_bias: torch.Tensor | None,
     ) -> torch.Tensor:
@@ -389,8 +415,8 @@ class SanaSelfAttention(_AttentionProjections):
         super().__init__(dim, dim, heads, head_dim, qkv_bias=bias, out_bias=True, qk_norm=qk_norm, dropout=dropout)
         self.processor: SelfAttnProcessor = LinearSelfAttnProcessor()
 
-    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q, k, v of tokens (B, N, D), each (B, heads, N, d), with qk-norm applied (no ReLU yet)."""
+    def project_qkv(self, x: torch.Tensor | Fp8Rows) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v of tokens (B, N, D) (or their `Fp8Rows`), each (B, heads, N, d), with qk-norm applied (no ReLU yet)."""
         x = prequantize(x, self.to_q, self.to_k, self.to_v)  # fp8 layers: one quantisation of x for all three
         q = self.split_heads(self.norm_q(self.to_q(x)))
         k = self.split_heads(self.norm_k(self.to_k(x)))
@@ -405,7 +431,12 @@ class SanaSelfAttention(_AttentionProjections):
             x = x.clip(-FP16_MAX, FP16_MAX)
         return x
 
-    def forward(self, hidden_states: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    def reads_fp8_rows(self) -> bool:
+        """True when hidden_states may come as `Fp8Rows`: the default processor, no hooks, unhooked fp8 to_q/k/v."""
+        return (type(self.processor) is LinearSelfAttnProcessor and not _hooked(self)
+                and accepts_fp8_rows(self.to_q, self.to_k, self.to_v))
+
+    def forward(self, hidden_states: torch.Tensor | Fp8Rows, height: int, width: int) -> torch.Tensor:
         return self.processor(self, hidden_states, height, width)
 
 
@@ -427,8 +458,8 @@ class SanaCrossAttention(_AttentionProjections):
         )
         self.processor: CrossAttnProcessor = SoftmaxCrossAttnProcessor()
 
-    def project_q(self, x: torch.Tensor) -> torch.Tensor:
-        """Queries of image tokens (B, N, D) -> (B, heads, N, d), qk-norm applied."""
+    def project_q(self, x: torch.Tensor | Fp8Rows) -> torch.Tensor:
+        """Queries of image tokens (B, N, D) (or their `Fp8Rows`, for an fp8 to_q) -> (B, heads, N, d), qk-norm applied."""
         return self.split_heads(self.norm_q(self.to_q(x)))
 
     def project_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -440,13 +471,21 @@ class SanaCrossAttention(_AttentionProjections):
         """Output projection of merged heads (B, N, heads * d) -> (B, N, D)."""
         return self.to_out[1](self.to_out[0](x))
 
+    def reads_fp8_rows(self) -> bool:
+        """True when hidden_states may come as `Fp8Rows`: the default processor, no hooks, an unhooked fp8 to_q."""
+        return type(self.processor) is SoftmaxCrossAttnProcessor and not _hooked(self) and accepts_fp8_rows(self.to_q)
+
     def forward(
         self,
-        hidden_states: torch.Tensor,
+        hidden_states: torch.Tensor | Fp8Rows,
         encoder_hidden_states: torch.Tensor,
         attention_bias: torch.Tensor | None,
     ) -> torch.Tensor:
         return self.processor(self, hidden_states, encoder_hidden_states, attention_bias)
+
+
+def _hooked(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
 # --------------------------------------------------------------------------------------------
@@ -505,11 +544,30 @@ class SanaTransformerBlock(nn.Module):
         # may hold) is never mutated.
         # The norms with their modulation (and the cross-attention's residual add) run as one fused
         # kernel in CUDA inference (sanaflow.ops.norm).
-        _, h = norm_modulate(self.norm1, x, shift_msa, scale_msa)  # (B, N, D)
-        x = torch.addcmul(x, gate_msa, self.attn1(h, height, width))  # (B, N, D)
+        # fp8 models: an activation whose only readers are fp8 layers (attn1's q/k/v, attn2's q,
+        # ff's first 1x1 conv) leaves its row kernel as fp8 rows (Fp8Rows), not as a bf16 tensor the
+        # layers would read back just to quantize it. Only where the reader `reads_fp8_rows()` (default
+        # processor, no hooks): TokenFlow's processors and feature hooks, PAG, probes get the tensor.
+        rows = fp8_rows_wanted(x)
+        if rows and self.attn1.reads_fp8_rows():
+            _, h = norm_modulate_fp8(self.norm1, x, shift_msa, scale_msa)  # Fp8Rows of (B, N, D)
+        else:
+            _, h = norm_modulate(self.norm1, x, shift_msa, scale_msa)  # (B, N, D)
+        out = self.attn1(h, height, width)  # (B, N, D)
 
-        cross = self.attn2(x, context, context_bias) if self.attn2 is not None else None  # (B, N, D)
-        x, h = norm_modulate(self.norm2, x, shift_mlp, scale_mlp, residual=cross)  # (B, N, D) each
+        if self.attn2 is None:
+            x, cross = torch.addcmul(x, gate_msa, out), None  # (B, N, D)
+        elif rows and self.attn2.reads_fp8_rows():
+            x, q_rows = gated_residual_fp8(x, gate_msa, out)  # (B, N, D), its Fp8Rows
+            cross = self.attn2(q_rows, context, context_bias)  # (B, N, D)
+        else:
+            x = torch.addcmul(x, gate_msa, out)  # (B, N, D)
+            cross = self.attn2(x, context, context_bias)  # (B, N, D)
+
+        if rows and self.ff.reads_fp8_rows():
+            x, h = norm_modulate_fp8(self.norm2, x, shift_mlp, scale_mlp, residual=cross)  # (B, N, D), Fp8Rows
+        else:
+            x, h = norm_modulate(self.norm2, x, shift_mlp, scale_mlp, residual=cross)  # (B, N, D) each
         return torch.addcmul(x, gate_mlp, self.ff(h, height, width))  # (B, N, D)
 
 

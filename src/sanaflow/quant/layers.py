@@ -7,6 +7,11 @@
   quantized on the fly with one scale per token row; one ``torch._scaled_mm`` (cuBLASLt / CUTLASS
   row-wise kernel, bf16 output) per call. Needs a GPU with FP8 tensor cores (sm_89+, e.g. H100).
 
+An activation that only fp8 layers read can reach them already quantized (`Fp8Rows`): `prequantize`
+quantizes one tensor once for several layers, and `norm_modulate_fp8` / `gated_residual_fp8` have
+the row pass that produces the activation write it as fp8 rows in the first place (the bf16 tensor is
+never written, nor read back to be quantized). `accepts_fp8_rows` says which layers may be given them.
+
 Both store plain tensors (``weight``, ``weight_scale``, ``bias``) so a quantized model is written
 and read with safetensors like any other. A pointwise conv is the same matmul over channels: the
 layer reads (B, C, H, W) through a (B, H, W, C) view (free for the channels-last grids that
@@ -22,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InputError
+from ..ops import norm as norm_ops
 from ..ops.norm import row_quantizer
 
 INT8_MAX = 127.0
@@ -96,15 +102,73 @@ class Fp8Rows(NamedTuple):
     dtype: torch.dtype  # and its dtype (the layers' output dtype)
 
 
-def prequantize(x: torch.Tensor, *layers: nn.Module) -> torch.Tensor | Fp8Rows:
-    """`x` quantized once (`Fp8Rows`) when every layer is an `Fp8Linear` reading tokens, else `x` itself.
+def _on_fp8_device(x: torch.Tensor) -> bool:
+    # Where the fp8 matmul runs (the one device check of the fp8 paths; CPU tests that run the
+    # matmul through torch's CPU _scaled_mm patch it).
+    return x.is_cuda
+
+
+def accepts_fp8_rows(*layers: nn.Module) -> bool:
+    """True when every layer is an `Fp8Linear` (linear or pointwise conv) with no hooks: it may be given `Fp8Rows`."""
+    return all(type(m) is Fp8Linear and not m._forward_hooks and not m._forward_pre_hooks for m in layers)
+
+
+def fp8_rows_wanted(x: torch.Tensor) -> bool:
+    """Whether the row passes producing activations like `x` should write them as fp8 rows for fp8 readers.
+
+    True for tokens on the fp8 device with the fused row kernels switched on (``SANAFLOW_FUSED_NORM``);
+    the readers are checked separately (`accepts_fp8_rows`).
+    """
+    return norm_ops.FUSED_NORM and _on_fp8_device(x)
+
+
+def _rows_of(x: torch.Tensor) -> Fp8Rows:
+    q, scale = quantize_fp8_rows(x.reshape(-1, x.shape[-1]))  # (M, I) fp8, (M, 1) float32
+    return Fp8Rows(q, scale, x.shape, x.dtype)
+
+
+def prequantize(x: torch.Tensor | Fp8Rows, *layers: nn.Module) -> torch.Tensor | Fp8Rows:
+    """`x` quantized once (`Fp8Rows`) when every layer accepts fp8 rows, else `x` itself (rows pass through).
 
     Three projections of one activation (q, k, v) then share one quantisation pass instead of three.
     """
-    if not x.is_cuda or not all(type(m) is Fp8Linear and not m.pointwise_conv for m in layers):
+    if isinstance(x, Fp8Rows) or not _on_fp8_device(x) or not accepts_fp8_rows(*layers):
         return x
-    q, scale = quantize_fp8_rows(x.reshape(-1, x.shape[-1]))
-    return Fp8Rows(q, scale, x.shape, x.dtype)
+    return _rows_of(x)
+
+
+def norm_modulate_fp8(
+    norm: nn.Module, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
+    residual: torch.Tensor | None = None, enabled: bool | None = None,
+) -> tuple[torch.Tensor, Fp8Rows]:
+    """`sanaflow.ops.norm.norm_modulate` with h handed over as fp8 rows: (x', Fp8Rows of h (B, N, D)).
+
+    Where the fused norm runs, one pass writes the fp8 values and row scales instead of h
+    (`triton_norm.norm_modulate_quantize`: bit for bit the rows of quantizing the h it would write);
+    elsewhere the torch path, then `quantize_fp8_rows`. `enabled` as in `norm_modulate`.
+    """
+    kernel = norm_ops.norm_quantizer(norm, x, shift, scale, residual, enabled)
+    if kernel is None:
+        x, h = norm_ops.norm_modulate(norm, x, shift, scale, residual, enabled)
+        return x, _rows_of(h)
+    x, q, s = kernel(x, shift, scale, norm.eps, residual, FP8_DTYPE, FP8_MAX, _SCALE_MIN)
+    return x, Fp8Rows(q, s, x.shape, x.dtype)
+
+
+def gated_residual_fp8(
+    x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, enabled: bool | None = None,
+) -> tuple[torch.Tensor, Fp8Rows]:
+    """(x', Fp8Rows of x'), x' = ``torch.addcmul(x, gate, y)``: a gated residual add whose result an fp8 layer reads next.
+
+    One pass where the row kernels run (`triton_norm.gated_residual_quantize`), else addcmul, then
+    `quantize_fp8_rows`. x, y (B, N, D); gate (B, 1, D). `enabled` as in `ops.norm.norm_modulate`.
+    """
+    kernel = norm_ops.residual_quantizer(x, gate, y, enabled)
+    if kernel is None:
+        x = torch.addcmul(x, gate, y)  # (B, N, D)
+        return x, _rows_of(x)
+    x, q, s = kernel(x, gate, y, FP8_DTYPE, FP8_MAX, _SCALE_MIN)
+    return x, Fp8Rows(q, s, x.shape, x.dtype)
 
 
 def fp8_linear(x: torch.Tensor | Fp8Rows, weight: torch.Tensor, scale: torch.Tensor,
@@ -171,7 +235,8 @@ class _QuantizedLinear(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor | Fp8Rows) -> torch.Tensor:
-        if not self.pointwise_conv:
+        # Fp8Rows hold token rows (..., I) whatever the layer: a pointwise conv returns (..., O) tokens for them
+        if not self.pointwise_conv or isinstance(x, Fp8Rows):
             return self._matmul(x)  # (..., O)
         y = self._matmul(x.permute(0, 2, 3, 1))  # (B, H, W, O)
         return y.permute(0, 3, 1, 2)  # (B, O, H, W), channels-last memory
@@ -222,9 +287,10 @@ class Fp8Linear(_QuantizedLinear):
         return q, scale[:, 0]
 
     def _matmul(self, x: torch.Tensor | Fp8Rows) -> torch.Tensor:
-        if not (x.q if isinstance(x, Fp8Rows) else x).is_cuda:
+        data = x.q if isinstance(x, Fp8Rows) else x
+        if not _on_fp8_device(data):
             raise InputError(f"fp8 layers run on CUDA GPUs with FP8 tensor cores (compute capability >= 8.9); "
-                             f"got an input on {x.device}")
+                             f"got an input on {data.device}")
         return fp8_linear(x, self.weight, self.weight_scale, self.bias)
 
 
