@@ -18,8 +18,8 @@ edit. Each edit runs with three methods on one shared inversion per video and se
 and two settings: ``fast`` (the CLI default: inversion on the 50-step editing schedule, refined to
 the sampler's inverse with 5 fixed-point iterations per step) and ``full`` (500 plain inversion steps,
 the public code's default). Guidance and negative prompt are the model's defaults (SANA: 4.5 and
-the empty prompt), PnP thresholds TokenFlow's (0.8 / 0.5), cross-attention control the model's
-default (SANA: 0.5 of the steps), 50 steps, chunks of 8 frames.
+the empty prompt), PnP thresholds TokenFlow's (0.8 / 0.5), cross-attention control and local blending
+the model's defaults (SANA: 0.5 of the steps, threshold 0.5), 50 steps, chunks of 8 frames.
 
 Metrics (`sanaflow.shapes.video_metrics`): edit accuracy, structure IoU, and the warp error along
 the ground-truth flow and along DIS flow of the source, both occlusion-masked; for shape edits the
@@ -199,6 +199,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pnp-attn", type=float, default=0.5, help="PnP attention-injection fraction (default 0.5)")
     p.add_argument("--cross-attn", type=float, default=None,
                    help="Prompt-to-Prompt cross-attention fraction (default: the model's, 0.5 for SANA)")
+    p.add_argument("--local-blend", type=float, default=None,
+                   help="local-blend threshold (default: the model's, 0.5 for SANA; 0 = off)")
     p.add_argument("--negative", default=None,
                    help="negative prompt (default: the model's; for SANA the empty unconditional it was trained with)")
     p.add_argument("--batch-size", type=int, default=8, help="frames per chunk (default 8)")
@@ -247,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = pipe.backbone.default_guidance if args.cfg is None else args.cfg
         negative = pipe.backbone.default_negative if args.negative is None else args.negative
         cross = pipe.backbone.default_cross_attention if args.cross_attn is None else args.cross_attn
+        blend = pipe.backbone.default_local_blend if args.local_blend is None else args.local_blend
         first = SEED_BASE + (VALIDATION_OFFSET if args.validation else 0)
         seeds = [first + i for i in range(args.videos)]
         report: dict[str, Any] = {
@@ -258,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
             "smoke": args.smoke, "seeds": seeds, "frames": args.frames, "size": args.size, "steps": args.steps,
             "cfg": cfg, "negative_prompt": negative, "batch_size": args.batch_size,
             "pnp_feature": args.pnp_feature, "pnp_attention": args.pnp_attn, "cross_attention": cross,
+            "local_blend": blend,
             "settings": {s: {"inversion_steps": args.full_inversion_steps if s == "full" else args.steps}
                          for s in args.settings},
             "methods": {m: METHODS[m] for m in args.methods}, "targets": TARGETS,
@@ -294,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
                         out = pipe(clip, target, source_prompt=source_prompt, negative_prompt=negative,
                                    steps=args.steps, inversion_steps=inversion_steps, guidance_scale=cfg,
                                    pnp_feature=args.pnp_feature, pnp_attention=args.pnp_attn,
-                                   cross_attention=cross,
+                                   cross_attention=cross, local_blend=blend,
                                    batch_size=args.batch_size, inversion_batch_size=batch,
                                    inversion_refine=args.inversion_refine, progress=False, **METHODS[method])
                         seconds = time.perf_counter() - t0

@@ -4,7 +4,8 @@ The same procedural videos and edits as `tokenflow_shapes.py`, but from the vali
 (10_001_000 + i: the video split, never reported), and one edit method (default: tokenflow-pnp with
 feature correspondences) run over a grid of settings ``feature/attention/guidance[/cross]`` on one
 shared inversion per video (cross: the Prompt-to-Prompt cross-attention fraction; left out, the
-model's default). Writes the mean edit accuracy, structure IoU and warp errors per setting, so
+model's default), crossed with negative prompts (``--negatives``) and local-blend thresholds
+(``--local-blends``). Writes the mean edit accuracy, structure IoU and warp errors per setting, so
 that a backbone's defaults are chosen here and then measured once on the benchmark's own videos.
 
     # CPU, the embedded model: ~35 s per video for the inversion + ~18 s per edit and setting
@@ -86,6 +87,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--negatives", default="default",
                    help="comma-separated negative prompts to cross with the grid: 'default' (the model's) and/or "
                         "'source' (each video's source prompt, guiding away from it) (default: default)")
+    p.add_argument("--local-blends", default=None,
+                   help="comma-separated local-blend thresholds to cross with the grid (0 = off; default: the "
+                        "model's default only)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--smoke", action="store_true", help="tiny random SANA, 1 video, few steps")
     add_out_argument(p, DEFAULT_OUT, SMOKE_OUT)
@@ -93,6 +97,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.negatives = [n.strip() for n in args.negatives.split(",") if n.strip()]
     if not args.negatives or any(n not in ("default", "source") for n in args.negatives):
         p.error(f"--negatives takes 'default' and/or 'source'; got {args.negatives}")
+    try:
+        args.local_blends = ([None] if args.local_blends is None
+                             else [float(b) for b in args.local_blends.split(",") if b.strip()])
+    except ValueError:
+        p.error(f"--local-blends takes comma-separated numbers in [0, 1); got {args.local_blends!r}")
+    if not args.local_blends or any(b is not None and not 0 <= b < 1 for b in args.local_blends):
+        p.error(f"--local-blends takes numbers in [0, 1); got {args.local_blends}")
     if args.smoke:
         args.videos, args.frames, args.size, args.steps = 1, 4, 64, 3
     return fill_defaults(args, DEFAULT_OUT, SMOKE_OUT)
@@ -106,14 +117,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
     started = time.perf_counter()
-    grid = [(setting, neg) for neg in args.negatives for setting in args.grid]
+    grid = [(setting, neg, blend) for blend in args.local_blends for neg in args.negatives for setting in args.grid]
     keys = [f"{f:g}/{a:g}/{g:g}" + ("" if c is None else f"/{c:g}") + ("" if neg == "default" else f"+neg={neg}")
-            for (f, a, g, c), neg in grid]
+            + ("" if blend is None else f"+blend={blend:g}")
+            for (f, a, g, c), neg, blend in grid]
     with tempfile.TemporaryDirectory(prefix="tokenflow_sweep_") as tmp:
         pipe, _ = open_pipeline(args, Path(tmp) / "cache")
         negative = pipe.backbone.default_negative
         # The cross-attention fraction each setting ran with (the model's default where the grid names none).
-        crosses = [pipe.backbone.default_cross_attention if c is None else c for (*_, c), _ in grid]
+        crosses = [pipe.backbone.default_cross_attention if c is None else c for (*_, c), _, _ in grid]
+        blends = [pipe.backbone.default_local_blend if b is None else b for *_, b in grid]
         seeds = [SEED_BASE + VALIDATION_OFFSET + i for i in range(args.videos)]
         report: dict[str, Any] = {
             "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if argv is None else " ".join(argv),
@@ -121,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "smoke": args.smoke,
             "seeds": seeds, "frames": args.frames, "size": args.size, "steps": args.steps,
             "method": args.method, "grid": keys, "negative_prompt": negative,
-            "cross_attention": dict(zip(keys, crosses)), "rows": [],
+            "cross_attention": dict(zip(keys, crosses)), "local_blend": dict(zip(keys, blends)), "rows": [],
         }
         batch = max(args.batch_size, args.frames)
         for i, seed in enumerate(seeds):
@@ -132,12 +145,13 @@ def main(argv: list[str] | None = None) -> int:
             pipe.invert(clip, source_prompt, args.steps, None, batch, reconstruct=False, progress=False)
             for kind, edit in edits_for(video, seed):
                 target = video_caption(video, edit)
-                for key, cross, ((feature, attention, guidance, _), neg) in zip(keys, crosses, grid):
+                for key, cross, blend, ((feature, attention, guidance, _), neg, _) in zip(keys, crosses, blends, grid):
                     t0 = time.perf_counter()
                     out = pipe(clip, target, source_prompt=source_prompt,
                                negative_prompt=source_prompt if neg == "source" else negative,
                                steps=args.steps, guidance_scale=guidance, pnp_feature=feature,
-                               pnp_attention=attention, cross_attention=cross, batch_size=args.batch_size,
+                               pnp_attention=attention, cross_attention=cross, local_blend=blend,
+                               batch_size=args.batch_size,
                                inversion_batch_size=batch, progress=False, **METHODS[args.method])
                     if not out.inversion.reused:
                         raise RuntimeError("the edit did not reuse the video's inversion (cache key mismatch)")

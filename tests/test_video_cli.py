@@ -38,6 +38,8 @@ def test_edit_end_to_end_and_cache_reuse(sd_folder, video, tmp_path, capsys):
     # second edit of the same video: the inversion comes from the cache (with cross-attention control)
     assert main([*args, "--mode", "per-frame", "--frames", "8", "--cross-attn", "0.5"]) == 0
     assert "reused inversion" in capsys.readouterr().out
+    assert main([*args, "--local-blend", "0.5"]) == 0  # local blending (off by default on SD)
+    assert "reused inversion" in capsys.readouterr().out and read_video(out).frames.shape == (8, 16, 24, 3)
 
 
 def test_edit_with_controlnet_and_flow(sd_folder, video, tmp_path):
@@ -83,11 +85,14 @@ def test_bad_inputs_exit_2_with_one_line(sd_folder, video, tmp_path, capsys):
     _one_line_error(capsys, ["edit", str(video), "--prompt", "x", "--frames", "0", *base], "--frames")
 
 
-def test_bad_cross_attention_fraction_exits_2(sd_folder, video, tmp_path, capsys):
+def test_bad_cross_attention_and_blend_fractions_exit_2(sd_folder, video, tmp_path, capsys):
     base = ["--model", str(sd_folder), "--cache-dir", str(tmp_path / "c"), "--steps", "2", "--quiet"]
     for bad in ("1.5", "-0.2", "nan"):
         _one_line_error(capsys, ["edit", str(video), "--prompt", "x", "--cross-attn", bad, *base],
                         "--cross-attn (cross_attention) must lie in [0, 1]")
+    for bad in ("1", "-0.2", "nan"):
+        _one_line_error(capsys, ["edit", str(video), "--prompt", "x", "--local-blend", bad, *base],
+                        "--local-blend must lie in [0, 1)")
     with pytest.raises(SystemExit) as exited:  # not a number: argparse's own usage error
         main(["edit", str(video), "--prompt", "x", "--cross-attn", "half", *base])
     assert exited.value.code == 2 and "--cross-attn: invalid float value" in capsys.readouterr().err

@@ -216,6 +216,7 @@ class VideoEditPipeline:
         control_scale: float | None = None,
         offload_keyframes: bool | None = None,
         max_keyframes: int | None = 32,
+        local_blend: float | None = None,
         frames: int | None = None,
         start: int = 0,
         stride: int = 1,
@@ -242,7 +243,7 @@ class VideoEditPipeline:
             guidance_scale=guidance_scale, pnp_feature=pnp_feature, pnp_attention=pnp_attention,
             cross_attention=cross_attention, strength=strength,
             batch_size=batch_size, seed=seed, correspondence=correspondence, control_scale=control_scale,
-            offload_keyframes=offload_keyframes, max_keyframes=max_keyframes,
+            offload_keyframes=offload_keyframes, max_keyframes=max_keyframes, local_blend=local_blend,
         )
         settings.validate()
         clip = self.prepare(video, frames=frames, start=start, stride=stride, size=size)

@@ -35,6 +35,9 @@ TOKENFLOW_NEGATIVE = "ugly, blurry, low res, unrealistic, unaesthetic"  # TokenF
 # model, PnP alone often binds an edited attribute to the wrong object; keeping the source's
 # cross-attention maps for the first half of the steps fixes much of it (see cross_attention.py).
 SANA_CROSS_ATTENTION = 0.5
+# SANA's default local-blend threshold (`blend.py`): only where the two prompts' velocities differ by
+# at least half of a frame's largest difference is the video edited; elsewhere it stays the source.
+SANA_LOCAL_BLEND = 0.5
 
 
 @dataclass
@@ -69,6 +72,8 @@ class Backbone(Protocol):
     default_negative: str
     # Fraction of leading steps with Prompt-to-Prompt cross-attention control when an edit names none.
     default_cross_attention: float
+    # Local-blend threshold when an edit names none (0: off).
+    default_local_blend: float
 
     def encode(self, frames: torch.Tensor) -> torch.Tensor:
         """Frames (B, 3, H, W) in [-1, 1] -> scaled latents (B, C, h, w)."""
@@ -254,6 +259,7 @@ class StableDiffusionBackbone:
     default_guidance = 7.5
     default_negative = TOKENFLOW_NEGATIVE
     default_cross_attention = 0.0  # TokenFlow's published setting on SD has no cross-attention control
+    default_local_blend = 0.0  # nor local blending
     processor_class = TokenFlowAttnProcessor
     cross_processor_class = CrossAttentionControl
 
@@ -557,6 +563,7 @@ class SanaBackbone:
     supports_control = False
     default_guidance = 4.5  # SANA's own default (configs/generate/generate.yaml)
     default_negative = ""
+    default_local_blend = SANA_LOCAL_BLEND
 
     def __init__(self, transformer, vae, text_encoder, scheduler_config: dict, name: str = "sana"):
         from ..models.text_encoders import TokenizingTextEncoder

@@ -25,6 +25,7 @@ import torch
 from ..errors import ConfigError, InputError, unknown_choice
 from .attention import NUM_BRANCHES, Pass, TokenFlowState, blend_weights
 from .backbones import TOKENFLOW_NEGATIVE, Backbone, TextCond, tokenflow_hooks
+from .blend import blend, edit_masks
 from .correspondence import CORRESPONDENCES, FlowCorrespondence
 from .cross_attention import align_tokens
 from .injection import injection_steps
@@ -61,6 +62,12 @@ class EditSettings:
     # At most this many keyframes attend to each other in one joint pass; more are run in
     # consecutive groups, which bounds device memory for very long videos. None = all at once.
     max_keyframes: int | None = 32
+    # Local blending (`blend.py`): edit only inside a per-frame mask where the target and source
+    # prompts' predictions differ by at least this fraction of the frame's largest difference;
+    # outside it every step keeps the source's inverted latent. 0 = off; None = the backbone's
+    # default (SANA 0.5, SD 0: TokenFlow's published behaviour). Every mode takes it.
+    local_blend: float | None = None
+    blend_grow: int = 1  # latent pixels the mask is grown by
 
     def validate(self) -> None:
         """Raise a `ConfigError` naming the first invalid setting."""
@@ -80,6 +87,11 @@ class EditSettings:
             value = getattr(self, name)
             if value is not None and not 0.0 <= value <= 1.0:
                 raise ConfigError(f"{flag} ({name}) must lie in [0, 1], got {value}")
+        if self.local_blend is not None and not 0.0 <= self.local_blend < 1.0:
+            raise ConfigError(f"--local-blend must lie in [0, 1) (a fraction of each frame's largest prompt "
+                              f"difference; 0 = off), got {self.local_blend}")
+        if self.blend_grow < 0:
+            raise ConfigError(f"blend_grow must be at least 0, got {self.blend_grow}")
         if self.mode == "tokenflow-sdedit" and int(self.strength * self.steps) < 1:
             raise ConfigError(f"--strength {self.strength} leaves no step of {self.steps} to run; raise it")
 
@@ -215,6 +227,12 @@ def edit_latents(
         slots, weights = anchors_of(parts, b)
         plans.append((slots, None if weights is None else weights.to(device)))
 
+    masks = None
+    threshold = backbone.default_local_blend if settings.local_blend is None else settings.local_blend
+    if threshold > 0:
+        masks = edit_masks(backbone, cache, settings.source_prompt, settings.prompt, threshold,
+                           settings.batch_size, settings.blend_grow).to(device)  # (T, 1, h, w)
+
     with tokenflow_hooks(backbone, state):
         for i in range(start, settings.steps):
             t = times[i]
@@ -254,6 +272,10 @@ def edit_latents(
                     if progress is not None:
                         progress(1)
                 state.clear()
+            if masks is not None:
+                # outside the mask: the source's own latent at the next time (the clean frame at the end)
+                after = cache.latents(i + 1) if t_next is not None else cache.clean()
+                new = blend(new, after.to(device, torch.float32), masks)
             x = new
     return x.cpu()
 
