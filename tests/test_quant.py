@@ -425,6 +425,20 @@ def test_fp8_attention_output_rows_only_for_the_default_processor_and_an_unhooke
     assert not SanaTransformer(**TINY).transformer_blocks[0].attn1.writes_fp8_rows()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp8_model_with_deferred_block_residuals_matches(cpu_fp8, monkeypatch, dtype):
+    # each block's last gated residual added in the next block's norm1 pass (forced on the CPU, where the
+    # norms then take the torch path): with fp8 rows from norm1 the same bits as the blocks' own adds
+    _, qmodel = fp8_pair(dtype, num_layers=3)
+    inputs = inputs_as(dtype)
+    plain = run(qmodel, inputs)
+    monkeypatch.setattr(norm_ops, "row_kernels_run", lambda x: True)
+    calls = spy(monkeypatch)
+    deferred = run(qmodel, inputs)
+    assert (calls["norm"], calls["residual"], calls["attention"]) == (6, 3, 3)
+    assert torch.equal(deferred, plain)
+
+
 def test_accepts_fp8_rows_wants_unhooked_fp8_layers():
     lin = Fp8Linear.from_float(torch.nn.Linear(32, 16))
     conv = Fp8Linear.from_float(torch.nn.Conv2d(32, 16, 1))
@@ -563,3 +577,31 @@ def test_gpu_fp8_attention_output_rows_match_the_unfused_projection(monkeypatch)
     assert cosine(fused_attn, unfused_attn) >= 0.99999
     assert cosine(fused, unfused) >= 0.9999
     assert cosine(regional, fused) >= 0.9999
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("quantize", [None, "fp8"])
+def test_gpu_deferred_block_residuals_match_the_blocks_own(quantize, monkeypatch):
+    from sanaflow.pipelines.acceleration import compile_module
+    from sanaflow.quant import fp8_supported
+
+    if quantize == "fp8" and not fp8_supported():
+        pytest.skip("no FP8 tensor cores on this GPU")
+    if not norm_ops.FUSED_NORM:
+        pytest.skip("SANAFLOW_FUSED_NORM is off: nothing is deferred")
+    _, inputs = _gpu_model()
+    model = SanaTransformer(num_layers=4).to("cuda", torch.bfloat16).eval()  # residuals handed on 3 times
+    if quantize:
+        quantize_transformer(model, quantize)
+    x = inputs[0]
+    with torch.no_grad():
+        assert model._defers_block_residuals(model.patch_embed(x), None)
+        deferred = run(model, inputs)
+        torch._dynamo.reset()
+        regional = run(compile_module(model, regional=True), inputs)  # the norm kernel's gated variant, traced
+        torch._dynamo.reset()
+        monkeypatch.setattr(SanaTransformer, "_defers_block_residuals", lambda self, x, samples: False)
+        plain = run(model, inputs)
+    # the kernel's fused multiply-add vs torch's addcmul: one rounding apart on rare elements
+    assert cosine(deferred, plain) >= 0.9999
+    assert cosine(regional, deferred) >= 0.9999

@@ -13,9 +13,11 @@ from sanaflow.models.sana_transformer import (
     CrossAttnProcessor,
     IdentitySelfAttnProcessor,
     LinearSelfAttnProcessor,
+    SanaTransformerBlock,
     SelfAttnProcessor,
     SoftmaxCrossAttnProcessor,
 )
+from sanaflow.ops import norm as norm_ops
 from sanaflow.ops.linear_attention import linear_attention
 
 diffusers = pytest.importorskip("diffusers")
@@ -373,3 +375,140 @@ def test_block_does_not_modify_its_input(tmp_path):
         out = block(x, context, None, modulation, 3, 4)
     assert out.shape == x.shape
     assert torch.equal(x, before)  # hooks and callers may hold the block input
+
+
+# ----------------------------------------------------------------------------------------------
+# Deferred block residuals: in inference each block's last gated residual is added in the next
+# block's norm1 pass (SanaTransformer.forward). On CPU the row kernels do not run, so the tests force
+# the loop (`defer_on_cpu`) and the norms take the torch path: the same ops in another place.
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def defer_on_cpu(monkeypatch):
+    monkeypatch.setattr(norm_ops, "row_kernels_run", lambda x: True)
+
+
+def _spy_deferral(monkeypatch) -> list[bool]:
+    """The `defer_residual` flag of every block call (a spy on the class, not a hook: hooks stop the deferral)."""
+    flags = []
+    forward = SanaTransformerBlock.forward
+
+    def spied(self, *args, defer_residual=False, **kwargs):
+        flags.append(defer_residual)
+        return forward(self, *args, defer_residual=defer_residual, **kwargs)
+
+    monkeypatch.setattr(SanaTransformerBlock, "forward", spied)
+    return flags
+
+
+def _tiny(dtype=torch.float32, **overrides) -> SanaTransformer:
+    model = SanaTransformer(**{**TINY, **overrides}).eval()
+    _randomise(model, 3)
+    return model.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_deferred_block_residuals_give_the_same_output(defer_on_cpu, monkeypatch, dtype):
+    model = _tiny(dtype)
+    x, caption, t = _inputs()
+    x, caption = x.to(dtype), caption.to(dtype)
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1]])
+    flags = _spy_deferral(monkeypatch)
+    with torch.no_grad():
+        deferred = model(x, caption, t, encoder_attention_mask=mask)
+        assert flags == [True] * 3
+        with monkeypatch.context() as m:
+            m.setattr(SanaTransformer, "_defers_block_residuals", lambda self, x, samples: False)
+            plain = model(x, caption, t, encoder_attention_mask=mask)
+    assert flags == [True] * 3 + [False] * 3
+    assert torch.equal(deferred, plain)  # addcmul moved into the next block's norm: the same bits
+
+
+def test_a_block_with_a_deferred_residual_matches_its_plain_call():
+    model = _tiny()
+    block = model.transformer_blocks[1]
+    gen = torch.Generator().manual_seed(6)
+    x, y = torch.randn(2, 12, 16, generator=gen), torch.randn(2, 12, 16, generator=gen)
+    gate = torch.randn(2, 1, 16, generator=gen)
+    context = torch.randn(2, CAPTION_LEN, 16, generator=gen)
+    modulation = torch.randn(2, 6 * 16, generator=gen)
+    with torch.no_grad():
+        plain = block(torch.addcmul(x, gate, y), context, None, modulation, 3, 4)
+        x_new, (gate_mlp, ff_out) = block(x, context, None, modulation, 3, 4, residual=(gate, y), defer_residual=True)
+    # the stream before the block's last step, and that step: the block's output once added
+    assert x_new.shape == ff_out.shape == (2, 12, 16) and gate_mlp.shape == (2, 1, 16)
+    assert torch.equal(torch.addcmul(x_new, gate_mlp, ff_out), plain)
+
+
+def test_block_residuals_are_not_deferred_when_something_could_see_block_outputs(defer_on_cpu, monkeypatch):
+    with torch.no_grad():  # inference: where the deferral may happen
+        _check_deferral_conditions(monkeypatch)
+
+
+def _check_deferral_conditions(monkeypatch):
+    from sanaflow.pipelines.acceleration import compile_module
+
+    model = _tiny()
+    x, caption, t = _inputs()
+    tokens = model.patch_embed(x)  # what the predicate is asked about
+    assert model._defers_block_residuals(tokens, None)
+    assert not model._defers_block_residuals(tokens, [torch.zeros(2, 64, 16)])  # ControlNet adds to outputs
+    with torch.enable_grad():
+        assert not model._defers_block_residuals(tokens, None)  # training, checkpointing
+    with monkeypatch.context() as m:
+        m.setattr(norm_ops, "row_kernels_run", lambda x: False)  # no kernel: nothing to save
+        assert not model._defers_block_residuals(tokens, None)
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, a, out: None)
+    try:
+        assert not model._defers_block_residuals(tokens, None)  # a hook on every module sees the blocks'
+    finally:
+        handle.remove()
+
+    # hooks inside a block (TokenFlow's on the Mix-FFN, probes) see what they always do: still deferred
+    seen = []
+    model.transformer_blocks[1].ff.register_forward_hook(lambda m, args, out: seen.append(out))
+    assert model._defers_block_residuals(tokens, None)
+    # a hook on a block: its real output, the plain loop
+    outputs = []
+    model.transformer_blocks[1].register_forward_hook(lambda m, args, out: outputs.append(out))
+    assert not model._defers_block_residuals(tokens, None)
+    flags = _spy_deferral(monkeypatch)
+    got = model(x, caption, t)
+    with monkeypatch.context() as m:
+        m.setattr(norm_ops, "row_kernels_run", lambda x: False)
+        plain = model(x, caption, t)
+    assert flags == [False] * 6 and isinstance(outputs[0], torch.Tensor)
+    assert torch.equal(outputs[0], outputs[1]) and torch.equal(got, plain)
+    assert torch.equal(seen[0], seen[1])
+
+    # regional compilation: a hook on the compiled wrapper or on the block it holds
+    free = _tiny()
+    compiled = compile_module(free, backend="eager", regional=True)
+    assert compiled._defers_block_residuals(tokens, None)
+    handle = compiled.transformer_blocks[0].register_forward_pre_hook(lambda m, args: None)
+    assert not compiled._defers_block_residuals(tokens, None)
+    handle.remove()
+    free.transformer_blocks[2].register_forward_pre_hook(lambda m, args: None)
+    assert not compiled._defers_block_residuals(tokens, None)
+
+
+def test_deferred_block_residuals_compile(defer_on_cpu, monkeypatch):
+    from sanaflow.pipelines.acceleration import compile_module
+
+    torch._dynamo.reset()
+    model = _tiny()
+    x, caption, t = _inputs()
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1]])
+    counters = torch._dynamo.utils.counters
+    try:
+        with torch.no_grad():
+            eager = model(x, caption, t, encoder_attention_mask=mask)
+            whole = torch.compile(model, fullgraph=True, backend="eager")(x, caption, t, encoder_attention_mask=mask)
+            before = counters["stats"]["unique_graphs"]
+            regional = compile_module(model, backend="eager", regional=True)(x, caption, t, encoder_attention_mask=mask)
+            # two block graphs: the first block (no residual handed in) and the others, which share one
+            assert counters["stats"]["unique_graphs"] - before == 2
+    finally:
+        torch._dynamo.reset()
+    assert torch.equal(whole, eager) and torch.equal(regional, eager)

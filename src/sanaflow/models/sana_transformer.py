@@ -41,6 +41,11 @@ kernel, which ``project_qkv`` / ``project_q`` accept. A processor of any other c
 with hooks, always gets the tensor (`SanaSelfAttention.reads_fp8_rows`). The default self-attention
 processor likewise has the attention kernel write its output as fp8 rows for an fp8 ``to_out[0]``
 (``project_out`` accepts them; `SanaSelfAttention.writes_fp8_rows`).
+
+In CUDA inference `SanaTransformer.forward` leaves each block's last step, its gated residual add,
+to the next block's first norm kernel (`SanaTransformerBlock.forward`'s ``residual`` /
+``defer_residual``), unless something could see a block's input or output: a hook on a block or on
+every module, or ControlNet samples. Hooks and processors inside the blocks see what they always do.
 """
 
 from __future__ import annotations
@@ -55,6 +60,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..errors import ConfigError, InputError, suggest
 from ..hub import ModelMixin, register_to_config
+from ..ops import norm as norm_ops
 from ..ops.cross_attention import attend_tokens
 from ..ops.linear_attention import linear_attention
 from ..ops.mixffn import fused_mixffn_fn
@@ -510,6 +516,10 @@ def _hooked(module: nn.Module) -> bool:
 # --------------------------------------------------------------------------------------------
 
 
+# A block's last step left to the next block: (gate (B, 1, D), y (B, N, D)), the output being x + gate * y.
+DeferredResidual = tuple[torch.Tensor, torch.Tensor]
+
+
 class SanaTransformerBlock(nn.Module):
     """Linear self-attention, caption cross-attention and Mix-FFN, modulated by adaLN-single."""
 
@@ -549,8 +559,17 @@ class SanaTransformerBlock(nn.Module):
         modulation: torch.Tensor,
         height: int,
         width: int,
-    ) -> torch.Tensor:
-        """x (B, N, D), context (B, L, D), context_bias (B, 1, 1, L) or None, modulation (B, 6D) -> (B, N, D)."""
+        residual: DeferredResidual | None = None,
+        defer_residual: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, DeferredResidual]:
+        """x (B, N, D), context (B, L, D), context_bias (B, 1, 1, L) or None, modulation (B, 6D) -> (B, N, D).
+
+        `residual` and `defer_residual` serve `SanaTransformer.forward`'s inference loop, which leaves
+        each block's last step, the gated residual x + gate_mlp * ff_out, to the next block's norm1
+        pass (one pass over the residual stream less per block): with `residual` (gate, y) this
+        block's input is ``torch.addcmul(x, gate, y)``; with `defer_residual` it returns (x', (gate_mlp,
+        ff_out)) instead of its output ``torch.addcmul(x', gate_mlp, ff_out)``.
+        """
         mod = self.scale_shift_table[None] + modulation.unflatten(1, (6, -1))  # (B, 6, D)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=1)  # (B, 1, D) each
 
@@ -565,11 +584,13 @@ class SanaTransformerBlock(nn.Module):
         # ff's first 1x1 conv) leaves its row kernel as fp8 rows (Fp8Rows), not as a bf16 tensor the
         # layers would read back just to quantize it. Only where the reader `reads_fp8_rows()` (default
         # processor, no hooks): TokenFlow's processors and feature hooks, PAG, probes get the tensor.
+        # A deferred residual (the previous block's gate_mlp, ff_out) is added in norm1's pass.
+        gate, y = residual if residual is not None else (None, None)  # (B, 1, D), (B, N, D)
         rows = fp8_rows_wanted(x)
         if rows and self.attn1.reads_fp8_rows():
-            _, h = norm_modulate_fp8(self.norm1, x, shift_msa, scale_msa)  # Fp8Rows of (B, N, D)
+            x, h = norm_modulate_fp8(self.norm1, x, shift_msa, scale_msa, y, residual_gate=gate)  # (B, N, D), Fp8Rows
         else:
-            _, h = norm_modulate(self.norm1, x, shift_msa, scale_msa)  # (B, N, D)
+            x, h = norm_modulate(self.norm1, x, shift_msa, scale_msa, y, residual_gate=gate)  # (B, N, D) each
         out = self.attn1(h, height, width)  # (B, N, D)
 
         if self.attn2 is None:
@@ -585,7 +606,17 @@ class SanaTransformerBlock(nn.Module):
             x, h = norm_modulate_fp8(self.norm2, x, shift_mlp, scale_mlp, residual=cross)  # (B, N, D), Fp8Rows
         else:
             x, h = norm_modulate(self.norm2, x, shift_mlp, scale_mlp, residual=cross)  # (B, N, D) each
-        return torch.addcmul(x, gate_mlp, self.ff(h, height, width))  # (B, N, D)
+        out = self.ff(h, height, width)  # (B, N, D)
+        if defer_residual:
+            return x, (gate_mlp, out)
+        return torch.addcmul(x, gate_mlp, out)  # (B, N, D)
+
+    def defers_residual(self) -> bool:
+        """True when the block may take and hand on deferred residuals (see `forward`): no hooks on it.
+
+        A hook on the block would see the pair instead of its input or output.
+        """
+        return not _hooked(self)
 
 
 class SanaTransformer(ModelMixin):
@@ -726,6 +757,23 @@ class SanaTransformer(ModelMixin):
 
     # ---------------------------------------------------------------------------- forward
 
+    def _defers_block_residuals(
+        self, x: torch.Tensor, controlnet_block_samples: Sequence[torch.Tensor] | None
+    ) -> bool:
+        """Whether `forward` leaves each block's last gated residual to the next block's norm1 pass.
+
+        Only where that saves a pass (the fused row kernels: inference, CUDA tokens, SANAFLOW_FUSED_NORM
+        on) and nothing sees a block's input or output in between: no ControlNet samples (added to
+        block outputs), no hooks on a block (on the module in ``transformer_blocks`` or, through
+        `SanaTransformerBlock.defers_residual`, on the block a compiled wrapper holds) nor on every
+        module. Hooks inside a block (attention, Mix-FFN, norms) and processors see what they always do.
+        """
+        if controlnet_block_samples is not None or torch.is_grad_enabled():
+            return False
+        if not norm_ops.row_kernels_run(x) or _global_module_hooks():
+            return False
+        return all(not _hooked(block) and block.defers_residual() for block in self.transformer_blocks)
+
     def _check_inputs(
         self,
         x: torch.Tensor,
@@ -794,19 +842,36 @@ class SanaTransformer(ModelMixin):
             context_bias = context_bias[:, None, None, :]  # (B, 1, 1, L): broadcast over heads and queries
 
         use_checkpoint = self.gradient_checkpointing and torch.is_grad_enabled()
-        for i, block in enumerate(self.transformer_blocks):
-            if use_checkpoint:
-                x = checkpoint(block, x, context, context_bias, modulation, h, w, use_reentrant=False)
-            else:
-                x = block(x, context, context_bias, modulation, h, w)  # (B, N, D)
-            if controlnet_block_samples is not None and 0 < i <= len(controlnet_block_samples):
-                x = x + controlnet_block_samples[i - 1]
+        if self._defers_block_residuals(x, controlnet_block_samples):
+            # Each block's last gated residual is added in the next block's norm1 pass (the last
+            # block's here): the same values, one pass over the (B, N, D) residual stream less per block.
+            residual = None
+            for block in self.transformer_blocks:
+                x, residual = block(x, context, context_bias, modulation, h, w,
+                                    residual=residual, defer_residual=True)  # (B, N, D), (gate, y)
+            if residual is not None:
+                x = torch.addcmul(x, *residual)  # (B, N, D)
+        else:
+            for i, block in enumerate(self.transformer_blocks):
+                if use_checkpoint:
+                    x = checkpoint(block, x, context, context_bias, modulation, h, w, use_reentrant=False)
+                else:
+                    x = block(x, context, context_bias, modulation, h, w)  # (B, N, D)
+                if controlnet_block_samples is not None and 0 < i <= len(controlnet_block_samples):
+                    x = x + controlnet_block_samples[i - 1]
 
         shift, scale = (self.scale_shift_table[None] + t_emb[:, None]).chunk(2, dim=1)  # (B, 1, D) each
         x = torch.addcmul(shift, self.norm_out(x), 1 + scale)  # (B, N, D)
         x = self.proj_out(x)  # (B, N, p*p*C)
         x = x.reshape(batch, h, w, p, p, -1).permute(0, 5, 1, 3, 2, 4)  # (B, C, h, p, w, p)
         return x.reshape(batch, -1, height, width)  # (B, C, H, W)
+
+
+def _global_module_hooks() -> bool:
+    # hooks registered for every module (torch.nn.modules.module.register_module_forward_hook and friends)
+    from torch.nn.modules import module as torch_module
+
+    return bool(torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks)
 
 
 def _batch_vector(value: torch.Tensor | float, batch: int, device: torch.device, name: str) -> torch.Tensor:

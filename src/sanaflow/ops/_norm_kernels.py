@@ -13,15 +13,16 @@ import triton.language as tl
 
 
 def norm_modulate_kernel(
-    x_ptr, r_ptr, xo_ptr, shift_ptr, scale_ptr, h_ptr, hs_ptr,
+    x_ptr, r_ptr, g_ptr, xo_ptr, shift_ptr, scale_ptr, h_ptr, hs_ptr,
     N, D, eps,
-    s_xb, s_xn, s_rb, s_rn, s_ob, s_on, s_mb, s_cb, s_hb, s_hn,
-    HAS_RES: tl.constexpr, QUANT: tl.constexpr, QMAX: tl.constexpr, SCALE_MIN: tl.constexpr, BLOCK: tl.constexpr,
+    s_xb, s_xn, s_rb, s_rn, s_gb, s_ob, s_on, s_mb, s_cb, s_hb, s_hn,
+    HAS_RES: tl.constexpr, GATED: tl.constexpr, QUANT: tl.constexpr, QMAX: tl.constexpr,
+    SCALE_MIN: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """x' = x (+ r, rounded to x's dtype and stored when HAS_RES); h = LayerNorm(x') * (1 + scale[b]) + shift[b].
+    """x' = x (+ r, or + g[b] * r when GATED, rounded to x's dtype and stored when HAS_RES); h = LayerNorm(x') * (1 + scale[b]) + shift[b].
 
-    x, r, x', h: (B, N, D) with unit channel stride; shift, scale: (B, [1,] D) with unit channel stride.
-    LayerNorm without affine parameters, biased variance, as torch's.
+    x, r, x', h: (B, N, D) with unit channel stride; g, shift, scale: (B, [1,] D) with unit channel
+    stride. LayerNorm without affine parameters, biased variance, as torch's.
     QUANT: h is written quantized per row instead (h_ptr: the values, hs_ptr: one float32 scale per
     row), with the arithmetic of `quantize_rows_kernel` applied to h rounded to x's dtype: the bf16 h
     that the unquantized variant stores and the row quantisation would read back, so the two paths
@@ -36,7 +37,11 @@ def norm_modulate_kernel(
     if HAS_RES:
         r = tl.load(r_ptr + b * s_rb + n * s_rn + offs, mask=m, other=0.0).to(tl.float32)
         # the new residual stream is stored in its dtype; the norm reads the stored (rounded) values
-        x = (x + r).to(xo_ptr.dtype.element_ty)
+        if GATED:
+            g = tl.load(g_ptr + b * s_gb + offs, mask=m, other=0.0).to(tl.float32)
+            x = tl.fma(g, r, x).to(xo_ptr.dtype.element_ty)  # torch's addcmul: float32, one rounding
+        else:
+            x = (x + r).to(xo_ptr.dtype.element_ty)
         tl.store(xo_ptr + b * s_ob + n * s_on + offs, x, mask=m)
         x = x.to(tl.float32)
     mean = tl.sum(x, axis=0) / D

@@ -1,7 +1,7 @@
 """Dispatch of the blocks' (residual +) LayerNorm + modulation to the fused Triton kernel.
 
 `norm_modulate(norm, x, shift, scale, residual)` returns (x', h) with x' = x + residual (x without
-one) and h = norm(x') * (1 + scale) + shift. The fused kernel (`sanaflow.ops.triton_norm`) runs when
+one; ``torch.addcmul(x, residual_gate, residual)`` with a gate) and h = norm(x') * (1 + scale) + shift. The fused kernel (`sanaflow.ops.triton_norm`) runs when
 the tokens are on CUDA, triton is installed, autograd is not recording (forward only), the norm is
 a LayerNorm without affine parameters (SANA's) and nothing hooks it; otherwise the torch path runs.
 ``SANAFLOW_FUSED_NORM=0`` (or false / off / no) switches the kernel off; read once at import.
@@ -17,6 +17,8 @@ import os
 
 import torch
 from torch import nn
+
+from ..errors import InputError
 
 FUSED_NORM = os.environ.get("SANAFLOW_FUSED_NORM", "1").strip().lower() not in ("0", "false", "off", "no")
 
@@ -63,18 +65,32 @@ def _kernel_runs(enabled: bool | None, x: torch.Tensor, *others: torch.Tensor | 
     return True
 
 
+def row_kernels_run(x: torch.Tensor) -> bool:
+    """Whether the row kernels take tokens like `x`: switched on, triton installed, on CUDA, nothing to differentiate."""
+    return _kernel_runs(None, x) and bool(_resolve())
+
+
 def _fusable(norm: nn.Module, x: torch.Tensor, enabled: bool | None, *others: torch.Tensor | None) -> bool:
     return (_kernel_runs(enabled, x, *others) and type(norm) is nn.LayerNorm and norm.weight is None
             and norm.bias is None and len(norm.normalized_shape) == 1
             and not norm._forward_hooks and not norm._forward_pre_hooks)
 
 
+def _norm_fusable(
+    norm: nn.Module, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, residual: torch.Tensor | None,
+    residual_gate: torch.Tensor | None, enabled: bool | None,
+) -> bool:
+    # a gate of another dtype would make addcmul promote: the torch path keeps that meaning
+    return (_fusable(norm, x, enabled, shift, scale, residual, residual_gate)
+            and (residual_gate is None or residual_gate.dtype == x.dtype))
+
+
 def norm_quantizer(
     norm: nn.Module, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
-    residual: torch.Tensor | None = None, enabled: bool | None = None,
+    residual: torch.Tensor | None = None, enabled: bool | None = None, residual_gate: torch.Tensor | None = None,
 ):
     """`triton_norm.norm_modulate_quantize` where `norm_modulate` would run its kernel on these inputs, else None."""
-    if _fusable(norm, x, enabled, shift, scale, residual):
+    if _norm_fusable(norm, x, shift, scale, residual, residual_gate, enabled):
         kernels = _resolve()
         if kernels:
             return kernels.norm_modulate_quantize
@@ -92,17 +108,22 @@ def residual_quantizer(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, ena
 
 def norm_modulate(
     norm: nn.Module, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
-    residual: torch.Tensor | None = None, enabled: bool | None = None,
+    residual: torch.Tensor | None = None, enabled: bool | None = None, residual_gate: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x + residual, norm(x + residual) * (1 + scale) + shift) for tokens (B, N, D), shift / scale (B, 1, D).
+    """(x', norm(x') * (1 + scale) + shift) for tokens (B, N, D), shift / scale (B, 1, D), x' = x + residual.
 
+    With `residual_gate` (B, 1, D), x' = ``torch.addcmul(x, residual_gate, residual)``.
     `enabled` overrides the SANAFLOW_FUSED_NORM switch (tests; True also runs CPU tokens in Triton's
     interpreter when it is on).
     """
-    if _fusable(norm, x, enabled, shift, scale, residual):
+    if residual_gate is not None and residual is None:
+        raise InputError("norm_modulate: a residual_gate needs a residual")
+    if _norm_fusable(norm, x, shift, scale, residual, residual_gate, enabled):
         kernels = _resolve()
         if kernels:
-            return kernels.norm_modulate(x, shift, scale, norm.eps, residual)
-    if residual is not None:
+            return kernels.norm_modulate(x, shift, scale, norm.eps, residual, residual_gate)
+    if residual_gate is not None:
+        x = torch.addcmul(x, residual_gate, residual)
+    elif residual is not None:
         x = x + residual
     return x, torch.addcmul(shift, norm(x), 1 + scale).to(x.dtype)

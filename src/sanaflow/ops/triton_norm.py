@@ -1,15 +1,18 @@
 """Row-wise Triton passes around SANA's GEMMs: fused (residual +) LayerNorm + modulation, and fp8 row quantisation.
 
-`norm_modulate(x, shift, scale, eps, residual)` computes, for tokens x (B, N, D) and per-sample
-modulation shift / scale (B, 1, D):
+`norm_modulate(x, shift, scale, eps, residual, residual_gate)` computes, for tokens x (B, N, D) and
+per-sample modulation shift / scale (B, 1, D):
 
-    x' = x + residual            (when given; stored, it is the block's residual stream)
+    x' = x + residual            (when given; stored, it is the block's residual stream;
+                                  x + residual_gate * residual with a (B, 1, D) gate)
     h  = LayerNorm(x') * (1 + scale) + shift
 
 in one pass (LayerNorm without affine parameters, as SANA's blocks use it). The torch path runs the
 norm, then the modulation, and (for the block's second norm) the residual add before them: three
 kernels, each reading and writing a (B, N, D) tensor; compiled, inductor fuses them into a looped
-reduction that measured ~3x slower than the bytes it moves (`benchmarks/profile_step.py`).
+reduction that measured ~3x slower than the bytes it moves (`benchmarks/profile_step.py`). The gated
+residual is a previous block's last step, x + gate_mlp * ff_out, left to the next block's first norm
+(`SanaTransformer.forward` in inference): one pass less over the residual stream.
 
 `quantize_rows(x, dtype, qmax, scale_min)` is the dynamic per-row quantisation of fp8 activations:
 one read of the bf16 row, one write of the 1-byte values and the row's float32 scale.
@@ -111,8 +114,9 @@ def _check_quant_dtype(dtype: torch.dtype, what: str) -> None:
 
 def _norm_inputs(
     x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, residual: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """The checked (B, N, D) tokens and (B, D) modulation views `norm_modulate_kernel` reads."""
+    residual_gate: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """The checked (B, N, D) tokens and (B, D) modulation (and gate) views `norm_modulate_kernel` reads."""
     B, N, D = _check_tokens(x, "norm_modulate")
     x = _rows_view(x, "x", (B, N, D))
     shift = _rows_view(_squeeze_mid(shift), "shift", (B, D))
@@ -121,14 +125,22 @@ def _norm_inputs(
         residual = _rows_view(residual, "residual", (B, N, D))
         if residual.dtype != x.dtype:
             raise InputError(f"norm_modulate: residual dtype {residual.dtype} differs from the tokens' {x.dtype}")
-    _check_same_device("norm_modulate", x, shift, scale, residual)
+    if residual_gate is not None:
+        if residual is None:
+            raise InputError("norm_modulate: a residual_gate needs a residual")
+        residual_gate = _rows_view(_squeeze_mid(residual_gate), "residual_gate", (B, D))
+        if residual_gate.dtype != x.dtype:
+            raise InputError(f"norm_modulate: residual_gate dtype {residual_gate.dtype} differs from the tokens' "
+                             f"{x.dtype}")
+    _check_same_device("norm_modulate", x, shift, scale, residual, residual_gate)
     _check_device(x, "norm_modulate")
-    return x, shift, scale, residual
+    return x, shift, scale, residual, residual_gate
 
 
 def _launch_norm(
     x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float, residual: torch.Tensor | None,
-    h: torch.Tensor, h_scale: torch.Tensor | None, qmax: float, scale_min: float,
+    residual_gate: torch.Tensor | None, h: torch.Tensor, h_scale: torch.Tensor | None, qmax: float,
+    scale_min: float,
 ) -> torch.Tensor:
     """Run `norm_modulate_kernel` into h (B, N, D) (quantized into h, h_scale when h_scale is given); returns x'."""
     B, N, D = x.shape
@@ -136,32 +148,35 @@ def _launch_norm(
     if B * N == 0:
         return x_new
     r = residual if residual is not None else x  # an unused pointer without a residual
+    g = residual_gate if residual_gate is not None else shift  # and without a gate
     block, warps = _block(D)
     _NORM[(B * N,)](
-        x, r, x_new, shift, scale, h, h_scale if h_scale is not None else h, N, D, float(eps),
-        x.stride(0), x.stride(1), r.stride(0), r.stride(1), x_new.stride(0), x_new.stride(1),
+        x, r, g, x_new, shift, scale, h, h_scale if h_scale is not None else h, N, D, float(eps),
+        x.stride(0), x.stride(1), r.stride(0), r.stride(1), g.stride(0), x_new.stride(0), x_new.stride(1),
         shift.stride(0), scale.stride(0), h.stride(0), h.stride(1),
-        HAS_RES=residual is not None, QUANT=h_scale is not None, QMAX=float(qmax), SCALE_MIN=float(scale_min),
-        BLOCK=block, num_warps=warps,
+        HAS_RES=residual is not None, GATED=residual_gate is not None, QUANT=h_scale is not None,
+        QMAX=float(qmax), SCALE_MIN=float(scale_min), BLOCK=block, num_warps=warps,
     )
     return x_new
 
 
 def norm_modulate(
     x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
+    residual_gate: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(x', h): x' = x + residual (x itself without one), h = LayerNorm(x') * (1 + scale) + shift, in x's dtype.
 
-    x, residual: (B, N, D); shift, scale: (B, 1, D) or (B, D). Forward only.
+    x, residual: (B, N, D); shift, scale: (B, 1, D) or (B, D). With `residual_gate` (B, 1, D) or
+    (B, D), x' = x + residual_gate * residual (``torch.addcmul``: one rounding). Forward only.
     """
-    x, shift, scale, residual = _norm_inputs(x, shift, scale, residual)
+    x, shift, scale, residual, residual_gate = _norm_inputs(x, shift, scale, residual, residual_gate)
     h = torch.empty(x.shape, device=x.device, dtype=x.dtype)
-    return _launch_norm(x, shift, scale, eps, residual, h, None, 1.0, 1.0), h
+    return _launch_norm(x, shift, scale, eps, residual, residual_gate, h, None, 1.0, 1.0), h
 
 
 def norm_modulate_quantize(
     x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float, residual: torch.Tensor | None,
-    dtype: torch.dtype, qmax: float, scale_min: float,
+    dtype: torch.dtype, qmax: float, scale_min: float, residual_gate: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(x', q (B*N, D), s float32 (B*N, 1)): `norm_modulate`'s x', and its h quantized per row in one pass.
 
@@ -169,11 +184,11 @@ def norm_modulate_quantize(
     `norm_modulate` (h rounded to x's dtype, then quantized), without h ever being written.
     """
     _check_quant_dtype(dtype, "norm_modulate_quantize")
-    x, shift, scale, residual = _norm_inputs(x, shift, scale, residual)
+    x, shift, scale, residual, residual_gate = _norm_inputs(x, shift, scale, residual, residual_gate)
     B, N, D = x.shape
     q = torch.empty(B, N, D, device=x.device, dtype=dtype)
     s = torch.empty(B * N, 1, device=x.device, dtype=torch.float32)
-    x_new = _launch_norm(x, shift, scale, eps, residual, q, s, qmax, scale_min)
+    x_new = _launch_norm(x, shift, scale, eps, residual, residual_gate, q, s, qmax, scale_min)
     return x_new, q.view(B * N, D), s
 
 

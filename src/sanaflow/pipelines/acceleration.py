@@ -50,11 +50,12 @@ def compile_module(module: torch.nn.Module, mode: str | None = None, backend: st
     """`torch.compile(module)` as sanaflow's models are written for it: one graph, static shapes.
 
     `regional=True` compiles each of the module's repeated blocks (``transformer_blocks``) instead,
-    one graph that all blocks share, and leaves the rest eager: seconds to compile instead of a
-    minute for the 600M / 1600M transformers, the same step time at 4096 px and under CUDA graphs
-    (`benchmarks/bench_sana.py`, ``*-regional`` impls); without CUDA graphs the per-block calls cost
-    host time at 1024 px. Returns a callable module that shares `module`'s weights; `module`
-    itself stays uncompiled.
+    one graph that all blocks share (two in CUDA inference, where each block hands its last residual
+    add to the next and the first block is given none: `SanaTransformer.forward`), and leaves the
+    rest eager: seconds to compile instead of a minute for the 600M / 1600M transformers, the same
+    step time at 4096 px and under CUDA graphs (`benchmarks/bench_sana.py`, ``*-regional`` impls);
+    without CUDA graphs the per-block calls cost host time at 1024 px. Returns a callable module
+    that shares `module`'s weights; `module` itself stays uncompiled.
     """
     if mode not in COMPILE_MODES:
         raise unknown_choice("compile mode", str(mode), [str(m) for m in COMPILE_MODES])

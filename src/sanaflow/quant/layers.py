@@ -141,19 +141,19 @@ def prequantize(x: torch.Tensor | Fp8Rows, *layers: nn.Module) -> torch.Tensor |
 
 def norm_modulate_fp8(
     norm: nn.Module, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
-    residual: torch.Tensor | None = None, enabled: bool | None = None,
+    residual: torch.Tensor | None = None, enabled: bool | None = None, residual_gate: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Fp8Rows]:
     """`sanaflow.ops.norm.norm_modulate` with h handed over as fp8 rows: (x', Fp8Rows of h (B, N, D)).
 
     Where the fused norm runs, one pass writes the fp8 values and row scales instead of h
     (`triton_norm.norm_modulate_quantize`: bit for bit the rows of quantizing the h it would write);
-    elsewhere the torch path, then `quantize_fp8_rows`. `enabled` as in `norm_modulate`.
+    elsewhere the torch path, then `quantize_fp8_rows`. `enabled`, `residual_gate` as in `norm_modulate`.
     """
-    kernel = norm_ops.norm_quantizer(norm, x, shift, scale, residual, enabled)
+    kernel = norm_ops.norm_quantizer(norm, x, shift, scale, residual, enabled, residual_gate)
     if kernel is None:
-        x, h = norm_ops.norm_modulate(norm, x, shift, scale, residual, enabled)
+        x, h = norm_ops.norm_modulate(norm, x, shift, scale, residual, enabled, residual_gate)
         return x, _rows_of(h)
-    x, q, s = kernel(x, shift, scale, norm.eps, residual, FP8_DTYPE, FP8_MAX, _SCALE_MIN)
+    x, q, s = kernel(x, shift, scale, norm.eps, residual, FP8_DTYPE, FP8_MAX, _SCALE_MIN, residual_gate=residual_gate)
     return x, Fp8Rows(q, s, x.shape, x.dtype)
 
 
