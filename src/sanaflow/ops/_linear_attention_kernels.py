@@ -116,9 +116,9 @@ def attn_out_quantize_kernel(
     q_tile = q_ptr + b * s_qb + offs_n[:, None] * s_qn + offs_d[None, :] * s_qd  # head 0's tile
     eps = tl.cast(eps, tl.float32)  # float32 even if eps came as float64
     amax = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for i in range(H):
-        head = tl.cast(i, tl.int64)
-        out = _out_tile(q_tile + head * s_qh, mask, kv_ptr, ks_ptr, b * H + head, eps, BLOCK_D, PRECISION)
+    for h in range(H):
+        out = _out_tile(q_tile + tl.cast(h, tl.int64) * s_qh, mask, kv_ptr, ks_ptr, b * H + h, eps,
+                        BLOCK_D, PRECISION)
         out = out.to(q_ptr.dtype.element_ty).to(tl.float32)  # the stored output of attn_out_kernel
         amax = tl.maximum(amax, tl.max(tl.abs(out), axis=1))  # masked lanes hold 0
     scale = tl.maximum(amax, SCALE_MIN) / QMAX  # (BLOCK_N,); constexpr floats: float32 arithmetic
@@ -126,11 +126,11 @@ def attn_out_quantize_kernel(
     o_tile = o_ptr + rows[:, None] * (H * D) + offs_d[None, :]
     # Pass 2 visits the heads last to first: the q tiles pass 1 read last are the likeliest still in L2.
     for i in range(H):
-        head = tl.cast(H - 1 - i, tl.int64)
-        out = _out_tile(q_tile + head * s_qh, mask, kv_ptr, ks_ptr, b * H + head, eps, BLOCK_D, PRECISION)
+        h = tl.cast(H - 1 - i, tl.int64)
+        out = _out_tile(q_tile + h * s_qh, mask, kv_ptr, ks_ptr, b * H + h, eps, BLOCK_D, PRECISION)
         out = out.to(q_ptr.dtype.element_ty).to(tl.float32)
         out = tl.minimum(tl.maximum(out / scale[:, None], -QMAX), QMAX)
-        tl.store(o_tile + head * D, out.to(o_ptr.dtype.element_ty), mask=mask)
+        tl.store(o_tile + h * D, out.to(o_ptr.dtype.element_ty), mask=mask)
     tl.store(s_ptr + rows, scale, mask=in_rows)
 
 
