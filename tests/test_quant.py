@@ -1,9 +1,8 @@
 """INT8 / FP8 quantization of the SANA transformer: accuracy, save/load, CLI, errors.
 
-The fp8 block wiring (norms, the residual add and the self-attention handing fp8 layers quantized
-rows) runs on the CPU with torch's CPU ``_scaled_mm`` standing in for the GPU's (the fp8 device check
-patched, `cpu_fp8`); the kernels themselves are checked in tests/test_ops_norm.py and
-tests/test_ops_triton.py.
+The fp8 block wiring (norms and the residual add handing fp8 layers quantized rows) runs on the CPU
+with torch's CPU ``_scaled_mm`` standing in for the GPU's (the fp8 device check patched, `cpu_fp8`);
+the kernels themselves are checked in tests/test_ops_norm.py.
 """
 
 from __future__ import annotations
@@ -307,7 +306,7 @@ def fp8_pair(dtype=torch.float32, num_layers=2):
 
 def spy(monkeypatch) -> dict[str, int]:
     """Count the block's fp8 producers and what its fp8 matmuls are given (rows or tensors)."""
-    calls = {"norm": 0, "residual": 0, "attention": 0, "rows_in": 0, "tensor_in": 0}
+    calls = {"norm": 0, "residual": 0, "rows_in": 0, "tensor_in": 0}
 
     def counted(name, fn):
         def run(*args, **kwargs):
@@ -322,7 +321,6 @@ def spy(monkeypatch) -> dict[str, int]:
     fp8_matmul = layers.fp8_linear
     monkeypatch.setattr(st, "norm_modulate_fp8", counted("norm", st.norm_modulate_fp8))
     monkeypatch.setattr(st, "gated_residual_fp8", counted("residual", st.gated_residual_fp8))
-    monkeypatch.setattr(st, "linear_attention_fp8", counted("attention", st.linear_attention_fp8))
     monkeypatch.setattr(layers, "fp8_linear", matmul)
     return calls
 
@@ -332,21 +330,19 @@ def inputs_as(dtype):
     return x.to(dtype), caption.to(dtype), t, mask
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fp8_block_hands_rows_and_matches_the_unfused_block(cpu_fp8, monkeypatch, dtype):
     model, qmodel = fp8_pair(dtype)
     inputs = inputs_as(dtype)
     ref = run(model, inputs)
     calls = spy(monkeypatch)
     rows = run(qmodel, inputs)
-    # per block: norm1 -> rows for attn1's q/k/v, the linear attention -> rows for attn1's to_out[0],
-    # x + gate * attn1 -> rows for attn2's q, norm2 -> rows for ff's first 1x1 conv; with attn2's
-    # caption k/v rows (prequantize) 8 of 10 matmuls read rows
-    assert calls == {"norm": 4, "residual": 2, "attention": 2, "rows_in": 16, "tensor_in": 4}, calls
+    # per block: norm1 -> rows for attn1's q/k/v, x + gate * attn1 -> rows for attn2's q, norm2 -> rows
+    # for ff's first 1x1 conv; with attn2's caption k/v rows (prequantize) 7 of 10 matmuls read rows
+    assert calls == {"norm": 4, "residual": 2, "rows_in": 14, "tensor_in": 6}, calls
     monkeypatch.setattr(st, "fp8_rows_wanted", lambda x: False)  # the unfused block: each layer quantizes
     plain = run(qmodel, inputs)
-    # q/k/v, caption k/v: rows (prequantize)
-    assert calls == {"norm": 4, "residual": 2, "attention": 2, "rows_in": 26, "tensor_in": 14}, calls
+    assert calls == {"norm": 4, "residual": 2, "rows_in": 24, "tensor_in": 16}, calls  # q/k/v, caption k/v: rows
     # Without the kernels (CPU, outside the interpreter) the producers run the torch path and quantize
     # with the reference: the very rows the layers build themselves, so the outputs agree bit for bit.
     assert torch.equal(rows, plain)
@@ -387,42 +383,7 @@ def test_fp8_rows_reach_only_default_processors_and_unhooked_modules(cpu_fp8, mo
                                                   "ff hook", "to_k pre-hook"]
     assert all(kind is torch.Tensor for _, kind in seen), seen
     assert (calls["norm"], calls["residual"]) == (2, 1)  # block 0's norm2, block 1's norm1, block 2's residual
-    assert calls["attention"] == 2  # blocks 1 and 2: the default processor, an unhooked to_out[0]
     assert torch.equal(got, plain)
-
-
-def test_fp8_attention_output_rows_only_for_the_default_processor_and_an_unhooked_to_out(cpu_fp8, monkeypatch):
-    _, qmodel = fp8_pair(num_layers=4)
-    inputs = inputs_as(torch.float32)
-    monkeypatch.setattr(st, "fp8_rows_wanted", lambda x: False)
-    plain = run(qmodel, inputs)
-    monkeypatch.setattr(st, "fp8_rows_wanted", layers.fp8_rows_wanted)
-    seen = []
-
-    class Composed(st.SelfAttnProcessor):  # holds a default processor (as PAG's does), is not one
-        def __init__(self):
-            self.inner = LinearSelfAttnProcessor()
-
-        def __call__(self, attn, hidden_states, height, width):
-            return self.inner(attn, hidden_states, height, width)
-
-    class Subclass(LinearSelfAttnProcessor):
-        pass
-
-    b0, b1, b2, b3 = qmodel.transformer_blocks
-    b0.attn1.to_out[0].register_forward_pre_hook(lambda m, args: seen.append(("to_out pre-hook", type(args[0]))))
-    qmodel.set_attn_processor({"transformer_blocks.1.attn1": Composed(), "transformer_blocks.2.attn1": Subclass()})
-    # block 3: hooks on attn1 itself see its input and output, both tensors either way: the rows path stays
-    b3.attn1.register_forward_hook(lambda m, args, out: seen.append(("attn1 hook", type(args[0]), type(out))))
-    calls = spy(monkeypatch)
-    got = run(qmodel, inputs)
-    assert calls["attention"] == 1  # block 3 only
-    assert seen == [("to_out pre-hook", torch.Tensor), ("attn1 hook", torch.Tensor, torch.Tensor)], seen
-    assert b3.attn1.writes_fp8_rows() and not b0.attn1.writes_fp8_rows()
-    assert not b1.attn1.writes_fp8_rows() and not b2.attn1.writes_fp8_rows()
-    assert torch.equal(got, plain)
-    # float layers (or int8): never rows
-    assert not SanaTransformer(**TINY).transformer_blocks[0].attn1.writes_fp8_rows()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -435,7 +396,7 @@ def test_fp8_model_with_deferred_block_residuals_matches(cpu_fp8, monkeypatch, d
     monkeypatch.setattr(norm_ops, "row_kernels_run", lambda x: True)
     calls = spy(monkeypatch)
     deferred = run(qmodel, inputs)
-    assert (calls["norm"], calls["residual"], calls["attention"]) == (6, 3, 3)
+    assert (calls["norm"], calls["residual"]) == (6, 3)
     assert torch.equal(deferred, plain)
 
 
@@ -469,7 +430,7 @@ def test_fp8_rows_path_compiles_into_one_graph(cpu_fp8, monkeypatch):
     calls = spy(monkeypatch)
     try:
         whole = run(torch.compile(qmodel, fullgraph=True, backend="eager"), inputs)  # a graph break fails
-        assert calls["norm"] == 4 and calls["residual"] == 2 and calls["attention"] == 2  # traced through the producers
+        assert calls["norm"] == 4 and calls["residual"] == 2  # traced through the producers
         regional = run(compile_module(qmodel, backend="eager", regional=True), inputs)
     finally:
         torch._dynamo.reset()
@@ -533,7 +494,7 @@ def test_gpu_fp8_block_with_fused_producers_matches_unfused_and_bf16(monkeypatch
         quantize_transformer(model, "fp8")
         calls = spy(monkeypatch)
         fused_block = block(*block_args)
-        assert (calls["norm"], calls["residual"], calls["attention"]) == (2, 1, 1)  # the producers wrote fp8 rows
+        assert (calls["norm"], calls["residual"]) == (2, 1)  # the producers wrote fp8 rows
         fused = run(model, inputs)
         monkeypatch.setattr(st, "fp8_rows_wanted", lambda x: False)  # fused norms still on; layers quantize
         unfused_block = block(*block_args)
@@ -545,37 +506,6 @@ def test_gpu_fp8_block_with_fused_producers_matches_unfused_and_bf16(monkeypatch
     assert cosine(fused_block, unfused_block) >= 0.9999
     assert cosine(fused, unfused) >= 0.9999
     assert cosine(fused_block, ref_block) >= 0.99 and cosine(fused, ref) >= 0.99
-    assert cosine(regional, fused) >= 0.9999
-
-
-@pytest.mark.gpu
-def test_gpu_fp8_attention_output_rows_match_the_unfused_projection(monkeypatch):
-    from sanaflow.pipelines.acceleration import compile_module
-    from sanaflow.quant import fp8_supported
-
-    if not fp8_supported():
-        pytest.skip("no FP8 tensor cores on this GPU")
-    model, inputs = _gpu_model()
-    attn = model.transformer_blocks[0].attn1
-    g = torch.Generator(device="cuda").manual_seed(5)
-    h = torch.randn(2, 64 * 64, attn.to_q.in_features, device="cuda", generator=g).bfloat16()  # 2048 px
-    with torch.no_grad():
-        quantize_transformer(model, "fp8")
-        assert attn.writes_fp8_rows()
-        calls = spy(monkeypatch)
-        fused_attn = attn(h, 64, 64)
-        fused = run(model, inputs)
-        assert calls["attention"] == 3  # the kernel wrote to_out[0]'s rows (once here, once per block)
-        torch._dynamo.reset()
-        regional = run(compile_module(model, regional=True), inputs)  # inductor traces the new kernel
-        torch._dynamo.reset()
-        monkeypatch.setattr(st.SanaSelfAttention, "writes_fp8_rows", lambda self: False)  # only this path off
-        unfused_attn = attn(h, 64, 64)
-        unfused = run(model, inputs)
-    assert calls["attention"] > 3  # regional: traced through the rows path (once per traced graph)
-    # the same rows but for rare one-step division differences: nearly identical projections
-    assert cosine(fused_attn, unfused_attn) >= 0.99999
-    assert cosine(fused, unfused) >= 0.9999
     assert cosine(regional, fused) >= 0.9999
 
 

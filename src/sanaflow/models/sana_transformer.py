@@ -38,9 +38,7 @@ before each call); the defaults are stateless and one instance may serve many mo
 In an fp8 model (`sanaflow.quant`) the block may hand the *default* processors their
 ``hidden_states`` as quantized rows (`sanaflow.quant.layers.Fp8Rows`) written by the norm or residual
 kernel, which ``project_qkv`` / ``project_q`` accept. A processor of any other class, and any module
-with hooks, always gets the tensor (`SanaSelfAttention.reads_fp8_rows`). The default self-attention
-processor likewise has the attention kernel write its output as fp8 rows for an fp8 ``to_out[0]``
-(``project_out`` accepts them; `SanaSelfAttention.writes_fp8_rows`).
+with hooks, always gets the tensor (`SanaSelfAttention.reads_fp8_rows`).
 
 In CUDA inference `SanaTransformer.forward` leaves each block's last step, its gated residual add,
 to the next block's first norm kernel (`SanaTransformerBlock.forward`'s ``residual`` /
@@ -70,7 +68,6 @@ from ..quant.layers import (
     accepts_fp8_rows,
     fp8_rows_wanted,
     gated_residual_fp8,
-    linear_attention_fp8,
     norm_modulate_fp8,
     prequantize,
 )
@@ -354,9 +351,6 @@ class LinearSelfAttnProcessor(SelfAttnProcessor):
         self, attn: SanaSelfAttention, hidden_states: torch.Tensor | Fp8Rows, height: int, width: int
     ) -> torch.Tensor:
         q, k, v = attn.project_qkv(hidden_states)  # (B, h, N, d) each
-        if fp8_rows_wanted(q) and attn.writes_fp8_rows():
-            # an fp8 to_out[0] is the output's only reader: the attention kernel writes it as fp8 rows
-            return attn.project_out(linear_attention_fp8(q, k, v))  # Fp8Rows of (B, N, h*d) -> (B, N, D)
         out = linear_attention(q, k, v)  # (B, h, N, d)
         return attn.project_out(out.transpose(1, 2).flatten(2))  # (B, N, D)
 
@@ -435,11 +429,8 @@ class SanaSelfAttention(_AttentionProjections):
         v = self.split_heads(self.to_v(x))
         return q, k, v
 
-    def project_out(self, x: torch.Tensor | Fp8Rows) -> torch.Tensor:
-        """Output projection of merged heads (B, N, heads * d) (or their `Fp8Rows`, for an fp8 to_out[0]) -> (B, N, D).
-
-        Clipped to the fp16 range in fp16 (the projection's output, whatever its input came as).
-        """
+    def project_out(self, x: torch.Tensor) -> torch.Tensor:
+        """Output projection of merged heads (B, N, heads * d) -> (B, N, D); clipped to the fp16 range in fp16."""
         x = self.to_out[1](self.to_out[0](x))
         if x.dtype == torch.float16:
             # Linear attention can overflow fp16 in rare tokens; clip as the reference does.
@@ -450,14 +441,6 @@ class SanaSelfAttention(_AttentionProjections):
         """True when hidden_states may come as `Fp8Rows`: the default processor, no hooks, unhooked fp8 to_q/k/v."""
         return (type(self.processor) is LinearSelfAttnProcessor and not _hooked(self)
                 and accepts_fp8_rows(self.to_q, self.to_k, self.to_v))
-
-    def writes_fp8_rows(self) -> bool:
-        """True when the attention output may reach to_out[0] as `Fp8Rows`: the default processor, an unhooked fp8 to_out[0].
-
-        Hooks on this module itself do not matter: they see its input and output, never the output of
-        the attention before to_out.
-        """
-        return type(self.processor) is LinearSelfAttnProcessor and accepts_fp8_rows(self.to_out[0])
 
     def forward(self, hidden_states: torch.Tensor | Fp8Rows, height: int, width: int) -> torch.Tensor:
         return self.processor(self, hidden_states, height, width)

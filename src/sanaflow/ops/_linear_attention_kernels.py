@@ -1,9 +1,8 @@
 """Triton kernels of the fused ReLU linear attention (imported only when triton is installed).
 
-The kernels are plain functions here (their helper is a ``triton.jit`` function, which Triton needs
-for calls from a kernel); `sanaflow.ops.triton_linear_attention` compiles them with ``triton.jit``
-for CUDA tensors and wraps them in Triton's interpreter for CPU tensors, so the same source is
-tested on a CPU-only machine.
+The four kernels are plain functions here; `sanaflow.ops.triton_linear_attention` compiles them
+with ``triton.jit`` for CUDA tensors and wraps them in Triton's interpreter for CPU tensors, so the
+same source is tested on a CPU-only machine.
 
 Notation per (batch, head): ``qr = relu(q)`` (N, d), ``kr = relu(k)`` (M, d), ``kv = kr^T v`` (d, d),
 ``ks = sum_m kr_m`` (d), ``num = qr kv``, ``den = qr . ks + eps``, ``out = num / den``.
@@ -13,7 +12,6 @@ values are exact in float32 and tf32); ``PRECISION`` is the dots' input precisio
 
 from __future__ import annotations
 
-import triton
 import triton.language as tl
 
 
@@ -52,23 +50,6 @@ def kv_partial_kernel(
     tl.store(ks_ptr + out + offs_d, ks)
 
 
-@triton.jit
-def _out_tile(q_ptrs, mask, kv_ptr, ks_ptr, bh, eps, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
-    """out = relu(q) kv / (relu(q) . ks + eps) in float32 for one (BLOCK_N, BLOCK_D) query tile of head `bh`.
-
-    The one definition of the output that both output kernels inline, so they compute the same bits.
-    Masked lanes hold 0 (their q loads as 0: num is 0 and den is eps).
-    """
-    offs_d = tl.arange(0, BLOCK_D)
-    kv = tl.load(kv_ptr + bh * BLOCK_D * BLOCK_D + offs_d[:, None] * BLOCK_D + offs_d[None, :])
-    ks = tl.load(ks_ptr + bh * BLOCK_D + offs_d)
-    q = tl.load(q_ptrs, mask=mask, other=0.0)
-    qr = tl.maximum(q.to(tl.float32), 0.0)  # (BLOCK_N, BLOCK_D)
-    num = tl.dot(qr, kv, input_precision=PRECISION)  # (BLOCK_N, BLOCK_D)
-    den = tl.sum(qr * ks[None, :], axis=1) + eps  # (BLOCK_N,)
-    return num / den[:, None]
-
-
 def attn_out_kernel(
     q_ptr, kv_ptr, ks_ptr, o_ptr,
     H, N, D, eps,
@@ -84,54 +65,15 @@ def attn_out_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (offs_n < N)[:, None] & (offs_d < D)[None, :]
-    q_ptrs = q_ptr + b * s_qb + h * s_qh + offs_n[:, None] * s_qn + offs_d[None, :] * s_qd
-    # float32 even if eps came as float64
-    out = _out_tile(q_ptrs, mask, kv_ptr, ks_ptr, pid_bh, tl.cast(eps, tl.float32), BLOCK_D, PRECISION)
+    kv = tl.load(kv_ptr + pid_bh * BLOCK_D * BLOCK_D + offs_d[:, None] * BLOCK_D + offs_d[None, :])
+    ks = tl.load(ks_ptr + pid_bh * BLOCK_D + offs_d)
+    q = tl.load(q_ptr + b * s_qb + h * s_qh + offs_n[:, None] * s_qn + offs_d[None, :] * s_qd, mask=mask, other=0.0)
+    qr = tl.maximum(q.to(tl.float32), 0.0)  # (BLOCK_N, BLOCK_D)
+    num = tl.dot(qr, kv, input_precision=PRECISION)  # (BLOCK_N, BLOCK_D)
+    den = tl.sum(qr * ks[None, :], axis=1) + tl.cast(eps, tl.float32)  # (BLOCK_N,); float32 even if eps came as float64
+    out = num / den[:, None]
     o_ptrs = o_ptr + b * s_ob + h * s_oh + offs_n[:, None] * s_on + offs_d[None, :] * s_od
     tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=mask)
-
-
-def attn_out_quantize_kernel(
-    q_ptr, kv_ptr, ks_ptr, o_ptr, s_ptr,
-    H, N, D, eps,
-    s_qb, s_qh, s_qn, s_qd,
-    QMAX: tl.constexpr, SCALE_MIN: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
-):
-    """`attn_out_kernel` for every head of one block of queries, stored as per-row quantized merged heads.
-
-    Grid (B, cdiv(N, BLOCK_N)). o: (B*N, H*D) contiguous, row b*N + n holding token n's heads side by
-    side (the (B, N, H*D) merge of the heads); s: (B*N,) float32, one scale per row. A row's scale
-    needs the max over all its heads, so the heads are visited twice: pass 1 computes each head's tile
-    and the running row amax (no stores), pass 2 recomputes the tiles (kv and ks are tiny and stay in
-    L2; q is read again) and stores them quantized as `quantize_rows_kernel` does. Each tile is rounded
-    to q's dtype first: the values `attn_out_kernel` stores and the row quantisation would read back.
-    """
-    b = tl.program_id(0).to(tl.int64)  # int64 offsets: B*N*H*D may pass 2**31
-    pid_n = tl.program_id(1)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    in_rows = offs_n < N
-    mask = in_rows[:, None] & (offs_d < D)[None, :]
-    q_tile = q_ptr + b * s_qb + offs_n[:, None] * s_qn + offs_d[None, :] * s_qd  # head 0's tile
-    eps = tl.cast(eps, tl.float32)  # float32 even if eps came as float64
-    amax = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for h in range(H):
-        out = _out_tile(q_tile + tl.cast(h, tl.int64) * s_qh, mask, kv_ptr, ks_ptr, b * H + h, eps,
-                        BLOCK_D, PRECISION)
-        out = out.to(q_ptr.dtype.element_ty).to(tl.float32)  # the stored output of attn_out_kernel
-        amax = tl.maximum(amax, tl.max(tl.abs(out), axis=1))  # masked lanes hold 0
-    scale = tl.maximum(amax, SCALE_MIN) / QMAX  # (BLOCK_N,); constexpr floats: float32 arithmetic
-    rows = b * N + offs_n  # (BLOCK_N,) int64
-    o_tile = o_ptr + rows[:, None] * (H * D) + offs_d[None, :]
-    # Pass 2 visits the heads last to first: the q tiles pass 1 read last are the likeliest still in L2.
-    for i in range(H):
-        h = tl.cast(H - 1 - i, tl.int64)
-        out = _out_tile(q_tile + h * s_qh, mask, kv_ptr, ks_ptr, b * H + h, eps, BLOCK_D, PRECISION)
-        out = out.to(q_ptr.dtype.element_ty).to(tl.float32)
-        out = tl.minimum(tl.maximum(out / scale[:, None], -QMAX), QMAX)
-        tl.store(o_tile + h * D, out.to(o_ptr.dtype.element_ty), mask=mask)
-    tl.store(s_ptr + rows, scale, mask=in_rows)
 
 
 def bwd_q_kernel(

@@ -12,9 +12,7 @@ float32 (bf16/fp16 sums over thousands of tokens lose too much), and the result 
 dtype of ``q``.
 
 `linear_attention` is the one entry point the models call; `linear_attention_reference` is the
-pure-torch version (the numerical reference for any fused kernel). `output_quantizer` hands an fp8
-output projection (``sanaflow.quant.layers.linear_attention_fp8``) the fused kernel's variant that
-writes the merged heads as fp8 rows, where `linear_attention` would run the fused kernel.
+pure-torch version (the numerical reference for any fused kernel).
 """
 
 from __future__ import annotations
@@ -47,7 +45,6 @@ def linear_attention_reference(
 BACKENDS = ("auto", "torch", "triton")
 _backend = os.environ.get("SANAFLOW_LINEAR_ATTENTION", "auto")
 _triton_fn = None  # the Triton entry point, imported on first CUDA use (keeps CPU imports light)
-_quantize_fn = None  # its fp8-rows variant (`output_quantizer`), likewise
 
 
 def set_backend(name: str) -> None:
@@ -69,42 +66,10 @@ def _triton():
     return _triton_fn
 
 
-def _triton_quantize():
-    global _quantize_fn
-    if _quantize_fn is None:
-        from . import triton_linear_attention as kernels  # imports without triton too
-
-        _quantize_fn = kernels.linear_attention_quantize if kernels.triton_installed() else False
-    return _quantize_fn
-
-
 def preload() -> None:
-    """Resolve the Triton entry points now when CUDA is present (before torch.compile traces a call)."""
+    """Resolve the Triton entry point now when CUDA is present (before torch.compile traces a call)."""
     if _backend != "torch" and torch.cuda.is_available():
         _triton()
-        _triton_quantize()
-
-
-def output_quantizer(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, enabled: bool | None = None):
-    """`triton_linear_attention.linear_attention_quantize` where `linear_attention` would run the fused kernel
-    on these inputs and nothing needs their gradients (a forward-only pass), else None.
-
-    `enabled`: None follows the backend (any but "torch"); True also runs CPU tensors in Triton's
-    interpreter (tests); False: None.
-    """
-    if enabled is False or (enabled is None and _backend == "torch"):
-        return None
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return None
-    if not q.is_cuda and not (enabled is True and _interpreting()):
-        return None
-    return _triton_quantize() or None
-
-
-def _interpreting() -> bool:
-    from .triton_linear_attention import triton_interpreting
-
-    return triton_interpreting()
 
 
 def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -12,12 +12,6 @@ Two passes instead of the reference's five kernels and its float32 copies of q, 
 The backward recomputes num/den from q (no activation is stored besides the (d, d) kv) and is two
 passes again: dq with partial dkv/dks, then dk and dv.
 
-`linear_attention_quantize` is the forward for an fp8 output projection: pass 2 writes the merged
-heads (B*N, h*d) quantized per token row (float8 values, one float32 scale per row) instead of the
-(B, h, N, d) output, the rows `quantize_rows` would make of that output, which is never written nor
-read back. A row's scale needs all its heads, so each program takes one block of tokens through
-every head twice (amax, then the stores): q is read twice, the output written in 1 byte, not 2.
-
 Numerics: tiles are upcast to float32 on load; for float32 inputs every dot is full IEEE float32;
 for half inputs the kv = relu(k)^T v dot runs in tf32, which is exact there (a bf16 or fp16
 mantissa fits in tf32's), and the dots with float32 intermediates (kv, dnum, dkv) in 3xTF32
@@ -36,9 +30,6 @@ from ..errors import InputError
 from .linear_attention import NORMALISER_EPS
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# what the quantizing output pass writes: float8, or float32 scaled values unrounded (tests: Triton's
-# CPU interpreter does not round to float8 as the GPU does; see sanaflow.ops.triton_norm)
-_QUANT_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2, torch.float32)
 # Programs wanted in the split passes: a few per SM on an H100 (132 SMs), so that B*h (72..140 for
 # SANA with CFG) programs do not leave the GPU half idle at 1024px.
 _TARGET_PROGRAMS = 528
@@ -58,8 +49,7 @@ except ImportError:
 else:
     # Module-level JIT objects (not built in a cached function) so torch.compile traces the launches.
     _KERNELS = tuple(triton.jit(f) for f in (_src.kv_partial_kernel, _src.attn_out_kernel,
-                                             _src.bwd_q_kernel, _src.bwd_kv_kernel,
-                                             _src.attn_out_quantize_kernel))
+                                             _src.bwd_q_kernel, _src.bwd_kv_kernel))
 
 
 def triton_available(device: str | torch.device | None = None) -> bool:
@@ -67,11 +57,6 @@ def triton_available(device: str | torch.device | None = None) -> bool:
     if _KERNELS is None or not torch.cuda.is_available():
         return False
     return device is None or torch.device(device).type == "cuda"
-
-
-def triton_installed() -> bool:
-    """True when triton is installed (the kernels then run on CUDA tensors, or on CPU ones in its interpreter)."""
-    return _KERNELS is not None
 
 
 def triton_interpreting() -> bool:
@@ -85,7 +70,7 @@ def triton_interpreting() -> bool:
         _KERNELS[0], InterpretedFunction)
 
 
-def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, nonempty: bool = False) -> None:
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise InputError(f"linear attention wants q, k, v of shape (B, heads, tokens, d); got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
@@ -106,9 +91,6 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, nonempty: bool = F
     if not q.is_cuda and not triton_interpreting():
         raise InputError(f"fused linear attention runs on CUDA tensors (got {q.device}); on CPU it runs only "
                          "in Triton's interpreter (TRITON_INTERPRET=1 set before triton is imported)")
-    if nonempty and (q.shape[2] == 0 or k.shape[2] == 0 or q.shape[0] * q.shape[1] == 0):
-        raise InputError(f"linear attention needs at least one query and one key; got q {tuple(q.shape)}, "
-                         f"k {tuple(k.shape)}")
 
 
 def _meta(x: torch.Tensor, inputs_only: bool = False) -> dict:
@@ -172,7 +154,7 @@ def _forward(q, k, v, eps):
 
 
 def _backward(q, k, v, kv, ks, g, eps):
-    _, _, bwd_q, bwd_kv, _ = _KERNELS
+    _, _, bwd_q, bwd_kv = _KERNELS
     B, H, N, d = q.shape
     M = k.shape[2]
     meta = _meta(q)
@@ -214,31 +196,8 @@ class _LinearAttention(torch.autograd.Function):
 
 def linear_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float = NORMALISER_EPS) -> torch.Tensor:
     """Fused ReLU linear attention: q (B,h,N,d), k/v (B,h,M,d) -> (B,h,N,d) in q's dtype (fp32 accumulation)."""
-    _check(q, k, v, nonempty=True)
+    _check(q, k, v)
+    if q.shape[2] == 0 or k.shape[2] == 0 or q.shape[0] * q.shape[1] == 0:
+        raise InputError(f"linear attention needs at least one query and one key; got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}")
     return _LinearAttention.apply(q, k, v, eps)
-
-
-def linear_attention_quantize(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dtype: torch.dtype, qmax: float, scale_min: float,
-    eps: float = NORMALISER_EPS,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(values (B*N, h*d) in `dtype`, scales float32 (B*N, 1)): the attention output's merged heads quantized per row.
-
-    The rows `quantize_rows(out.transpose(1, 2).reshape(B * N, h * d), dtype, qmax, scale_min)` gives
-    for ``out = linear_attention_triton(q, k, v)`` (out rounded to q's dtype, then scale = max(amax,
-    scale_min) / qmax and values = clamp(out / scale, -qmax, qmax)), in one pass that never writes out.
-    Forward only (no autograd). `dtype` float32 writes the scaled values unrounded (CPU tests).
-    """
-    if dtype not in _QUANT_DTYPES:
-        raise InputError(f"linear_attention_quantize writes float8_e4m3fn, float8_e5m2 (or float32, unrounded); "
-                         f"got {dtype}")
-    _check(q, k, v, nonempty=True)
-    B, H, N, d = q.shape
-    kv, ks = _kv_forward(k, v)  # (B*h, D, D), (B*h, D) float32
-    values = torch.empty(B * N, H * d, device=q.device, dtype=dtype)
-    scales = torch.empty(B * N, 1, device=q.device, dtype=torch.float32)
-    _KERNELS[4][(B, triton_cdiv(N, _BLOCK))](
-        q, kv, ks, values, scales, H, N, d, eps, *q.stride(),
-        QMAX=float(qmax), SCALE_MIN=float(scale_min), BLOCK_N=_BLOCK, num_warps=_NUM_WARPS, **_meta(q),
-    )
-    return values, scales

@@ -8,10 +8,9 @@
   row-wise kernel, bf16 output) per call. Needs a GPU with FP8 tensor cores (sm_89+, e.g. H100).
 
 An activation that only fp8 layers read can reach them already quantized (`Fp8Rows`): `prequantize`
-quantizes one tensor once for several layers, and `norm_modulate_fp8` / `gated_residual_fp8` /
-`linear_attention_fp8` have the pass that produces the activation write it as fp8 rows in the first
-place (the bf16 tensor is never written, nor read back to be quantized). `accepts_fp8_rows` says
-which layers may be given them.
+quantizes one tensor once for several layers, and `norm_modulate_fp8` / `gated_residual_fp8` have
+the row pass that produces the activation write it as fp8 rows in the first place (the bf16 tensor is
+never written, nor read back to be quantized). `accepts_fp8_rows` says which layers may be given them.
 
 Both store plain tensors (``weight``, ``weight_scale``, ``bias``) so a quantized model is written
 and read with safetensors like any other. A pointwise conv is the same matmul over channels: the
@@ -28,7 +27,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InputError
-from ..ops import linear_attention as attention_ops
 from ..ops import norm as norm_ops
 from ..ops.norm import row_quantizer
 
@@ -171,22 +169,6 @@ def gated_residual_fp8(
         return x, _rows_of(x)
     x, q, s = kernel(x, gate, y, FP8_DTYPE, FP8_MAX, _SCALE_MIN)
     return x, Fp8Rows(q, s, x.shape, x.dtype)
-
-
-def linear_attention_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, enabled: bool | None = None) -> Fp8Rows:
-    """ReLU linear attention (`ops.linear_attention.linear_attention`) whose merged heads (B, N, h * d) an fp8 layer reads next, as `Fp8Rows`.
-
-    q (B, h, N, d), k / v (B, h, M, d). Where the fused kernel runs, its output pass writes the fp8
-    rows itself (`triton_linear_attention.linear_attention_quantize`: the rows of quantizing the
-    output it would store); elsewhere `linear_attention`, the heads merged, then `quantize_fp8_rows`.
-    `enabled` as in `ops.linear_attention.output_quantizer`.
-    """
-    B, H, N, d = q.shape
-    kernel = attention_ops.output_quantizer(q, k, v, enabled)
-    if kernel is None:
-        return _rows_of(attention_ops.linear_attention(q, k, v).transpose(1, 2).flatten(2))  # of (B, N, h*d)
-    values, scale = kernel(q, k, v, FP8_DTYPE, FP8_MAX, _SCALE_MIN)  # (B*N, h*d) fp8, (B*N, 1) float32
-    return Fp8Rows(values, scale, torch.Size((B, N, H * d)), q.dtype)
 
 
 def fp8_linear(x: torch.Tensor | Fp8Rows, weight: torch.Tensor, scale: torch.Tensor,
