@@ -495,6 +495,14 @@ def test_gpu_row_quantisation_matches_torch_bit_for_bit():
         assert mismatch < 1e-4, (K, mismatch)  # a division rounding apart at most, on a rare element
 
 
+def _assert_fp8_rows_close(q: torch.Tensor, q_ref: torch.Tensor) -> None:
+    """fp8 values equal but on under 1e-4 of the elements, and those one e4m3 step (3 mantissa bits) apart."""
+    differ = q.float() != q_ref.float()
+    assert differ.float().mean().item() < 1e-4
+    step = q_ref.float().abs()[differ] * 2.0**-3 + 2.0**-9
+    assert ((q.float() - q_ref.float()).abs()[differ] <= step).all()
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("residual", [False, True])
 def test_gpu_norm_to_fp8_rows_equals_norm_then_quantize(residual):
@@ -513,56 +521,52 @@ def test_gpu_norm_to_fp8_rows_equals_norm_then_quantize(residual):
     assert torch.equal(s, s_k)  # bit for bit: h rounded to bf16, then the same arithmetic
     # The values: the same, but for a division rounded apart on rare elements (the compiled kernels
     # need not round x / scale alike: the first H200 run found bytes apart), one fp8 step at most.
-    differ = q.float() != q_k.float()
-    assert differ.float().mean().item() < 1e-4
-    step = q_k.float().abs()[differ] * 2.0**-3 + 2.0**-9  # e4m3: 3 mantissa bits
-    assert ((q.float() - q_k.float()).abs()[differ] <= step).all()
+    _assert_fp8_rows_close(q, q_k)
     q_ref, s_ref = quantize_fp8_rows_reference(h.reshape(-1, D))
     assert torch.equal(s, s_ref)
     mismatch = (q.float() != q_ref.float()).float().mean().item()
     assert mismatch < 1e-4, mismatch  # as quantize_rows vs the torch reference: a division rounding apart
 
 
-@pytest.mark.gpu
-def test_gpu_norm_with_a_gated_residual_matches_addcmul_then_norm():
+def _gated_inputs(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """bf16 CUDA tokens x, y (2, 4096, 2240: the 1600M width) and a modulation (2, 6, 2240)."""
     _gpu_ready()
-    g = torch.Generator("cuda").manual_seed(5)
+    g = torch.Generator("cuda").manual_seed(seed)
     B, N, D = 2, 4096, 2240
     x = (torch.randn(B, N, D, device="cuda", generator=g) * 4).bfloat16()
     y = torch.randn(B, N, D, device="cuda", generator=g).bfloat16()
-    mod = torch.randn(B, 6, D, device="cuda", generator=g).bfloat16()
-    shift, scale, gate = mod[:, 0:1], mod[:, 1:2], mod[:, 5:6]
-    x_new, h = norm_modulate(x, shift, scale, 1e-6, y, gate)
-    ref = torch.addcmul(x, gate, y)
-    # a fused multiply-add (torch's CUDA addcmul may round the product first): rare one-ulp ties
+    return x, y, torch.randn(B, 6, D, device="cuda", generator=g).bfloat16()
+
+
+def _assert_fma_close(x_new: torch.Tensor, ref: torch.Tensor) -> None:
+    """A kernel's fused multiply-add against torch's CUDA addcmul (which rounds the product first):
+    bf16 results one ulp apart at the rare float32 rounding ties, else equal."""
     diff = (x_new.float() - ref.float()).abs()
     assert (diff > 0).float().mean().item() < 1e-4
     assert torch.all(diff <= 2**-7 * ref.float().abs())
+
+
+@pytest.mark.gpu
+def test_gpu_norm_with_a_gated_residual_matches_addcmul_then_norm():
+    x, y, mod = _gated_inputs(5)
+    shift, scale, gate = mod[:, 0:1], mod[:, 1:2], mod[:, 5:6]
+    x_new, h = norm_modulate(x, shift, scale, 1e-6, y, gate)
+    _assert_fma_close(x_new, torch.addcmul(x, gate, y))
     _, h_k = norm_modulate(x_new, shift, scale, 1e-6)  # the norm of the stored stream, ungated
     assert torch.equal(h, h_k)
     xq, q, s = norm_modulate_quantize(x, shift, scale, 1e-6, y, FP8_DTYPE, FP8_MAX, _SCALE_MIN, residual_gate=gate)
     _, q_k, s_k = norm_modulate_quantize(x_new, shift, scale, 1e-6, None, FP8_DTYPE, FP8_MAX, _SCALE_MIN)
     assert torch.equal(xq, x_new) and torch.equal(s, s_k)
-    differ = q.float() != q_k.float()  # a division rounded apart on rare elements, one fp8 step at most
-    assert differ.float().mean().item() < 1e-4
-    assert ((q.float() - q_k.float()).abs()[differ] <= q_k.float().abs()[differ] * 2.0**-3 + 2.0**-9).all()
+    _assert_fp8_rows_close(q, q_k)  # a division rounded apart on rare elements, one fp8 step at most
 
 
 @pytest.mark.gpu
 def test_gpu_gated_residual_to_fp8_rows_matches_addcmul_then_quantize():
-    _gpu_ready()
-    g = torch.Generator("cuda").manual_seed(3)
-    B, N, D = 2, 4096, 2240
-    x = (torch.randn(B, N, D, device="cuda", generator=g) * 4).bfloat16()
-    y = torch.randn(B, N, D, device="cuda", generator=g).bfloat16()
-    gate = torch.randn(B, 6, D, device="cuda", generator=g).bfloat16()[:, 2:3]
+    x, y, mod = _gated_inputs(3)
+    gate, D = mod[:, 2:3], x.shape[-1]
     x_new, q, s = gated_residual_quantize(x, gate, y, FP8_DTYPE, FP8_MAX, _SCALE_MIN)
     ref = torch.addcmul(x, gate, y)
-    # the kernel fuses the multiply-add (as torch's CPU addcmul and inductor do; torch's CUDA kernel rounds
-    # the product first): bf16 results one ulp apart at the rare float32 rounding ties, else equal
-    diff = (x_new.float() - ref.float()).abs()
-    assert (diff > 0).float().mean().item() < 1e-4
-    assert torch.all(diff <= 2**-7 * ref.float().abs())
+    _assert_fma_close(x_new, ref)
     q_k, s_k = quantize_rows(x_new.reshape(-1, D), FP8_DTYPE, FP8_MAX, _SCALE_MIN)
     assert torch.equal(s, s_k) and torch.equal(q.view(torch.uint8), q_k.view(torch.uint8))
     q_ref, s_ref = quantize_fp8_rows_reference(ref.reshape(-1, D))
