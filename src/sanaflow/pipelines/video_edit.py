@@ -230,7 +230,9 @@ class VideoEditPipeline:
         `inversion_batch_size` (default: batch_size) batches the inversion, reconstruction and decoding.
         `negative_prompt`, `guidance_scale` and `cross_attention` (the fraction of steps with
         Prompt-to-Prompt cross-attention control) default to the backbone's (SD: TokenFlow's negative
-        prompt, 7.5 and 0; SANA: the empty prompt, 4.5 and 0.5).
+        prompt, 7.5 and 0; SANA: the empty prompt, 4.5 and 0.5), and so does `local_blend` (edit only
+        where the two prompts' predictions differ, keep the source elsewhere; `sanaflow.tokenflow.blend`:
+        SD 0 = off, SANA 0.5).
         """
         if not isinstance(prompt, str) or not prompt.strip():
             raise InputError("the edit needs a non-empty --prompt")
