@@ -208,6 +208,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="skip the reference row of each inversion sampled back without guidance")
     p.add_argument("--save-videos", type=Path, default=None, help="also write source | edit mp4s here")
     p.add_argument("--smoke", action="store_true", help="tiny random SANA (unless --model), 2 videos, few steps")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the videos an interrupted run of the same settings already wrote to --out "
+                        "and run only the rest")
     add_out_argument(p, DEFAULT_OUT, SMOKE_OUT)
     args = p.parse_args(argv)
     if args.smoke:
@@ -220,6 +223,56 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if bad:
             p.error(f"unknown {name} {', '.join(bad)}; choose from {', '.join(choices)}")
     return fill_defaults(args, DEFAULT_OUT, SMOKE_OUT)
+
+
+# The report keys that must agree for an interrupted run's videos to be kept by --resume.
+RESUME_KEYS = ("model", "model_identity", "device", "smoke", "seeds", "frames", "size", "steps", "cfg",
+               "negative_prompt", "batch_size", "pnp_feature", "pnp_attention", "cross_attention",
+               "local_blend", "methods")
+
+
+def _resume(report: dict[str, Any], path: Path) -> int:
+    """Copy the finished videos of an earlier run of the same settings at ``path`` into ``report``.
+
+    Returns how many videos (in seed order) are done. Every video's rows are independent of the
+    others' (each edit seeds its own noise), so the kept rows equal what a fresh run would write.
+    """
+    if not path.exists():
+        print(f"--resume: {path} does not exist yet, starting from the first video", flush=True)
+        return 0
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise SystemExit(f"--resume: cannot read {path}: {e}") from None
+    differ = [k for k in RESUME_KEYS if old.get(k) != report[k]]
+    if differ or set(old.get("settings", {})) != set(report["settings"]):
+        raise SystemExit(f"--resume: {path} was written with other settings ({', '.join(differ) or 'settings'}); "
+                         f"rerun without --resume or pick another --out")
+    done = int(old.get("videos_done", 0))
+    kept = set(report["seeds"][:done])
+    report["rows"] = [r for r in old.get("rows", []) if r["seed"] in kept]
+    report["reconstructions"] = [r for r in old.get("reconstructions", []) if r["seed"] in kept]
+    for s, info in old.get("settings", {}).items():
+        report["settings"][s].update(info)
+    report["seconds_before_resume"] = float(old.get("seconds_total", 0.0))
+    report["resumed"] = [*old.get("resumed", []), {"date": old.get("date"), "videos_done": done}]
+    print(f"--resume: kept {done} of {len(report['seeds'])} videos from {path}", flush=True)
+    return done
+
+
+def _summarize_report(report: dict[str, Any], args: argparse.Namespace) -> None:
+    """Means per setting and method (and of the reconstructions), and the target checks."""
+    summary = {
+        s: {m: summarize([r for r in report["rows"] if r["setting"] == s and r["method"] == m])
+            for m in args.methods}
+        for s in args.settings
+    }
+    for s in args.settings:
+        recs = [r for r in report["reconstructions"] if r["setting"] == s]
+        if recs:
+            summary[s]["reconstruction"] = summarize([{**r, "kind": "none"} for r in recs])
+    report["summary"] = summary
+    report["checks"] = {s: check_targets(summary[s]) for s in args.settings}
 
 
 def _rounded(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -269,8 +322,11 @@ def main(argv: list[str] | None = None) -> int:
                          f"(circumradius + {EDGE_MARGIN:g} px) outside its source footprint (*_all: without that)",
             "rows": [], "reconstructions": [],
         }
+        done = _resume(report, args.out) if args.resume else 0
         batch = max(args.batch_size, args.frames)  # inversion, reconstruction and decoding: no coupling
         for i, seed in enumerate(seeds):
+            if i < done:
+                continue
             video = random_video(seed, frames=args.frames, size=args.size)
             source_prompt = video_caption(video)
             dis = dis_flow(video.frames)  # the source's DIS flow, shared by every edit of the video
@@ -317,21 +373,17 @@ def main(argv: list[str] | None = None) -> int:
                                         side_by_side(video.frames, out.frames), video.fps)
                         print(f"[{i + 1}/{len(seeds)}] seed {seed} {setting:4s} {kind:5s} {method:13s} "
                               f"{_line(metrics)} ({seconds:.1f} s)", flush=True)
-            summary = {
-                s: {m: summarize([r for r in report["rows"] if r["setting"] == s and r["method"] == m])
-                    for m in args.methods}
-                for s in args.settings
-            }
-            for s in args.settings:
-                recs = [r for r in report["reconstructions"] if r["setting"] == s]
-                if recs:
-                    summary[s]["reconstruction"] = summarize([{**r, "kind": "none"} for r in recs])
-            report["summary"] = summary
-            report["checks"] = {s: check_targets(summary[s]) for s in args.settings}
+            _summarize_report(report, args)
             report["videos_done"] = i + 1
-            report["seconds_total"] = round(time.perf_counter() - started, 1)
+            report["seconds_total"] = round(report.get("seconds_before_resume", 0.0)
+                                            + time.perf_counter() - started, 1)
             args.out.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(args.out, json.dumps(report, indent=1) + "\n")  # after every video
+    if "summary" not in report:  # --resume of a finished run: nothing was left to run
+        _summarize_report(report, args)
+        report["videos_done"] = len(report["seeds"])
+        report["seconds_total"] = round(report["seconds_before_resume"], 1)
+        atomic_write_text(args.out, json.dumps(report, indent=1) + "\n")
     for s in args.settings:
         for m, r in report["summary"][s].items():
             print(f"{s:4s} {m:14s} edits {r['edits']:3d}  acc {r['edit_accuracy']}  iou {r['structure_iou']}  "

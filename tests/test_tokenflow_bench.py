@@ -93,6 +93,31 @@ def test_quality_benchmark_smoke(tmp_path):
         summary["tokenflow"]["warp_error_gt"] / summary["per-frame"]["warp_error_gt"], rel=1e-3)
 
 
+def test_quality_benchmark_resume_keeps_finished_videos(tmp_path):
+    shapes = _script("tokenflow_shapes")
+    base = ["--smoke", "--device", "cpu", "--settings", "fast", "--methods", "per-frame", "--no-reconstruction"]
+    full, part = tmp_path / "full.json", tmp_path / "part.json"
+    assert shapes.main([*base, "--videos", "2", "--out", str(full)]) == 0
+    first = json.loads(full.read_text())
+    # An interrupted run: its JSON holds the first video only (the report is written after every video).
+    partial = dict(first, videos_done=1, rows=[r for r in first["rows"] if r["seed"] == first["seeds"][0]])
+    part.write_text(json.dumps(partial))
+    assert shapes.main([*base, "--videos", "2", "--resume", "--out", str(part)]) == 0
+    resumed = json.loads(part.read_text())
+    assert resumed["videos_done"] == 2 and resumed["resumed"][0]["videos_done"] == 1
+
+    def key(rows):
+        return sorted((r["seed"], r["kind"], r["metrics"]["structure_iou"]) for r in rows)
+
+    assert key(resumed["rows"]) == key(first["rows"])  # the kept video plus the one run now
+    assert resumed["summary"] == first["summary"]
+    # A finished run resumes to the same report; other settings are refused, not mixed in.
+    assert shapes.main([*base, "--videos", "2", "--resume", "--out", str(part)]) == 0
+    assert json.loads(part.read_text())["summary"] == first["summary"]
+    with pytest.raises(SystemExit, match="other settings.*local_blend"):
+        shapes.main([*base, "--videos", "2", "--resume", "--local-blend", "0.3", "--out", str(part)])
+
+
 def test_quality_benchmark_validation_videos_are_not_the_reported_ones(tmp_path):
     shapes = _script("tokenflow_shapes")
     out = tmp_path / "validation.json"
