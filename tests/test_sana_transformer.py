@@ -512,3 +512,58 @@ def test_deferred_block_residuals_compile(defer_on_cpu, monkeypatch):
     finally:
         torch._dynamo.reset()
     assert torch.equal(whole, eager) and torch.equal(regional, eager)
+
+
+def test_submodule_calls_skip_dispatch_only_when_nothing_would_see_it():
+    """`_call` enters forward directly only with no hooks of any kind, no module.compile() and no jit trace."""
+    from sanaflow.models.sana_transformer import _call
+
+    model = _tiny()
+    x, caption, t = _inputs()
+    block = model.transformer_blocks[0]
+    calls = []
+    real_call = torch.nn.Module.__call__
+
+    def counting(self, *args, **kwargs):
+        calls.append(type(self).__name__)
+        return real_call(self, *args, **kwargs)
+
+    with torch.no_grad(), pytest.MonkeyPatch.context() as m:
+        m.setattr(torch.nn.Module, "__call__", counting)
+        plain = model(x, caption, t)
+        direct = len(calls)
+        # the blocks' attentions, Mix-FFNs, dropouts, qk-norms and projections skip it
+        assert not {"SanaSelfAttention", "SanaCrossAttention", "GLUMBConv", "Dropout", "Identity"} & set(calls)
+        linears = calls.count("Linear")  # outside the blocks (timestep MLP, caption projection, ...)
+        calls.clear()
+        # a forward hook, a pre-hook, a backward hook, a global hook: each module keeps its __call__
+        seen = []
+        handles = [block.attn1.to_q.register_forward_hook(lambda mod, a, out: seen.append("to_q")),
+                   block.ff.register_forward_pre_hook(lambda mod, a: seen.append("ff")),
+                   block.attn2.to_v.register_full_backward_hook(lambda mod, gi, go: None)]
+        hooked = model(x, caption, t)
+        assert seen == ["to_q", "ff"] and calls.count("Linear") == linears + 2 and calls.count("GLUMBConv") == 1
+        for h in handles:
+            h.remove()
+        calls.clear()
+        names = []
+        g = torch.nn.modules.module.register_module_forward_hook(lambda mod, a, out: names.append(type(mod).__name__))
+        try:
+            model(x, caption, t)
+        finally:
+            g.remove()
+        assert names.count("Linear") >= 4 * TINY["num_layers"] and len(calls) > direct
+    assert torch.equal(plain, hooked)
+    # a hook that changes the output still changes it
+    h = block.attn1.to_out[0].register_forward_hook(lambda mod, a, out: out * 0)
+    with torch.no_grad():
+        changed = model(x, caption, t)
+    h.remove()
+    assert not torch.allclose(changed, plain)
+    # module.compile() (regional compilation) is honoured: the compiled call, not forward
+    lin = torch.nn.Linear(4, 4)
+    lin.compile(backend="eager")
+    assert lin._compiled_call_impl is not None
+    lin._compiled_call_impl = lambda *a: "compiled call"  # what module.compile() routes __call__ to
+    assert _call(lin, torch.zeros(1, 4)) == "compiled call"
+    assert torch.equal(_call(torch.nn.Identity(), t), t)

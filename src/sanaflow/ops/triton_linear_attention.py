@@ -34,6 +34,10 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # SANA with CFG) programs do not leave the GPU half idle at 1024px.
 _TARGET_PROGRAMS = 528
 _TARGET_PROGRAMS_INTERPRETER = 2  # the interpreter runs programs one after another: few, long ones
+# Up to this many tokens a reduction runs unsplit: its one program per (batch, head) takes a few
+# microseconds on the GPU, while the split partials' two sums would cost ~30 us of host time (a
+# 1024 px step is bound by the host's launches, not the GPU).
+_SINGLE_SPLIT_TOKENS = 2048
 _BLOCK = 128  # tokens per tile (head dim 32: a 128x32 float32 tile is 16 KiB of registers)
 _NUM_WARPS = 4
 _NUM_WARPS_BWD = 8  # the backward kernels hold ~7 live (128, 32) float32 tiles: 8 warps avoid spills
@@ -112,6 +116,8 @@ def _meta(x: torch.Tensor, inputs_only: bool = False) -> dict:
 def _splits(bh: int, tokens: int, on_gpu: bool) -> tuple[int, int]:
     """(number of splits, tokens per split) for a pass that reduces over `tokens`."""
     blocks = triton_cdiv(tokens, _BLOCK)
+    if on_gpu and tokens <= _SINGLE_SPLIT_TOKENS:
+        return 1, blocks * _BLOCK
     target = _TARGET_PROGRAMS if on_gpu else _TARGET_PROGRAMS_INTERPRETER
     splits = max(1, min(blocks, triton_cdiv(target, bh)))
     chunk = triton_cdiv(blocks, splits) * _BLOCK
@@ -200,4 +206,6 @@ def linear_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, e
     if q.shape[2] == 0 or k.shape[2] == 0 or q.shape[0] * q.shape[1] == 0:
         raise InputError(f"linear attention needs at least one query and one key; got q {tuple(q.shape)}, "
                          f"k {tuple(k.shape)}")
-    return _LinearAttention.apply(q, k, v, eps)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return _LinearAttention.apply(q, k, v, eps)
+    return _forward(q, k, v, eps)[0]  # inference: no autograd node (~10 us of host time less)
