@@ -507,9 +507,8 @@ def _call(module: nn.Module, *args: Any) -> Any:
     inference, where a 1024 px step is bound by the host. Under torch.compile the plain call is kept
     (dynamo inlines it; the host cost is gone there anyway).
     """
-    if (torch.compiler.is_compiling() or module._forward_hooks or module._forward_pre_hooks
-            or module._backward_hooks or module._backward_pre_hooks or module._compiled_call_impl is not None
-            or _torch_module._global_forward_hooks or _torch_module._global_forward_pre_hooks
+    if (torch.compiler.is_compiling() or _hooked(module) or module._backward_hooks or module._backward_pre_hooks
+            or module._compiled_call_impl is not None or _global_module_hooks()
             or _torch_module._global_backward_hooks or _torch_module._global_backward_pre_hooks
             or torch._C._get_tracing_state()):
         return module(*args)
