@@ -15,8 +15,13 @@ dict, so every pair runs identical arithmetic (speed does not depend on weight v
   sprint_e2e         SANA-Sprint 1600M, 1 and 2 steps, 1024 px, from prompt embeddings
 
 Method: the GPU first runs large matmuls until its throughput is steady (clocks settled); each
-case then warms up (compilation included) and is timed over >= 10 runs with CUDA events; the
+case then warms up (compilation included) until its own time per run is steady, and is timed over
+>= 10 runs with CUDA events; the
 median and min are recorded, with the peak allocated memory of the timed runs (weights included).
+The eager pair of the transformer step (diffusers, ours) is timed interleaved (``--interleave R``
+rounds, the order flipping every round, the runs split evenly over them): at 1024 px both are bound
+by the host's kernel launches, and the host's speed drifts over a process's first minutes, which a
+case timed before the other would read as a difference between the implementations.
 A case that fails (OOM, compile error) is recorded with an ``error`` and the run goes on.
 
 Results are merged into ``--out`` (default benchmarks/results/sana_speed.json): a JSON list of
@@ -123,6 +128,7 @@ class Settings:
     compile_mode: str | None
     ours_compile_mode: str | None
     compile_backend: str
+    interleave: int = 0  # rounds for the transformer step's eager pair timed together; 0 = one after the other
     meta: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -232,19 +238,45 @@ def settle_clocks(settings: Settings) -> str:
     return f"bf16 matmul {rates[-1]:.0f} TFLOP/s after {elapsed:.0f} s ({'settled' if steady else 'NOT settled'})"
 
 
-def measure(fn: Callable[[], Any], settings: Settings) -> dict[str, Any]:
-    """Warm up (>= warmup_runs and >= warmup_s), then time `repeats` runs: median, min, peak GiB."""
-    t_end = time.perf_counter() + settings.warmup_s
+# Warm-up keeps going until the step time is steady: the last SETTLE_WINDOWS windows of
+# SETTLE_RUNS runs agree within SETTLE_TOLERANCE (at most SETTLE_MAX_S). Host-bound steps (eager
+# 1024 px) read slow for the first minute of a fresh machine, which settling the GPU's clocks with
+# matmuls does not cover.
+SETTLE_RUNS, SETTLE_WINDOWS, SETTLE_TOLERANCE, SETTLE_MAX_S = 5, 3, 0.03, 60.0
+
+
+def _warm_up(fn: Callable[[], Any], settings: Settings) -> None:
+    """Run fn at least warmup_runs times and for at least warmup_s, then until its time per run is steady."""
+    t_start = time.perf_counter()
+    t_end = t_start + settings.warmup_s
     runs = 0
     while runs < settings.warmup_runs or (time.perf_counter() < t_end and runs < 100):
         fn()
         sync(settings)
         runs += 1
+    if settings.smoke or not settings.cuda:
+        return
+    windows: list[float] = []
+    while time.perf_counter() - t_start < SETTLE_MAX_S and not steady(windows):
+        t0 = time.perf_counter()
+        for _ in range(SETTLE_RUNS):
+            fn()
+        sync(settings)
+        windows.append(time.perf_counter() - t0)
+
+
+def steady(windows: list[float], count: int = SETTLE_WINDOWS, tolerance: float = SETTLE_TOLERANCE) -> bool:
+    """Whether the last `count` window times agree within `tolerance` of the fastest of them."""
+    last = windows[-count:]
+    return len(last) == count and max(last) - min(last) <= tolerance * min(last)
+
+
+def _timed_runs(fn: Callable[[], Any], settings: Settings, n: int) -> tuple[list[float], float | None]:
+    """Seconds of n runs (CUDA events on the GPU) and the peak GiB allocated during them (None on CPU)."""
     if settings.cuda:
-        gc.collect()
         torch.cuda.reset_peak_memory_stats(settings.device)
     times = []
-    for _ in range(settings.repeats):
+    for _ in range(n):
         if settings.cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -257,7 +289,41 @@ def measure(fn: Callable[[], Any], settings: Settings) -> dict[str, Any]:
             fn()
             times.append(time.perf_counter() - t0)
     peak = torch.cuda.max_memory_allocated(settings.device) / 2**30 if settings.cuda else None
+    return times, peak
+
+
+def _result(times: list[float], peak: float | None) -> dict[str, Any]:
     return {"seconds": statistics.median(times), "seconds_min": min(times), "peak_gib": peak}
+
+
+def measure(fn: Callable[[], Any], settings: Settings) -> dict[str, Any]:
+    """Warm up (>= warmup_runs and >= warmup_s), then time `repeats` runs: median, min, peak GiB."""
+    _warm_up(fn, settings)
+    gc.collect()
+    return _result(*_timed_runs(fn, settings, settings.repeats))
+
+
+def measure_interleaved(fns: dict[str, Callable[[], Any]], settings: Settings, rounds: int) -> dict[str, dict[str, Any]]:
+    """Time several implementations together: per name, median / min of >= `repeats` runs and the peak GiB.
+
+    All are warmed up first; then `rounds` rounds each time every implementation for
+    ceil(repeats / rounds) runs, in an order that flips every round, so drift of the host or the
+    GPU over the measurement falls on all of them alike.
+    """
+    for fn in fns.values():
+        _warm_up(fn, settings)
+    gc.collect()
+    per_round = -(-settings.repeats // rounds)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    peaks: dict[str, float | None] = dict.fromkeys(fns)
+    names = list(fns)
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            t, peak = _timed_runs(fns[name], settings, per_round)
+            times[name] += t
+            if peak is not None:
+                peaks[name] = max(peak, peaks[name] or 0.0)
+    return {name: _result(times[name], peaks[name]) for name in names}
 
 
 def free_memory(settings: Settings) -> None:
@@ -299,6 +365,50 @@ def run_case(rec: Recorder, settings: Settings, case: str, impl: str, model: str
         rec.add(case, impl, model, px, steps, None, error=short_error(e))
     finally:
         fn = None
+        gc.collect()
+        if settings.cuda:
+            torch.cuda.empty_cache()
+
+
+def run_cases_interleaved(rec: Recorder, settings: Settings, case: str, model: str, px: int | None,
+                          steps: int | None,
+                          entries: list[tuple[str, Callable[[], Callable[[], Any]], Callable[[Any], str | None] | None]]
+                          ) -> None:
+    """`run_case` for several (impl, make, check) timed together by `measure_interleaved`.
+
+    Each is built and called once (checks in the given order); an impl that fails there is recorded
+    with its error and the others are timed without it.
+    """
+    fns: dict[str, Callable[[], Any]] = {}
+    notes: dict[str, str] = {}
+    try:
+        with torch.inference_mode():
+            for impl, make, check in entries:
+                try:
+                    fn = make()
+                    t0 = time.perf_counter()
+                    out = fn()
+                    sync(settings)
+                    first = f"first_call_s={time.perf_counter() - t0:.1f}"
+                    note = check(out) if check is not None else None
+                    out = None
+                except Exception as e:
+                    rec.add(case, impl, model, px, steps, None, error=short_error(e))
+                    continue
+                fns[impl] = fn
+                notes[impl] = f"{note} {first}" if note else first
+            try:
+                results = measure_interleaved(fns, settings, settings.interleave) if fns else {}
+            except Exception as e:
+                for impl in fns:
+                    rec.add(case, impl, model, px, steps, None, error=short_error(e))
+                return
+        for impl, result in results.items():
+            rec.add(case, impl, model, px, steps, result,
+                    notes=f"{notes[impl]} interleaved_with={'+'.join(n for n in fns if n != impl)}"
+                          f" rounds={settings.interleave}")
+    finally:
+        fns.clear()
         gc.collect()
         if settings.cuda:
             torch.cuda.empty_cache()
@@ -459,9 +569,10 @@ def _transformer_step(rec: Recorder, settings: Settings, model_name: str) -> Non
             return " ".join([*notes, extra]).strip() or None
         return fn
 
-    def run_all(impl: str, model, diffusers_api: bool, **check_kw) -> None:
-        # `impl` and, where asked for, `impl`-cudagraphs (the same model replayed from a CUDA graph)
-        for graphs in (False, True):
+    def run_all(impl: str, model, diffusers_api: bool, plain: bool = True, **check_kw) -> None:
+        # `impl` (unless `plain` is False: timed already) and, where asked for, `impl`-cudagraphs (the
+        # same model replayed from a CUDA graph)
+        for graphs in (False, True) if plain else (True,):
             name = f"{impl}-cudagraphs" if graphs else impl
             for px in settings.px:
                 run_case(rec, settings, case, name, model_name, px, 1,
@@ -471,15 +582,24 @@ def _transformer_step(rec: Recorder, settings: Settings, model_name: str) -> Non
     def wants_any(impl: str) -> bool:
         return settings.wants(case, impl) or settings.wants(case, f"{impl}-cudagraphs")
 
-    run_all("diffusers", dmodel, True, store="diffusers")
+    ours = ours_like(SanaTransformer, dmodel, cfg)  # shares diffusers' weight tensors: no extra memory
+    # The eager pair timed together (see the module docstring), then each of them replayed from CUDA graphs.
+    paired = settings.interleave > 0 and settings.wants(case, "diffusers") and settings.wants(case, "ours")
+    if paired:
+        for px in settings.px:
+            run_cases_interleaved(rec, settings, case, model_name, px, 1, [
+                ("diffusers", lambda px=px: _step_fn(dmodel, inputs, px, True), check(px, store="diffusers")),
+                ("ours", lambda px=px: _step_fn(ours, inputs, px, False),
+                 check(px, store="ours", extra=f"linear_attention={backend}")),
+            ])
+    run_all("diffusers", dmodel, True, plain=not paired, store="diffusers")
     if wants_any("diffusers-compile"):
         run_all("diffusers-compile", compiled(dmodel, settings, ours=False), True)
         free_memory(settings)
     if wants_any("diffusers-compile-regional"):
         run_all("diffusers-compile-regional", regional(copy.deepcopy(dmodel), settings, ours=False), True)
         free_memory(settings)
-    ours = ours_like(SanaTransformer, dmodel, cfg)
-    run_all("ours", ours, False, store="ours", extra=f"linear_attention={backend}")
+    run_all("ours", ours, False, plain=not paired, store="ours", extra=f"linear_attention={backend}")
     if wants_any("ours-compile"):
         run_all("ours-compile", compiled(ours, settings, ours=True), False)
         free_memory(settings)
@@ -839,6 +959,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=10, help="timed runs per case, median reported (>= 10)")
     p.add_argument("--warmup-runs", type=int, default=3, help="untimed runs before timing (compilation included)")
     p.add_argument("--warmup-s", type=float, default=1.0, help="keep warming up a case at least this long")
+    p.add_argument("--interleave", type=int, default=5,
+                   help="rounds in which the transformer step's eager pair (diffusers, ours) is timed together, "
+                        "the order flipping every round (default 5; 0: one after the other)")
     p.add_argument("--settle-s", type=float, default=10.0, help="minimum GPU clock-settling time before the first case")
     p.add_argument("--compile-mode", default=None, help="torch.compile mode of the diffusers-compile impls (default: default)")
     p.add_argument("--ours-compile-mode", default=None,
@@ -864,16 +987,20 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         raise SystemExit(f"unknown --models {bad}; choose from {', '.join(TRANSFORMERS)}")
     if not args.smoke and args.repeats < 10:
         raise SystemExit("--repeats must be >= 10 (the issue asks for the median of at least 10 runs)")
+    if args.interleave < 0:
+        raise SystemExit(f"--interleave must be >= 0 (0: time the eager pair one after the other), got {args.interleave}")
     if args.smoke:
         return Settings(device=device, dtype=torch.float32 if device.type == "cpu" else torch.bfloat16, smoke=True,
                         repeats=1, warmup_runs=1, warmup_s=0.0, settle_s=0.0, models=["tiny"],
                         px=[64, 128], e2e_px=[64], cases=cases, impls=parse_list(args.impls),
-                        compile_mode=None, ours_compile_mode=None, compile_backend="eager")
+                        compile_mode=None, ours_compile_mode=None, compile_backend="eager",
+                        interleave=min(args.interleave, 2))
     return Settings(device=device, dtype=torch.bfloat16, smoke=False, repeats=args.repeats,
                     warmup_runs=args.warmup_runs, warmup_s=args.warmup_s, settle_s=args.settle_s, models=models,
                     px=parse_list(args.px, int), e2e_px=parse_list(args.e2e_px, int), cases=cases,
                     impls=parse_list(args.impls), compile_mode=args.compile_mode,
-                    ours_compile_mode=args.ours_compile_mode or args.compile_mode, compile_backend="inductor")
+                    ours_compile_mode=args.ours_compile_mode or args.compile_mode, compile_backend="inductor",
+                    interleave=args.interleave)
 
 
 def print_table(records: list[dict[str, Any]]) -> None:

@@ -71,7 +71,34 @@ def test_step_benchmark_smoke_with_regional_and_graph_impls(tmp_path):
             if impl != "diffusers":
                 cos = float(r["notes"].split("cosine_vs_diffusers=")[1].split()[0])
                 assert cos > 0.9999, r  # same weights, fp32, any compile flavour
+    # the eager pair is timed together, each record naming the other
+    assert "interleaved_with=ours" in records[("diffusers", 64)]["notes"]
+    assert "interleaved_with=diffusers" in records[("ours", 64)]["notes"]
+    assert "interleaved" not in records[("ours-compile", 64)]["notes"]
     # regional compilation: one graph serves every block (a recompile per block would count more)
     assert "compiled_graphs=1" in records[("ours-compile-regional", 64)]["notes"]
     # CUDA graphs need a GPU: recorded as an error, the run goes on
     assert records[("ours-cudagraphs", 64)]["error"] is not None
+
+
+def test_interleaved_timing_alternates_the_order_and_splits_the_runs():
+    bench = load_bench_script("bench_sana")
+    settings = bench.settings_from_args(bench.parse_args(["--device", "cpu", "--repeats", "10", "--interleave", "3"]))
+    settings.warmup_runs, settings.warmup_s = 1, 0.0
+    log = []
+    fns = {"a": lambda: log.append("a"), "b": lambda: log.append("b")}
+    results = bench.measure_interleaved(fns, settings, settings.interleave)
+    # one warm-up each, then 3 rounds of ceil(10 / 3) = 4 runs each, the order flipping every round
+    assert log == ["a", "b"] + ["a"] * 4 + ["b"] * 4 + ["b"] * 4 + ["a"] * 4 + ["a"] * 4 + ["b"] * 4
+    assert set(results) == {"a", "b"}
+    assert all(r["seconds_min"] <= r["seconds"] for r in results.values())
+    with pytest.raises(SystemExit):
+        bench.settings_from_args(bench.parse_args(["--device", "cpu", "--interleave", "-1"]))
+
+
+def test_warm_up_waits_for_three_windows_that_agree():
+    bench = load_bench_script("bench_sana")
+    assert not bench.steady([1.0, 1.0])  # too few windows
+    assert bench.steady([2.0, 1.0, 1.01, 1.02])  # the slow first window has dropped out
+    assert not bench.steady([1.0, 1.0, 1.1])  # 10 % apart
+    assert bench.steady([1.0, 1.1, 1.0], tolerance=0.2)

@@ -497,22 +497,22 @@ def _hooked(module: nn.Module) -> bool:
     return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
-def _call(module: nn.Module, *args: Any) -> Any:
+def _call(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
     """``module(*args)``, entering ``module.forward`` directly where ``nn.Module.__call__`` would do just that.
 
     That is when no hook of any kind (the module's or global, forward or backward) is registered,
     the module is not ``module.compile()``-d, and no ``torch.jit.trace`` runs: then ``__call__``
     only adds its dispatch, ~10 us of host time per call on a GPU machine's CPU, paid by each of a
-    block's ~17 submodule calls (projections, qk-norms, dropouts, attentions, Mix-FFN) in eager
-    inference, where a 1024 px step is bound by the host. Under torch.compile the plain call is kept
-    (dynamo inlines it; the host cost is gone there anyway).
+    block's ~17 submodule calls (projections, qk-norms, dropouts, attentions, Mix-FFN) and by the
+    blocks themselves in eager inference, where a 1024 px step is bound by the host. Under
+    torch.compile the plain call is kept (dynamo inlines it; the host cost is gone there anyway).
     """
     if (torch.compiler.is_compiling() or _hooked(module) or module._backward_hooks or module._backward_pre_hooks
             or module._compiled_call_impl is not None or _global_module_hooks()
             or _torch_module._global_backward_hooks or _torch_module._global_backward_pre_hooks
             or torch._C._get_tracing_state()):
-        return module(*args)
-    return module.forward(*args)
+        return module(*args, **kwargs)
+    return module.forward(*args, **kwargs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -851,7 +851,7 @@ class SanaTransformer(ModelMixin):
             # block's here): the same values, one pass over the (B, N, D) residual stream less per block.
             residual = None
             for block in self.transformer_blocks:
-                x, residual = block(x, context, context_bias, modulation, h, w,
+                x, residual = _call(block, x, context, context_bias, modulation, h, w,
                                     residual=residual, defer_residual=True)  # (B, N, D), (gate, y)
             if residual is not None:
                 x = torch.addcmul(x, *residual)  # (B, N, D)
