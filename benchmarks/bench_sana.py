@@ -25,8 +25,8 @@ case timed before the other would read as a difference between the implementatio
 A case that fails (OOM, compile error) is recorded with an ``error`` and the run goes on.
 
 Results are merged into ``--out`` (default benchmarks/results/sana_speed.json): a JSON list of
-records {case, impl, model, px, steps, seconds, seconds_min, peak_gib, gpu, torch, diffusers,
-error, notes}; a record replaces an earlier one with the same (case, impl, model, px, steps).
+records {case, impl, model, px, steps, seconds, seconds_min, peak_gib, runs_s (every timed run), gpu, torch,
+diffusers, error, notes}; a record replaces an earlier one with the same (case, impl, model, px, steps).
 ``--smoke`` runs every case with tiny configs and one repeat (CPU is fine) to check the script.
 """
 
@@ -178,6 +178,7 @@ class Recorder:
             "seconds": None if result is None else round(result["seconds"], 6),
             "seconds_min": None if result is None else round(result["seconds_min"], 6),
             "peak_gib": None if result is None or result["peak_gib"] is None else round(result["peak_gib"], 3),
+            "runs_s": None if result is None else [round(t, 6) for t in result["runs"]],
             "gpu": meta["gpu"], "torch": meta["torch"], "diffusers": meta["diffusers"],
             "error": error, "notes": notes,
         }
@@ -276,6 +277,18 @@ def _timed_runs(fn: Callable[[], Any], settings: Settings, n: int) -> tuple[list
     if settings.cuda:
         torch.cuda.reset_peak_memory_stats(settings.device)
     times = []
+    gc_was_enabled = gc.isenabled()
+    gc.disable()  # as timeit does: a collection inside a timed run is not the implementation's time
+    try:
+        _time_each(fn, settings, n, times)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    peak = torch.cuda.max_memory_allocated(settings.device) / 2**30 if settings.cuda else None
+    return times, peak
+
+
+def _time_each(fn: Callable[[], Any], settings: Settings, n: int, times: list[float]) -> None:
     for _ in range(n):
         if settings.cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -288,12 +301,10 @@ def _timed_runs(fn: Callable[[], Any], settings: Settings, n: int) -> tuple[list
             t0 = time.perf_counter()
             fn()
             times.append(time.perf_counter() - t0)
-    peak = torch.cuda.max_memory_allocated(settings.device) / 2**30 if settings.cuda else None
-    return times, peak
 
 
 def _result(times: list[float], peak: float | None) -> dict[str, Any]:
-    return {"seconds": statistics.median(times), "seconds_min": min(times), "peak_gib": peak}
+    return {"seconds": statistics.median(times), "seconds_min": min(times), "peak_gib": peak, "runs": times}
 
 
 def measure(fn: Callable[[], Any], settings: Settings) -> dict[str, Any]:
