@@ -19,7 +19,8 @@ and two settings: ``fast`` (the CLI default: inversion on the 50-step editing sc
 the sampler's inverse with 5 fixed-point iterations per step) and ``full`` (500 plain inversion steps,
 the public code's default). Guidance and negative prompt are the model's defaults (SANA: 4.5 and
 the empty prompt), PnP thresholds TokenFlow's (0.8 / 0.5), cross-attention control and local blending
-the model's defaults (SANA: 0.5 of the steps, threshold 0.5), 50 steps, chunks of 8 frames.
+the model's defaults (SANA: 0.5 of the steps, threshold 0.5; outside the blend mask the source pixels
+are pasted back, `--no-paste-source` keeps the decoded ones), 50 steps, chunks of 8 frames.
 
 Metrics (`sanaflow.shapes.video_metrics`): edit accuracy, structure IoU, and the warp error along
 the ground-truth flow and along DIS flow of the source, both occlusion-masked; for shape edits the
@@ -201,6 +202,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="Prompt-to-Prompt cross-attention fraction (default: the model's, 0.5 for SANA)")
     p.add_argument("--local-blend", type=float, default=None,
                    help="local-blend threshold (default: the model's, 0.5 for SANA; 0 = off)")
+    p.add_argument("--no-paste-source", dest="paste_source", action="store_false",
+                   help="with the local blend: keep the decoded frames outside the mask (default: the source "
+                        "frames' pixels are put back there, as the pipeline does)")
     p.add_argument("--negative", default=None,
                    help="negative prompt (default: the model's; for SANA the empty unconditional it was trained with)")
     p.add_argument("--batch-size", type=int, default=8, help="frames per chunk (default 8)")
@@ -228,7 +232,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # The report keys that must agree for an interrupted run's videos to be kept by --resume.
 RESUME_KEYS = ("model", "model_identity", "device", "smoke", "seeds", "frames", "size", "steps", "cfg",
                "negative_prompt", "batch_size", "pnp_feature", "pnp_attention", "cross_attention",
-               "local_blend", "methods")
+               "local_blend", "paste_source", "methods")
 
 
 def _resume(report: dict[str, Any], path: Path) -> int:
@@ -315,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
             "cfg": cfg, "negative_prompt": negative, "batch_size": args.batch_size,
             "pnp_feature": args.pnp_feature, "pnp_attention": args.pnp_attn, "cross_attention": cross,
             "local_blend": blend,
+            "paste_source": args.paste_source,
             "settings": {s: {"inversion_steps": args.full_inversion_steps if s == "full" else args.steps}
                          for s in args.settings},
             "methods": {m: METHODS[m] for m in args.methods}, "targets": TARGETS,
@@ -354,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
                         out = pipe(clip, target, source_prompt=source_prompt, negative_prompt=negative,
                                    steps=args.steps, inversion_steps=inversion_steps, guidance_scale=cfg,
                                    pnp_feature=args.pnp_feature, pnp_attention=args.pnp_attn,
-                                   cross_attention=cross, local_blend=blend,
+                                   cross_attention=cross, local_blend=blend, paste_source=args.paste_source,
                                    batch_size=args.batch_size, inversion_batch_size=batch,
                                    inversion_refine=args.inversion_refine, progress=False, **METHODS[method])
                         seconds = time.perf_counter() - t0

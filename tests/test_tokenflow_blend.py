@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -13,6 +14,7 @@ from sanaflow.tokenflow.blend import (
     edit_masks,
     mask_steps,
     masks_from_differences,
+    paste_source,
 )
 from sanaflow.tokenflow.editor import MODES, EditSettings, edit_latents
 from sanaflow.tokenflow.inversion import InversionKey, LatentCache, step_key
@@ -123,3 +125,55 @@ def test_defaults_and_validation(sd, sana, tmp_path):
             EditSettings("x", local_blend=bad).validate()
     with pytest.raises(ConfigError, match="blend_grow"):
         EditSettings("x", blend_grow=-1).validate()
+
+
+def test_paste_source_keeps_the_source_outside_the_upsampled_mask():
+    rng = np.random.default_rng(0)
+    edited = rng.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    source = rng.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    masks = torch.zeros(2, 1, 4, 4)
+    masks[0, 0, 1:3, 1:3] = 1.0  # frame 0: the middle 2 x 2 latent pixels; frame 1: nothing
+    out = paste_source(edited, source, masks, grow=0)
+    assert out.dtype == np.uint8 and out.shape == edited.shape
+    assert np.array_equal(out[1], source[1])  # an empty mask: the source frame itself
+    assert np.array_equal(out[0, 14:18, 14:18], edited[0, 14:18, 14:18])  # the mask's middle: the edit
+    # bilinear upsampling: latent pixel i sits at pixel 8 i + 3.5, so the ramp runs from 3.5 (0) to 11.5 (1)
+    # and from 19.5 (1) to 27.5 (0); beyond it the source itself
+    assert np.array_equal(out[0, :4], source[0, :4]) and np.array_equal(out[0, :, 28:], source[0, :, 28:])
+    w = (8 - 3.5) / 8  # column 8 of a middle row: on the ramp, both mixed
+    want = w * edited[0, 16, 8].astype(np.float32) + (1 - w) * source[0, 16, 8]
+    assert np.abs(out[0, 16, 8].astype(np.float32) - want).max() <= 1.0
+    grown = paste_source(edited, source, masks)  # the default grows the mask by one latent pixel first
+    assert np.array_equal(grown[0, 8:24, 8:24], edited[0, 8:24, 8:24]) and np.array_equal(grown[1], source[1])
+    assert not np.array_equal(grown[0, :4], source[0, :4])
+    with pytest.raises(ConfigError, match="differ"):
+        paste_source(edited, source[:, :16], masks)
+    with pytest.raises(ConfigError, match="masks must be"):
+        paste_source(edited, source, masks[:1])
+
+
+def test_edit_returns_its_masks_and_the_pipeline_pastes_the_source_back(sana, tmp_path):
+    from sanaflow.pipelines.video_edit import VideoEditPipeline
+
+    cache = _cache(sana, 2, 3, tmp_path / "c")
+    settings = EditSettings("a big red circle", source_prompt="a square", steps=3, batch_size=2, local_blend=0.6)
+    latents, masks = edit_latents(sana, cache, settings, return_masks=True)
+    assert torch.equal(latents, edit_latents(sana, cache, settings))
+    assert torch.equal(masks, edit_masks(sana, cache, "a square", "a big red circle", 0.6, 2))
+    off = EditSettings(**{**settings.__dict__, "local_blend": 0.0})
+    assert edit_latents(sana, cache, off, return_masks=True)[1] is None
+
+    rng = np.random.default_rng(1)
+    frames = rng.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)  # an 8 x 8 latent: the mask covers a part
+    pipe = VideoEditPipeline(sana, cache_dir=tmp_path / "p")
+    kw = dict(source_prompt="a square", steps=3, batch_size=2, local_blend=0.9, progress=False)
+    pasted = pipe(frames, "a big red circle", **kw)
+    plain = pipe(frames, "a big red circle", paste_source=False, **kw)
+    clean_masks = edit_masks(sana, pasted.inversion.cache, "a square", "a big red circle", 0.9, 2)
+    grown = torch.nn.functional.max_pool2d(clean_masks, 3, stride=1, padding=1)  # paste_source's margin
+    up = torch.nn.functional.interpolate(grown, size=(32, 32), mode="bilinear", align_corners=False)[:, 0]
+    outside, inside = (up == 0).numpy(), (up == 1).numpy()  # (T, H, W)
+    assert outside.any() and inside.any()
+    assert np.array_equal(pasted.frames[outside], pasted.source[outside])  # the source's own pixels
+    assert not np.array_equal(plain.frames[outside], plain.source[outside])  # the decoded ones differ
+    assert np.array_equal(pasted.frames[inside], plain.frames[inside])  # inside, the edit as decoded

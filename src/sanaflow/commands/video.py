@@ -57,6 +57,9 @@ def register(subparsers) -> None:
                       help="edit only where the source and target prompts' predictions differ by at least T (in "
                            "[0, 1)) of each frame's largest difference, keep the source video elsewhere; 0 = off "
                            "(default: the model's; 0.5 for SANA, 0 for SD)")
+    edit.add_argument("--no-paste-source", dest="paste_source", action="store_false",
+                      help="with --local-blend: keep the decoded frames outside the edit mask instead of putting "
+                           "the source video's own pixels back there")
     edit.add_argument("--strength", type=float, default=0.9, help="tokenflow-sdedit: fraction of the schedule re-run")
     edit.add_argument("--correspondence", default="features", choices=CORRESPONDENCES,
                       help="token correspondences: diffusion-feature nearest neighbours or DIS optical flow")
@@ -127,7 +130,7 @@ def run_edit(args) -> int:
         clip, args.prompt, source_prompt=args.source_prompt, negative_prompt=args.negative, mode=args.mode,
         steps=args.steps, inversion_steps=args.inversion_steps, guidance_scale=args.cfg,
         pnp_feature=args.pnp_feature, pnp_attention=args.pnp_attn, cross_attention=args.cross_attn,
-        local_blend=args.local_blend, strength=args.strength,
+        local_blend=args.local_blend, paste_source=args.paste_source, strength=args.strength,
         batch_size=args.batch_size, inversion_batch_size=args.inversion_batch_size, seed=args.seed,
         correspondence=args.correspondence,
         max_keyframes=args.max_keyframes,

@@ -16,6 +16,7 @@ import torch
 
 from ..errors import InputError
 from ..tokenflow.backbones import Backbone, load_backbone
+from ..tokenflow.blend import paste_source as paste_source_pixels
 from ..tokenflow.editor import EditSettings, calls_per_step, edit_latents
 from ..tokenflow.inversion import (
     InversionKey,
@@ -217,6 +218,7 @@ class VideoEditPipeline:
         offload_keyframes: bool | None = None,
         max_keyframes: int | None = 32,
         local_blend: float | None = None,
+        paste_source: bool = True,
         frames: int | None = None,
         start: int = 0,
         stride: int = 1,
@@ -232,7 +234,8 @@ class VideoEditPipeline:
         Prompt-to-Prompt cross-attention control) default to the backbone's (SD: TokenFlow's negative
         prompt, 7.5 and 0; SANA: the empty prompt, 4.5 and 0.5), and so does `local_blend` (edit only
         where the two prompts' predictions differ, keep the source elsewhere; `sanaflow.tokenflow.blend`:
-        SD 0 = off, SANA 0.5).
+        SD 0 = off, SANA 0.5). With the blend on, `paste_source` puts the source frames' own pixels back
+        outside the mask after decoding (`blend.paste_source`).
         """
         if not isinstance(prompt, str) or not prompt.strip():
             raise InputError("the edit needs a non-empty --prompt")
@@ -246,6 +249,7 @@ class VideoEditPipeline:
             cross_attention=cross_attention, strength=strength,
             batch_size=batch_size, seed=seed, correspondence=correspondence, control_scale=control_scale,
             offload_keyframes=offload_keyframes, max_keyframes=max_keyframes, local_blend=local_blend,
+            paste_source=paste_source,
         )
         settings.validate()
         clip = self.prepare(video, frames=frames, start=start, stride=stride, size=size)
@@ -256,8 +260,11 @@ class VideoEditPipeline:
         run_steps = steps - settings.start_step()
         bar = _Progress(run_steps * calls_per_step(settings, clip.num_frames), "edit", progress)
         try:
-            latents = edit_latents(self.backbone, inversion.cache, settings, clip.frames, bar)
+            latents, masks = edit_latents(self.backbone, inversion.cache, settings, clip.frames, bar,
+                                          return_masks=True)
         finally:
             bar.close()
         edited = decode_latents(self.backbone, latents, plain_batch)
+        if masks is not None and settings.paste_source:
+            edited = paste_source_pixels(edited, clip.frames, masks)
         return VideoEditOutput(edited, clip.frames, clip.fps, inversion)

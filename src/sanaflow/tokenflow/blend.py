@@ -16,10 +16,17 @@ target prompt differs from the one for the source prompt where the edit has to c
 The per-frame difference, averaged over channels and times, smoothed and scaled to its frame's
 maximum, is thresholded and grown by a margin of latent pixels (the edited object may be larger
 than the source one, e.g. a square replacing a triangle).
+
+After decoding, `paste_source` can put the source video's own pixels back outside the mask (as
+Blended Latent Diffusion's final pixel blend): the decoded latent there is the autoencoder's
+reconstruction of the source, close to it but not equal, and untouched objects then keep their exact
+outlines. The latent mask is grown by one more latent pixel and upsampled bilinearly, so the seam
+is a ramp one latent pixel wide, a latent pixel outside the blend's own mask.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -27,6 +34,9 @@ from ..errors import ConfigError
 from .backbones import Backbone, TextCond
 from .inversion import LatentCache
 
+# Latent pixels the mask is grown by before the source pixels are pasted back (`paste_source`): on the
+# shapes validation videos, without it a shape edit lost a frame whose new outline reached past the mask.
+PASTE_GROW = 1
 # Fractions of the editing schedule (0 = noisiest step) at which the mask is measured.
 MASK_LEVELS = (0.3, 0.4, 0.5, 0.6, 0.7)
 
@@ -90,3 +100,24 @@ def edit_masks(backbone: Backbone, cache: LatentCache, source_prompt: str, promp
 def blend(edited: torch.Tensor, source: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """mask * edited + (1 - mask) * source (all (T, C, h, w) or broadcastable)."""
     return torch.lerp(source, edited, mask)
+
+
+def paste_source(edited: np.ndarray, source: np.ndarray, masks: torch.Tensor, grow: int = PASTE_GROW) -> np.ndarray:
+    """Frames (T, H, W, 3) uint8: `edited` inside the edit `masks` (T, 1, h, w), `source` outside.
+
+    `edited` and `source` must have the same shape. The mask is first grown by `grow` latent pixels
+    (the decoded edit may reach a little past the latent mask: a new shape's corners), then upsampled
+    bilinearly to (H, W).
+    """
+    if edited.shape != source.shape or edited.ndim != 4:
+        raise ConfigError(f"paste_source: edited frames {edited.shape} and source frames {source.shape} differ")
+    T, H, W, _ = edited.shape
+    if masks.dim() != 4 or masks.shape[0] != T or masks.shape[1] != 1:
+        raise ConfigError(f"paste_source: masks must be (T={T}, 1, h, w); got {tuple(masks.shape)}")
+    m = masks.float().cpu()
+    if grow > 0:
+        m = F.max_pool2d(m, 2 * grow + 1, stride=1, padding=grow)
+    m = F.interpolate(m, size=(H, W), mode="bilinear", align_corners=False)
+    m = m.clamp(0.0, 1.0)[:, 0, :, :, None].numpy()  # (T, H, W, 1)
+    out = m * edited.astype(np.float32) + (1.0 - m) * source.astype(np.float32)
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)

@@ -68,6 +68,9 @@ class EditSettings:
     # default (SANA 0.5, SD 0: TokenFlow's published behaviour). Every mode takes it.
     local_blend: float | None = None
     blend_grow: int = 1  # latent pixels the mask is grown by
+    # With local blending: put the source frames' own pixels back outside the (upsampled) mask after
+    # decoding (`blend.paste_source`). The pipeline applies it; edit_latents returns the masks for it.
+    paste_source: bool = True
 
     def validate(self) -> None:
         """Raise a `ConfigError` naming the first invalid setting."""
@@ -183,11 +186,13 @@ def edit_latents(
     settings: EditSettings,
     source_frames: np.ndarray | None = None,
     progress: Callable[[int], None] | None = None,
-) -> torch.Tensor:
+    return_masks: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
     """Run the edit of `settings` on an inverted video; return the edited latents (T, C, h, w) on the CPU.
 
     `source_frames` (T, H, W, 3) uint8 (the resized source) are needed for flow correspondences and
-    ControlNet.
+    ControlNet. With `return_masks`: (latents, the local-blend masks (T, 1, h, w) on the CPU, or None
+    when the blend is off).
     """
     settings.validate()
     times = cache.timesteps
@@ -277,6 +282,8 @@ def edit_latents(
                 after = cache.latents(i + 1) if t_next is not None else cache.clean()
                 new = blend(new, after.to(device, torch.float32), masks)
             x = new
+    if return_masks:
+        return x.cpu(), None if masks is None else masks.cpu()
     return x.cpu()
 
 
