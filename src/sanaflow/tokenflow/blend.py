@@ -117,7 +117,10 @@ def paste_source(edited: np.ndarray, source: np.ndarray, masks: torch.Tensor, gr
     m = masks.float().cpu()
     if grow > 0:
         m = F.max_pool2d(m, 2 * grow + 1, stride=1, padding=grow)
-    m = F.interpolate(m, size=(H, W), mode="bilinear", align_corners=False)
-    m = m.clamp(0.0, 1.0)[:, 0, :, :, None].numpy()  # (T, H, W, 1)
-    out = m * edited.astype(np.float32) + (1.0 - m) * source.astype(np.float32)
-    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+    out = np.empty_like(edited)
+    for t in range(T):  # a frame at a time: float copies of a long video would not fit in memory
+        mt = F.interpolate(m[t : t + 1], size=(H, W), mode="bilinear", align_corners=False)
+        mt = mt.clamp(0.0, 1.0)[0, 0, :, :, None].numpy()  # (H, W, 1)
+        frame = mt * edited[t].astype(np.float32) + (1.0 - mt) * source[t].astype(np.float32)
+        out[t] = np.clip(np.rint(frame), 0, 255).astype(np.uint8)
+    return out
