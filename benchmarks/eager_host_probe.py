@@ -3,15 +3,27 @@ microseconds of one block's parts (issue 7). CUDA and diffusers needed.
 
     PYTHONPATH=src python benchmarks/eager_host_probe.py --out OUT.json     # ~1 min on an H200
 """
-import sys, time, json, statistics, argparse
+import argparse
+import json
+import statistics
+import sys
+import time
+
 sys.path.insert(0, __import__("os").path.dirname(__file__))
 import torch
-from profile_step import build_models, make_inputs, step_fn
+import torch.nn.functional as F
 from bench_sana import TRANSFORMERS
+from profile_step import build_models, make_inputs, step_fn
 
-ap = argparse.ArgumentParser(); ap.add_argument("--out"); ap.add_argument("--rounds", type=int, default=5)
+from sanaflow.ops import norm as norm_ops
+from sanaflow.ops.linear_attention import linear_attention
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--out")
+ap.add_argument("--rounds", type=int, default=5)
 a = ap.parse_args()
-dev = torch.device("cuda"); dt = torch.bfloat16
+dev = torch.device("cuda")
+dt = torch.bfloat16
 args = argparse.Namespace(impl="both", model="600M", tiny=False, quantize=None, compile=False, regional=False,
                           px=1024, batch=2)
 torch.set_grad_enabled(False)
@@ -20,32 +32,42 @@ inputs = make_inputs(TRANSFORMERS["600M"], args, dev, dt)
 fns = {k: step_fn(k, m, inputs) for k, m in models.items()}
 res = {k: {"host_ms": [], "event_ms": []} for k in fns}
 for f in fns.values():
-    for _ in range(10): f()
+    for _ in range(10):
+        f()
 torch.cuda.synchronize()
-for r in range(a.rounds):   # interleaved: each round times both impls, 20 steps each
+for r in range(a.rounds):
+    # interleaved: each round times both impls, 20 steps each
     for k, f in (fns.items() if r % 2 == 0 else reversed(list(fns.items()))):
         torch.cuda.synchronize()
         for _ in range(20):
             s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            t0 = time.perf_counter(); s.record(); f(); e.record(); t1 = time.perf_counter()
+            t0 = time.perf_counter()
+            s.record()
+            f()
+            e.record()
+            t1 = time.perf_counter()
             e.synchronize()
-            res[k]["host_ms"].append((t1 - t0) * 1e3); res[k]["event_ms"].append(s.elapsed_time(e))
+            res[k]["host_ms"].append((t1 - t0) * 1e3)
+            res[k]["event_ms"].append(s.elapsed_time(e))
 summary = {k: {m: round(statistics.median(v), 3) for m, v in d.items()} for k, d in res.items()}
 print("interleaved medians", summary)
 # per-op host launch cost (many calls, no sync between)
-from sanaflow.ops import norm as norm_ops
-from sanaflow.ops.linear_attention import linear_attention
-import torch.nn.functional as F
-x = torch.randn(2, 1024, 1152, device=dev, dtype=dt); sh = torch.randn(2, 1, 1152, device=dev, dtype=dt)
+x = torch.randn(2, 1024, 1152, device=dev, dtype=dt)
+sh = torch.randn(2, 1, 1152, device=dev, dtype=dt)
 ln = torch.nn.LayerNorm(1152, elementwise_affine=False, eps=1e-6).to(dev)
 w = torch.randn(1152, 1152, device=dev, dtype=dt)
 q = torch.randn(2, 1024, 36, 32, device=dev, dtype=dt).transpose(1, 2)
 blk = models["ours"].transformer_blocks[0]
 def cost(name, fn, n=300):
-    for _ in range(5): fn()
-    torch.cuda.synchronize(); t0 = time.perf_counter()
-    for _ in range(n): fn()
-    t1 = time.perf_counter(); torch.cuda.synchronize(); t2 = time.perf_counter()
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    t2 = time.perf_counter()
     summary[name] = {"host_us": round((t1 - t0) / n * 1e6, 2), "wall_us": round((t2 - t0) / n * 1e6, 2)}
     print(name, summary[name], flush=True)
 cost("F.linear 2048x1152x1152", lambda: F.linear(x, w))

@@ -4,28 +4,49 @@ F.linear against an nn.Linear module call (issue 7: the 600M 1024 px eager step 
 
     PYTHONPATH=src python benchmarks/launch_probe.py OUT.json      # CUDA only, ~10 s
 """
-import time, torch, json, sys
-import triton, triton.language as tl
-from sanaflow.ops import norm as norm_ops, triton_norm as tn, triton_linear_attention as tla
+import json
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from sanaflow.ops import norm as norm_ops
+from sanaflow.ops import triton_linear_attention as tla
+from sanaflow.ops import triton_norm as tn
 from sanaflow.ops.linear_attention import linear_attention
+
 print("triton", triton.__version__, "torch", torch.__version__)
-dev = torch.device("cuda"); dt = torch.bfloat16
+dev = torch.device("cuda")
+dt = torch.bfloat16
 res = {}
 def cost(name, fn, n=400):
-    for _ in range(5): fn()
-    torch.cuda.synchronize(); t0 = time.perf_counter()
-    for _ in range(n): fn()
-    t1 = time.perf_counter(); torch.cuda.synchronize()
-    res[name] = round((t1 - t0) / n * 1e6, 2); print(f"{name:45s} {res[name]:8.2f} us", flush=True)
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    res[name] = round((t1 - t0) / n * 1e6, 2)
+    print(f"{name:45s} {res[name]:8.2f} us", flush=True)
 @triton.jit
-def k1(a): pass
+def k1(a):
+    pass
 @triton.jit
-def k8(a, b, c, d, e, f, g, h): pass
+def k8(a, b, c, d, e, f, g, h):
+    pass
 @triton.jit
-def k8i(a, b, c, d, n1, n2, n3, n4): pass
+def k8i(a, b, c, d, n1, n2, n3, n4):
+    pass
 @triton.jit
-def k21(a, b, c, d, e, f, g, h, i1, i2, f1, i3, i4, i5, i6, i7, i8, i9, i10, i11, i12, X: tl.constexpr, Y: tl.constexpr): pass
-x = torch.randn(2, 1024, 1152, device=dev, dtype=dt); sh = torch.randn(2, 1, 1152, device=dev, dtype=dt)
+def k21(a, b, c, d, e, f, g, h, i1, i2, f1, i3, i4, i5, i6, i7, i8, i9, i10, i11, i12, X: tl.constexpr, Y: tl.constexpr):
+    pass
+x = torch.randn(2, 1024, 1152, device=dev, dtype=dt)
+sh = torch.randn(2, 1, 1152, device=dev, dtype=dt)
 cost("empty (2,1024,1152)", lambda: torch.empty(x.shape, device=dev, dtype=dt))
 cost("empty_like", lambda: torch.empty_like(x))
 cost("current_stream", lambda: torch.cuda.current_stream())
@@ -55,7 +76,7 @@ print("splits", tla._splits(72, 1024, True))
 kv = torch.randn(72, 4, 32, 32, device=dev)
 cost("kv.sum(1)", lambda: kv.sum(1))
 w = torch.randn(1152, 1152, device=dev, dtype=dt)
-import torch.nn.functional as F
+
 cost("F.linear", lambda: F.linear(x, w))
 lin = torch.nn.Linear(1152, 1152, bias=False).to(dev, dt)
 cost("nn.Linear module", lambda: lin(x))
