@@ -12,6 +12,7 @@ import time
 sys.path.insert(0, __import__("os").path.dirname(__file__))
 import torch
 import torch.nn.functional as F
+from _common import host_microseconds
 from bench_sana import TRANSFORMERS
 from profile_step import build_models, make_inputs, step_fn
 
@@ -59,16 +60,8 @@ w = torch.randn(1152, 1152, device=dev, dtype=dt)
 q = torch.randn(2, 1024, 36, 32, device=dev, dtype=dt).transpose(1, 2)
 blk = models["ours"].transformer_blocks[0]
 def cost(name, fn, n=300):
-    for _ in range(5):
-        fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    t1 = time.perf_counter()
-    torch.cuda.synchronize()
-    t2 = time.perf_counter()
-    summary[name] = {"host_us": round((t1 - t0) / n * 1e6, 2), "wall_us": round((t2 - t0) / n * 1e6, 2)}
+    host, wall = host_microseconds(fn, n)
+    summary[name] = {"host_us": round(host, 2), "wall_us": round(wall, 2)}
     print(name, summary[name], flush=True)
 cost("F.linear 2048x1152x1152", lambda: F.linear(x, w))
 cost("addcmul", lambda: torch.addcmul(x, sh, x))

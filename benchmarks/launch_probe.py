@@ -6,12 +6,12 @@ F.linear against an nn.Linear module call (issue 7: the 600M 1024 px eager step 
 """
 import json
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from _common import host_microseconds
 
 from sanaflow.ops import norm as norm_ops
 from sanaflow.ops import triton_linear_attention as tla
@@ -23,15 +23,7 @@ dev = torch.device("cuda")
 dt = torch.bfloat16
 res = {}
 def cost(name, fn, n=400):
-    for _ in range(5):
-        fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    t1 = time.perf_counter()
-    torch.cuda.synchronize()
-    res[name] = round((t1 - t0) / n * 1e6, 2)
+    res[name] = round(host_microseconds(fn, n)[0], 2)
     print(f"{name:45s} {res[name]:8.2f} us", flush=True)
 @triton.jit
 def k1(a):
