@@ -38,6 +38,7 @@ import copy
 import fnmatch
 import gc
 import math
+import signal
 import statistics
 import sys
 import time
@@ -1034,6 +1035,9 @@ def main(argv: list[str] | None = None) -> int:
     settings = settings_from_args(args)
     settings.meta = versions(settings)
     rec = Recorder(settings, args.out, fresh=args.fresh)
+    # A time limit's SIGTERM (timeout(1), a batch system) ends the run through SystemExit, so the
+    # `finally` below still writes the records measured so far.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     print(f"device {settings.meta['gpu']}, torch {settings.meta['torch']}, diffusers {settings.meta['diffusers']}, "
           f"cases {', '.join(settings.cases)}", flush=True)
     print(settle_clocks(settings), flush=True)
