@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _common import host_microseconds
 from bench_sana import TRANSFORMERS
 from profile_step import build_models, make_inputs, step_fn
 from torch.profiler import ProfilerActivity, profile
@@ -68,18 +69,11 @@ def launches_and_host(fn, top: int) -> dict[str, Any]:
 
 
 def timed(fn, steps: int, repeats: int) -> dict[str, float]:
-    hosts, walls = [], []
-    for _ in range(repeats):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            fn()
-        hosts.append(time.perf_counter() - t0)
-        torch.cuda.synchronize()
-        walls.append(time.perf_counter() - t0)
-    return {"host_ms": round(1e3 * statistics.median(hosts) / steps, 3),
-            "wall_ms": round(1e3 * statistics.median(walls) / steps, 3),
-            "wall_ms_min": round(1e3 * min(walls) / steps, 3)}
+    """Median host / wall ms per call over `repeats` windows of `steps` calls (`host_microseconds`)."""
+    windows = [host_microseconds(fn, steps, warmup=0) for _ in range(repeats)]
+    hosts, walls = [w[0] for w in windows], [w[1] for w in windows]
+    return {"host_ms": round(statistics.median(hosts) / 1e3, 3), "wall_ms": round(statistics.median(walls) / 1e3, 3),
+            "wall_ms_min": round(min(walls) / 1e3, 3)}
 
 
 def new_output_code(cache: Path, seen: set[Path]) -> list[Path]:
