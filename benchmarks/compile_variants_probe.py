@@ -43,6 +43,8 @@ VARIANTS: dict[str, tuple[str, bool, bool] | None] = {
     "ours-all-torch": ("torch", False, False),
 }
 
+GRAD_MODES = {"no_grad": torch.no_grad, "inference": torch.inference_mode}
+
 LAUNCH_NAMES = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC")
 
 
@@ -102,6 +104,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--top", type=int, default=12)
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--code", type=Path, default=None, help="copy inductor's output code per variant here")
+    p.add_argument("--grad-modes", default="no_grad",
+                   help="comma-separated, of no_grad, inference: the calls run under torch.no_grad() or "
+                        "torch.inference_mode() (default no_grad); each mode compiles anew")
     return p.parse_args(argv)
 
 
@@ -112,8 +117,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     variants = [v for v in args.variants.split(",") if v]
     unknown = [v for v in variants if v not in VARIANTS]
+    unknown += [g for g in args.grad_modes.split(",") if g and g not in GRAD_MODES]
     if unknown:
-        print(f"unknown variants {unknown}; choose from {list(VARIANTS)}", file=sys.stderr)
+        print(f"unknown variants or grad modes {unknown}; choose from {list(VARIANTS)} and {list(GRAD_MODES)}",
+              file=sys.stderr)
         return 2
     TRANSFORMERS[args.model] = {**TRANSFORMERS[args.model], "num_layers": args.layers}
     device, dtype = torch.device("cuda"), torch.bfloat16
@@ -129,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     for px in [int(s) for s in args.px.split(",")]:
         build.px = px
         inputs = make_inputs(TRANSFORMERS[args.model], build, device, dtype)
-        for name in variants:
+        for name, grad_mode in [(v, g) for v in variants for g in args.grad_modes.split(",") if g]:
             spec = VARIANTS[name]
             if spec is not None:
                 set_variant(spec)
@@ -138,13 +145,13 @@ def main(argv: list[str] | None = None) -> int:
             model = torch.compile(models[key], dynamic=False, fullgraph=key == "ours")
             fn = step_fn(key, model, inputs)
             t0 = time.perf_counter()
-            with torch.no_grad():
+            with GRAD_MODES[grad_mode]():
                 fn()
                 torch.cuda.synchronize()
                 compile_s = time.perf_counter() - t0
                 for _ in range(5):
                     fn()
-                rec = {"variant": name, "px": px, "layers": args.layers, "model": args.model,
+                rec = {"variant": name, "grad_mode": grad_mode, "px": px, "layers": args.layers, "model": args.model,
                        "compile_s": round(compile_s, 1), **timed(fn, args.steps, args.repeats),
                        **launches_and_host(fn, args.top)}
             print(json.dumps({k: v for k, v in rec.items() if k != "top_self_cpu_us"}), flush=True)
