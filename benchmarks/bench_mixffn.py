@@ -17,11 +17,12 @@ from sanaflow.models.sana_transformer import GLUMBConv
 from sanaflow.ops import triton_mixffn
 from sanaflow.ops.triton_mixffn import fused_dwconv_glu
 
-# (BLOCK_W, BLOCK_C, rows per program, num_warps, gather) tried by --sweep; the first is the default
-SWEEP = ((16, 64, 32, 4, False), (16, 64, 32, 8, False), (32, 64, 32, 8, False), (8, 128, 32, 4, False),
-         (16, 128, 32, 8, False), (16, 64, 64, 4, False), (16, 64, 16, 4, False), (32, 32, 32, 4, False),
-         (8, 64, 32, 2, False), (16, 64, 32, 4, True), (32, 64, 32, 8, True), (32, 32, 32, 4, True),
-         (64, 32, 32, 8, True), (16, 128, 32, 8, True))
+# (BLOCK_W, BLOCK_C, rows per program, num_warps, gather, pipelining stages) tried by --sweep
+SWEEP = ((16, 64, 32, 4, False, 1), (16, 64, 32, 4, False, 2), (16, 64, 32, 4, False, 3),
+         (16, 64, 32, 4, False, 4), (16, 64, 32, 8, False, 2), (16, 64, 32, 8, False, 3),
+         (32, 64, 32, 8, False, 3), (8, 128, 32, 4, False, 3), (8, 64, 32, 2, False, 3),
+         (16, 64, 64, 4, False, 3), (16, 64, 16, 4, False, 3), (32, 32, 32, 4, False, 3),
+         (16, 32, 32, 2, False, 3), (16, 64, 32, 4, True, 1), (16, 64, 32, 4, True, 3))
 
 
 def time_ms(fn, repeats: int) -> float:
@@ -71,20 +72,20 @@ def main() -> int:
                   f"{H}x{W}, h={C // 2}]")
         if args.sweep:  # the tile constants are module globals read at each call
             default = (triton_mixffn._BLOCK_W, triton_mixffn._BLOCK_C, triton_mixffn._ROWS, triton_mixffn._NUM_WARPS)
-            for block_w, block_c, rows, warps, gather in SWEEP:
+            for block_w, block_c, rows, warps, gather, stages in SWEEP:
                 triton_mixffn._BLOCK_W, triton_mixffn._BLOCK_C, triton_mixffn._NUM_WARPS = block_w, block_c, warps
 
-                def run(rows=rows, gather=gather):
-                    return fused_dwconv_glu(a, w, b, H, W, rows_per_program=rows, gather=gather)
+                def run(rows=rows, gather=gather, stages=stages):
+                    return fused_dwconv_glu(a, w, b, H, W, rows_per_program=rows, gather=gather, stages=stages)
 
                 try:
                     e = ((run().float() - ref32).norm() / ref32.norm()).item()
                     ms = time_ms(run, args.repeats)
                 except Exception as exc:  # a config that does not compile (registers, shared memory)
-                    print(f"sweep {block_w, block_c, rows, warps, gather}: failed: {str(exc).splitlines()[0][:200]}")
+                    print(f"sweep {block_w, block_c, rows, warps, gather, stages}: failed: {str(exc).splitlines()[0][:200]}")
                     continue
                 print(f"sweep BLOCK_W={block_w:3d} BLOCK_C={block_c:4d} rows={rows:3d} warps={warps} "
-                      f"gather={gather!s:5s}: {ms:8.3f} ms  {gb / ms * 1e3:7.0f} GB/s  rel err {e:.2e}")
+                      f"gather={gather!s:5s} stages={stages}: {ms:8.3f} ms  {gb / ms * 1e3:7.0f} GB/s  rel err {e:.2e}")
             triton_mixffn._BLOCK_W, triton_mixffn._BLOCK_C, triton_mixffn._ROWS, triton_mixffn._NUM_WARPS = default
     return 0
 

@@ -29,7 +29,7 @@ from sanaflow.ops.triton_mixffn import fused_dwconv_glu, _interpreting
 def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
-def case(B, H, W, dim, ratio, dtype, seed, rows=32, bias=True, strided=False, scale=1.0, gather=False):
+def case(B, H, W, dim, ratio, dtype, seed, rows=32, bias=True, strided=False, scale=1.0, gather=False, stages=None):
     torch.manual_seed(seed)
     mod = GLUMBConv(dim, ratio)
     if not bias:
@@ -48,7 +48,7 @@ def case(B, H, W, dim, ratio, dtype, seed, rows=32, bias=True, strided=False, sc
     mod_same = copy.deepcopy(mod).to(dtype)
     with torch.no_grad():
         out = fused_dwconv_glu(a, mod_same.conv_depth.weight, mod_same.conv_depth.bias, H, W, rows_per_program=rows,
-                               gather=gather)
+                               gather=gather, stages=stages)
         ref = copy.deepcopy(mod).double().dwconv_glu(a.double(), H, W)  # oracle: float64, same rounded inputs
         ref_same = mod_same.dwconv_glu(a, H, W)  # what the model computes without the kernel
     return {"dtype": str(out.dtype), "shape": list(out.shape), "ref_shape": list(ref.shape),
@@ -67,11 +67,13 @@ res["fp16"] = case(1, 5, 6, 8, 2.5, torch.float16, 8)
 res["fp32_gather_strips"] = case(1, 7, 33, 28, 2.5, torch.float32, 9, rows=3, gather=True)
 res["fp32_gather_one_column"] = case(1, 5, 1, 4, 2.0, torch.float32, 10, gather=True)
 res["bf16_gather"] = case(2, 6, 5, 16, 2.5, torch.bfloat16, 11, gather=True)
+# the software-pipelined sweep (the interpreter runs tl.range as a plain loop: this checks its bounds)
+res["fp32_stages_strips"] = case(1, 9, 20, 28, 2.5, torch.float32, 12, rows=4, stages=3)
 print("RESULT" + json.dumps(res))
 """
 
 FP32_CASES = ["fp32_odd", "fp32_strips", "fp32_strided_no_bias", "fp32_one_row", "fp32_one_column",
-              "fp32_large_values", "fp32_gather_strips", "fp32_gather_one_column"]
+              "fp32_large_values", "fp32_gather_strips", "fp32_gather_one_column", "fp32_stages_strips"]
 
 
 interpreter_results = interpreter_fixture(_INTERPRETER_SCRIPT)
@@ -115,6 +117,8 @@ def test_bad_inputs_are_refused():
         fused_dwconv_glu(torch.randn(1, 12, 8).double(), w, b, 3, 4)
     with pytest.raises(InputError, match="rows_per_program"):
         fused_dwconv_glu(torch.randn(1, 12, 8), w, b, 3, 4, rows_per_program=0)
+    with pytest.raises(InputError, match="stages"):
+        fused_dwconv_glu(torch.randn(1, 12, 8), w, b, 3, 4, stages=0)
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
@@ -165,13 +169,13 @@ def _gpu_module(dim: int, dtype: torch.dtype, seed: int) -> GLUMBConv:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("gather", [False, True])
-def test_gpu_bf16_1600m_4096px_matches_model_path(gather):
+@pytest.mark.parametrize("gather, stages", [(False, None), (True, None), (False, 1), (False, 3)])
+def test_gpu_bf16_1600m_4096px_matches_model_path(gather, stages):
     mod = _gpu_module(2240, torch.bfloat16, 0)
     H = W = 128
     a = torch.randn(2, H * W, 2 * 5600, device="cuda", dtype=torch.bfloat16)  # (B, N, 2h), CFG batch 2
     with torch.no_grad():
-        out = fused_dwconv_glu(a, mod.conv_depth.weight, mod.conv_depth.bias, H, W, gather=gather)
+        out = fused_dwconv_glu(a, mod.conv_depth.weight, mod.conv_depth.bias, H, W, gather=gather, stages=stages)
         ref_same = mod.dwconv_glu(a, H, W)
         ref32 = mod.float().dwconv_glu(a.float(), H, W)  # float32 oracle on the same bf16 inputs
     assert out.shape == (2, H * W, 5600) and out.dtype == torch.bfloat16
@@ -180,13 +184,13 @@ def test_gpu_bf16_1600m_4096px_matches_model_path(gather):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("gather", [False, True])
-def test_gpu_fp32_matches_float64(gather):
+@pytest.mark.parametrize("gather, stages", [(False, None), (True, None), (False, 1), (False, 3)])
+def test_gpu_fp32_matches_float64(gather, stages):
     mod = _gpu_module(2240, torch.float32, 1)
     H, W = 45, 67  # odd, non-square, several strips and column blocks
     a = torch.randn(1, H * W, 2 * 5600, device="cuda")
     with torch.no_grad():
-        out = fused_dwconv_glu(a, mod.conv_depth.weight, mod.conv_depth.bias, H, W, gather=gather)
+        out = fused_dwconv_glu(a, mod.conv_depth.weight, mod.conv_depth.bias, H, W, gather=gather, stages=stages)
         ref = mod.double().dwconv_glu(a.double(), H, W)
     assert _rel(out, ref) < 1e-5
 

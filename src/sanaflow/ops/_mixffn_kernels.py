@@ -67,7 +67,7 @@ def dwconv_glu_kernel(
     s_xb, s_xn, s_xc,
     s_ob, s_on, s_oc,
     HAS_BIAS: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, GATHER: tl.constexpr,
-    FAST: tl.constexpr,
+    FAST: tl.constexpr, STAGES: tl.constexpr,
 ):
     """out = dw(silu(a))[:h] * silu(dw(silu(a))[h:]) for a strip of rows x BLOCK_W columns x BLOCK_C
     channels; grid (cdiv(W, BLOCK_W), cdiv(h, BLOCK_C), B * n_strips), or with GATHER (neighbour
@@ -79,7 +79,9 @@ def dwconv_glu_kernel(
     carry the unfinished rows, so output row r-1 is complete (and stored) after input row r.
     Everything per element that does not depend on the row (the tile's offsets within a row and the
     column masks) is computed once before the sweep: the loop does loads, SiLUs and FMAs, and only
-    a scalar pointer moves (the caller guarantees the in-row offsets fit int32).
+    a scalar pointer moves (the caller guarantees the in-row offsets fit int32). STAGES > 1 asks
+    Triton to software-pipeline the sweep (`tl.range(num_stages=...)`: the next rows' loads are in
+    flight while the current row is summed); 1 runs it as a plain loop.
     """
     pid_w = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -129,7 +131,7 @@ def dwconv_glu_kernel(
     acc_g = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
     nxt_x = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)  # output row r+1 (row r summed in)
     nxt_g = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
-    for r in range(y0 - 1, y1 + 1):
+    for r in tl.range(y0 - 1, y1 + 1, num_stages=STAGES):
         rv = cols * 0 + r  # as a vector: the interpreter cannot combine a scalar bool with a mask
         row_ok = (rv >= 0) & (rv < H)
         base = x_base + r * row_stride  # a scalar pointer; never dereferenced for rows outside the grid

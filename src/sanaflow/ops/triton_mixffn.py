@@ -11,7 +11,7 @@ The torch path writes and re-reads ``s``, ``c`` and ``silu(gate)`` (about 6.5 pa
 arithmetic inside. Forward only: the model uses it for inference (no autograd graph) on CUDA by
 default (``SANAFLOW_FUSED_MIXFFN=0`` turns it off), see `sanaflow.ops.mixffn`.
 
-Cost: the kernel is bound by instructions, not by memory. Each program sweeps a strip of rows;
+Cost: each program sweeps a strip of rows;
 every input row is loaded three times (columns shifted by -1, 0, +1; the shifted loads hit L1) and
 SiLU'd at each load, since Triton has no register shift: ~7 SiLUs per output element. For half
 precision tokens the SiLU is 0.5 v (1 + tanh(v / 2)) on the hardware's ``tanh.approx.f32`` (one SFU
@@ -20,7 +20,11 @@ computed once before the sweep: measured on an H100 (1600M width, 4096 px, CFG b
 ``benchmarks/results/mixffn_speed.json``) 1.53 -> 1.03 ms, 1,070 GB/s of the 1.1 GB it must move
 (the torch path: 3.6 ms). float32 tokens keep the exact SiLU. The variant ``_GATHER = True`` does
 one SiLU per loaded element (horizontal neighbours through `tl.gather`, at the price of
-shared-memory shuffles and 2 of every BLOCK_W columns loaded twice); it measured slower.
+shared-memory shuffles and 2 of every BLOCK_W columns loaded twice); it measured slower. What held
+the plain sweep at ~1.1 TB/s was latency, not instructions: Triton pipelines only loads that feed a
+`tl.dot` unless the loop asks for it, so each row's loads waited for the previous row's arithmetic.
+The sweep now runs as `tl.range(num_stages=3)` (session 15, H200: 0.98 -> 0.64 ms, 1.7 TB/s, with
+64-row strips on tall grids; ``benchmarks/results/mixffn_speed_session15.txt``).
 
 CPU tensors run the same kernel in Triton's interpreter (slow, for tests only); that needs
 ``TRITON_INTERPRET=1`` in the environment before triton is first imported.
@@ -36,7 +40,13 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _BLOCK_W = 16  # grid columns per program
 _BLOCK_C = 64  # channels per program: 128 contiguous bytes per pixel in bf16
 _ROWS = 32  # grid rows per program (each program also reads the row above and below its strip)
+_ROWS_TALL = 64  # ... for grids of at least _TALL rows (4096 px: 128), where the programs still fill the GPU
+_TALL = 128
 _NUM_WARPS = 4
+# Software-pipelining stages of the row sweep (1: a plain loop). Measured on an H200 (bf16, CFG batch 2,
+# benchmarks/bench_mixffn.py --sweep): 3 stages with 64-row strips took the 1600M block at 4096 px from
+# 0.98 to 0.64 ms (1.1 -> 1.7 TB/s), the 600M one from 0.55 to 0.35 ms, and 1024 px from 0.108 to 0.088 ms.
+_STAGES = 3
 # Neighbour columns by `tl.gather` (one SiLU per element, tiles overlapping by two columns) instead of
 # shifted reloads (three SiLUs): both pass the tests; the shifted reloads measured faster (H200, H100).
 _GATHER = False
@@ -94,14 +104,20 @@ def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, hei
 
 def fused_dwconv_glu(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, height: int, width: int,
-    *, rows_per_program: int = _ROWS, gather: bool | None = None,
+    *, rows_per_program: int | None = None, gather: bool | None = None, stages: int | None = None,
 ) -> torch.Tensor:
     """Tokens a (B, N=H*W, 2h) -> c[..., :h] * silu(c[..., h:]) (B, N, h), c = dwconv3x3(silu(a)) + bias.
 
-    `rows_per_program` and `gather` (default `_GATHER`) pick the kernel variant, for tests and tuning.
+    `rows_per_program` (default `_ROWS`, or `_ROWS_TALL` for grids of `_TALL` rows or more), `gather`
+    (default `_GATHER`) and `stages` (default `_STAGES`) pick the kernel variant, for tests and tuning.
     """
+    if rows_per_program is None:
+        rows_per_program = _ROWS_TALL if height >= _TALL else _ROWS
     if rows_per_program < 1:
         raise InputError(f"fused_dwconv_glu: rows_per_program must be >= 1; got {rows_per_program}")
+    stages = _STAGES if stages is None else stages
+    if stages < 1:
+        raise InputError(f"fused_dwconv_glu: stages must be >= 1; got {stages}")
     _check(x, weight, bias, height, width)
     B, N, C = x.shape
     hid = C // 2
@@ -123,6 +139,6 @@ def fused_dwconv_glu(
     _KERNEL[grid](
         x, w, b, out, height, width, hid, rows_per_program, n_strips, *x.stride(), *out.stride(),
         HAS_BIAS=bias is not None, BLOCK_W=_BLOCK_W, BLOCK_C=_BLOCK_C, GATHER=gather, FAST=fast,
-        num_warps=_NUM_WARPS,
+        STAGES=stages, num_warps=_NUM_WARPS,
     )
     return out
