@@ -200,6 +200,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pnp-attn", type=float, default=0.5, help="PnP attention-injection fraction (default 0.5)")
     p.add_argument("--cross-attn", type=float, default=None,
                    help="Prompt-to-Prompt cross-attention fraction (default: the model's, 0.5 for SANA)")
+    p.add_argument("--propagation", type=float, default=None,
+                   help="weight of propagated keyframe tokens against each frame's own attention (default: the "
+                        "model's; 1 = TokenFlow's pure propagation)")
     p.add_argument("--local-blend", type=float, default=None,
                    help="local-blend threshold (default: the model's, 0.5 for SANA; 0 = off)")
     p.add_argument("--no-paste-source", dest="paste_source", action="store_false",
@@ -232,7 +235,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # The report keys that must agree for an interrupted run's videos to be kept by --resume.
 RESUME_KEYS = ("model", "model_identity", "device", "smoke", "seeds", "frames", "size", "steps", "cfg",
                "negative_prompt", "batch_size", "pnp_feature", "pnp_attention", "cross_attention",
-               "local_blend", "paste_source", "methods")
+               "local_blend", "paste_source", "methods", "propagation")
 
 
 def _resume(report: dict[str, Any], path: Path) -> int:
@@ -307,6 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         negative = pipe.backbone.default_negative if args.negative is None else args.negative
         cross = pipe.backbone.default_cross_attention if args.cross_attn is None else args.cross_attn
         blend = pipe.backbone.default_local_blend if args.local_blend is None else args.local_blend
+        propagation = pipe.backbone.default_propagation if args.propagation is None else args.propagation
         first = SEED_BASE + (VALIDATION_OFFSET if args.validation else 0)
         seeds = [first + i for i in range(args.videos)]
         report: dict[str, Any] = {
@@ -318,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
             "smoke": args.smoke, "seeds": seeds, "frames": args.frames, "size": args.size, "steps": args.steps,
             "cfg": cfg, "negative_prompt": negative, "batch_size": args.batch_size,
             "pnp_feature": args.pnp_feature, "pnp_attention": args.pnp_attn, "cross_attention": cross,
-            "local_blend": blend,
+            "local_blend": blend, "propagation": propagation,
             "paste_source": args.paste_source,
             "settings": {s: {"inversion_steps": args.full_inversion_steps if s == "full" else args.steps}
                          for s in args.settings},
@@ -360,6 +364,7 @@ def main(argv: list[str] | None = None) -> int:
                                    steps=args.steps, inversion_steps=inversion_steps, guidance_scale=cfg,
                                    pnp_feature=args.pnp_feature, pnp_attention=args.pnp_attn,
                                    cross_attention=cross, local_blend=blend, paste_source=args.paste_source,
+                                   propagation=propagation,
                                    batch_size=args.batch_size, inversion_batch_size=batch,
                                    inversion_refine=args.inversion_refine, progress=False, **METHODS[method])
                         seconds = time.perf_counter() - t0

@@ -90,6 +90,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--local-blends", default=None,
                    help="comma-separated local-blend thresholds to cross with the grid (0 = off; default: the "
                         "model's default only)")
+    p.add_argument("--propagations", default=None,
+                   help="comma-separated weights of propagated keyframe tokens against each frame's own attention "
+                        "to cross with the grid (1 = pure propagation; default: the model's default only)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--smoke", action="store_true", help="tiny random SANA, 1 video, few steps")
     add_out_argument(p, DEFAULT_OUT, SMOKE_OUT)
@@ -104,6 +107,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--local-blends takes comma-separated numbers in [0, 1); got {args.local_blends!r}")
     if not args.local_blends or any(b is not None and not 0 <= b < 1 for b in args.local_blends):
         p.error(f"--local-blends takes numbers in [0, 1); got {args.local_blends}")
+    try:
+        args.propagations = ([None] if args.propagations is None
+                             else [float(b) for b in args.propagations.split(",") if b.strip()])
+    except ValueError:
+        p.error(f"--propagations takes comma-separated numbers in [0, 1]; got {args.propagations!r}")
+    if not args.propagations or any(b is not None and not 0 <= b <= 1 for b in args.propagations):
+        p.error(f"--propagations takes numbers in [0, 1]; got {args.propagations}")
     if args.smoke:
         args.videos, args.frames, args.size, args.steps = 1, 4, 64, 3
     return fill_defaults(args, DEFAULT_OUT, SMOKE_OUT)
@@ -117,16 +127,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
     started = time.perf_counter()
-    grid = [(setting, neg, blend) for blend in args.local_blends for neg in args.negatives for setting in args.grid]
+    grid = [(setting, neg, blend, prop) for prop in args.propagations for blend in args.local_blends
+            for neg in args.negatives for setting in args.grid]
     keys = [f"{f:g}/{a:g}/{g:g}" + ("" if c is None else f"/{c:g}") + ("" if neg == "default" else f"+neg={neg}")
-            + ("" if blend is None else f"+blend={blend:g}")
-            for (f, a, g, c), neg, blend in grid]
+            + ("" if blend is None else f"+blend={blend:g}") + ("" if prop is None else f"+prop={prop:g}")
+            for (f, a, g, c), neg, blend, prop in grid]
     with tempfile.TemporaryDirectory(prefix="tokenflow_sweep_") as tmp:
         pipe, _ = open_pipeline(args, Path(tmp) / "cache")
         negative = pipe.backbone.default_negative
         # The cross-attention fraction each setting ran with (the model's default where the grid names none).
-        crosses = [pipe.backbone.default_cross_attention if c is None else c for (*_, c), _, _ in grid]
-        blends = [pipe.backbone.default_local_blend if b is None else b for *_, b in grid]
+        crosses = [pipe.backbone.default_cross_attention if c is None else c for (*_, c), *_ in grid]
+        blends = [pipe.backbone.default_local_blend if b is None else b for _, _, b, _ in grid]
+        props = [pipe.backbone.default_propagation if q is None else q for *_, q in grid]
         seeds = [SEED_BASE + VALIDATION_OFFSET + i for i in range(args.videos)]
         report: dict[str, Any] = {
             "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if argv is None else " ".join(argv),
@@ -134,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "smoke": args.smoke,
             "seeds": seeds, "frames": args.frames, "size": args.size, "steps": args.steps,
             "method": args.method, "grid": keys, "negative_prompt": negative,
-            "cross_attention": dict(zip(keys, crosses)), "local_blend": dict(zip(keys, blends)), "rows": [],
+            "cross_attention": dict(zip(keys, crosses)), "local_blend": dict(zip(keys, blends)),
+            "propagation": dict(zip(keys, props)), "rows": [],
         }
         batch = max(args.batch_size, args.frames)
         for i, seed in enumerate(seeds):
@@ -145,12 +158,13 @@ def main(argv: list[str] | None = None) -> int:
             pipe.invert(clip, source_prompt, args.steps, None, batch, reconstruct=False, progress=False)
             for kind, edit in edits_for(video, seed):
                 target = video_caption(video, edit)
-                for key, cross, blend, ((feature, attention, guidance, _), neg, _) in zip(keys, crosses, blends, grid):
+                for key, cross, blend, prop, ((feature, attention, guidance, _), neg, *_) in zip(
+                        keys, crosses, blends, props, grid):
                     t0 = time.perf_counter()
                     out = pipe(clip, target, source_prompt=source_prompt,
                                negative_prompt=source_prompt if neg == "source" else negative,
                                steps=args.steps, guidance_scale=guidance, pnp_feature=feature,
-                               pnp_attention=attention, cross_attention=cross, local_blend=blend,
+                               pnp_attention=attention, cross_attention=cross, local_blend=blend, propagation=prop,
                                batch_size=args.batch_size,
                                inversion_batch_size=batch, progress=False, **METHODS[args.method])
                     if not out.inversion.reused:

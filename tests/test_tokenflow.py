@@ -152,6 +152,45 @@ def test_propagation_equals_direct(anchors):
     torch.testing.assert_close(weights, state.weights if len(anchors) == 2 else blend_weights(torch.arange(8, 12), 10, 6))
 
 
+@pytest.mark.parametrize("p", [0.0, 0.4])
+@pytest.mark.parametrize("kind", ["softmax", "linear"])
+def test_propagation_mix_equals_direct(kind, p):
+    """Below 1, a propagated frame's output is p * (gathered keyframe tokens) + (1 - p) * its own attention."""
+    torch.manual_seed(2)
+    k_frames, n, tokens, dim = 2, 3, 5, 16
+    if kind == "softmax":
+        from diffusers.models.attention_processor import Attention
+
+        attn = Attention(query_dim=dim, heads=2, dim_head=8)
+        proc_cls, ops, fn = TokenFlowAttnProcessor, SDAttentionOps(), _direct_softmax
+    else:
+        from sanaflow.models.sana_transformer import SanaSelfAttention
+
+        attn = SanaSelfAttention(dim, heads=2, head_dim=8, bias=False, qk_norm=None, dropout=0.0)
+        proc_cls, ops, fn = _sana_processor_class(), SanaAttentionOps(), _direct_linear
+    state = TokenFlowState(mode=Pass.PROPAGATE, frames=n, anchors=[0], inject_attention=True, propagation=p)
+    state.keyframe_inputs["s"] = torch.randn(k_frames, tokens, dim)
+    state.keyframe_outputs["s"] = torch.randn(3, k_frames, tokens, dim)
+    proc = proc_cls("s", state, ops, None, pnp=True)
+    x = torch.randn(3 * n, tokens, dim)
+    with torch.no_grad():
+        out = proc(attn, x, 1, tokens) if kind == "linear" else proc(attn, x)
+        # own attention, per frame, with the source branch's queries and keys (PnP injection)
+        q, k, v = attn.to_q(x), attn.to_k(x), attn.to_v(x)
+        own = []
+        for r in range(3 * n):
+            o = fn(_heads(q[r % n], attn.heads), _heads(k[r % n], attn.heads), _heads(v[r], attn.heads))
+            own.append(attn.to_out[0](o.transpose(0, 1).flatten(1)))
+        own = torch.stack(own)
+    keys = state.keyframe_inputs["s"][0]
+    gathered = torch.empty(3 * n, tokens, dim)
+    for f in range(n):
+        best = torch.stack([torch.cosine_similarity(x[f, t][None], keys, dim=-1) for t in range(tokens)]).argmax(-1)
+        for b in range(3):
+            gathered[b * n + f] = state.keyframe_outputs["s"][b, 0, best]
+    torch.testing.assert_close(out, p * gathered + (1 - p) * own, atol=1e-5, rtol=1e-4)
+
+
 def test_flow_correspondence_follows_translation():
     rng = np.random.default_rng(0)
     base = rng.integers(0, 255, (64, 96, 3), dtype=np.uint8)
@@ -299,6 +338,29 @@ def test_single_frame_without_injection_equals_plain_sampling(which, sd, sana, t
     # with injection on, the edit differs (the hooks do something)
     injected = edit_latents(backbone, inv.cache, EditSettings("a red square", source_prompt="a square", steps=3))
     assert (injected - plain).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("which", ["sd", "sana"])
+def test_propagation_weight_spans_tokenflow_to_per_frame(which, sd, sana, tmp_path):
+    """propagation=0 is the per-frame edit; 1 (SD's default) is pure propagation; outside [0, 1] is refused."""
+    backbone = sd if which == "sd" else sana
+    pipe = VideoEditPipeline(backbone, cache_dir=tmp_path)
+    inv = pipe.invert(pipe.prepare(clip(t=5)), "a square", steps=3, progress=False)
+
+    def run(**kw):
+        settings = EditSettings("a red square", source_prompt="a square", steps=3, batch_size=2, **kw)
+        return edit_latents(backbone, inv.cache, settings)
+
+    per_frame = run(mode="per-frame")
+    torch.testing.assert_close(run(propagation=0.0), per_frame, atol=1e-5, rtol=1e-5)
+    pure = run(propagation=1.0)
+    half = run(propagation=0.5)
+    assert (pure - per_frame).abs().max() > 1e-3 and (half - pure).abs().max() > 1e-4
+    assert (half - per_frame).abs().max() > 1e-4
+    if which == "sd":
+        torch.testing.assert_close(run(), pure)  # TokenFlow's pure propagation is SD's default
+    with pytest.raises(ConfigError, match="--propagation"):
+        run(propagation=1.5)
 
 
 def test_modes_run_and_keep_shape(sd, tmp_path):

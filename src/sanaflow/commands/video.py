@@ -53,6 +53,10 @@ def register(subparsers) -> None:
                       help="fraction of steps (in [0, 1]) whose cross-attention keeps the source prompt's word "
                            "maps, token-aligned (Prompt-to-Prompt), so a swapped word lands on the object of the "
                            "word it replaces; PnP modes only (default: the model's; 0.5 for SANA, 0 for SD)")
+    edit.add_argument("--propagation", type=float, default=None, metavar="P",
+                      help="weight (in [0, 1]) of the keyframes' propagated self-attention tokens against each "
+                           "frame's own attention output: 1 = TokenFlow's pure propagation, 0 = per-frame "
+                           "attention; TokenFlow modes only (default: the model's)")
     edit.add_argument("--local-blend", type=float, default=None, metavar="T",
                       help="edit only where the source and target prompts' predictions differ by at least T (in "
                            "[0, 1)) of each frame's largest difference, keep the source video elsewhere; 0 = off "
@@ -130,7 +134,7 @@ def run_edit(args) -> int:
         clip, args.prompt, source_prompt=args.source_prompt, negative_prompt=args.negative, mode=args.mode,
         steps=args.steps, inversion_steps=args.inversion_steps, guidance_scale=args.cfg,
         pnp_feature=args.pnp_feature, pnp_attention=args.pnp_attn, cross_attention=args.cross_attn,
-        local_blend=args.local_blend, paste_source=args.paste_source, strength=args.strength,
+        propagation=args.propagation, local_blend=args.local_blend, paste_source=args.paste_source, strength=args.strength,
         batch_size=args.batch_size, inversion_batch_size=args.inversion_batch_size, seed=args.seed,
         correspondence=args.correspondence,
         max_keyframes=args.max_keyframes,

@@ -208,6 +208,7 @@ class VideoEditPipeline:
         pnp_feature: float = 0.8,
         pnp_attention: float = 0.5,
         cross_attention: float | None = None,
+        propagation: float | None = None,
         strength: float = 0.9,
         batch_size: int = 8,
         inversion_batch_size: int | None = None,
@@ -235,7 +236,9 @@ class VideoEditPipeline:
         prompt, 7.5 and 0; SANA: the empty prompt, 4.5 and 0.5), and so does `local_blend` (edit only
         where the two prompts' predictions differ, keep the source elsewhere; `sanaflow.tokenflow.blend`:
         SD 0 = off, SANA 0.5). With the blend on, `paste_source` puts the source frames' own pixels back
-        outside the mask after decoding (`blend.paste_source`).
+        outside the mask after decoding (`blend.paste_source`). `propagation` weighs the keyframes'
+        propagated self-attention tokens against each frame's own attention (1 = pure TokenFlow
+        propagation; default: the backbone's).
         """
         if not isinstance(prompt, str) or not prompt.strip():
             raise InputError("the edit needs a non-empty --prompt")
@@ -246,7 +249,7 @@ class VideoEditPipeline:
         settings = EditSettings(
             prompt=prompt, source_prompt=source_prompt, negative_prompt=negative_prompt, mode=mode, steps=steps,
             guidance_scale=guidance_scale, pnp_feature=pnp_feature, pnp_attention=pnp_attention,
-            cross_attention=cross_attention, strength=strength,
+            cross_attention=cross_attention, propagation=propagation, strength=strength,
             batch_size=batch_size, seed=seed, correspondence=correspondence, control_scale=control_scale,
             offload_keyframes=offload_keyframes, max_keyframes=max_keyframes, local_blend=local_blend,
             paste_source=paste_source,

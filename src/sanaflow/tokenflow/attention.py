@@ -12,8 +12,10 @@ each call:
   edit branches use the source branch's queries and keys. The site stores its normalised input
   (source branch) and its output (all branches) for the propagation pass. Very long videos may run
   their keyframes in several consecutive groups (one call each); the stored tokens are appended.
-- `Pass.PROPAGATE`: attention is not computed. Each token takes the stored outputs of its nearest
-  neighbours in the anchor keyframes and blends them (`propagate`).
+- `Pass.PROPAGATE`: each token takes the stored outputs of its nearest neighbours in the anchor
+  keyframes and blends them (`propagate`); attention is not computed. With `state.propagation` below
+  1 the frame also attends to itself, as in `Pass.PER_FRAME`, and the site returns
+  ``p * propagated + (1 - p) * own`` (p = 1: TokenFlow's pure propagation; p = 0: per-frame attention).
 - `Pass.PER_FRAME`: PnP on each frame alone (the baseline): every branch attends per frame.
 
 The arithmetic of one attention (projections, softmax or linear kernel, output projection) belongs
@@ -63,6 +65,9 @@ class TokenFlowState:
     anchors: list[int] = field(default_factory=list)
     weights: torch.Tensor | None = None  # (frames,)
     matcher: Matcher | None = None  # None: nearest neighbours of the normalised inputs
+    # Weight of the propagated tokens against the frame's own (per-frame, PnP-injected) attention
+    # output in Pass.PROPAGATE; 1 computes no own attention.
+    propagation: float = 1.0
     # Where keyframe tokens are kept between the passes (None: where they were computed). The CPU
     # keeps device memory flat for long videos; propagation fetches only its two anchors.
     store_device: torch.device | None = None
@@ -204,19 +209,31 @@ class TokenFlowAttnProcessor:
                 f"{self.site}: batch of {hidden_states.shape[0]} does not hold {NUM_BRANCHES} branches of {n} frames"
             )
         if state.mode is Pass.PROPAGATE:
-            return self._propagate(hidden_states)
-        q, k, v = self.ops.project(attn, hidden_states)  # (3n, h, N, d) each
-        if self.pnp and state.inject_attention:
-            q = torch.cat([q[:n]] * NUM_BRANCHES)
-            k = torch.cat([k[:n], k[:n], k[:n]])
-        if state.mode is Pass.KEYFRAMES:
-            o = extended_attention(self.ops, attn, q, k, v, n)
-        else:  # Pass.PER_FRAME
-            o = self.ops.attend(attn, q, k, v)
-        out = self.ops.output(attn, o, hidden_states)  # (3n, N, D)
+            p = float(state.propagation)
+            if p <= 0.0:
+                return self._attention(attn, hidden_states, per_frame=True)
+            out = self._propagate(hidden_states)
+            if p < 1.0:
+                own = self._attention(attn, hidden_states, per_frame=True)
+                out = torch.lerp(own, out.to(own.dtype), p)
+            return out
+        out = self._attention(attn, hidden_states, per_frame=state.mode is not Pass.KEYFRAMES)  # (3n, N, D)
         if state.mode is Pass.KEYFRAMES:
             self._store(hidden_states[:n].detach(), out.detach().unflatten(0, (NUM_BRANCHES, n)))
         return out
+
+    def _attention(self, attn: Any, hidden_states: torch.Tensor, per_frame: bool) -> torch.Tensor:
+        """Self-attention output (3n, N, D): per frame, or extended over the call's frames (keyframes)."""
+        n = self.state.frames
+        q, k, v = self.ops.project(attn, hidden_states)  # (3n, h, N, d) each
+        if self.pnp and self.state.inject_attention:
+            q = torch.cat([q[:n]] * NUM_BRANCHES)
+            k = torch.cat([k[:n], k[:n], k[:n]])
+        if per_frame:
+            o = self.ops.attend(attn, q, k, v)
+        else:
+            o = extended_attention(self.ops, attn, q, k, v, n)
+        return self.ops.output(attn, o, hidden_states)  # (3n, N, D)
 
     def _store(self, inputs: torch.Tensor, outputs: torch.Tensor) -> None:
         """Keep the keyframes' normalised inputs (n, N, D) and outputs (3, n, N, D) for propagation."""

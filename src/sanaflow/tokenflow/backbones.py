@@ -38,6 +38,9 @@ SANA_CROSS_ATTENTION = 0.5
 # SANA's default local-blend threshold (`blend.py`): only where the two prompts' velocities differ by
 # at least half of a frame's largest difference is the video edited; elsewhere it stays the source.
 SANA_LOCAL_BLEND = 0.5
+# SANA's default weight of propagated keyframe tokens against each frame's own attention output (1:
+# TokenFlow's pure propagation; chosen on the validation videos, BENCHMARKS.md issue 6).
+SANA_PROPAGATION = 1.0
 
 
 @dataclass
@@ -74,6 +77,8 @@ class Backbone(Protocol):
     default_cross_attention: float
     # Local-blend threshold when an edit names none (0: off).
     default_local_blend: float
+    # Weight of propagated tokens against each frame's own attention when an edit names none (1: pure propagation).
+    default_propagation: float
 
     def encode(self, frames: torch.Tensor) -> torch.Tensor:
         """Frames (B, 3, H, W) in [-1, 1] -> scaled latents (B, C, h, w)."""
@@ -260,6 +265,7 @@ class StableDiffusionBackbone:
     default_negative = TOKENFLOW_NEGATIVE
     default_cross_attention = 0.0  # TokenFlow's published setting on SD has no cross-attention control
     default_local_blend = 0.0  # nor local blending
+    default_propagation = 1.0  # and propagates keyframe tokens alone
     processor_class = TokenFlowAttnProcessor
     cross_processor_class = CrossAttentionControl
 
@@ -564,6 +570,7 @@ class SanaBackbone:
     default_guidance = 4.5  # SANA's own default (configs/generate/generate.yaml)
     default_negative = ""
     default_local_blend = SANA_LOCAL_BLEND
+    default_propagation = SANA_PROPAGATION
 
     def __init__(self, transformer, vae, text_encoder, scheduler_config: dict, name: str = "sana"):
         from ..models.text_encoders import TokenizingTextEncoder

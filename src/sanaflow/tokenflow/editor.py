@@ -50,6 +50,10 @@ class EditSettings:
     # Fraction of leading steps whose target cross-attention takes the source's probabilities
     # (Prompt-to-Prompt); None = the backbone's default (SANA 0.5, SD 0). Like PnP, only PnP modes use it.
     cross_attention: float | None = None
+    # Weight of the keyframes' propagated self-attention tokens against each frame's own attention
+    # output (PnP-injected, per frame) in the propagation pass: 1 = TokenFlow's pure propagation, 0 =
+    # per-frame attention; None = the backbone's default (SD 1, SANA `SANA_PROPAGATION`). TokenFlow modes only.
+    propagation: float | None = None
     strength: float = 0.9  # tokenflow-sdedit: fraction of the schedule that is re-run
     batch_size: int = 8  # frames per chunk (one keyframe each) and per denoiser call
     seed: int = 1
@@ -85,7 +89,7 @@ class EditSettings:
         if self.max_keyframes is not None and self.max_keyframes < 1:
             raise ConfigError(f"max_keyframes must be at least 1 (or None for all), got {self.max_keyframes}")
         fractions = {"pnp_feature": "--pnp-feature", "pnp_attention": "--pnp-attn", "strength": "--strength",
-                     "cross_attention": "--cross-attn"}
+                     "cross_attention": "--cross-attn", "propagation": "--propagation"}
         for name, flag in fractions.items():
             value = getattr(self, name)
             if value is not None and not 0.0 <= value <= 1.0:
@@ -224,6 +228,7 @@ def edit_latents(
     if offload is None:
         offload = len(parts) > OFFLOAD_KEYFRAMES
     state = TokenFlowState(store_device=torch.device("cpu") if offload else None)
+    state.propagation = backbone.default_propagation if settings.propagation is None else settings.propagation
     if n_cross > start:
         state.token_map = token_map(backbone, settings.source_prompt, settings.prompt).to(device)
     # Anchors and blend weights per chunk are the same at every step: put them on the device once.
