@@ -213,6 +213,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=8, help="frames per chunk (default 8)")
     p.add_argument("--no-reconstruction", action="store_true",
                    help="skip the reference row of each inversion sampled back without guidance")
+    p.add_argument("--baseline-from", type=Path, default=None,
+                   help="take the per-frame baseline's rows and the reconstructions from this earlier report (same "
+                        "videos and settings; the per-frame edit does not depend on --propagation) instead of "
+                        "running them again")
     p.add_argument("--save-videos", type=Path, default=None, help="also write source | edit mp4s here")
     p.add_argument("--smoke", action="store_true", help="tiny random SANA (unless --model), 2 videos, few steps")
     p.add_argument("--resume", action="store_true",
@@ -265,6 +269,29 @@ def _resume(report: dict[str, Any], path: Path) -> int:
     report["resumed"] = [*old.get("resumed", []), {"date": old.get("date"), "videos_done": done}]
     print(f"--resume: kept {done} of {len(report['seeds'])} videos from {path}", flush=True)
     return done
+
+
+def _baseline(report: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """The per-frame rows and reconstructions of --baseline-from, checked to match this run's settings."""
+    path = args.baseline_from
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise SystemExit(f"--baseline-from: cannot read {path}: {e}") from None
+    same = [k for k in RESUME_KEYS if k not in ("methods", "propagation")]
+    differ = [k for k in same if old.get(k) != report[k]]
+    if differ or not set(report["settings"]) <= set(old.get("settings", {})):
+        raise SystemExit(f"--baseline-from: {path} was written with other settings ({', '.join(differ) or 'settings'})")
+    rows = [r for r in old.get("rows", []) if r["method"] == "per-frame" and r["setting"] in report["settings"]]
+    missing = sorted(set(report["seeds"]) - {r["seed"] for r in rows})
+    if missing:
+        raise SystemExit(f"--baseline-from: {path} has no per-frame rows for seeds {missing[:5]}")
+    if "per-frame" not in args.methods:
+        args.methods.append("per-frame")
+        report["methods"]["per-frame"] = METHODS["per-frame"]
+    report["baseline_from"] = str(path)
+    recs = [r for r in old.get("reconstructions", []) if r["setting"] in report["settings"]]
+    return {"rows": rows, "reconstructions": recs}
 
 
 def _summarize_report(report: dict[str, Any], args: argparse.Namespace) -> None:
@@ -331,6 +358,7 @@ def main(argv: list[str] | None = None) -> int:
                          f"(circumradius + {EDGE_MARGIN:g} px) outside its source footprint (*_all: without that)",
             "rows": [], "reconstructions": [],
         }
+        baseline = _baseline(report, args) if args.baseline_from is not None else None
         done = _resume(report, args.out) if args.resume else 0
         batch = max(args.batch_size, args.frames)  # inversion, reconstruction and decoding: no coupling
         for i, seed in enumerate(seeds):
@@ -340,12 +368,15 @@ def main(argv: list[str] | None = None) -> int:
             source_prompt = video_caption(video)
             dis = dis_flow(video.frames)  # the source's DIS flow, shared by every edit of the video
             clip = pipe.prepare(VideoClip(video.frames, video.fps), size=args.size)
+            if baseline is not None:
+                report["rows"] += [r for r in baseline["rows"] if r["seed"] == seed]
+                report["reconstructions"] += [r for r in baseline["reconstructions"] if r["seed"] == seed]
             for setting in args.settings:
                 inversion_steps = args.full_inversion_steps if setting == "full" else None
                 # One inversion per video and setting, timed on its own; every edit below reuses it.
                 t0 = time.perf_counter()
                 inversion = pipe.invert(clip, source_prompt, args.steps, inversion_steps, batch,
-                                        reconstruct=not args.no_reconstruction, progress=False,
+                                        reconstruct=not args.no_reconstruction and baseline is None, progress=False,
                                         inversion_refine=args.inversion_refine)
                 seconds = time.perf_counter() - t0
                 report["settings"][setting]["inversion_refine"] = inversion.cache.manifest["key"]["refine"]
@@ -359,6 +390,8 @@ def main(argv: list[str] | None = None) -> int:
                 for kind, edit in edits_for(video, seed):
                     target = video_caption(video, edit)
                     for method in args.methods:
+                        if baseline is not None and method == "per-frame":
+                            continue  # copied from the baseline report above
                         t0 = time.perf_counter()
                         out = pipe(clip, target, source_prompt=source_prompt, negative_prompt=negative,
                                    steps=args.steps, inversion_steps=inversion_steps, guidance_scale=cfg,

@@ -77,6 +77,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     add_model_arguments(p)
     p.add_argument("--videos", type=int, default=4, help="validation videos (default 4)")
+    p.add_argument("--first-video", type=int, default=0, help="index of the first validation video (default 0)")
     p.add_argument("--frames", type=int, default=16)
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--steps", type=int, default=50, help="editing steps (default 50; inversion on the same schedule)")
@@ -139,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         crosses = [pipe.backbone.default_cross_attention if c is None else c for (*_, c), *_ in grid]
         blends = [pipe.backbone.default_local_blend if b is None else b for _, _, b, _ in grid]
         props = [pipe.backbone.default_propagation if q is None else q for *_, q in grid]
-        seeds = [SEED_BASE + VALIDATION_OFFSET + i for i in range(args.videos)]
+        seeds = [SEED_BASE + VALIDATION_OFFSET + args.first_video + i for i in range(args.videos)]
         report: dict[str, Any] = {
             "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if argv is None else " ".join(argv),
             "model_identity": pipe.backbone.name, "device": str(device), "torch": torch.__version__,

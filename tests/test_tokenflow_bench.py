@@ -118,6 +118,31 @@ def test_quality_benchmark_resume_keeps_finished_videos(tmp_path):
         shapes.main([*base, "--videos", "2", "--resume", "--local-blend", "0.3", "--out", str(part)])
 
 
+def test_quality_benchmark_takes_the_per_frame_baseline_from_an_earlier_report(tmp_path):
+    shapes = _script("tokenflow_shapes")
+    base = ["--smoke", "--device", "cpu", "--settings", "fast", "--videos", "1"]
+    both, tf = tmp_path / "both.json", tmp_path / "tf.json"
+    assert shapes.main([*base, "--methods", "tokenflow,per-frame", "--out", str(both)]) == 0
+    first = json.loads(both.read_text())
+    assert shapes.main([*base, "--methods", "tokenflow", "--propagation", "0.5", "--baseline-from", str(both),
+                        "--out", str(tf)]) == 0
+    second = json.loads(tf.read_text())
+    assert second["propagation"] == 0.5 and second["baseline_from"] == str(both)
+
+    def rows(report, method):
+        return sorted((r["seed"], r["kind"], r["metrics"]["structure_iou"]) for r in report["rows"]
+                      if r["method"] == method)
+
+    assert rows(second, "per-frame") == rows(first, "per-frame")  # copied, not rerun
+    assert second["reconstructions"] == first["reconstructions"]
+    assert second["summary"]["fast"]["per-frame"] == first["summary"]["fast"]["per-frame"]
+    assert rows(second, "tokenflow") != rows(first, "tokenflow")  # the new propagation weight ran
+    assert "warp_ratio_gt" in second["checks"]["fast"]
+    with pytest.raises(SystemExit, match="other settings.*local_blend"):
+        shapes.main([*base, "--methods", "tokenflow", "--local-blend", "0.3", "--baseline-from", str(both),
+                     "--out", str(tmp_path / "x.json")])
+
+
 def test_quality_benchmark_validation_videos_are_not_the_reported_ones(tmp_path):
     shapes = _script("tokenflow_shapes")
     out = tmp_path / "validation.json"
@@ -149,6 +174,16 @@ def test_validation_sweep_smoke_and_grid_errors(tmp_path):
     for bad in ("0.8/0.5", "1.5/0.5/4.5", "a/b/c", ",", "0.8/0.5/4.5/1.5", "0.8/0.5/4.5/0.3/1"):
         with pytest.raises(Exception, match="grid"):
             sweep.parse_grid(bad)
+    # propagation weights cross the grid; --first-video moves along the validation videos
+    out2 = tmp_path / "sweep2.json"
+    assert sweep.main(["--smoke", "--device", "cpu", "--first-video", "3", "--propagations", "1,0",
+                       "--out", str(out2)]) == 0
+    report = json.loads(out2.read_text())
+    assert report["seeds"] == [shapes.SEED_BASE + shapes.VALIDATION_OFFSET + 3]
+    assert report["grid"] == ["0.8/0.5/4.5+prop=1", "0.8/0.5/4.5+prop=0"]
+    assert report["propagation"] == {"0.8/0.5/4.5+prop=1": 1.0, "0.8/0.5/4.5+prop=0": 0.0}
+    with pytest.raises(SystemExit):
+        sweep.main(["--smoke", "--device", "cpu", "--propagations", "1.5", "--out", str(out2)])
 
 
 def test_quality_edits_are_valid_and_deterministic():
