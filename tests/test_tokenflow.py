@@ -293,6 +293,18 @@ def test_cache_round_trip_and_reuse(sd, tmp_path):
         edit_latents(sd, first.cache, EditSettings("x", steps=4))
 
 
+def test_reconstruction_without_pyav_keeps_the_lossless_frames(sd, tmp_path, monkeypatch):
+    """Without PyAV (the video extra) the watch-mp4 is skipped; the reusable frames are still kept."""
+    import sanaflow.video
+
+    monkeypatch.setattr(sanaflow.video, "has_pyav", lambda: False)
+    pipe = VideoEditPipeline(sd, cache_dir=tmp_path)
+    source = pipe.prepare(clip(t=2))
+    rec = pipe.invert(source, "a square", steps=2, batch_size=2, reconstruct=True, progress=False)
+    assert rec.reconstruction.shape == (2, 16, 16, 3) and not rec.cache.reconstruction_path.exists()
+    np.testing.assert_array_equal(rec.cache.reconstruction(), rec.reconstruction)
+
+
 @pytest.mark.parametrize("which", ["sd", "sana"])
 def test_refined_inversion_is_retraced_by_the_sampler(which, sd, sana, tmp_path):
     """Fixed-point refinement makes the sampler's steps carry the inverted latent back to the source."""
@@ -342,7 +354,8 @@ def test_single_frame_without_injection_equals_plain_sampling(which, sd, sana, t
 
 @pytest.mark.parametrize("which", ["sd", "sana"])
 def test_propagation_weight_spans_tokenflow_to_per_frame(which, sd, sana, tmp_path):
-    """propagation=0 is the per-frame edit; 1 (SD's default) is pure propagation; outside [0, 1] is refused."""
+    """propagation=0 is the per-frame edit; 1 (SD's default) is pure propagation; SANA defaults to a mix;
+    outside [0, 1] is refused."""
     backbone = sd if which == "sd" else sana
     pipe = VideoEditPipeline(backbone, cache_dir=tmp_path)
     inv = pipe.invert(pipe.prepare(clip(t=5)), "a square", steps=3, progress=False)
@@ -359,6 +372,10 @@ def test_propagation_weight_spans_tokenflow_to_per_frame(which, sd, sana, tmp_pa
     assert (half - per_frame).abs().max() > 1e-4
     if which == "sd":
         torch.testing.assert_close(run(), pure)  # TokenFlow's pure propagation is SD's default
+    else:  # SANA's default is the validated mix (SANA_PROPAGATION)
+        assert 0.0 < backbone.default_propagation < 1.0
+        torch.testing.assert_close(run(), run(propagation=backbone.default_propagation))
+        assert (run() - pure).abs().max() > 1e-4
     with pytest.raises(ConfigError, match="--propagation"):
         run(propagation=1.5)
 

@@ -119,3 +119,21 @@ def test_resize_crop_and_side_by_side():
         resize_crop(frames[:, :20], 32)
     sbs = side_by_side(frames, frames[:, ::2, ::2])
     assert sbs.shape == (2, 50, 140, 3)
+
+
+def test_without_pyav_video_files_are_refused_clearly_and_gif_and_folders_still_work(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "av", None)  # `import av` now raises ImportError
+    frames = np.zeros((2, 8, 8, 3), np.uint8)
+    for path in (tmp_path / "a.mp4", tmp_path / "b.mkv"):
+        with pytest.raises(InputError, match=r"PyAV.*sanaflow\[video\]"):
+            write_video(path, frames, 8)
+        assert not path.exists() and list(tmp_path.iterdir()) == []
+    (tmp_path / "c.mp4").write_bytes(b"\0" * 16)
+    with pytest.raises(InputError, match="PyAV.*folder of frames"):
+        read_video(tmp_path / "c.mp4")
+    write_video(tmp_path / "d.gif", frames, 8)
+    assert (tmp_path / "d.gif").stat().st_size > 0
+    write_video(tmp_path / "e", frames, 8)
+    assert read_video(tmp_path / "e").frames.shape == (2, 8, 8, 3)

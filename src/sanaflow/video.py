@@ -129,10 +129,28 @@ def _read_folder(
     return out, DEFAULT_FPS
 
 
+def has_pyav() -> bool:
+    """Whether PyAV (the `video` extra, needed for mp4/mov/mkv/webm) is installed."""
+    import importlib.util
+
+    return importlib.util.find_spec("av") is not None
+
+
+def _import_av(path: Path, verb: str):
+    try:
+        import av
+    except ImportError:
+        raise InputError(
+            f"cannot {verb} {str(path)!r}: video files need PyAV (pip install 'sanaflow[video]'); without it "
+            + ("write a .gif or a folder of frames" if verb == "write" else "read a folder of frames")
+        ) from None
+    return av
+
+
 def _read_container(
     path: Path, frames: int | None, start: int, stride: int, max_side: int | None
 ) -> tuple[list[np.ndarray], float]:
-    import av
+    av = _import_av(path, "read")
 
     try:
         container = av.open(str(path))
@@ -261,7 +279,7 @@ def write_video(path: str | os.PathLike, frames, fps: float, crf: int = 18) -> P
 
 
 def _write_h264(path: Path, frames: np.ndarray, fps: float, crf: int) -> None:
-    import av
+    av = _import_av(path, "write")
 
     # yuv420p halves the chroma resolution, so H.264 needs even sides: pad by repeating the edge.
     t, h, w, _ = frames.shape

@@ -138,14 +138,15 @@ class LatentCache:
         return load_file(str(path))["frames"] if path.is_file() else None
 
     def save_reconstruction(self, frames: np.ndarray, fps: float) -> None:
-        """Keep the reconstruction (lossless, for reuse) and an mp4 of it (to watch)."""
+        """Keep the reconstruction (lossless, for reuse) and an mp4 of it (to watch; only with PyAV)."""
         from safetensors.numpy import save_file
 
-        from ..video import write_video
+        from ..video import has_pyav, write_video
 
         with atomic_path(self.folder / RECONSTRUCTION_FRAMES) as tmp:
             save_file({"frames": np.ascontiguousarray(frames)}, str(tmp))
-        write_video(self.reconstruction_path, frames, fps)
+        if has_pyav():  # the mp4 is a convenience copy; the lossless frames above are what is reused
+            write_video(self.reconstruction_path, frames, fps)
 
 
 def step_key(step: int) -> str:
