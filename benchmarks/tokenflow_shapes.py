@@ -217,6 +217,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="take the per-frame baseline's rows and the reconstructions from this earlier report (same "
                         "videos and settings; the per-frame edit does not depend on --propagation) instead of "
                         "running them again")
+    p.add_argument("--extend", type=Path, default=None,
+                   help="add this run's --methods to an earlier report of the same videos and settings (any "
+                        "device): its rows of the other methods and its reconstructions are kept as they are, "
+                        "e.g. the DIS-flow variant run on a CPU beside a GPU run of the others")
     p.add_argument("--save-videos", type=Path, default=None, help="also write source | edit mp4s here")
     p.add_argument("--smoke", action="store_true", help="tiny random SANA (unless --model), 2 videos, few steps")
     p.add_argument("--resume", action="store_true",
@@ -229,6 +233,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.full_inversion_steps = 6
     args.settings = [s.strip() for s in args.settings.split(",") if s.strip()]
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if args.extend is not None and args.baseline_from is not None:
+        p.error("--extend and --baseline-from are alternatives: pick one")
     for name, choices in (("settings", SETTINGS), ("methods", METHODS)):
         bad = [v for v in getattr(args, name) if v not in choices]
         if bad:
@@ -294,6 +300,49 @@ def _baseline(report: dict[str, Any], args: argparse.Namespace) -> dict[str, Any
     return {"rows": rows, "reconstructions": recs}
 
 
+def _content_hash(pipe: Any) -> str | None:
+    """A fingerprint of the model's weight files' bytes (None for models not loaded from a folder)."""
+    import hashlib
+
+    name = str(pipe.backbone.name)
+    root = Path(name.rsplit("#", 1)[0])
+    if "#" not in name or not root.is_dir():
+        return None
+    h = hashlib.sha256()
+    for f in sorted(Path(root).rglob("*")):
+        if f.is_file() and f.suffix in (".safetensors", ".json", ".bin"):
+            h.update(f.relative_to(root).as_posix().encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _extend(report: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """The rows of the methods this run does not run, and the reconstructions, of --extend's report."""
+    path = args.extend
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise SystemExit(f"--extend: cannot read {path}: {e}") from None
+    # Another machine: the folder (and its file times) in model_identity differ; the weights' content must not.
+    same = [k for k in RESUME_KEYS if k not in ("methods", "device", "model_identity")]
+    if "model_content" in old:
+        same.append("model_content")
+    differ = [k for k in same if old.get(k) != report[k]]
+    if differ or not set(report["settings"]) <= set(old.get("settings", {})):
+        raise SystemExit(f"--extend: {path} was written with other settings ({', '.join(differ) or 'settings'})")
+    kept = [m for m in old.get("methods", {}) if m not in args.methods]
+    rows = [r for r in old.get("rows", []) if r["method"] in kept and r["setting"] in report["settings"]]
+    missing = sorted(set(report["seeds"]) - {r["seed"] for r in rows}) if kept else []
+    if missing:
+        raise SystemExit(f"--extend: {path} has no rows for seeds {missing[:5]}")
+    args.methods += kept
+    report["methods"] = {m: METHODS[m] for m in args.methods}
+    report["extends"] = {"path": str(path), "methods": kept, "device": old.get("device"), "gpu": old.get("gpu"),
+                         "torch": old.get("torch"), "date": old.get("date")}
+    recs = [r for r in old.get("reconstructions", []) if r["setting"] in report["settings"]]
+    return {"rows": rows, "reconstructions": recs}
+
+
 def _summarize_report(report: dict[str, Any], args: argparse.Namespace) -> None:
     """Means per setting and method (and of the reconstructions), and the target checks."""
     summary = {
@@ -342,7 +391,8 @@ def main(argv: list[str] | None = None) -> int:
         seeds = [first + i for i in range(args.videos)]
         report: dict[str, Any] = {
             "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if argv is None else " ".join(argv),
-            "model": model, "model_identity": pipe.backbone.name, "device": str(device),
+            "model": model, "model_identity": pipe.backbone.name, "model_content": _content_hash(pipe),
+            "device": str(device),
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "threads": torch.get_num_threads(),
             "torch": torch.__version__, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -358,7 +408,12 @@ def main(argv: list[str] | None = None) -> int:
                          f"(circumradius + {EDGE_MARGIN:g} px) outside its source footprint (*_all: without that)",
             "rows": [], "reconstructions": [],
         }
-        baseline = _baseline(report, args) if args.baseline_from is not None else None
+        baseline = None
+        if args.baseline_from is not None:
+            baseline = _baseline(report, args)
+        elif args.extend is not None:
+            baseline = _extend(report, args)
+        copied = set(report["extends"]["methods"]) if args.extend is not None else set()
         done = _resume(report, args.out) if args.resume else 0
         batch = max(args.batch_size, args.frames)  # inversion, reconstruction and decoding: no coupling
         for i, seed in enumerate(seeds):
@@ -390,8 +445,8 @@ def main(argv: list[str] | None = None) -> int:
                 for kind, edit in edits_for(video, seed):
                     target = video_caption(video, edit)
                     for method in args.methods:
-                        if baseline is not None and method == "per-frame":
-                            continue  # copied from the baseline report above
+                        if method in copied or (args.baseline_from is not None and method == "per-frame"):
+                            continue  # copied from the earlier report above
                         t0 = time.perf_counter()
                         out = pipe(clip, target, source_prompt=source_prompt, negative_prompt=negative,
                                    steps=args.steps, inversion_steps=inversion_steps, guidance_scale=cfg,

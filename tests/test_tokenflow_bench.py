@@ -141,6 +141,22 @@ def test_quality_benchmark_takes_the_per_frame_baseline_from_an_earlier_report(t
     with pytest.raises(SystemExit, match="other settings.*local_blend"):
         shapes.main([*base, "--methods", "tokenflow", "--local-blend", "0.3", "--baseline-from", str(both),
                      "--out", str(tmp_path / "x.json")])
+    # --extend adds a method to the earlier report and keeps its other rows and reconstructions as they were.
+    ext = tmp_path / "ext.json"
+    assert shapes.main([*base, "--methods", "tokenflow-dis", "--extend", str(both), "--out", str(ext)]) == 0
+    third = json.loads(ext.read_text())
+    assert set(third["methods"]) == {"tokenflow", "tokenflow-dis", "per-frame"}
+    assert third["extends"]["methods"] == ["tokenflow", "per-frame"] and third["extends"]["device"] == "cpu"
+    for method in ("tokenflow", "per-frame"):
+        assert rows(third, method) == rows(first, method)
+        assert third["summary"]["fast"][method] == first["summary"]["fast"][method]
+    assert third["reconstructions"] == first["reconstructions"]
+    assert len(rows(third, "tokenflow-dis")) == len(rows(first, "tokenflow")) > 0
+    with pytest.raises(SystemExit, match="other settings.*propagation"):
+        shapes.main([*base, "--methods", "tokenflow-dis", "--propagation", "0.5", "--extend", str(both),
+                     "--out", str(tmp_path / "y.json")])
+    with pytest.raises(SystemExit):
+        shapes.main([*base, "--extend", str(both), "--baseline-from", str(both), "--out", str(tmp_path / "z.json")])
 
 
 def test_quality_benchmark_validation_videos_are_not_the_reported_ones(tmp_path):
