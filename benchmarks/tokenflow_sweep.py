@@ -94,6 +94,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--propagations", default=None,
                    help="comma-separated weights of propagated keyframe tokens against each frame's own attention "
                         "to cross with the grid (1 = pure propagation; default: the model's default only)")
+    p.add_argument("--output-propagations", default=None,
+                   help="comma-separated output-propagation settings WEIGHT[/STEPS] to cross with the grid (0 = "
+                        "off; STEPS: fraction of leading steps, default 1; default: the model's default only)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--smoke", action="store_true", help="tiny random SANA, 1 video, few steps")
     add_out_argument(p, DEFAULT_OUT, SMOKE_OUT)
@@ -115,6 +118,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--propagations takes comma-separated numbers in [0, 1]; got {args.propagations!r}")
     if not args.propagations or any(b is not None and not 0 <= b <= 1 for b in args.propagations):
         p.error(f"--propagations takes numbers in [0, 1]; got {args.propagations}")
+    try:
+        args.output_propagations = ([None] if args.output_propagations is None else [
+            tuple(float(v) for v in item.split("/")) if "/" in item else (float(item), 1.0)
+            for item in (t.strip() for t in args.output_propagations.split(",")) if item])
+    except ValueError:
+        p.error(f"--output-propagations takes WEIGHT[/STEPS] items; got {args.output_propagations!r}")
+    if not args.output_propagations or any(o is not None and (len(o) != 2 or not all(0 <= v <= 1 for v in o))
+                                           for o in args.output_propagations):
+        p.error(f"--output-propagations takes WEIGHT[/STEPS] with both in [0, 1]; got {args.output_propagations}")
     if args.smoke:
         args.videos, args.frames, args.size, args.steps = 1, 4, 64, 3
     return fill_defaults(args, DEFAULT_OUT, SMOKE_OUT)
@@ -128,18 +140,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
     started = time.perf_counter()
-    grid = [(setting, neg, blend, prop) for prop in args.propagations for blend in args.local_blends
-            for neg in args.negatives for setting in args.grid]
+    grid = [(setting, neg, blend, prop, outp) for outp in args.output_propagations for prop in args.propagations
+            for blend in args.local_blends for neg in args.negatives for setting in args.grid]
     keys = [f"{f:g}/{a:g}/{g:g}" + ("" if c is None else f"/{c:g}") + ("" if neg == "default" else f"+neg={neg}")
             + ("" if blend is None else f"+blend={blend:g}") + ("" if prop is None else f"+prop={prop:g}")
-            for (f, a, g, c), neg, blend, prop in grid]
+            + ("" if outp is None else f"+out={outp[0]:g}/{outp[1]:g}")
+            for (f, a, g, c), neg, blend, prop, outp in grid]
     with tempfile.TemporaryDirectory(prefix="tokenflow_sweep_") as tmp:
         pipe, _ = open_pipeline(args, Path(tmp) / "cache")
         negative = pipe.backbone.default_negative
         # The cross-attention fraction each setting ran with (the model's default where the grid names none).
         crosses = [pipe.backbone.default_cross_attention if c is None else c for (*_, c), *_ in grid]
-        blends = [pipe.backbone.default_local_blend if b is None else b for _, _, b, _ in grid]
-        props = [pipe.backbone.default_propagation if q is None else q for *_, q in grid]
+        blends = [pipe.backbone.default_local_blend if b is None else b for _, _, b, *_ in grid]
+        props = [pipe.backbone.default_propagation if q is None else q for *_, q, _ in grid]
+        outps = [(pipe.backbone.default_output_propagation, 1.0) if o is None else o for *_, o in grid]
         seeds = [SEED_BASE + VALIDATION_OFFSET + args.first_video + i for i in range(args.videos)]
         report: dict[str, Any] = {
             "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if argv is None else " ".join(argv),
@@ -148,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
             "seeds": seeds, "frames": args.frames, "size": args.size, "steps": args.steps,
             "method": args.method, "grid": keys, "negative_prompt": negative,
             "cross_attention": dict(zip(keys, crosses)), "local_blend": dict(zip(keys, blends)),
-            "propagation": dict(zip(keys, props)), "rows": [],
+            "propagation": dict(zip(keys, props)), "output_propagation": dict(zip(keys, outps)), "rows": [],
         }
         batch = max(args.batch_size, args.frames)
         for i, seed in enumerate(seeds):
@@ -159,13 +173,14 @@ def main(argv: list[str] | None = None) -> int:
             pipe.invert(clip, source_prompt, args.steps, None, batch, reconstruct=False, progress=False)
             for kind, edit in edits_for(video, seed):
                 target = video_caption(video, edit)
-                for key, cross, blend, prop, ((feature, attention, guidance, _), neg, *_) in zip(
-                        keys, crosses, blends, props, grid):
+                for key, cross, blend, prop, outp, ((feature, attention, guidance, _), neg, *_) in zip(
+                        keys, crosses, blends, props, outps, grid):
                     t0 = time.perf_counter()
                     out = pipe(clip, target, source_prompt=source_prompt,
                                negative_prompt=source_prompt if neg == "source" else negative,
                                steps=args.steps, guidance_scale=guidance, pnp_feature=feature,
                                pnp_attention=attention, cross_attention=cross, local_blend=blend, propagation=prop,
+                               output_propagation=outp[0], output_propagation_steps=outp[1],
                                batch_size=args.batch_size,
                                inversion_batch_size=batch, progress=False, **METHODS[args.method])
                     if not out.inversion.reused:

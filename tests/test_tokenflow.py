@@ -20,10 +20,10 @@ from sanaflow.tokenflow import (
     sample_plain,
     tokenflow_hooks,
 )
-from sanaflow.tokenflow.attention import blend_weights
+from sanaflow.tokenflow.attention import blend_weights, latent_index
 from sanaflow.tokenflow.backbones import SanaAttentionOps, SDAttentionOps, _sana_processor_class
 from sanaflow.tokenflow.correspondence import FlowCorrespondence
-from sanaflow.tokenflow.editor import anchors_of, chunks, keyframe_groups
+from sanaflow.tokenflow.editor import _carry_output, anchors_of, chunks, keyframe_groups
 
 
 def clip(t: int = 4, h: int = 16, w: int = 16, seed: int = 0) -> np.ndarray:
@@ -150,6 +150,53 @@ def test_propagation_equals_direct(anchors):
     slots, weights = anchors_of(parts, 2)
     assert slots == [2, 1]
     torch.testing.assert_close(weights, state.weights if len(anchors) == 2 else blend_weights(torch.arange(8, 12), 10, 6))
+
+
+@pytest.mark.parametrize("height,width,factor", [(4, 6, 1), (4, 6, 2), (6, 9, 3)])
+def test_latent_index_equals_direct(height, width, factor):
+    """A latent pixel goes to the same offset inside the token its own token is matched to."""
+    torch.manual_seed(3)
+    gh, gw = height // factor, width // factor
+    token_index = torch.randint(gh * gw, (2, 3, gh * gw))
+    out = latent_index(token_index, height, width)
+    expected = torch.empty(2, 3, height * width, dtype=torch.long)
+    for a in range(2):
+        for f in range(3):
+            for y in range(height):
+                for x in range(width):
+                    t = int(token_index[a, f, (y // factor) * gw + x // factor])
+                    ty, tx = divmod(t, gw)
+                    expected[a, f, y * width + x] = (ty * factor + y % factor) * width + tx * factor + x % factor
+    assert torch.equal(out, expected)
+    with pytest.raises(ValueError, match="not a grid"):
+        latent_index(torch.zeros(1, 1, 5, dtype=torch.long), height, width)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_output_propagation_equals_direct(masked):
+    """Each frame's prediction moves towards its anchors' predictions at the matched latent pixels,
+    weighted by the frame distance blend, by weight x mask."""
+    torch.manual_seed(4)
+    n, c, h, w, k = 3, 2, 4, 4, 3
+    guided = torch.randn(n, c, h, w)
+    keys = torch.randn(k, c, h, w)
+    state = TokenFlowState(anchors=[2, 0], weights=torch.tensor([0.9, 0.6, 0.3]))
+    state.token_index = torch.randint(4, (2, n, 4))  # a 2 x 2 token grid: factor 2
+    mask = (torch.rand(n, 1, h, w) > 0.5).float() if masked else None
+    out = _carry_output(guided, keys.flatten(2).transpose(1, 2), state, 0.6, mask)
+    index = latent_index(state.token_index, h, w)
+    expected = guided.clone()
+    for f in range(n):
+        for pix in range(h * w):
+            y, x = divmod(pix, w)
+            a0, a1 = (divmod(int(index[a, f, pix]), w) for a in range(2))
+            carried = (state.weights[f] * keys[2, :, a0[0], a0[1]] + (1 - state.weights[f]) * keys[0, :, a1[0], a1[1]])
+            m = 0.6 * (1.0 if mask is None else float(mask[f, 0, y, x]))
+            expected[f, :, y, x] = (1 - m) * guided[f, :, y, x] + m * carried
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-5)
+    state.token_index = None
+    with pytest.raises(RuntimeError, match="recorded"):
+        _carry_output(guided, keys.flatten(2).transpose(1, 2), state, 0.6, mask)
 
 
 @pytest.mark.parametrize("p", [0.0, 0.4])
@@ -378,6 +425,35 @@ def test_propagation_weight_spans_tokenflow_to_per_frame(which, sd, sana, tmp_pa
         assert (run() - pure).abs().max() > 1e-4
     with pytest.raises(ConfigError, match="--propagation"):
         run(propagation=1.5)
+
+
+@pytest.mark.parametrize("which", ["sd", "sana"])
+def test_output_propagation(which, sd, sana, tmp_path):
+    """Off by default on SD; a single frame is its own keyframe, so carrying the keyframes' predictions
+    changes nothing there; on several frames it changes the edit; the per-frame mode ignores it."""
+    backbone = sd if which == "sd" else sana
+    pipe = VideoEditPipeline(backbone, cache_dir=tmp_path)
+
+    def run(inv, **kw):
+        settings = EditSettings("a red square", source_prompt="a square", steps=3, batch_size=2, **kw)
+        return edit_latents(backbone, inv.cache, settings)
+
+    one = pipe.invert(pipe.prepare(clip(t=1)), "a square", steps=3, progress=False)
+    torch.testing.assert_close(run(one, output_propagation=1.0), run(one, output_propagation=0.0),
+                               atol=1e-5, rtol=1e-5)
+    five = pipe.invert(pipe.prepare(clip(t=5)), "a square", steps=3, progress=False)
+    off = run(five, output_propagation=0.0)
+    full = run(five, output_propagation=1.0)
+    assert (full - off).abs().max() > 1e-4
+    # only the leading steps: between the two
+    first = run(five, output_propagation=1.0, output_propagation_steps=0.34)
+    assert (first - off).abs().max() > 1e-5 and (first - full).abs().max() > 1e-5
+    torch.testing.assert_close(run(five, output_propagation=1.0, output_propagation_steps=0.0), off)
+    if which == "sd":
+        torch.testing.assert_close(run(five), off)  # TokenFlow's behaviour: off
+    torch.testing.assert_close(run(five, mode="per-frame", output_propagation=1.0), run(five, mode="per-frame"))
+    with pytest.raises(ConfigError, match="--output-propagation"):
+        run(five, output_propagation=-0.1)
 
 
 def test_modes_run_and_keep_shape(sd, tmp_path):

@@ -209,6 +209,8 @@ class VideoEditPipeline:
         pnp_attention: float = 0.5,
         cross_attention: float | None = None,
         propagation: float | None = None,
+        output_propagation: float | None = None,
+        output_propagation_steps: float = 1.0,
         strength: float = 0.9,
         batch_size: int = 8,
         inversion_batch_size: int | None = None,
@@ -238,7 +240,9 @@ class VideoEditPipeline:
         SD 0 = off, SANA 0.5). With the blend on, `paste_source` puts the source frames' own pixels back
         outside the mask after decoding (`blend.paste_source`). `propagation` weighs the keyframes'
         propagated self-attention tokens against each frame's own attention (1 = pure TokenFlow
-        propagation; default: the backbone's).
+        propagation; default: the backbone's). `output_propagation` mixes each frame's guided prediction
+        inside the edit with its keyframes' along the same correspondences, in the leading
+        `output_propagation_steps` of the steps (0 = off; default: the backbone's).
         """
         if not isinstance(prompt, str) or not prompt.strip():
             raise InputError("the edit needs a non-empty --prompt")
@@ -249,7 +253,8 @@ class VideoEditPipeline:
         settings = EditSettings(
             prompt=prompt, source_prompt=source_prompt, negative_prompt=negative_prompt, mode=mode, steps=steps,
             guidance_scale=guidance_scale, pnp_feature=pnp_feature, pnp_attention=pnp_attention,
-            cross_attention=cross_attention, propagation=propagation, strength=strength,
+            cross_attention=cross_attention, propagation=propagation, output_propagation=output_propagation,
+            output_propagation_steps=output_propagation_steps, strength=strength,
             batch_size=batch_size, seed=seed, correspondence=correspondence, control_scale=control_scale,
             offload_keyframes=offload_keyframes, max_keyframes=max_keyframes, local_blend=local_blend,
             paste_source=paste_source,

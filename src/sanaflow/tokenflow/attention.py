@@ -26,6 +26,7 @@ Cross-attention (Prompt-to-Prompt control) reads the same state; it lives in `cr
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -68,6 +69,11 @@ class TokenFlowState:
     # Weight of the propagated tokens against the frame's own (per-frame, PnP-injected) attention
     # output in Pass.PROPAGATE; 1 computes no own attention.
     propagation: float = 1.0
+    # Output propagation (the editor's, on the denoiser's output): when set, the propagation pass
+    # keeps the correspondences of the site with the finest token grid (the last one on ties) in
+    # `token_index` (A, n, N), for the editor to carry to the latent grid.
+    record_index: bool = False
+    token_index: torch.Tensor | None = None
     # Where keyframe tokens are kept between the passes (None: where they were computed). The CPU
     # keeps device memory flat for long videos; propagation fetches only its two anchors.
     store_device: torch.device | None = None
@@ -166,6 +172,27 @@ def propagate(outputs: torch.Tensor, index: torch.Tensor, weights: torch.Tensor 
     return w * gathered[:, 0] + (1 - w) * gathered[:, 1]
 
 
+def latent_index(token_index: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Carry token correspondences (A, n, N) on a site's grid to the (height, width) latent grid.
+
+    A site's grid is the latent grid downsampled by an integer factor f (patch size, UNet level): the
+    latent pixel at offset (dy, dx) inside token (y, x) goes to the same offset inside the matched
+    token. Returns (A, n, height * width) indices into the latent pixels, row-major.
+    """
+    tokens = token_index.shape[-1]
+    f = round(math.sqrt(height * width / tokens))
+    if f < 1 or height % f or width % f or (height // f) * (width // f) != tokens:
+        raise ValueError(f"{tokens} tokens are not a grid of the {height}x{width} latent")
+    gw = width // f
+    ys = torch.arange(height, device=token_index.device).view(-1, 1)
+    xs = torch.arange(width, device=token_index.device).view(1, -1)
+    own = ((ys // f) * gw + xs // f).reshape(-1)  # (h*w,) token of each latent pixel
+    matched = token_index[..., own]  # (A, n, h*w)
+    ty, tx = matched // gw, matched % gw
+    return ((ty * f + ys.reshape(-1).repeat_interleave(width) % f) * width
+            + tx * f + xs.reshape(-1).repeat(height) % f)
+
+
 def blend_weights(frames: torch.Tensor, centre_a: float, centre_b: float) -> torch.Tensor:
     """TokenFlow's weight of anchor a: sigmoid(d_b / (d_a + d_b)), d = distance to each anchor's centre."""
     d_a = (frames.float() - centre_a).abs()
@@ -210,9 +237,13 @@ class TokenFlowAttnProcessor:
             )
         if state.mode is Pass.PROPAGATE:
             p = float(state.propagation)
+            record = state.record_index and (
+                state.token_index is None or hidden_states.shape[1] >= state.token_index.shape[-1])
             if p <= 0.0:
+                if record:
+                    state.token_index = self._correspondences(hidden_states)
                 return self._attention(attn, hidden_states, per_frame=True)
-            out = self._propagate(hidden_states)
+            out = self._propagate(hidden_states, record)
             if p < 1.0:
                 own = self._attention(attn, hidden_states, per_frame=True)
                 out = torch.lerp(own, out.to(own.dtype), p)
@@ -258,17 +289,24 @@ class TokenFlowAttnProcessor:
         for b in range(NUM_BRANCHES):  # per branch, so every destination is one contiguous block
             _copy_async(state.keyframe_outputs[self.site][b, group], outputs[b])
 
-    def _propagate(self, x: torch.Tensor) -> torch.Tensor:
+    def _correspondences(self, x: torch.Tensor) -> torch.Tensor:
+        """(A, n, N): for each token of the current frames, its token in each anchor keyframe."""
         state = self.state
         n = state.frames
         stored = state.keyframe_inputs[self.site]  # (K, N, D)
-        outs = state.keyframe_outputs[self.site]  # (3, K, N, D)
         # Anchors by Python index (no index tensor to upload, no host sync); each slice is contiguous.
         keys = torch.stack([_fetch(stored[a], x.device) for a in state.anchors])  # (A, N, D)
         if state.matcher is None:
-            index = nearest_tokens(x[:n], keys)  # (A, n, N)
-        else:
-            index = state.matcher(self.site, x[:n], keys)
+            return nearest_tokens(x[:n], keys)
+        return state.matcher(self.site, x[:n], keys)
+
+    def _propagate(self, x: torch.Tensor, record: bool = False) -> torch.Tensor:
+        state = self.state
+        n = state.frames
+        outs = state.keyframe_outputs[self.site]  # (3, K, N, D)
+        index = self._correspondences(x)  # (A, n, N)
+        if record:
+            state.token_index = index
         outputs = torch.stack([
             torch.stack([_fetch(outs[b, a], x.device) for a in state.anchors]) for b in range(NUM_BRANCHES)
         ])  # (3, A, N, D)

@@ -43,6 +43,9 @@ SANA_LOCAL_BLEND = 0.5
 # pure propagation on edit accuracy (0.54 vs 0.44), structure IoU and warp error at once; lower weights
 # gained little accuracy and lost temporal consistency (BENCHMARKS.md issue 6, session 17).
 SANA_PROPAGATION = 0.7
+# SANA's default weight of output propagation (`EditSettings.output_propagation`): to be chosen on the
+# validation videos.
+SANA_OUTPUT_PROPAGATION = 0.0
 
 
 @dataclass
@@ -81,6 +84,8 @@ class Backbone(Protocol):
     default_local_blend: float
     # Weight of propagated tokens against each frame's own attention when an edit names none (1: pure propagation).
     default_propagation: float
+    # Weight of the keyframes' carried predictions inside the edit when an edit names none (0: off).
+    default_output_propagation: float
 
     def encode(self, frames: torch.Tensor) -> torch.Tensor:
         """Frames (B, 3, H, W) in [-1, 1] -> scaled latents (B, C, h, w)."""
@@ -268,6 +273,7 @@ class StableDiffusionBackbone:
     default_cross_attention = 0.0  # TokenFlow's published setting on SD has no cross-attention control
     default_local_blend = 0.0  # nor local blending
     default_propagation = 1.0  # and propagates keyframe tokens alone
+    default_output_propagation = 0.0  # not the denoiser's output
     processor_class = TokenFlowAttnProcessor
     cross_processor_class = CrossAttentionControl
 
@@ -573,6 +579,7 @@ class SanaBackbone:
     default_negative = ""
     default_local_blend = SANA_LOCAL_BLEND
     default_propagation = SANA_PROPAGATION
+    default_output_propagation = SANA_OUTPUT_PROPAGATION
 
     def __init__(self, transformer, vae, text_encoder, scheduler_config: dict, name: str = "sana"):
         from ..models.text_encoders import TokenizingTextEncoder

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, InputError, unknown_choice
-from .attention import NUM_BRANCHES, Pass, TokenFlowState, blend_weights
+from .attention import NUM_BRANCHES, Pass, TokenFlowState, blend_weights, latent_index, propagate
 from .backbones import TOKENFLOW_NEGATIVE, Backbone, TextCond, tokenflow_hooks
 from .blend import blend, edit_masks
 from .correspondence import CORRESPONDENCES, FlowCorrespondence
@@ -54,6 +54,14 @@ class EditSettings:
     # output (PnP-injected, per frame) in the propagation pass: 1 = TokenFlow's pure propagation, 0 =
     # per-frame attention; None = the backbone's default (SD 1, SANA `SANA_PROPAGATION`). TokenFlow modes only.
     propagation: float | None = None
+    # Output propagation: inside the edit (the local-blend mask; everywhere without one) each frame's
+    # guided prediction is mixed with its two keyframes' predictions carried along the same
+    # correspondences (those of the finest self-attention grid), weight `output_propagation`, in the
+    # leading `output_propagation_steps` fraction of the steps. It carries what the frame's own latent
+    # decides (an edited object's colour) from the keyframes. 0 = off; None = the backbone's default
+    # (SD 0: TokenFlow's published behaviour). TokenFlow modes only.
+    output_propagation: float | None = None
+    output_propagation_steps: float = 1.0
     strength: float = 0.9  # tokenflow-sdedit: fraction of the schedule that is re-run
     batch_size: int = 8  # frames per chunk (one keyframe each) and per denoiser call
     seed: int = 1
@@ -89,7 +97,9 @@ class EditSettings:
         if self.max_keyframes is not None and self.max_keyframes < 1:
             raise ConfigError(f"max_keyframes must be at least 1 (or None for all), got {self.max_keyframes}")
         fractions = {"pnp_feature": "--pnp-feature", "pnp_attention": "--pnp-attn", "strength": "--strength",
-                     "cross_attention": "--cross-attn", "propagation": "--propagation"}
+                     "cross_attention": "--cross-attn", "propagation": "--propagation",
+                     "output_propagation": "--output-propagation",
+                     "output_propagation_steps": "--output-propagation-steps"}
         for name, flag in fractions.items():
             value = getattr(self, name)
             if value is not None and not 0.0 <= value <= 1.0:
@@ -183,6 +193,20 @@ def _rows(x: torch.Tensor, frames: list[int]) -> torch.Tensor:
     return x.index_select(0, index)
 
 
+def _carry_output(guided: torch.Tensor, key_flat: torch.Tensor, state: TokenFlowState, weight: float,
+                  mask: torch.Tensor | None) -> torch.Tensor:
+    """Mix a chunk's guided predictions (n, C, h, w) with its anchor keyframes' along the recorded correspondences."""
+    if state.token_index is None:
+        raise RuntimeError("output propagation: no self-attention site recorded its correspondences")
+    n, c, h, w = guided.shape
+    index = latent_index(state.token_index, h, w)  # (A, n, h*w)
+    anchors = torch.stack([key_flat[a] for a in state.anchors])[None]  # (1, A, h*w, C)
+    carried = propagate(anchors, index, state.weights)[0]  # (n, h*w, C)
+    carried = carried.transpose(1, 2).reshape(n, c, h, w).to(guided.dtype)
+    mix = weight if mask is None else weight * mask.to(guided.dtype)  # (n, 1, h, w) inside the edit
+    return guided + mix * (carried - guided)
+
+
 @torch.no_grad()
 def edit_latents(
     backbone: Backbone,
@@ -229,6 +253,12 @@ def edit_latents(
         offload = len(parts) > OFFLOAD_KEYFRAMES
     state = TokenFlowState(store_device=torch.device("cpu") if offload else None)
     state.propagation = backbone.default_propagation if settings.propagation is None else settings.propagation
+    out_weight = settings.output_propagation
+    if out_weight is None:
+        out_weight = backbone.default_output_propagation
+    n_output = injection_steps(settings.steps, settings.output_propagation_steps) if out_weight > 0 else 0
+    if settings.mode == "per-frame":
+        n_output = 0
     if n_cross > start:
         state.token_map = token_map(backbone, settings.source_prompt, settings.prompt).to(device)
     # Anchors and blend weights per chunk are the same at every step: put them on the device once.
@@ -266,22 +296,33 @@ def edit_latents(
                 state.clear()
                 state.mode = Pass.KEYFRAMES
                 state.keyframe_slots = len(keys)
+                carry_output = i < n_output
+                key_out = []  # the keyframes' guided predictions, (K, C, h, w) in all
                 for group in keyframe_groups(len(keys), settings.max_keyframes):
                     sel = keys[group.start : group.stop]
                     state.frames = len(sel)
                     state.keyframe_offset = group.start
-                    call(_rows(source, sel), _rows(x, sel), t, sel)  # fills state.keyframe_*; output unused
+                    out = call(_rows(source, sel), _rows(x, sel), t, sel)  # also fills state.keyframe_*
+                    if carry_output:
+                        key_out.append(out)
                 state.mode = Pass.PROPAGATE
+                state.record_index = carry_output
+                key_flat = torch.cat(key_out).flatten(2).transpose(1, 2) if carry_output else None  # (K, hw, C)
                 for b, part in enumerate(parts):
                     rows = slice(part.start, part.stop)
                     state.frames = len(part)
                     state.anchors, state.weights = plans[b]
                     state.matcher = None if flow is None else flow.matcher(list(part), [keys[a] for a in state.anchors])
+                    state.token_index = None
                     guided = call(source[rows], x[rows], t, list(part))
+                    if carry_output:
+                        guided = _carry_output(guided, key_flat, state, out_weight,
+                                               None if masks is None else masks[rows])
                     new[rows] = backbone.move(x[rows], guided, t, t_next)
                     if progress is not None:
                         progress(1)
                 state.clear()
+                state.record_index, state.token_index = False, None
             if masks is not None:
                 # outside the mask: the source's own latent at the next time (the clean frame at the end)
                 after = cache.latents(i + 1) if t_next is not None else cache.clean()
