@@ -203,6 +203,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--propagation", type=float, default=None,
                    help="weight of propagated keyframe tokens against each frame's own attention (default: the "
                         "model's; 1 = TokenFlow's pure propagation)")
+    p.add_argument("--output-propagation", type=float, default=None,
+                   help="weight of the keyframes' carried predictions inside the edit (default: the model's; 0 = off)")
+    p.add_argument("--output-propagation-steps", type=float, default=None,
+                   help="fraction of leading steps with output propagation (default: the model's)")
+    p.add_argument("--output-correspondence", choices=("flow", "tokens"), default="flow",
+                   help="output propagation along DIS flow (default) or the attention's token matches")
     p.add_argument("--local-blend", type=float, default=None,
                    help="local-blend threshold (default: the model's, 0.5 for SANA; 0 = off)")
     p.add_argument("--no-paste-source", dest="paste_source", action="store_false",
@@ -245,7 +251,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # The report keys that must agree for an interrupted run's videos to be kept by --resume.
 RESUME_KEYS = ("model", "model_identity", "device", "smoke", "seeds", "frames", "size", "steps", "cfg",
                "negative_prompt", "batch_size", "pnp_feature", "pnp_attention", "cross_attention",
-               "local_blend", "paste_source", "methods", "propagation")
+               "local_blend", "paste_source", "methods", "propagation", "output_propagation")
 
 
 def _resume(report: dict[str, Any], path: Path) -> int:
@@ -277,6 +283,15 @@ def _resume(report: dict[str, Any], path: Path) -> int:
     return done
 
 
+def _differences(old: dict[str, Any], report: dict[str, Any], skip: tuple[str, ...]) -> list[str]:
+    """The RESUME_KEYS (less `skip`) in which an earlier report differs from this run's, across machines:
+    the device and the model folder's identity may differ, the weights' content (when recorded) must not."""
+    same = [k for k in RESUME_KEYS if k not in (*skip, "device", "model_identity")]
+    if "model_content" in old:
+        same.append("model_content")
+    return [k for k in same if old.get(k) != report[k]]
+
+
 def _baseline(report: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     """The per-frame rows and reconstructions of --baseline-from, checked to match this run's settings."""
     path = args.baseline_from
@@ -284,8 +299,8 @@ def _baseline(report: dict[str, Any], args: argparse.Namespace) -> dict[str, Any
         old = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise SystemExit(f"--baseline-from: cannot read {path}: {e}") from None
-    same = [k for k in RESUME_KEYS if k not in ("methods", "propagation")]
-    differ = [k for k in same if old.get(k) != report[k]]
+    # The per-frame edit does not depend on the propagation settings; another machine's run is fine.
+    differ = _differences(old, report, ("methods", "propagation", "output_propagation"))
     if differ or not set(report["settings"]) <= set(old.get("settings", {})):
         raise SystemExit(f"--baseline-from: {path} was written with other settings ({', '.join(differ) or 'settings'})")
     rows = [r for r in old.get("rows", []) if r["method"] == "per-frame" and r["setting"] in report["settings"]]
@@ -323,11 +338,7 @@ def _extend(report: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
         old = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise SystemExit(f"--extend: cannot read {path}: {e}") from None
-    # Another machine: the folder (and its file times) in model_identity differ; the weights' content must not.
-    same = [k for k in RESUME_KEYS if k not in ("methods", "device", "model_identity")]
-    if "model_content" in old:
-        same.append("model_content")
-    differ = [k for k in same if old.get(k) != report[k]]
+    differ = _differences(old, report, ("methods",))
     if differ or not set(report["settings"]) <= set(old.get("settings", {})):
         raise SystemExit(f"--extend: {path} was written with other settings ({', '.join(differ) or 'settings'})")
     kept = [m for m in old.get("methods", {}) if m not in args.methods]
@@ -339,6 +350,8 @@ def _extend(report: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     report["methods"] = {m: METHODS[m] for m in args.methods}
     report["extends"] = {"path": str(path), "methods": kept, "device": old.get("device"), "gpu": old.get("gpu"),
                          "torch": old.get("torch"), "date": old.get("date")}
+    if "baseline_from" in old:  # where the kept per-frame rows came from
+        report["extends"]["baseline_from"] = old["baseline_from"]
     recs = [r for r in old.get("reconstructions", []) if r["setting"] in report["settings"]]
     return {"rows": rows, "reconstructions": recs}
 
@@ -387,6 +400,13 @@ def main(argv: list[str] | None = None) -> int:
         cross = pipe.backbone.default_cross_attention if args.cross_attn is None else args.cross_attn
         blend = pipe.backbone.default_local_blend if args.local_blend is None else args.local_blend
         propagation = pipe.backbone.default_propagation if args.propagation is None else args.propagation
+        out_weight = (pipe.backbone.default_output_propagation if args.output_propagation is None
+                      else args.output_propagation)
+        out_steps = (pipe.backbone.default_output_propagation_steps if args.output_propagation_steps is None
+                     else args.output_propagation_steps)
+        # None when off, so reports written before the option existed compare equal (--resume, --extend).
+        output_propagation = None if out_weight <= 0 else {
+            "weight": out_weight, "steps": out_steps, "correspondence": args.output_correspondence}
         first = SEED_BASE + (VALIDATION_OFFSET if args.validation else 0)
         seeds = [first + i for i in range(args.videos)]
         report: dict[str, Any] = {
@@ -399,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
             "smoke": args.smoke, "seeds": seeds, "frames": args.frames, "size": args.size, "steps": args.steps,
             "cfg": cfg, "negative_prompt": negative, "batch_size": args.batch_size,
             "pnp_feature": args.pnp_feature, "pnp_attention": args.pnp_attn, "cross_attention": cross,
-            "local_blend": blend, "propagation": propagation,
+            "local_blend": blend, "propagation": propagation, "output_propagation": output_propagation,
             "paste_source": args.paste_source,
             "settings": {s: {"inversion_steps": args.full_inversion_steps if s == "full" else args.steps}
                          for s in args.settings},
@@ -452,7 +472,9 @@ def main(argv: list[str] | None = None) -> int:
                                    steps=args.steps, inversion_steps=inversion_steps, guidance_scale=cfg,
                                    pnp_feature=args.pnp_feature, pnp_attention=args.pnp_attn,
                                    cross_attention=cross, local_blend=blend, paste_source=args.paste_source,
-                                   propagation=propagation,
+                                   propagation=propagation, output_propagation=out_weight,
+                                   output_propagation_steps=out_steps,
+                                   output_correspondence=args.output_correspondence,
                                    batch_size=args.batch_size, inversion_batch_size=batch,
                                    inversion_refine=args.inversion_refine, progress=False, **METHODS[method])
                         seconds = time.perf_counter() - t0

@@ -72,6 +72,20 @@ def parse_grid(text: str) -> list[tuple[float, float, float, float | None]]:
     return out
 
 
+def parse_output_propagation(item: str) -> tuple[float, float, str]:
+    """'0.6' -> (0.6, 1.0, 'flow'); '0.6/0.5/tokens' -> (0.6, 0.5, 'tokens')."""
+    from sanaflow.tokenflow.editor import OUTPUT_CORRESPONDENCES
+
+    parts = item.split("/")
+    if not 1 <= len(parts) <= 3:
+        raise ValueError(f"{item!r}: write WEIGHT[/STEPS[/CORRESPONDENCE]]")
+    weight, steps = float(parts[0]), float(parts[1]) if len(parts) > 1 else 1.0
+    corr = parts[2] if len(parts) > 2 else "flow"
+    if not (0 <= weight <= 1 and 0 <= steps <= 1) or corr not in OUTPUT_CORRESPONDENCES:
+        raise ValueError(f"{item!r}: WEIGHT and STEPS lie in [0, 1], CORRESPONDENCE is one of {OUTPUT_CORRESPONDENCES}")
+    return weight, steps, corr
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -120,13 +134,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--propagations takes numbers in [0, 1]; got {args.propagations}")
     try:
         args.output_propagations = ([None] if args.output_propagations is None else [
-            tuple(float(v) for v in item.split("/")) if "/" in item else (float(item), 1.0)
+            parse_output_propagation(item)
             for item in (t.strip() for t in args.output_propagations.split(",")) if item])
-    except ValueError:
-        p.error(f"--output-propagations takes WEIGHT[/STEPS] items; got {args.output_propagations!r}")
-    if not args.output_propagations or any(o is not None and (len(o) != 2 or not all(0 <= v <= 1 for v in o))
-                                           for o in args.output_propagations):
-        p.error(f"--output-propagations takes WEIGHT[/STEPS] with both in [0, 1]; got {args.output_propagations}")
+    except ValueError as e:
+        p.error(f"--output-propagations: {e}")
+    if not args.output_propagations:
+        p.error("--output-propagations is empty")
     if args.smoke:
         args.videos, args.frames, args.size, args.steps = 1, 4, 64, 3
     return fill_defaults(args, DEFAULT_OUT, SMOKE_OUT)
@@ -144,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
             for blend in args.local_blends for neg in args.negatives for setting in args.grid]
     keys = [f"{f:g}/{a:g}/{g:g}" + ("" if c is None else f"/{c:g}") + ("" if neg == "default" else f"+neg={neg}")
             + ("" if blend is None else f"+blend={blend:g}") + ("" if prop is None else f"+prop={prop:g}")
-            + ("" if outp is None else f"+out={outp[0]:g}/{outp[1]:g}")
+            + ("" if outp is None else f"+out={outp[0]:g}/{outp[1]:g}/{outp[2]}")
             for (f, a, g, c), neg, blend, prop, outp in grid]
     with tempfile.TemporaryDirectory(prefix="tokenflow_sweep_") as tmp:
         pipe, _ = open_pipeline(args, Path(tmp) / "cache")
@@ -153,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         crosses = [pipe.backbone.default_cross_attention if c is None else c for (*_, c), *_ in grid]
         blends = [pipe.backbone.default_local_blend if b is None else b for _, _, b, *_ in grid]
         props = [pipe.backbone.default_propagation if q is None else q for *_, q, _ in grid]
-        outps = [(pipe.backbone.default_output_propagation, 1.0) if o is None else o for *_, o in grid]
+        outps = [(pipe.backbone.default_output_propagation, 1.0, "flow") if o is None else o for *_, o in grid]
         seeds = [SEED_BASE + VALIDATION_OFFSET + args.first_video + i for i in range(args.videos)]
         report: dict[str, Any] = {
             "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if argv is None else " ".join(argv),
@@ -181,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
                                steps=args.steps, guidance_scale=guidance, pnp_feature=feature,
                                pnp_attention=attention, cross_attention=cross, local_blend=blend, propagation=prop,
                                output_propagation=outp[0], output_propagation_steps=outp[1],
+                               output_correspondence=outp[2],
                                batch_size=args.batch_size,
                                inversion_batch_size=batch, progress=False, **METHODS[args.method])
                     if not out.inversion.reused:

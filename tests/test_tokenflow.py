@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from sanaflow.errors import ConfigError
+from sanaflow.errors import ConfigError, InputError
 from sanaflow.pipelines.video_edit import VideoEditPipeline
 from sanaflow.tokenflow import (
     EditSettings,
@@ -389,13 +389,14 @@ def test_single_frame_without_injection_equals_plain_sampling(which, sd, sana, t
     inv = pipe.invert(source, "a square", steps=3, progress=False)
     settings = EditSettings("a red square", source_prompt="a square", steps=3, pnp_feature=0.0, pnp_attention=0.0,
                             cross_attention=0.0)
-    edited = edit_latents(backbone, inv.cache, settings)
+    edited = edit_latents(backbone, inv.cache, settings, source.frames)  # SANA: output propagation on
     conds = backbone.embed([settings.negative_prompt, settings.prompt])
     plain = sample_plain(backbone, inv.cache.latents(0), conds.take([1]), inv.cache.timesteps, 8,
                          uncond=conds.take([0]), guidance_scale=settings.guidance_scale)
     torch.testing.assert_close(edited, plain, atol=1e-4, rtol=1e-4)
     # with injection on, the edit differs (the hooks do something)
-    injected = edit_latents(backbone, inv.cache, EditSettings("a red square", source_prompt="a square", steps=3))
+    injected = edit_latents(backbone, inv.cache, EditSettings("a red square", source_prompt="a square", steps=3),
+                            source.frames)
     assert (injected - plain).abs().max() > 1e-3
 
 
@@ -408,7 +409,9 @@ def test_propagation_weight_spans_tokenflow_to_per_frame(which, sd, sana, tmp_pa
     inv = pipe.invert(pipe.prepare(clip(t=5)), "a square", steps=3, progress=False)
 
     def run(**kw):
-        settings = EditSettings("a red square", source_prompt="a square", steps=3, batch_size=2, **kw)
+        # the token propagation alone: SANA's output propagation off
+        settings = EditSettings("a red square", source_prompt="a square", steps=3, batch_size=2,
+                                output_propagation=0.0, **kw)
         return edit_latents(backbone, inv.cache, settings)
 
     per_frame = run(mode="per-frame")
@@ -427,23 +430,30 @@ def test_propagation_weight_spans_tokenflow_to_per_frame(which, sd, sana, tmp_pa
         run(propagation=1.5)
 
 
+@pytest.mark.parametrize("corr", ["flow", "tokens"])
 @pytest.mark.parametrize("which", ["sd", "sana"])
-def test_output_propagation(which, sd, sana, tmp_path):
+def test_output_propagation(which, corr, sd, sana, tmp_path):
     """Off by default on SD; a single frame is its own keyframe, so carrying the keyframes' predictions
     changes nothing there; on several frames it changes the edit; the per-frame mode ignores it."""
     backbone = sd if which == "sd" else sana
     pipe = VideoEditPipeline(backbone, cache_dir=tmp_path)
 
-    def run(inv, **kw):
-        settings = EditSettings("a red square", source_prompt="a square", steps=3, batch_size=2, **kw)
-        return edit_latents(backbone, inv.cache, settings)
+    def run(video, **kw):
+        clip_, inv = video
+        settings = EditSettings("a red square", source_prompt="a square", steps=3, batch_size=2,
+                                output_correspondence=corr, **kw)
+        return edit_latents(backbone, inv.cache, settings, clip_.frames)
 
-    one = pipe.invert(pipe.prepare(clip(t=1)), "a square", steps=3, progress=False)
+    def invert(t):
+        clip_ = pipe.prepare(clip(t=t))
+        return clip_, pipe.invert(clip_, "a square", steps=3, progress=False)
+
+    one = invert(1)
     torch.testing.assert_close(run(one, output_propagation=1.0), run(one, output_propagation=0.0),
                                atol=1e-5, rtol=1e-5)
-    five = pipe.invert(pipe.prepare(clip(t=5)), "a square", steps=3, progress=False)
+    five = invert(5)
     off = run(five, output_propagation=0.0)
-    full = run(five, output_propagation=1.0)
+    full = run(five, output_propagation=1.0, output_propagation_steps=1.0)
     assert (full - off).abs().max() > 1e-4
     # only the leading steps: between the two
     first = run(five, output_propagation=1.0, output_propagation_steps=0.34)
@@ -451,9 +461,33 @@ def test_output_propagation(which, sd, sana, tmp_path):
     torch.testing.assert_close(run(five, output_propagation=1.0, output_propagation_steps=0.0), off)
     if which == "sd":
         torch.testing.assert_close(run(five), off)  # TokenFlow's behaviour: off
+    else:  # SANA's validated default: on, in the leading steps
+        assert backbone.default_output_propagation > 0 and 0 < backbone.default_output_propagation_steps < 1
+        assert (run(five) - off).abs().max() > 1e-5
+        with pytest.raises(InputError, match="source frames"):
+            edit_latents(backbone, five[1].cache, EditSettings("a red square", steps=3))
     torch.testing.assert_close(run(five, mode="per-frame", output_propagation=1.0), run(five, mode="per-frame"))
     with pytest.raises(ConfigError, match="--output-propagation"):
         run(five, output_propagation=-0.1)
+    with pytest.raises(ConfigError, match="output_correspondence"):
+        edit_latents(backbone, five[1].cache, EditSettings("a red square", steps=3, output_correspondence="x"))
+
+
+def test_flow_sample_grid_follows_translation():
+    """The sampling grid of frame 0, whose content is frame 1's moved 6 px left, samples frame 1 6 px right."""
+    import cv2
+
+    rng = np.random.default_rng(0)
+    base = cv2.GaussianBlur(rng.integers(0, 255, (64, 96, 3), dtype=np.uint8), (5, 5), 1.5)
+    frames = np.stack([base, np.roll(base, 6, axis=1)])  # frame 1 = frame 0 moved 6 px right
+    corr = FlowCorrespondence(frames)
+    grid = corr.sample_grid(0, 1, 16, 24)  # latent grid at 1/4 scale: 1.5 latent pixels right
+    ident_x = ((torch.arange(24) + 0.5) / 24 * 2 - 1).view(1, 24).expand(16, 24)
+    ident_y = ((torch.arange(16) + 0.5) / 16 * 2 - 1).view(16, 1).expand(16, 24)
+    shift = (grid[..., 0] - ident_x) * 24 / 2  # in latent pixels
+    assert (shift[3:-3, 3:-3] - 1.5).abs().median() < 0.2
+    assert (grid[3:-3, 3:-3, 1] - ident_y[3:-3, 3:-3]).abs().median() * 16 / 2 < 0.2
+    torch.testing.assert_close(corr.sample_grid(1, 1, 16, 24), torch.stack([ident_x, ident_y], -1))
 
 
 def test_modes_run_and_keep_shape(sd, tmp_path):

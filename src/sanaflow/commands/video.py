@@ -62,8 +62,12 @@ def register(subparsers) -> None:
                            "correspondences, in each frame's prediction inside the edit: carries what a frame's "
                            "own latent decides (an edited colour) from the keyframes; 0 = off, TokenFlow modes "
                            "only (default: the model's)")
-    edit.add_argument("--output-propagation-steps", type=float, default=1.0, metavar="F",
-                      help="fraction of leading steps with --output-propagation (default 1: all)")
+    edit.add_argument("--output-propagation-steps", type=float, default=None, metavar="F",
+                      help="fraction of leading steps with --output-propagation (default: the model's)")
+    edit.add_argument("--output-correspondence", choices=("flow", "tokens"), default="flow",
+                      help="where --output-propagation takes the keyframes' predictions from: DIS optical flow "
+                           "between the source frames, bilinear at the latent grid (default), or the attention's "
+                           "token matches")
     edit.add_argument("--local-blend", type=float, default=None, metavar="T",
                       help="edit only where the source and target prompts' predictions differ by at least T (in "
                            "[0, 1)) of each frame's largest difference, keep the source video elsewhere; 0 = off "
@@ -142,7 +146,8 @@ def run_edit(args) -> int:
         steps=args.steps, inversion_steps=args.inversion_steps, guidance_scale=args.cfg,
         pnp_feature=args.pnp_feature, pnp_attention=args.pnp_attn, cross_attention=args.cross_attn,
         propagation=args.propagation, output_propagation=args.output_propagation,
-        output_propagation_steps=args.output_propagation_steps, local_blend=args.local_blend, paste_source=args.paste_source, strength=args.strength,
+        output_propagation_steps=args.output_propagation_steps,
+        output_correspondence=args.output_correspondence, local_blend=args.local_blend, paste_source=args.paste_source, strength=args.strength,
         batch_size=args.batch_size, inversion_batch_size=args.inversion_batch_size, seed=args.seed,
         correspondence=args.correspondence,
         max_keyframes=args.max_keyframes,

@@ -210,7 +210,8 @@ class VideoEditPipeline:
         cross_attention: float | None = None,
         propagation: float | None = None,
         output_propagation: float | None = None,
-        output_propagation_steps: float = 1.0,
+        output_propagation_steps: float | None = None,
+        output_correspondence: str = "flow",
         strength: float = 0.9,
         batch_size: int = 8,
         inversion_batch_size: int | None = None,
@@ -242,7 +243,8 @@ class VideoEditPipeline:
         propagated self-attention tokens against each frame's own attention (1 = pure TokenFlow
         propagation; default: the backbone's). `output_propagation` mixes each frame's guided prediction
         inside the edit with its keyframes' along the same correspondences, in the leading
-        `output_propagation_steps` of the steps (0 = off; default: the backbone's).
+        `output_propagation_steps` of the steps (0 = off; default: the backbone's), taken along DIS optical
+        flow between the source frames (`output_correspondence="flow"`) or the attention's token matches.
         """
         if not isinstance(prompt, str) or not prompt.strip():
             raise InputError("the edit needs a non-empty --prompt")
@@ -254,7 +256,8 @@ class VideoEditPipeline:
             prompt=prompt, source_prompt=source_prompt, negative_prompt=negative_prompt, mode=mode, steps=steps,
             guidance_scale=guidance_scale, pnp_feature=pnp_feature, pnp_attention=pnp_attention,
             cross_attention=cross_attention, propagation=propagation, output_propagation=output_propagation,
-            output_propagation_steps=output_propagation_steps, strength=strength,
+            output_propagation_steps=output_propagation_steps, output_correspondence=output_correspondence,
+            strength=strength,
             batch_size=batch_size, seed=seed, correspondence=correspondence, control_scale=control_scale,
             offload_keyframes=offload_keyframes, max_keyframes=max_keyframes, local_blend=local_blend,
             paste_source=paste_source,

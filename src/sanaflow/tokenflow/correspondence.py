@@ -33,6 +33,8 @@ class FlowCorrespondence:
         self.max_cached = max_cached
         # Token indices per (frame, target frame, grid height, grid width); small (N int64 each).
         self._index: OrderedDict[tuple[int, int, int, int], torch.Tensor] = OrderedDict()
+        # Sampling grids per (frame, target frame, height, width) (2 x h x w floats each).
+        self._grids: OrderedDict[tuple[int, int, int, int], torch.Tensor] = OrderedDict()
 
     def flow(self, i: int, j: int) -> np.ndarray:
         """Flow (H, W, 2) in pixels: pixel p of frame i is at p + flow[p] in frame j."""
@@ -69,6 +71,24 @@ class FlowCorrespondence:
         if len(self._index) > self.max_cached:
             self._index.popitem(last=False)
         return index
+
+    def sample_grid(self, i: int, j: int, height: int, width: int) -> torch.Tensor:
+        """(height, width, 2) `grid_sample` coordinates (x, y in [-1, 1], align_corners=False): where each
+        pixel of frame i's (height, width) latent grid lies in frame j, at sub-pixel precision."""
+        key = (i, j, height, width)
+        if key in self._grids:
+            self._grids.move_to_end(key)
+            return self._grids[key]
+        import cv2
+
+        flow = cv2.resize(self.flow(i, j), (width, height), interpolation=cv2.INTER_AREA)  # (h, w, 2) pixels
+        xs = (np.arange(width, dtype=np.float32)[None, :] + 0.5 + flow[..., 0] * width / self.width) / width
+        ys = (np.arange(height, dtype=np.float32)[:, None] + 0.5 + flow[..., 1] * height / self.height) / height
+        grid = torch.from_numpy(np.stack([xs * 2 - 1, ys * 2 - 1], axis=-1).astype(np.float32))
+        self._grids[key] = grid
+        if len(self._grids) > self.max_cached:
+            self._grids.popitem(last=False)
+        return grid
 
     def matcher(self, frames: Sequence[int], anchors: Sequence[int]) -> Matcher:
         """A propagation matcher for source frames `frames` copying from keyframes `anchors`."""

@@ -32,6 +32,7 @@ from .injection import injection_steps
 from .inversion import LatentCache
 
 MODES = ("tokenflow-pnp", "tokenflow-sdedit", "per-frame")
+OUTPUT_CORRESPONDENCES = ("flow", "tokens")
 OFFLOAD_KEYFRAMES = 16
 
 
@@ -61,7 +62,11 @@ class EditSettings:
     # decides (an edited object's colour) from the keyframes. 0 = off; None = the backbone's default
     # (SD 0: TokenFlow's published behaviour). TokenFlow modes only.
     output_propagation: float | None = None
-    output_propagation_steps: float = 1.0
+    output_propagation_steps: float | None = None  # None = the backbone's default
+    # Where output propagation takes the keyframes' predictions from: "flow" (DIS optical flow between
+    # the source frames, sampled bilinearly at the latent grid) or "tokens" (the self-attention
+    # correspondences, whole tokens).
+    output_correspondence: str = "flow"
     strength: float = 0.9  # tokenflow-sdedit: fraction of the schedule that is re-run
     batch_size: int = 8  # frames per chunk (one keyframe each) and per denoiser call
     seed: int = 1
@@ -90,6 +95,8 @@ class EditSettings:
             raise unknown_choice("mode", self.mode, MODES)
         if self.correspondence not in CORRESPONDENCES:
             raise unknown_choice("correspondence", self.correspondence, CORRESPONDENCES)
+        if self.output_correspondence not in OUTPUT_CORRESPONDENCES:
+            raise unknown_choice("output_correspondence", self.output_correspondence, OUTPUT_CORRESPONDENCES)
         if self.steps < 1:
             raise ConfigError(f"--steps must be at least 1, got {self.steps}")
         if self.batch_size < 1:
@@ -207,6 +214,25 @@ def _carry_output(guided: torch.Tensor, key_flat: torch.Tensor, state: TokenFlow
     return guided + mix * (carried - guided)
 
 
+def _warp_output(guided: torch.Tensor, key_all: torch.Tensor, state: TokenFlowState, flow: FlowCorrespondence,
+                 frames: list[int], anchor_frames: list[int], weight: float, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mix a chunk's guided predictions (n, C, h, w) with its anchor keyframes' warped by optical flow."""
+    n, c, h, w = guided.shape
+    warped = []
+    for slot, key in zip(state.anchors, anchor_frames):
+        grid = torch.stack([flow.sample_grid(f, key, h, w) for f in frames]).to(guided.device, non_blocking=True)
+        source = key_all[slot : slot + 1].expand(n, c, h, w).to(guided.dtype)
+        warped.append(torch.nn.functional.grid_sample(source, grid, mode="bilinear", padding_mode="border",
+                                                      align_corners=False))  # (n, C, h, w)
+    if len(warped) == 1:
+        carried = warped[0]
+    else:
+        wt = state.weights.to(guided.device, guided.dtype).view(n, 1, 1, 1)
+        carried = wt * warped[0] + (1 - wt) * warped[1]
+    mix = weight if mask is None else weight * mask.to(guided.dtype)
+    return guided + mix * (carried - guided)
+
+
 @torch.no_grad()
 def edit_latents(
     backbone: Backbone,
@@ -226,9 +252,17 @@ def edit_latents(
     times = cache.timesteps
     if len(times) != settings.steps:
         raise ConfigError(f"the inversion cache holds {len(times)} steps but the edit asks for {settings.steps}")
-    needs_frames = settings.correspondence == "flow" or settings.control_scale is not None
+    out_weight = settings.output_propagation
+    if out_weight is None:
+        out_weight = backbone.default_output_propagation
+    out_flow = out_weight > 0 and settings.mode != "per-frame" and settings.output_correspondence == "flow"
+    needs_frames = settings.correspondence == "flow" or settings.control_scale is not None or out_flow
     if needs_frames and source_frames is None:
-        raise InputError("flow correspondences and ControlNet need the source frames")
+        why = [n for n, on in (("flow correspondences", settings.correspondence == "flow"),
+                                ("ControlNet", settings.control_scale is not None),
+                                ("output propagation along flow", out_flow)) if on]
+        raise InputError(f"{' and '.join(why)} need the source frames; pass source_frames"
+                         + (" (or output_correspondence='tokens' / output_propagation=0)" if out_flow else ""))
     start = settings.start_step()
     device = backbone.device
     # All frames' latents stay on the device (a few MB even for long videos): chunks are slices of
@@ -239,7 +273,8 @@ def edit_latents(
     conds = backbone.embed([settings.source_prompt, settings.negative_prompt, settings.prompt])
     control = backbone.control_images(source_frames) if settings.control_scale is not None else None
     call = _Caller(backbone, conds, settings.guidance_scale, control, settings.control_scale)
-    flow = FlowCorrespondence(source_frames) if settings.correspondence == "flow" else None
+    flow = FlowCorrespondence(source_frames) if settings.correspondence == "flow" or out_flow else None
+    token_flow = flow if settings.correspondence == "flow" else None  # for the self-attention sites
     pnp = settings.mode != "tokenflow-sdedit"
     n_feature = injection_steps(settings.steps, settings.pnp_feature) if pnp else 0
     n_attention = injection_steps(settings.steps, settings.pnp_attention) if pnp else 0
@@ -253,10 +288,10 @@ def edit_latents(
         offload = len(parts) > OFFLOAD_KEYFRAMES
     state = TokenFlowState(store_device=torch.device("cpu") if offload else None)
     state.propagation = backbone.default_propagation if settings.propagation is None else settings.propagation
-    out_weight = settings.output_propagation
-    if out_weight is None:
-        out_weight = backbone.default_output_propagation
-    n_output = injection_steps(settings.steps, settings.output_propagation_steps) if out_weight > 0 else 0
+    out_steps = settings.output_propagation_steps
+    if out_steps is None:
+        out_steps = backbone.default_output_propagation_steps
+    n_output = injection_steps(settings.steps, out_steps) if out_weight > 0 else 0
     if settings.mode == "per-frame":
         n_output = 0
     if n_cross > start:
@@ -306,18 +341,24 @@ def edit_latents(
                     if carry_output:
                         key_out.append(out)
                 state.mode = Pass.PROPAGATE
-                state.record_index = carry_output
-                key_flat = torch.cat(key_out).flatten(2).transpose(1, 2) if carry_output else None  # (K, hw, C)
+                state.record_index = carry_output and not out_flow
+                key_all = torch.cat(key_out) if carry_output else None  # (K, C, h, w)
                 for b, part in enumerate(parts):
                     rows = slice(part.start, part.stop)
                     state.frames = len(part)
                     state.anchors, state.weights = plans[b]
-                    state.matcher = None if flow is None else flow.matcher(list(part), [keys[a] for a in state.anchors])
+                    anchor_frames = [keys[a] for a in state.anchors]
+                    state.matcher = None if token_flow is None else token_flow.matcher(list(part), anchor_frames)
                     state.token_index = None
                     guided = call(source[rows], x[rows], t, list(part))
                     if carry_output:
-                        guided = _carry_output(guided, key_flat, state, out_weight,
-                                               None if masks is None else masks[rows])
+                        mask = None if masks is None else masks[rows]
+                        if out_flow:
+                            guided = _warp_output(guided, key_all, state, flow, list(part), anchor_frames,
+                                                  out_weight, mask)
+                        else:
+                            guided = _carry_output(guided, key_all.flatten(2).transpose(1, 2), state, out_weight,
+                                                   mask)
                     new[rows] = backbone.move(x[rows], guided, t, t_next)
                     if progress is not None:
                         progress(1)
