@@ -464,8 +464,13 @@ def test_output_propagation(which, corr, sd, sana, tmp_path):
     else:  # SANA's validated default: on, in the leading steps
         assert backbone.default_output_propagation > 0 and 0 < backbone.default_output_propagation_steps < 1
         assert (run(five) - off).abs().max() > 1e-5
+        # without the source frames the default carries along the token matches; asking for flow is an error
+        bare = EditSettings("a red square", source_prompt="a square", steps=3, batch_size=2)
+        tokens = EditSettings(**{**bare.__dict__, "output_correspondence": "tokens"})
+        torch.testing.assert_close(edit_latents(backbone, five[1].cache, bare),
+                                   edit_latents(backbone, five[1].cache, tokens, five[0].frames))
         with pytest.raises(InputError, match="source frames"):
-            edit_latents(backbone, five[1].cache, EditSettings("a red square", steps=3))
+            edit_latents(backbone, five[1].cache, EditSettings("a red square", steps=3, output_correspondence="flow"))
     torch.testing.assert_close(run(five, mode="per-frame", output_propagation=1.0), run(five, mode="per-frame"))
     with pytest.raises(ConfigError, match="--output-propagation"):
         run(five, output_propagation=-0.1)

@@ -65,8 +65,8 @@ class EditSettings:
     output_propagation_steps: float | None = None  # None = the backbone's default
     # Where output propagation takes the keyframes' predictions from: "flow" (DIS optical flow between
     # the source frames, sampled bilinearly at the latent grid) or "tokens" (the self-attention
-    # correspondences, whole tokens).
-    output_correspondence: str = "flow"
+    # correspondences, whole tokens); None = "flow" when the source frames are given, else "tokens".
+    output_correspondence: str | None = None
     strength: float = 0.9  # tokenflow-sdedit: fraction of the schedule that is re-run
     batch_size: int = 8  # frames per chunk (one keyframe each) and per denoiser call
     seed: int = 1
@@ -95,7 +95,7 @@ class EditSettings:
             raise unknown_choice("mode", self.mode, MODES)
         if self.correspondence not in CORRESPONDENCES:
             raise unknown_choice("correspondence", self.correspondence, CORRESPONDENCES)
-        if self.output_correspondence not in OUTPUT_CORRESPONDENCES:
+        if self.output_correspondence is not None and self.output_correspondence not in OUTPUT_CORRESPONDENCES:
             raise unknown_choice("output_correspondence", self.output_correspondence, OUTPUT_CORRESPONDENCES)
         if self.steps < 1:
             raise ConfigError(f"--steps must be at least 1, got {self.steps}")
@@ -255,7 +255,10 @@ def edit_latents(
     out_weight = settings.output_propagation
     if out_weight is None:
         out_weight = backbone.default_output_propagation
-    out_flow = out_weight > 0 and settings.mode != "per-frame" and settings.output_correspondence == "flow"
+    out_corr = settings.output_correspondence
+    if out_corr is None:
+        out_corr = "flow" if source_frames is not None else "tokens"
+    out_flow = out_weight > 0 and settings.mode != "per-frame" and out_corr == "flow"
     needs_frames = settings.correspondence == "flow" or settings.control_scale is not None or out_flow
     if needs_frames and source_frames is None:
         why = [n for n, on in (("flow correspondences", settings.correspondence == "flow"),
