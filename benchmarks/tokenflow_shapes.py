@@ -200,6 +200,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pnp-attn", type=float, default=0.5, help="PnP attention-injection fraction (default 0.5)")
     p.add_argument("--cross-attn", type=float, default=None,
                    help="Prompt-to-Prompt cross-attention fraction (default: the model's, 0.5 for SANA)")
+    p.add_argument("--cross-reweight", type=float, default=None,
+                   help="factor of the edited words' cross-attention while the control runs (default: the "
+                        "model's; 1 = off)")
     p.add_argument("--propagation", type=float, default=None,
                    help="weight of propagated keyframe tokens against each frame's own attention (default: the "
                         "model's; 1 = TokenFlow's pure propagation)")
@@ -251,7 +254,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # The report keys that must agree for an interrupted run's videos to be kept by --resume.
 RESUME_KEYS = ("model", "model_identity", "device", "smoke", "seeds", "frames", "size", "steps", "cfg",
                "negative_prompt", "batch_size", "pnp_feature", "pnp_attention", "cross_attention",
-               "local_blend", "paste_source", "methods", "propagation", "output_propagation")
+               "local_blend", "paste_source", "methods", "propagation", "output_propagation",
+               "cross_reweight")
 
 
 def _resume(report: dict[str, Any], path: Path) -> int:
@@ -399,6 +403,7 @@ def main(argv: list[str] | None = None) -> int:
         negative = pipe.backbone.default_negative if args.negative is None else args.negative
         cross = pipe.backbone.default_cross_attention if args.cross_attn is None else args.cross_attn
         blend = pipe.backbone.default_local_blend if args.local_blend is None else args.local_blend
+        reweight = pipe.backbone.default_cross_reweight if args.cross_reweight is None else args.cross_reweight
         propagation = pipe.backbone.default_propagation if args.propagation is None else args.propagation
         out_weight = (pipe.backbone.default_output_propagation if args.output_propagation is None
                       else args.output_propagation)
@@ -420,6 +425,8 @@ def main(argv: list[str] | None = None) -> int:
             "cfg": cfg, "negative_prompt": negative, "batch_size": args.batch_size,
             "pnp_feature": args.pnp_feature, "pnp_attention": args.pnp_attn, "cross_attention": cross,
             "local_blend": blend, "propagation": propagation, "output_propagation": output_propagation,
+            # None when off, as output_propagation
+            "cross_reweight": None if reweight == 1.0 or cross <= 0 else reweight,
             "paste_source": args.paste_source,
             "settings": {s: {"inversion_steps": args.full_inversion_steps if s == "full" else args.steps}
                          for s in args.settings},
@@ -471,7 +478,8 @@ def main(argv: list[str] | None = None) -> int:
                         out = pipe(clip, target, source_prompt=source_prompt, negative_prompt=negative,
                                    steps=args.steps, inversion_steps=inversion_steps, guidance_scale=cfg,
                                    pnp_feature=args.pnp_feature, pnp_attention=args.pnp_attn,
-                                   cross_attention=cross, local_blend=blend, paste_source=args.paste_source,
+                                   cross_attention=cross, cross_reweight=reweight, local_blend=blend,
+                                   paste_source=args.paste_source,
                                    propagation=propagation, output_propagation=out_weight,
                                    output_propagation_steps=out_steps,
                                    output_correspondence=args.output_correspondence,

@@ -111,6 +111,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output-propagations", default=None,
                    help="comma-separated output-propagation settings WEIGHT[/STEPS] to cross with the grid (0 = "
                         "off; STEPS: fraction of leading steps, default 1; default: the model's default only)")
+    p.add_argument("--reweights", default=None,
+                   help="comma-separated factors of the edited words' cross-attention to cross with the grid "
+                        "(1 = off; default: the model's default only)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--smoke", action="store_true", help="tiny random SANA, 1 video, few steps")
     add_out_argument(p, DEFAULT_OUT, SMOKE_OUT)
@@ -140,6 +143,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--output-propagations: {e}")
     if not args.output_propagations:
         p.error("--output-propagations is empty")
+    try:
+        args.reweights = ([None] if args.reweights is None
+                          else [float(b) for b in args.reweights.split(",") if b.strip()])
+    except ValueError:
+        p.error(f"--reweights takes comma-separated numbers; got {args.reweights!r}")
+    if not args.reweights or any(b is not None and not 0 <= b <= 20 for b in args.reweights):
+        p.error(f"--reweights takes numbers in [0, 20]; got {args.reweights}")
     if args.smoke:
         args.videos, args.frames, args.size, args.steps = 1, 4, 64, 3
     return fill_defaults(args, DEFAULT_OUT, SMOKE_OUT)
@@ -153,20 +163,24 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
     started = time.perf_counter()
-    grid = [(setting, neg, blend, prop, outp) for outp in args.output_propagations for prop in args.propagations
-            for blend in args.local_blends for neg in args.negatives for setting in args.grid]
+    grid = [(setting, neg, blend, prop, outp, rw) for rw in args.reweights for outp in args.output_propagations
+            for prop in args.propagations for blend in args.local_blends for neg in args.negatives
+            for setting in args.grid]
     keys = [f"{f:g}/{a:g}/{g:g}" + ("" if c is None else f"/{c:g}") + ("" if neg == "default" else f"+neg={neg}")
             + ("" if blend is None else f"+blend={blend:g}") + ("" if prop is None else f"+prop={prop:g}")
             + ("" if outp is None else f"+out={outp[0]:g}/{outp[1]:g}/{outp[2]}")
-            for (f, a, g, c), neg, blend, prop, outp in grid]
+            + ("" if rw is None else f"+reweight={rw:g}")
+            for (f, a, g, c), neg, blend, prop, outp, rw in grid]
     with tempfile.TemporaryDirectory(prefix="tokenflow_sweep_") as tmp:
         pipe, _ = open_pipeline(args, Path(tmp) / "cache")
         negative = pipe.backbone.default_negative
         # The cross-attention fraction each setting ran with (the model's default where the grid names none).
         crosses = [pipe.backbone.default_cross_attention if c is None else c for (*_, c), *_ in grid]
         blends = [pipe.backbone.default_local_blend if b is None else b for _, _, b, *_ in grid]
-        props = [pipe.backbone.default_propagation if q is None else q for *_, q, _ in grid]
-        outps = [(pipe.backbone.default_output_propagation, 1.0, "flow") if o is None else o for *_, o in grid]
+        props = [pipe.backbone.default_propagation if q is None else q for *_, q, _, _ in grid]
+        outps = [(pipe.backbone.default_output_propagation, pipe.backbone.default_output_propagation_steps, "flow")
+                 if o is None else o for *_, o, _ in grid]
+        reweights = [pipe.backbone.default_cross_reweight if r is None else r for *_, r in grid]
         seeds = [SEED_BASE + VALIDATION_OFFSET + args.first_video + i for i in range(args.videos)]
         report: dict[str, Any] = {
             "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if argv is None else " ".join(argv),
@@ -175,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
             "seeds": seeds, "frames": args.frames, "size": args.size, "steps": args.steps,
             "method": args.method, "grid": keys, "negative_prompt": negative,
             "cross_attention": dict(zip(keys, crosses)), "local_blend": dict(zip(keys, blends)),
-            "propagation": dict(zip(keys, props)), "output_propagation": dict(zip(keys, outps)), "rows": [],
+            "propagation": dict(zip(keys, props)), "output_propagation": dict(zip(keys, outps)),
+            "cross_reweight": dict(zip(keys, reweights)), "rows": [],
         }
         batch = max(args.batch_size, args.frames)
         for i, seed in enumerate(seeds):
@@ -186,13 +201,14 @@ def main(argv: list[str] | None = None) -> int:
             pipe.invert(clip, source_prompt, args.steps, None, batch, reconstruct=False, progress=False)
             for kind, edit in edits_for(video, seed):
                 target = video_caption(video, edit)
-                for key, cross, blend, prop, outp, ((feature, attention, guidance, _), neg, *_) in zip(
-                        keys, crosses, blends, props, outps, grid):
+                for key, cross, blend, prop, outp, rw, ((feature, attention, guidance, _), neg, *_) in zip(
+                        keys, crosses, blends, props, outps, reweights, grid):
                     t0 = time.perf_counter()
                     out = pipe(clip, target, source_prompt=source_prompt,
                                negative_prompt=source_prompt if neg == "source" else negative,
                                steps=args.steps, guidance_scale=guidance, pnp_feature=feature,
-                               pnp_attention=attention, cross_attention=cross, local_blend=blend, propagation=prop,
+                               pnp_attention=attention, cross_attention=cross, cross_reweight=rw, local_blend=blend,
+                               propagation=prop,
                                output_propagation=outp[0], output_propagation_steps=outp[1],
                                output_correspondence=outp[2],
                                batch_size=args.batch_size,

@@ -14,6 +14,7 @@ from sanaflow.tokenflow import (
     TokenFlowState,
     align_tokens,
     edit_latents,
+    edited_positions,
     tokenflow_hooks,
 )
 from sanaflow.tokenflow.backbones import (
@@ -21,7 +22,7 @@ from sanaflow.tokenflow.backbones import (
     SDCrossAttentionOps,
     _sana_cross_processor_class,
 )
-from sanaflow.tokenflow.editor import token_map
+from sanaflow.tokenflow.editor import token_map, token_weights
 from sanaflow.tokenflow.inversion import InversionKey, LatentCache, step_key
 
 # one_thread, sd_folder (a tiny SD folder with a ControlNet) and the backbones sd / sana come from conftest.py.
@@ -59,6 +60,20 @@ def test_insertions_and_unequal_replacements_keep_their_own_probability():
     assert align_tokens([BOS, 10, 23, 31, EOS], [BOS, 10, 40, 41, 31, EOS]) == [0, 1, -1, -1, 3, 4]
     # a deleted word: the target's later tokens map past it
     assert align_tokens([BOS, 10, 20, 30, EOS], [BOS, 10, 30, EOS]) == [0, 1, 3, 4]
+
+
+def test_edited_positions_mark_what_the_source_lacks():
+    same = [BOS, 10, 21, 30, EOS]
+    assert edited_positions(same, same) == [False] * 5
+    # a swapped word, an inserted one, two pieces for one, a deleted one (nothing left to mark)
+    assert edited_positions(same, [BOS, 10, 23, 30, EOS]) == [False, False, True, False, False]
+    assert edited_positions([BOS, 10, 30, EOS], [BOS, 10, 20, 30, EOS]) == [False, False, True, False, False]
+    assert edited_positions(same, [BOS, 10, 40, 41, 30, EOS]) == [False, False, True, True, False, False]
+    assert edited_positions(same, [BOS, 10, 30, EOS]) == [False] * 4
+    # masked target positions are never edited ones, even where the ids differ
+    src, src_mask = [BOS, 10, 30, EOS, PAD, PAD], [1, 1, 1, 1, 0, 0]
+    tgt, tgt_mask = [BOS, 10, 20, 30, EOS, 77], [1, 1, 1, 1, 1, 0]
+    assert edited_positions(src, tgt, src_mask, tgt_mask) == [False, False, True, False, False, False]
 
 
 def test_different_lengths_leave_the_tail_unmapped():
@@ -139,8 +154,9 @@ def test_embedded_caption_alignment():
 # --------------------------------------------------------------------------------------------
 
 
-def _direct(attn, x, ctx, bias, mapping, n, kind):
-    """Every branch written out: softmax(q k^T / sqrt(d) + bias); target columns j from the source's map[j]."""
+def _direct(attn, x, ctx, bias, mapping, n, kind, weights=None):
+    """Every branch written out: softmax(q k^T / sqrt(d) + bias); target columns j from the source's map[j],
+    then times weights[j] (re-weighting) where given."""
     h = attn.heads
     q_in, c = x, ctx
     if kind == "sd" and attn.norm_cross:
@@ -167,6 +183,8 @@ def _direct(attn, x, ctx, bias, mapping, n, kind):
             for j, i in enumerate(mapping):
                 if i >= 0:
                     p[..., j] = src[..., i]
+                if weights is not None:
+                    p[..., j] = p[..., j] * weights[j]
         o = (p @ heads(v[r])).transpose(0, 1).flatten(1)  # (N, h*d): the branch's own values
         o = attn.to_out[0](o)
         if kind == "sd":
@@ -233,6 +251,19 @@ def test_controlled_cross_attention_equals_direct(kind, extras, masked):
         ctx2[2 * n :, 6:] += 100.0
         with torch.no_grad():
             torch.testing.assert_close(_call(proc, attn, kind, x, ctx2, bias), out)
+    # re-weighting the target's columns after the swap (the edited words 3x, one word 0)
+    weights = [1.0, 1.0, 3.0, 3.0, 1.0, 0.0, 1.0]
+    state.token_weights = torch.tensor(weights)
+    with torch.no_grad():
+        reweighted = _call(proc, attn, kind, x, ctx, bias)
+        torch.testing.assert_close(reweighted, _direct(attn, x, ctx, bias, mapping, n, kind, weights),
+                                   atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(reweighted[: 2 * n], plain[: 2 * n], atol=1e-6, rtol=1e-5)
+    assert (reweighted[2 * n :] - out[2 * n :]).abs().max() > 1e-3
+    state.token_weights = torch.ones(3)
+    with pytest.raises(RuntimeError, match="token weights"), torch.no_grad():
+        _call(proc, attn, kind, x, ctx, bias)
+    state.token_weights = None
     # off, and in plain passes, the original processor runs
     for mode, inject in ((Pass.PER_FRAME, False), (Pass.PLAIN, True)):
         state.mode, state.inject_cross = mode, inject
@@ -316,6 +347,38 @@ def test_control_changes_the_edit_when_prompts_differ(which, sd, sana, tmp_path)
     # None is the backbone's default; tokenflow-sdedit takes no injection of any kind
     assert torch.equal(edit("tokenflow-pnp", None), off if which == "sd" else edit("tokenflow-pnp", 0.5))
     assert torch.equal(edit("tokenflow-sdedit", 1.0), edit("tokenflow-sdedit", 0.0))
+
+
+@pytest.mark.parametrize("which", ["sd", "sana"])
+def test_cross_reweight_in_the_edit(which, sd, sana, tmp_path):
+    """The weights mark the caption's edited words; 1 is off; they act only while the control runs."""
+    backbone = sd if which == "sd" else sana
+    w = token_weights(backbone, "a square", "a big red square", 4.0)
+    ids, mask = backbone.token_ids(["a square", "a big red square"])
+    edited = [j for j in range(len(w)) if w[j] == 4.0]
+    assert edited and all(w[j] == 1.0 for j in range(len(w)) if j not in edited)
+    # the unedited target positions keep the source's ids in order (difflib's equal blocks)
+    kept = [int(ids[1, j]) for j in range(len(w)) if j not in edited and (mask is None or mask[1, j])]
+    source = iter(ids[0].tolist())
+    assert all(any(i == s for s in source) for i in kept)  # a subsequence of the source's ids
+    assert torch.equal(token_weights(backbone, "a square", "a square", 4.0), torch.ones(len(w)))
+    assert mask is None or all(mask[1, j] for j in edited)
+    cache = _retraced_cache(backbone, "a square", 2, 3, tmp_path)
+
+    def edit(cross, reweight, mode="tokenflow-pnp"):
+        settings = EditSettings("a big red square", source_prompt="a square", mode=mode, steps=3, batch_size=2,
+                                cross_attention=cross, cross_reweight=reweight)
+        return edit_latents(backbone, cache, settings)
+
+    plain = edit(1.0, 1.0)
+    assert backbone.default_cross_reweight == 1.0 or which == "sana"
+    torch.testing.assert_close(edit(1.0, None), edit(1.0, backbone.default_cross_reweight))
+    assert (edit(1.0, 4.0) - plain).abs().max() > 1e-3
+    assert (edit(1.0, 4.0, "per-frame") - edit(1.0, 1.0, "per-frame")).abs().max() > 1e-3
+    assert torch.equal(edit(0.0, 4.0), edit(0.0, 1.0))  # no control steps: nothing to re-weight
+    for bad in (-1.0, 25.0, float("nan")):
+        with pytest.raises(ConfigError, match="--cross-reweight must lie in"):
+            EditSettings("x", cross_reweight=bad).validate()
 
 
 def test_settings_and_encoders_without_token_ids(sana):

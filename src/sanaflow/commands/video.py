@@ -53,6 +53,9 @@ def register(subparsers) -> None:
                       help="fraction of steps (in [0, 1]) whose cross-attention keeps the source prompt's word "
                            "maps, token-aligned (Prompt-to-Prompt), so a swapped word lands on the object of the "
                            "word it replaces; PnP modes only (default: the model's; 0.5 for SANA, 0 for SD)")
+    edit.add_argument("--cross-reweight", type=float, default=None, metavar="C",
+                      help="while --cross-attn's control runs, multiply the edited words' cross-attention by C "
+                           "(Prompt-to-Prompt re-weighting, in [0, 20]; 1 = off; default: the model's)")
     edit.add_argument("--propagation", type=float, default=None, metavar="P",
                       help="weight (in [0, 1]) of the keyframes' propagated self-attention tokens against each "
                            "frame's own attention output: 1 = TokenFlow's pure propagation, 0 = per-frame "
@@ -145,9 +148,11 @@ def run_edit(args) -> int:
         clip, args.prompt, source_prompt=args.source_prompt, negative_prompt=args.negative, mode=args.mode,
         steps=args.steps, inversion_steps=args.inversion_steps, guidance_scale=args.cfg,
         pnp_feature=args.pnp_feature, pnp_attention=args.pnp_attn, cross_attention=args.cross_attn,
-        propagation=args.propagation, output_propagation=args.output_propagation,
+        cross_reweight=args.cross_reweight, propagation=args.propagation,
+        output_propagation=args.output_propagation,
         output_propagation_steps=args.output_propagation_steps,
-        output_correspondence=args.output_correspondence, local_blend=args.local_blend, paste_source=args.paste_source, strength=args.strength,
+        output_correspondence=args.output_correspondence, local_blend=args.local_blend,
+        paste_source=args.paste_source, strength=args.strength,
         batch_size=args.batch_size, inversion_batch_size=args.inversion_batch_size, seed=args.seed,
         correspondence=args.correspondence,
         max_keyframes=args.max_keyframes,

@@ -208,6 +208,7 @@ class VideoEditPipeline:
         pnp_feature: float = 0.8,
         pnp_attention: float = 0.5,
         cross_attention: float | None = None,
+        cross_reweight: float | None = None,
         propagation: float | None = None,
         output_propagation: float | None = None,
         output_propagation_steps: float | None = None,
@@ -235,7 +236,8 @@ class VideoEditPipeline:
         `batch_size` frames form a chunk (one keyframe each, one model call of 3 x batch_size);
         `inversion_batch_size` (default: batch_size) batches the inversion, reconstruction and decoding.
         `negative_prompt`, `guidance_scale` and `cross_attention` (the fraction of steps with
-        Prompt-to-Prompt cross-attention control) default to the backbone's (SD: TokenFlow's negative
+        Prompt-to-Prompt cross-attention control; `cross_reweight` multiplies the edited words'
+        probabilities while it runs) default to the backbone's (SD: TokenFlow's negative
         prompt, 7.5 and 0; SANA: the empty prompt, 4.5 and 0.5), and so does `local_blend` (edit only
         where the two prompts' predictions differ, keep the source elsewhere; `sanaflow.tokenflow.blend`:
         SD 0 = off, SANA 0.5). With the blend on, `paste_source` puts the source frames' own pixels back
@@ -255,7 +257,8 @@ class VideoEditPipeline:
         settings = EditSettings(
             prompt=prompt, source_prompt=source_prompt, negative_prompt=negative_prompt, mode=mode, steps=steps,
             guidance_scale=guidance_scale, pnp_feature=pnp_feature, pnp_attention=pnp_attention,
-            cross_attention=cross_attention, propagation=propagation, output_propagation=output_propagation,
+            cross_attention=cross_attention, cross_reweight=cross_reweight, propagation=propagation,
+            output_propagation=output_propagation,
             output_propagation_steps=output_propagation_steps, output_correspondence=output_correspondence,
             strength=strength,
             batch_size=batch_size, seed=seed, correspondence=correspondence, control_scale=control_scale,

@@ -18,7 +18,7 @@ from .backbones import (
     tokenflow_hooks,
 )
 from .correspondence import CORRESPONDENCES, FlowCorrespondence
-from .cross_attention import CrossAttentionControl, align_tokens, controlled_cross_attention
+from .cross_attention import CrossAttentionControl, align_tokens, controlled_cross_attention, edited_positions
 from .editor import MODES, EditSettings, edit_latents
 from .inversion import InversionKey, LatentCache, default_cache_dir, invert_latents, sample_plain
 
@@ -40,6 +40,7 @@ __all__ = [
     "align_tokens",
     "canny_edges",
     "controlled_cross_attention",
+    "edited_positions",
     "default_cache_dir",
     "edit_latents",
     "extended_attention",

@@ -61,6 +61,9 @@ class TokenFlowState:
     # branch's, column j from source caption position token_map[j] (-1: the target's own column).
     inject_cross: bool = False
     token_map: torch.Tensor | None = None  # (L,) long, on the device; built once per edit
+    # With the control on: factors of the target's probability columns (Prompt-to-Prompt re-weighting
+    # of the edited words), (L,) float on the device; None = all 1.
+    token_weights: torch.Tensor | None = None
     # Propagation: keyframe slots (indices into the stored keyframes) the current frames copy from,
     # and the weight of the first slot per frame (the second gets 1 - w).
     anchors: list[int] = field(default_factory=list)

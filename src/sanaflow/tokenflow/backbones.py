@@ -35,6 +35,9 @@ TOKENFLOW_NEGATIVE = "ugly, blurry, low res, unrealistic, unaesthetic"  # TokenF
 # model, PnP alone often binds an edited attribute to the wrong object; keeping the source's
 # cross-attention maps for the first half of the steps fixes much of it (see cross_attention.py).
 SANA_CROSS_ATTENTION = 0.5
+# SANA's default factor of the edited words' cross-attention probabilities while the control runs
+# (Prompt-to-Prompt re-weighting; 1 = off).
+SANA_CROSS_REWEIGHT = 1.0
 # SANA's default local-blend threshold (`blend.py`): only where the two prompts' velocities differ by
 # at least half of a frame's largest difference is the video edited; elsewhere it stays the source.
 SANA_LOCAL_BLEND = 0.5
@@ -83,6 +86,8 @@ class Backbone(Protocol):
     default_negative: str
     # Fraction of leading steps with Prompt-to-Prompt cross-attention control when an edit names none.
     default_cross_attention: float
+    # Factor of the edited words' cross-attention probabilities while the control runs (1: off).
+    default_cross_reweight: float
     # Local-blend threshold when an edit names none (0: off).
     default_local_blend: float
     # Weight of propagated tokens against each frame's own attention when an edit names none (1: pure propagation).
@@ -276,6 +281,7 @@ class StableDiffusionBackbone:
     default_guidance = 7.5
     default_negative = TOKENFLOW_NEGATIVE
     default_cross_attention = 0.0  # TokenFlow's published setting on SD has no cross-attention control
+    default_cross_reweight = 1.0
     default_local_blend = 0.0  # nor local blending
     default_propagation = 1.0  # and propagates keyframe tokens alone
     default_output_propagation = 0.0  # not the denoiser's output
@@ -584,6 +590,7 @@ class SanaBackbone:
     default_guidance = 4.5  # SANA's own default (configs/generate/generate.yaml)
     default_negative = ""
     default_local_blend = SANA_LOCAL_BLEND
+    default_cross_reweight = SANA_CROSS_REWEIGHT
     default_propagation = SANA_PROPAGATION
     default_output_propagation, default_output_propagation_steps = SANA_OUTPUT_PROPAGATION
 

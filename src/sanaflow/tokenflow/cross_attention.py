@@ -14,7 +14,11 @@ source and negative attend as usual; the target computes
 
     P_s = softmax(q_s k_s^T * scale + bias_s),  P_t = softmax(q_t k_t^T * scale + bias_t)   (float32)
     P_t[..., j] := P_s[..., map[j]]  where map[j] >= 0
+    P_t[..., j] *= c_j          (Prompt-to-Prompt re-weighting: c = `--cross-reweight` at the edited words, 1 elsewhere)
     out_t = P_t @ v_t                                                     (the target's own values)
+
+The re-weighting (no renormalisation, as in Prompt-to-Prompt's attention re-weighting) strengthens
+the words that changed, which a small model's weak binding otherwise lets the source's words outvote.
 
 `align_tokens` builds ``map`` (target caption position -> source position, or -1) from the token ids
 of both prompts. The arithmetic of one cross-attention (projections, mask, output) belongs to the
@@ -85,6 +89,29 @@ def align_tokens(
     return out
 
 
+def edited_positions(
+    source_ids: Sequence[int],
+    target_ids: Sequence[int],
+    source_mask: Sequence[int] | None = None,
+    target_mask: Sequence[int] | None = None,
+) -> list[bool]:
+    """Which target caption positions hold the edit: unmasked positions outside difflib's 'equal' blocks.
+
+    Swapped words (replace blocks of any length) and inserted words count; positions equal to the
+    source's, and masked ones, do not. Same matching as `align_tokens`.
+    """
+    src = [i for i in range(len(source_ids)) if source_mask is None or source_mask[i]]
+    tgt = [j for j in range(len(target_ids)) if target_mask is None or target_mask[j]]
+    a = [int(source_ids[i]) for i in src]
+    b = [int(target_ids[j]) for j in tgt]
+    out = [False] * len(target_ids)
+    for tag, _, _, j1, j2 in difflib.SequenceMatcher(None, a, b, autojunk=False).get_opcodes():
+        if tag != "equal":
+            for k in range(j1, j2):
+                out[tgt[k]] = True
+    return out
+
+
 def _probabilities(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None, scale: float) -> torch.Tensor:
     """softmax(q k^T * scale + bias) in float32: q (n, h, N, d), k (n, h, L, d) -> (n, h, N, L)."""
     logits = (q.float() @ k.float().transpose(-1, -2)) * scale  # (n, h, N, L)
@@ -101,11 +128,13 @@ def controlled_cross_attention(
     scale: float,
     token_map: torch.Tensor,
     frames: int,
+    token_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Cross-attention of the three branches with the target's probabilities taken from the source's.
 
     q (3n, h, N, d); k, v (3n, h, L, d) in branch-major order; bias None or additive, broadcastable
-    to (3n, h, N, L) with 3n rows or one; token_map (L,) long (see `align_tokens`). Returns
+    to (3n, h, N, L) with 3n rows or one; token_map (L,) long (see `align_tokens`); token_weights
+    None or (L,): factors of the target's probability columns after the swap (re-weighting). Returns
     (3n, h, N, d): source and negative as plain softmax attention (the source's probabilities in
     float32, as they are needed anyway), the target with swapped columns.
     """
@@ -122,6 +151,11 @@ def controlled_cross_attention(
     p_target = _probabilities(q[target], k[target], rows(bias, target), scale)  # (n, h, N, L)
     taken = p_source.index_select(-1, token_map.clamp_min(0))  # (n, h, N, L): column j is source map[j]
     probs = torch.where(token_map >= 0, taken, p_target)  # (n, h, N, L)
+    if token_weights is not None:
+        if token_weights.shape != token_map.shape:
+            raise RuntimeError(f"the token weights have {tuple(token_weights.shape)} entries but the caption "
+                               f"has {k.shape[-2]} tokens")
+        probs = probs * token_weights.float()
     out_source = (p_source @ v[source].float()).to(v.dtype)  # (n, h, N, d)
     out_negative = F.scaled_dot_product_attention(q[negative], k[negative], v[negative],
                                                   attn_mask=rows(bias, negative), scale=scale)  # (n, h, N, d)
@@ -155,5 +189,6 @@ class CrossAttentionControl:
                 f"{self.site}: batch of {hidden_states.shape[0]} does not hold {NUM_BRANCHES} branches of {n} frames"
             )
         q, k, v, bias = self.ops.project(attn, hidden_states, *args, **kwargs)  # (3n, h, N|L, d), bias
-        o = controlled_cross_attention(q, k, v, bias, self.ops.scale(attn, q), state.token_map, n)
+        o = controlled_cross_attention(q, k, v, bias, self.ops.scale(attn, q), state.token_map, n,
+                                       state.token_weights)
         return self.ops.output(attn, o, hidden_states)  # (3n, N, D)

@@ -7,8 +7,8 @@ site stores its keyframe tokens; then run every chunk (`Pass.PROPAGATE`): self-a
 copied from the chunk's keyframe and the previous chunk's keyframe along nearest-neighbour
 correspondences, blended by frame distance. In every pass of the leading `cross_attention` steps the
 target branch's cross-attention takes the source branch's (token-aligned) probabilities, as in
-Prompt-to-Prompt (`cross_attention.py`). Classifier-free guidance combines the two edit branches
-and the backbone's `move` takes the step. Model calls see one chunk (or the keyframes) at a time, so
+Prompt-to-Prompt (`cross_attention.py`), with the edited words' optionally re-weighted.
+Classifier-free guidance combines the two edit branches and the backbone's `move` takes the step. Model calls see one chunk (or the keyframes) at a time, so
 device memory holds one chunk's activations plus the keyframe tokens (moved to the CPU for long
 videos), whatever the video length; only the latents themselves (a few MB) stay on the device for
 every frame, so the loop never waits for the host between chunks.
@@ -27,12 +27,13 @@ from .attention import NUM_BRANCHES, Pass, TokenFlowState, blend_weights, latent
 from .backbones import TOKENFLOW_NEGATIVE, Backbone, TextCond, tokenflow_hooks
 from .blend import blend, edit_masks
 from .correspondence import CORRESPONDENCES, FlowCorrespondence
-from .cross_attention import align_tokens
+from .cross_attention import align_tokens, edited_positions
 from .injection import injection_steps
 from .inversion import LatentCache
 
 MODES = ("tokenflow-pnp", "tokenflow-sdedit", "per-frame")
 OUTPUT_CORRESPONDENCES = ("flow", "tokens")
+MAX_CROSS_REWEIGHT = 20.0  # beyond it a word's probability swamps every other caption token
 OFFLOAD_KEYFRAMES = 16
 
 
@@ -51,6 +52,9 @@ class EditSettings:
     # Fraction of leading steps whose target cross-attention takes the source's probabilities
     # (Prompt-to-Prompt); None = the backbone's default (SANA 0.5, SD 0). Like PnP, only PnP modes use it.
     cross_attention: float | None = None
+    # While that control runs: factor of the target's cross-attention probabilities at the edited
+    # words (Prompt-to-Prompt re-weighting; 1 = off); None = the backbone's default.
+    cross_reweight: float | None = None
     # Weight of the keyframes' propagated self-attention tokens against each frame's own attention
     # output (PnP-injected, per frame) in the propagation pass: 1 = TokenFlow's pure propagation, 0 =
     # per-frame attention; None = the backbone's default (SD 1, SANA `SANA_PROPAGATION`). TokenFlow modes only.
@@ -111,6 +115,9 @@ class EditSettings:
             value = getattr(self, name)
             if value is not None and not 0.0 <= value <= 1.0:
                 raise ConfigError(f"{flag} ({name}) must lie in [0, 1], got {value}")
+        if self.cross_reweight is not None and not 0.0 <= self.cross_reweight <= MAX_CROSS_REWEIGHT:
+            raise ConfigError(f"--cross-reweight must lie in [0, {MAX_CROSS_REWEIGHT:g}] (1 = off), "
+                              f"got {self.cross_reweight}")
         if self.local_blend is not None and not 0.0 <= self.local_blend < 1.0:
             raise ConfigError(f"--local-blend must lie in [0, 1) (a fraction of each frame's largest prompt "
                               f"difference; 0 = off), got {self.local_blend}")
@@ -192,6 +199,14 @@ def token_map(backbone: Backbone, source_prompt: str, prompt: str) -> torch.Tens
     ids, mask = backbone.token_ids([source_prompt, prompt])  # (2, L) each
     masks = (None, None) if mask is None else (mask[0].tolist(), mask[1].tolist())
     return torch.tensor(align_tokens(ids[0].tolist(), ids[1].tolist(), *masks), dtype=torch.long)
+
+
+def token_weights(backbone: Backbone, source_prompt: str, prompt: str, factor: float) -> torch.Tensor:
+    """(L,) float: `factor` at the target caption positions that differ from the source's, 1 elsewhere."""
+    ids, mask = backbone.token_ids([source_prompt, prompt])  # (2, L) each
+    masks = (None, None) if mask is None else (mask[0].tolist(), mask[1].tolist())
+    edited = torch.tensor(edited_positions(ids[0].tolist(), ids[1].tolist(), *masks))
+    return torch.where(edited, float(factor), 1.0)
 
 
 def _rows(x: torch.Tensor, frames: list[int]) -> torch.Tensor:
@@ -299,6 +314,10 @@ def edit_latents(
         n_output = 0
     if n_cross > start:
         state.token_map = token_map(backbone, settings.source_prompt, settings.prompt).to(device)
+        reweight = backbone.default_cross_reweight if settings.cross_reweight is None else settings.cross_reweight
+        if reweight != 1.0:
+            state.token_weights = token_weights(backbone, settings.source_prompt, settings.prompt,
+                                                reweight).to(device)
     # Anchors and blend weights per chunk are the same at every step: put them on the device once.
     plans = []
     for b in range(len(parts)):
