@@ -36,8 +36,10 @@ TOKENFLOW_NEGATIVE = "ugly, blurry, low res, unrealistic, unaesthetic"  # TokenF
 # cross-attention maps for the first half of the steps fixes much of it (see cross_attention.py).
 SANA_CROSS_ATTENTION = 0.5
 # SANA's default factor of the edited words' cross-attention probabilities while the control runs
-# (Prompt-to-Prompt re-weighting; 1 = off).
-SANA_CROSS_REWEIGHT = 1.0
+# (Prompt-to-Prompt re-weighting; 1 = off): on the embedded model the source caption's other words
+# outvote an edited colour; 4 was the most accurate of 1 / 2 / 4 on the 8 validation videos
+# (edit accuracy 0.50 / 0.59 / 0.61, colour edits 0.52 / 0.70 / 0.73; BENCHMARKS.md, issue 6).
+SANA_CROSS_REWEIGHT = 4.0
 # SANA's default local-blend threshold (`blend.py`): only where the two prompts' velocities differ by
 # at least half of a frame's largest difference is the video edited; elsewhere it stays the source.
 SANA_LOCAL_BLEND = 0.5
