@@ -111,9 +111,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output-propagations", default=None,
                    help="comma-separated output-propagation settings WEIGHT[/STEPS] to cross with the grid (0 = "
                         "off; STEPS: fraction of leading steps, default 1; default: the model's default only)")
-    p.add_argument("--pnp-insides", default=None,
-                   help="comma-separated fractions after which the PnP injection stops inside the edit mask, to "
-                        "cross with the grid ('none' = no release; default: none)")
     p.add_argument("--reweights", default=None,
                    help="comma-separated factors of the edited words' cross-attention to cross with the grid "
                         "(1 = off; default: the model's default only)")
@@ -147,13 +144,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not args.output_propagations:
         p.error("--output-propagations is empty")
     try:
-        args.pnp_insides = ([None] if args.pnp_insides is None else [
-            None if b.strip() == "none" else float(b) for b in args.pnp_insides.split(",") if b.strip()])
-    except ValueError:
-        p.error(f"--pnp-insides takes comma-separated numbers in [0, 1] or 'none'; got {args.pnp_insides!r}")
-    if not args.pnp_insides or any(b is not None and not 0 <= b <= 1 for b in args.pnp_insides):
-        p.error(f"--pnp-insides takes numbers in [0, 1]; got {args.pnp_insides}")
-    try:
         args.reweights = ([None] if args.reweights is None
                           else [float(b) for b in args.reweights.split(",") if b.strip()])
     except ValueError:
@@ -173,26 +163,24 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
     started = time.perf_counter()
-    grid = [(setting, neg, blend, prop, outp, rw, ins) for ins in args.pnp_insides for rw in args.reweights
-            for outp in args.output_propagations
+    grid = [(setting, neg, blend, prop, outp, rw) for rw in args.reweights for outp in args.output_propagations
             for prop in args.propagations for blend in args.local_blends for neg in args.negatives
             for setting in args.grid]
     keys = [f"{f:g}/{a:g}/{g:g}" + ("" if c is None else f"/{c:g}") + ("" if neg == "default" else f"+neg={neg}")
             + ("" if blend is None else f"+blend={blend:g}") + ("" if prop is None else f"+prop={prop:g}")
             + ("" if outp is None else f"+out={outp[0]:g}/{outp[1]:g}/{outp[2]}")
-            + ("" if rw is None else f"+reweight={rw:g}") + ("" if ins is None else f"+inside={ins:g}")
-            for (f, a, g, c), neg, blend, prop, outp, rw, ins in grid]
+            + ("" if rw is None else f"+reweight={rw:g}")
+            for (f, a, g, c), neg, blend, prop, outp, rw in grid]
     with tempfile.TemporaryDirectory(prefix="tokenflow_sweep_") as tmp:
         pipe, _ = open_pipeline(args, Path(tmp) / "cache")
         negative = pipe.backbone.default_negative
         # The cross-attention fraction each setting ran with (the model's default where the grid names none).
         crosses = [pipe.backbone.default_cross_attention if c is None else c for (*_, c), *_ in grid]
         blends = [pipe.backbone.default_local_blend if b is None else b for _, _, b, *_ in grid]
-        props = [pipe.backbone.default_propagation if q is None else q for *_, q, _, _, _ in grid]
+        props = [pipe.backbone.default_propagation if q is None else q for *_, q, _, _ in grid]
         outps = [(pipe.backbone.default_output_propagation, pipe.backbone.default_output_propagation_steps, "flow")
-                 if o is None else o for *_, o, _, _ in grid]
-        reweights = [pipe.backbone.default_cross_reweight if r is None else r for *_, r, _ in grid]
-        insides = [i for *_, i in grid]
+                 if o is None else o for *_, o, _ in grid]
+        reweights = [pipe.backbone.default_cross_reweight if r is None else r for *_, r in grid]
         seeds = [SEED_BASE + VALIDATION_OFFSET + args.first_video + i for i in range(args.videos)]
         report: dict[str, Any] = {
             "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if argv is None else " ".join(argv),
@@ -202,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
             "method": args.method, "grid": keys, "negative_prompt": negative,
             "cross_attention": dict(zip(keys, crosses)), "local_blend": dict(zip(keys, blends)),
             "propagation": dict(zip(keys, props)), "output_propagation": dict(zip(keys, outps)),
-            "cross_reweight": dict(zip(keys, reweights)), "pnp_inside": dict(zip(keys, insides)), "rows": [],
+            "cross_reweight": dict(zip(keys, reweights)), "rows": [],
         }
         batch = max(args.batch_size, args.frames)
         for i, seed in enumerate(seeds):
@@ -213,14 +201,13 @@ def main(argv: list[str] | None = None) -> int:
             pipe.invert(clip, source_prompt, args.steps, None, batch, reconstruct=False, progress=False)
             for kind, edit in edits_for(video, seed):
                 target = video_caption(video, edit)
-                for key, cross, blend, prop, outp, rw, ins, ((feature, attention, guidance, _), neg, *_) in zip(
-                        keys, crosses, blends, props, outps, reweights, insides, grid):
+                for key, cross, blend, prop, outp, rw, ((feature, attention, guidance, _), neg, *_) in zip(
+                        keys, crosses, blends, props, outps, reweights, grid):
                     t0 = time.perf_counter()
                     out = pipe(clip, target, source_prompt=source_prompt,
                                negative_prompt=source_prompt if neg == "source" else negative,
                                steps=args.steps, guidance_scale=guidance, pnp_feature=feature,
-                               pnp_attention=attention, pnp_inside=ins, cross_attention=cross, cross_reweight=rw,
-                               local_blend=blend,
+                               pnp_attention=attention, cross_attention=cross, cross_reweight=rw, local_blend=blend,
                                propagation=prop,
                                output_propagation=outp[0], output_propagation_steps=outp[1],
                                output_correspondence=outp[2],

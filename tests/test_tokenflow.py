@@ -20,7 +20,7 @@ from sanaflow.tokenflow import (
     sample_plain,
     tokenflow_hooks,
 )
-from sanaflow.tokenflow.attention import blend_weights, latent_index, mask_to_grid, release
+from sanaflow.tokenflow.attention import blend_weights, latent_index
 from sanaflow.tokenflow.backbones import SanaAttentionOps, SDAttentionOps, _sana_processor_class
 from sanaflow.tokenflow.correspondence import FlowCorrespondence
 from sanaflow.tokenflow.editor import _carry_output, anchors_of, chunks, keyframe_groups
@@ -573,101 +573,3 @@ def test_edit_on_cuda_matches_shapes_and_devices(sd_folder, tmp_path, offload):
         out = pipe(clip(t=5), "a red square", steps=2, batch_size=2, correspondence=corr, control_scale=0.5,
                    offload_keyframes=offload, progress=False)
         assert out.frames.shape == (5, 16, 16, 3)
-
-
-# --------------------------------------------------------------------------------------------
-# PnP release inside the edit mask (--pnp-inside)
-# --------------------------------------------------------------------------------------------
-
-
-def test_mask_to_grid_takes_the_largest_covered_value():
-    m = torch.zeros(2, 1, 8, 6)
-    m[0, 0, 3, 4] = 1.0
-    m[1, 0, 7, 0] = 0.5
-    torch.testing.assert_close(mask_to_grid(m, 48), m.reshape(2, 48))  # the latent grid itself
-    down = mask_to_grid(m, 12).reshape(2, 4, 3)  # factor 2
-    want = torch.zeros(2, 4, 3)
-    want[0, 1, 2], want[1, 3, 0] = 1.0, 0.5
-    torch.testing.assert_close(down, want)
-    odd = mask_to_grid(torch.ones(1, 1, 5, 5), 9)  # a UNet level of a 5 x 5 latent: 3 x 3, the last row partial
-    assert odd.shape == (1, 9) and odd.eq(1).all()
-    with pytest.raises(ValueError, match="not a grid"):
-        mask_to_grid(m, 7)
-
-
-def test_release_mixes_per_token():
-    source, own = torch.zeros(6, 2, 4, 3), torch.ones(6, 2, 4, 3)  # 3 branches x 2 frames, 4 tokens on dim 2
-    keep = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.5, 1.0]])
-    out = release(source, own, keep, 2)
-    for r in range(6):
-        for tok in range(4):
-            assert torch.all(out[r, :, tok] == keep[r % 2, tok])
-    assert release(source, own, None, 2) is source
-
-
-@pytest.mark.parametrize("kind", ["softmax", "linear"])
-def test_released_attention_injection_is_per_token(kind):
-    """Released everywhere: no q/k injection; nowhere: full injection; a mixed mask mixes q and k per token."""
-    torch.manual_seed(0)
-    n, side, dim = 2, 2, 16
-    tokens = side * side
-    if kind == "softmax":
-        from diffusers.models.attention_processor import Attention, AttnProcessor2_0
-
-        attn = Attention(query_dim=dim, heads=2, dim_head=8)
-        proc_cls, ops, original = TokenFlowAttnProcessor, SDAttentionOps(), AttnProcessor2_0()
-    else:
-        from sanaflow.models.sana_transformer import LinearSelfAttnProcessor, SanaSelfAttention
-
-        attn = SanaSelfAttention(dim, heads=2, head_dim=8, bias=False, qk_norm=None, dropout=0.0)
-        proc_cls, ops, original = _sana_processor_class(), SanaAttentionOps(), LinearSelfAttnProcessor()
-    x = torch.randn(3 * n, tokens, dim)
-
-    def run(inject, mask):
-        state = TokenFlowState(mode=Pass.PER_FRAME, frames=n, inject_attention=inject, release_mask=mask,
-                               release_attention=mask is not None)
-        proc = proc_cls("site", state, ops, original, pnp=True)
-        with torch.no_grad():
-            return proc(attn, x, side, side) if kind == "linear" else proc(attn, x)
-
-    ones, zeros = torch.ones(n, 1, side, side), torch.zeros(n, 1, side, side)
-    torch.testing.assert_close(run(True, ones), run(False, None))
-    torch.testing.assert_close(run(True, zeros), run(True, None))
-    mixed = zeros.clone()
-    mixed[0, 0, 0, 1] = 1.0
-    # direct: q, k of the edit rows are the source's except at the released token
-    q, k, v = ops.project(attn, x)
-    keep = mixed.reshape(n, tokens)
-    m = keep.repeat(3, 1)[:, None, :, None]  # (3n, 1, N, 1)
-    q2 = torch.where(m > 0, q, torch.cat([q[:n]] * 3))
-    k2 = torch.where(m > 0, k, torch.cat([k[:n]] * 3))
-    with torch.no_grad():
-        want = ops.output(attn, ops.attend(attn, q2, k2, v), x)
-    torch.testing.assert_close(run(True, mixed), want, atol=1e-6, rtol=1e-5)
-
-
-@pytest.mark.parametrize("which", ["sd", "sana"])
-def test_pnp_inside_releases_only_inside_the_mask(which, sd, sana, tmp_path):
-    backbone = sd if which == "sd" else sana
-    pipe = VideoEditPipeline(backbone, cache_dir=tmp_path)
-    video = pipe.prepare(clip(t=3, h=32, w=32))
-    inv = pipe.invert(video, "a square", steps=4, progress=False)
-
-    def run(**kw):
-        settings = EditSettings("a big red circle", source_prompt="a square", steps=4, batch_size=2,
-                                **{"local_blend": 0.6, "blend_grow": 0, **kw})
-        return edit_latents(backbone, inv.cache, settings, video.frames, return_masks=True)
-
-    base, masks = run()
-    assert masks is not None and 0 < masks.mean() < 1
-    # released only after every injection has ended: nothing changes
-    torch.testing.assert_close(run(pnp_inside=0.8)[0], base)
-    released = run(pnp_inside=0.0)[0]
-    assert ((released - base).abs() * masks).max() > 1e-4  # inside, the edit changes
-    clean = inv.cache.clean()
-    assert torch.equal(released * (1 - masks), clean * (1 - masks))  # outside, the source as ever
-    assert (run(pnp_inside=0.0, mode="per-frame")[0] - run(mode="per-frame")[0]).abs().max() > 1e-4
-    with pytest.raises(ConfigError, match="--pnp-inside"):
-        run(pnp_inside=0.0, local_blend=0.0)
-    with pytest.raises(ConfigError, match="--pnp-inside"):
-        EditSettings("x", pnp_inside=1.5).validate()

@@ -49,9 +49,6 @@ def register(subparsers) -> None:
     edit.add_argument("--seed", type=int, default=1, help="seed of the keyframe draws")
     edit.add_argument("--pnp-feature", type=float, default=0.8, help="fraction of steps with PnP feature injection")
     edit.add_argument("--pnp-attn", type=float, default=0.5, help="fraction of steps with PnP attention injection")
-    edit.add_argument("--pnp-inside", type=float, default=None, metavar="F",
-                      help="inside the local blend's mask, stop the PnP injection after this fraction of the "
-                           "steps, so the edited object may change its outline (default: as elsewhere)")
     edit.add_argument("--cross-attn", type=float, default=None, metavar="F",
                       help="fraction of steps (in [0, 1]) whose cross-attention keeps the source prompt's word "
                            "maps, token-aligned (Prompt-to-Prompt), so a swapped word lands on the object of the "
@@ -150,8 +147,7 @@ def run_edit(args) -> int:
     out = pipe(
         clip, args.prompt, source_prompt=args.source_prompt, negative_prompt=args.negative, mode=args.mode,
         steps=args.steps, inversion_steps=args.inversion_steps, guidance_scale=args.cfg,
-        pnp_feature=args.pnp_feature, pnp_attention=args.pnp_attn, pnp_inside=args.pnp_inside,
-        cross_attention=args.cross_attn,
+        pnp_feature=args.pnp_feature, pnp_attention=args.pnp_attn, cross_attention=args.cross_attn,
         cross_reweight=args.cross_reweight, propagation=args.propagation,
         output_propagation=args.output_propagation,
         output_propagation_steps=args.output_propagation_steps,

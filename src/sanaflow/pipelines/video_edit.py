@@ -207,7 +207,6 @@ class VideoEditPipeline:
         guidance_scale: float | None = None,
         pnp_feature: float = 0.8,
         pnp_attention: float = 0.5,
-        pnp_inside: float | None = None,
         cross_attention: float | None = None,
         cross_reweight: float | None = None,
         propagation: float | None = None,
@@ -234,8 +233,7 @@ class VideoEditPipeline:
     ) -> VideoEditOutput:
         """Edit `video` (path, frames array or VideoClip) towards `prompt`; see `EditSettings` for the knobs.
 
-        `pnp_inside` stops the PnP injection inside the local blend's mask after that fraction of the
-        steps (None: it runs as everywhere). `batch_size` frames form a chunk (one keyframe each, one model call of 3 x batch_size);
+        `batch_size` frames form a chunk (one keyframe each, one model call of 3 x batch_size);
         `inversion_batch_size` (default: batch_size) batches the inversion, reconstruction and decoding.
         `negative_prompt`, `guidance_scale` and `cross_attention` (the fraction of steps with
         Prompt-to-Prompt cross-attention control; `cross_reweight` multiplies the edited words'
@@ -258,7 +256,7 @@ class VideoEditPipeline:
             guidance_scale = self.backbone.default_guidance
         settings = EditSettings(
             prompt=prompt, source_prompt=source_prompt, negative_prompt=negative_prompt, mode=mode, steps=steps,
-            guidance_scale=guidance_scale, pnp_feature=pnp_feature, pnp_attention=pnp_attention, pnp_inside=pnp_inside,
+            guidance_scale=guidance_scale, pnp_feature=pnp_feature, pnp_attention=pnp_attention,
             cross_attention=cross_attention, cross_reweight=cross_reweight, propagation=propagation,
             output_propagation=output_propagation,
             output_propagation_steps=output_propagation_steps, output_correspondence=output_correspondence,

@@ -32,7 +32,6 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
-import torch.nn.functional as F
 
 NUM_BRANCHES = 3  # source, negative (unconditional), target
 
@@ -58,12 +57,6 @@ class TokenFlowState:
     frames: int = 0  # frames per branch in the current call (the batch is NUM_BRANCHES * frames)
     inject_attention: bool = False  # PnP: source queries/keys replace the edit branches' ones
     inject_features: bool = False  # PnP: source residual features replace the edit branches' ones
-    # PnP release: where this (n, 1, h, w) latent-grid mask of the call's frames is 1, the edit branches
-    # keep their own queries/keys (`release_attention`) and features (`release_features`) while the
-    # injection runs elsewhere; None = inject everywhere.
-    release_mask: torch.Tensor | None = None
-    release_attention: bool = False
-    release_features: bool = False
     # Prompt-to-Prompt: the target branch's cross-attention probabilities come from the source
     # branch's, column j from source caption position token_map[j] (-1: the target's own column).
     inject_cross: bool = False
@@ -94,13 +87,6 @@ class TokenFlowState:
     # Written by the keyframe pass, read by the propagation pass; per site.
     keyframe_inputs: dict[str, torch.Tensor] = field(default_factory=dict)  # (K, N, D)
     keyframe_outputs: dict[str, torch.Tensor] = field(default_factory=dict)  # (3, K, N, D)
-
-    def release_tokens(self, tokens: int, kind: str) -> torch.Tensor | None:
-        """The release mask on a grid of `tokens` tokens, (n, tokens), when `kind` is released; else None."""
-        on = self.release_attention if kind == "attention" else self.release_features
-        if self.release_mask is None or not on:
-            return None
-        return mask_to_grid(self.release_mask, tokens)
 
     def clear(self) -> None:
         """Forget the stored keyframe tokens (between denoising steps)."""
@@ -210,36 +196,6 @@ def latent_index(token_index: torch.Tensor, height: int, width: int) -> torch.Te
             + tx * f + xs.reshape(-1).repeat(height) % f)
 
 
-def mask_to_grid(mask: torch.Tensor, tokens: int) -> torch.Tensor:
-    """A latent-grid mask (n, 1, h, w) on a site's token grid of `tokens` tokens: (n, tokens), row-major.
-
-    The site's grid is the latent grid downsampled by a factor f (patch size, UNet level; the last
-    row / column may be partial): a token takes the largest mask value of the latent pixels it covers.
-    """
-    n, _, h, w = mask.shape
-    f = math.sqrt(h * w / tokens)
-    for gh in {math.ceil(h / f), math.floor(h / f), round(h / f)}:
-        if gh >= 1 and tokens % gh == 0:
-            gw = tokens // gh
-            if abs(gw - w / f) <= 1:
-                return F.adaptive_max_pool2d(mask.float(), (gh, gw)).reshape(n, tokens)
-    raise ValueError(f"{tokens} tokens are not a grid of the {h}x{w} latent")
-
-
-def release(source: torch.Tensor, own: torch.Tensor, keep: torch.Tensor | None, dim: int) -> torch.Tensor:
-    """PnP injection with a release mask: the source's values, but the branch's `own` where keep = 1.
-
-    source, own: the same shape; keep None (inject everywhere) or (n, tokens) on the token axis `dim`
-    of one branch's n rows (the rows repeat it per branch).
-    """
-    if keep is None:
-        return source
-    shape = [1] * source.dim()
-    shape[0], shape[dim] = keep.shape
-    m = keep.reshape(shape).repeat(source.shape[0] // keep.shape[0], *([1] * (source.dim() - 1)))
-    return torch.lerp(source, own, m.to(source.dtype))
-
-
 def blend_weights(frames: torch.Tensor, centre_a: float, centre_b: float) -> torch.Tensor:
     """TokenFlow's weight of anchor a: sigmoid(d_b / (d_a + d_b)), d = distance to each anchor's centre."""
     d_a = (frames.float() - centre_a).abs()
@@ -305,9 +261,8 @@ class TokenFlowAttnProcessor:
         n = self.state.frames
         q, k, v = self.ops.project(attn, hidden_states)  # (3n, h, N, d) each
         if self.pnp and self.state.inject_attention:
-            keep = self.state.release_tokens(q.shape[-2], "attention")  # (n, N) or None
-            q = release(torch.cat([q[:n]] * NUM_BRANCHES), q, keep, 2)
-            k = release(torch.cat([k[:n]] * NUM_BRANCHES), k, keep, 2)
+            q = torch.cat([q[:n]] * NUM_BRANCHES)
+            k = torch.cat([k[:n], k[:n], k[:n]])
         if per_frame:
             o = self.ops.attend(attn, q, k, v)
         else:

@@ -49,10 +49,6 @@ class EditSettings:
     guidance_scale: float = 7.5
     pnp_feature: float = 0.8  # fraction of leading steps with residual-feature injection
     pnp_attention: float = 0.5  # fraction of leading steps with self-attention q/k injection
-    # Inside the edit (the local blend's mask), PnP feature and q/k injection stop after this fraction
-    # of the steps (each at most its own fraction above); outside it they run as set. A shape edit
-    # needs the new outline, which the injected source features hold in place. None = no release.
-    pnp_inside: float | None = None
     # Fraction of leading steps whose target cross-attention takes the source's probabilities
     # (Prompt-to-Prompt); None = the backbone's default (SANA 0.5, SD 0). Like PnP, only PnP modes use it.
     cross_attention: float | None = None
@@ -111,8 +107,7 @@ class EditSettings:
             raise ConfigError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.max_keyframes is not None and self.max_keyframes < 1:
             raise ConfigError(f"max_keyframes must be at least 1 (or None for all), got {self.max_keyframes}")
-        fractions = {"pnp_feature": "--pnp-feature", "pnp_attention": "--pnp-attn", "pnp_inside": "--pnp-inside",
-                     "strength": "--strength",
+        fractions = {"pnp_feature": "--pnp-feature", "pnp_attention": "--pnp-attn", "strength": "--strength",
                      "cross_attention": "--cross-attn", "propagation": "--propagation",
                      "output_propagation": "--output-propagation",
                      "output_propagation_steps": "--output-propagation-steps"}
@@ -317,7 +312,6 @@ def edit_latents(
     n_output = injection_steps(settings.steps, out_steps) if out_weight > 0 else 0
     if settings.mode == "per-frame":
         n_output = 0
-    n_inside = None if settings.pnp_inside is None or not pnp else injection_steps(settings.steps, settings.pnp_inside)
     if n_cross > start:
         state.token_map = token_map(backbone, settings.source_prompt, settings.prompt).to(device)
         reweight = backbone.default_cross_reweight if settings.cross_reweight is None else settings.cross_reweight
@@ -335,9 +329,6 @@ def edit_latents(
     if threshold > 0:
         masks = edit_masks(backbone, cache, settings.source_prompt, settings.prompt, threshold,
                            settings.batch_size, settings.blend_grow).to(device)  # (T, 1, h, w)
-    elif n_inside is not None:
-        raise ConfigError("--pnp-inside releases the injection inside the local blend's mask; "
-                          "turn the blend on (--local-blend > 0) or leave --pnp-inside out")
 
     with tokenflow_hooks(backbone, state):
         for i in range(start, settings.steps):
@@ -347,15 +338,12 @@ def edit_latents(
             state.inject_features = i < n_feature
             state.inject_attention = i < n_attention
             state.inject_cross = i < n_cross
-            state.release_features = n_inside is not None and i >= n_inside
-            state.release_attention = state.release_features
             new = torch.empty_like(x)
             if settings.mode == "per-frame":
                 state.mode = Pass.PER_FRAME
                 for part in parts:
                     rows = slice(part.start, part.stop)
                     state.frames = len(part)
-                    state.release_mask = None if n_inside is None else masks[rows]
                     guided = call(source[rows], x[rows], t, list(part))
                     new[rows] = backbone.move(x[rows], guided, t, t_next)
                     if progress is not None:
@@ -371,7 +359,6 @@ def edit_latents(
                     sel = keys[group.start : group.stop]
                     state.frames = len(sel)
                     state.keyframe_offset = group.start
-                    state.release_mask = None if n_inside is None else _rows(masks, sel)
                     out = call(_rows(source, sel), _rows(x, sel), t, sel)  # also fills state.keyframe_*
                     if carry_output:
                         key_out.append(out)
@@ -385,7 +372,6 @@ def edit_latents(
                     anchor_frames = [keys[a] for a in state.anchors]
                     state.matcher = None if token_flow is None else token_flow.matcher(list(part), anchor_frames)
                     state.token_index = None
-                    state.release_mask = None if n_inside is None else masks[rows]
                     guided = call(source[rows], x[rows], t, list(part))
                     if carry_output:
                         mask = None if masks is None else masks[rows]

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from .attention import NUM_BRANCHES, Pass, TokenFlowState, release
+from .attention import NUM_BRANCHES, Pass, TokenFlowState
 
 
 def injection_steps(num_steps: int, fraction: float) -> int:
@@ -33,12 +33,4 @@ class FeatureInjectionHook:
         if state.mode is Pass.PLAIN or not state.inject_features:
             return None
         n = state.frames
-        injected = torch.cat([output[:n]] * NUM_BRANCHES)
-        if output.dim() == 4:  # (3n, C, H, W) feature maps
-            keep = state.release_tokens(output.shape[-2] * output.shape[-1], "features")
-            if keep is None:
-                return injected
-            flat = release(injected.flatten(2), output.flatten(2), keep, 2)  # (3n, C, H*W)
-            return flat.unflatten(2, output.shape[-2:])
-        keep = state.release_tokens(output.shape[1], "features")  # (3n, N, D) tokens
-        return release(injected, output, keep, 1)
+        return torch.cat([output[:n]] * NUM_BRANCHES)
