@@ -39,6 +39,10 @@ def test_edit_end_to_end_and_cache_reuse(sd_folder, video, tmp_path, capsys):
     assert main([*args, "--mode", "per-frame", "--frames", "8", "--cross-attn", "0.5"]) == 0
     assert "reused inversion" in capsys.readouterr().out
     assert main([*args, "--local-blend", "0.5"]) == 0  # local blending (off by default on SD)
+    assert "reused inversion" in capsys.readouterr().out
+    # re-weighted control and output propagation along the source's flow (both off by default on SD)
+    assert main([*args, "--cross-attn", "0.5", "--cross-reweight", "3", "--output-propagation", "0.5",
+                 "--output-propagation-steps", "0.5"]) == 0
     assert "reused inversion" in capsys.readouterr().out and read_video(out).frames.shape == (8, 16, 24, 3)
 
 
@@ -93,6 +97,11 @@ def test_bad_cross_attention_and_blend_fractions_exit_2(sd_folder, video, tmp_pa
     for bad in ("1", "-0.2", "nan"):
         _one_line_error(capsys, ["edit", str(video), "--prompt", "x", "--local-blend", bad, *base],
                         "--local-blend must lie in [0, 1)")
+    for bad in ("25", "-1"):
+        _one_line_error(capsys, ["edit", str(video), "--prompt", "x", "--cross-attn", "0.5", "--cross-reweight", bad,
+                                 *base], "--cross-reweight must lie in [0, 20]")
+    _one_line_error(capsys, ["edit", str(video), "--prompt", "x", "--output-propagation", "1.5", *base],
+                    "--output-propagation (output_propagation) must lie in [0, 1]")
     with pytest.raises(SystemExit) as exited:  # not a number: argparse's own usage error
         main(["edit", str(video), "--prompt", "x", "--cross-attn", "half", *base])
     assert exited.value.code == 2 and "--cross-attn: invalid float value" in capsys.readouterr().err
