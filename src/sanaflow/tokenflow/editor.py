@@ -8,7 +8,9 @@ copied from the chunk's keyframe and the previous chunk's keyframe along nearest
 correspondences, blended by frame distance. In every pass of the leading `cross_attention` steps the
 target branch's cross-attention takes the source branch's (token-aligned) probabilities, as in
 Prompt-to-Prompt (`cross_attention.py`), with the edited words' optionally re-weighted.
-Classifier-free guidance combines the two edit branches and the backbone's `move` takes the step. Model calls see one chunk (or the keyframes) at a time, so
+Classifier-free guidance combines the two edit branches; in the leading `output_propagation_steps`
+each frame's guided prediction inside the edit is mixed with its keyframes' (carried along DIS flow
+or the token matches), and the backbone's `move` takes the step. Model calls see one chunk (or the keyframes) at a time, so
 device memory holds one chunk's activations plus the keyframe tokens (moved to the CPU for long
 videos), whatever the video length; only the latents themselves (a few MB) stay on the device for
 every frame, so the loop never waits for the host between chunks.
