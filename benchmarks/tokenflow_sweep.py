@@ -20,6 +20,7 @@ import json
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +87,20 @@ def parse_output_propagation(item: str) -> tuple[float, float, str]:
     return weight, steps, corr
 
 
+def _numbers(p: argparse.ArgumentParser, flag: str, text: str | None, ok: Callable[[float], bool],
+             allowed: str) -> list[float | None]:
+    """A comma-separated axis of numbers, each in `allowed`; None (the flag left out): [None], the model's default."""
+    if text is None:
+        return [None]
+    try:
+        values = [float(b) for b in text.split(",") if b.strip()]
+    except ValueError:
+        p.error(f"{flag} takes comma-separated numbers in {allowed}; got {text!r}")
+    if not values or not all(ok(b) for b in values):
+        p.error(f"{flag} takes numbers in {allowed}; got {values}")
+    return values
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -121,20 +136,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.negatives = [n.strip() for n in args.negatives.split(",") if n.strip()]
     if not args.negatives or any(n not in ("default", "source") for n in args.negatives):
         p.error(f"--negatives takes 'default' and/or 'source'; got {args.negatives}")
-    try:
-        args.local_blends = ([None] if args.local_blends is None
-                             else [float(b) for b in args.local_blends.split(",") if b.strip()])
-    except ValueError:
-        p.error(f"--local-blends takes comma-separated numbers in [0, 1); got {args.local_blends!r}")
-    if not args.local_blends or any(b is not None and not 0 <= b < 1 for b in args.local_blends):
-        p.error(f"--local-blends takes numbers in [0, 1); got {args.local_blends}")
-    try:
-        args.propagations = ([None] if args.propagations is None
-                             else [float(b) for b in args.propagations.split(",") if b.strip()])
-    except ValueError:
-        p.error(f"--propagations takes comma-separated numbers in [0, 1]; got {args.propagations!r}")
-    if not args.propagations or any(b is not None and not 0 <= b <= 1 for b in args.propagations):
-        p.error(f"--propagations takes numbers in [0, 1]; got {args.propagations}")
+    args.local_blends = _numbers(p, "--local-blends", args.local_blends, lambda b: 0 <= b < 1, "[0, 1)")
+    args.propagations = _numbers(p, "--propagations", args.propagations, lambda b: 0 <= b <= 1, "[0, 1]")
+    args.reweights = _numbers(p, "--reweights", args.reweights, lambda b: 0 <= b <= 20, "[0, 20]")
     try:
         args.output_propagations = ([None] if args.output_propagations is None else [
             parse_output_propagation(item)
@@ -143,13 +147,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--output-propagations: {e}")
     if not args.output_propagations:
         p.error("--output-propagations is empty")
-    try:
-        args.reweights = ([None] if args.reweights is None
-                          else [float(b) for b in args.reweights.split(",") if b.strip()])
-    except ValueError:
-        p.error(f"--reweights takes comma-separated numbers; got {args.reweights!r}")
-    if not args.reweights or any(b is not None and not 0 <= b <= 20 for b in args.reweights):
-        p.error(f"--reweights takes numbers in [0, 20]; got {args.reweights}")
     if args.smoke:
         args.videos, args.frames, args.size, args.steps = 1, 4, 64, 3
     return fill_defaults(args, DEFAULT_OUT, SMOKE_OUT)

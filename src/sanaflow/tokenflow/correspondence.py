@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,6 +20,18 @@ from ..errors import ConfigError
 from .attention import Matcher
 
 CORRESPONDENCES = ("features", "flow")
+FLOWS_CACHED = 32  # raw flows kept: a chunk of 8 frames x 2 anchors is 16 pairs
+
+
+def _cached(store: OrderedDict, key: Any, limit: int, build: Callable[[], Any]) -> Any:
+    """`store[key]`, built on a miss; least recently used entries go beyond `limit`."""
+    if key in store:
+        store.move_to_end(key)
+        return store[key]
+    value = store[key] = build()
+    if len(store) > limit:
+        store.popitem(last=False)
+    return value
 
 
 class FlowCorrespondence:
@@ -35,12 +48,16 @@ class FlowCorrespondence:
         self._index: OrderedDict[tuple[int, int, int, int], torch.Tensor] = OrderedDict()
         # Sampling grids per (frame, target frame, height, width) (2 x h x w floats each).
         self._grids: OrderedDict[tuple[int, int, int, int], torch.Tensor] = OrderedDict()
+        # The last few raw flows (H x W x 2 floats each): one chunk's frame-anchor pairs, so the token
+        # grids of every site and the output sampling grid of a pair share one DIS computation.
+        self._flows: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self.max_flows = FLOWS_CACHED
 
     def flow(self, i: int, j: int) -> np.ndarray:
         """Flow (H, W, 2) in pixels: pixel p of frame i is at p + flow[p] in frame j."""
         if i == j:
             return np.zeros((self.height, self.width, 2), np.float32)
-        return self.dis.calc(self.gray[i], self.gray[j], None)
+        return _cached(self._flows, (i, j), self.max_flows, lambda: self.dis.calc(self.gray[i], self.gray[j], None))
 
     def grid(self, tokens: int) -> tuple[int, int]:
         """Token grid (gh, gw) with gh * gw == tokens and the frames' aspect ratio."""
@@ -56,39 +73,33 @@ class FlowCorrespondence:
     def token_index(self, i: int, j: int, tokens: int) -> torch.Tensor:
         """For each token of frame i (row-major grid of `tokens`), the index of its token in frame j."""
         gh, gw = self.grid(tokens)
-        key = (i, j, gh, gw)
-        if key in self._index:
-            self._index.move_to_end(key)
-            return self._index[key]
-        import cv2
 
-        flow = cv2.resize(self.flow(i, j), (gw, gh), interpolation=cv2.INTER_AREA)  # (gh, gw, 2) pixels
-        ys, xs = np.mgrid[0:gh, 0:gw].astype(np.float32)
-        tx = np.clip(np.round(xs + flow[..., 0] * gw / self.width), 0, gw - 1)
-        ty = np.clip(np.round(ys + flow[..., 1] * gh / self.height), 0, gh - 1)
-        index = torch.from_numpy((ty * gw + tx).astype(np.int64).reshape(-1))  # (N,)
-        self._index[key] = index
-        if len(self._index) > self.max_cached:
-            self._index.popitem(last=False)
-        return index
+        def build() -> torch.Tensor:
+            flow = self._resized_flow(i, j, gh, gw)  # (gh, gw, 2) pixels
+            ys, xs = np.mgrid[0:gh, 0:gw].astype(np.float32)
+            tx = np.clip(np.round(xs + flow[..., 0] * gw / self.width), 0, gw - 1)
+            ty = np.clip(np.round(ys + flow[..., 1] * gh / self.height), 0, gh - 1)
+            return torch.from_numpy((ty * gw + tx).astype(np.int64).reshape(-1))  # (N,)
+
+        return _cached(self._index, (i, j, gh, gw), self.max_cached, build)
 
     def sample_grid(self, i: int, j: int, height: int, width: int) -> torch.Tensor:
         """(height, width, 2) `grid_sample` coordinates (x, y in [-1, 1], align_corners=False): where each
         pixel of frame i's (height, width) latent grid lies in frame j, at sub-pixel precision."""
-        key = (i, j, height, width)
-        if key in self._grids:
-            self._grids.move_to_end(key)
-            return self._grids[key]
+
+        def build() -> torch.Tensor:
+            flow = self._resized_flow(i, j, height, width)  # (h, w, 2) pixels
+            xs = (np.arange(width, dtype=np.float32)[None, :] + 0.5 + flow[..., 0] * width / self.width) / width
+            ys = (np.arange(height, dtype=np.float32)[:, None] + 0.5 + flow[..., 1] * height / self.height) / height
+            return torch.from_numpy(np.stack([xs * 2 - 1, ys * 2 - 1], axis=-1).astype(np.float32))
+
+        return _cached(self._grids, (i, j, height, width), self.max_cached, build)
+
+    def _resized_flow(self, i: int, j: int, height: int, width: int) -> np.ndarray:
+        """The flow of frame i to j averaged onto a (height, width) grid, still in source pixels."""
         import cv2
 
-        flow = cv2.resize(self.flow(i, j), (width, height), interpolation=cv2.INTER_AREA)  # (h, w, 2) pixels
-        xs = (np.arange(width, dtype=np.float32)[None, :] + 0.5 + flow[..., 0] * width / self.width) / width
-        ys = (np.arange(height, dtype=np.float32)[:, None] + 0.5 + flow[..., 1] * height / self.height) / height
-        grid = torch.from_numpy(np.stack([xs * 2 - 1, ys * 2 - 1], axis=-1).astype(np.float32))
-        self._grids[key] = grid
-        if len(self._grids) > self.max_cached:
-            self._grids.popitem(last=False)
-        return grid
+        return cv2.resize(self.flow(i, j), (width, height), interpolation=cv2.INTER_AREA)
 
     def matcher(self, frames: Sequence[int], anchors: Sequence[int]) -> Matcher:
         """A propagation matcher for source frames `frames` copying from keyframes `anchors`."""

@@ -60,6 +60,21 @@ class CrossAttentionOps(Protocol):
 # --------------------------------------------------------------------------------------------
 
 
+def _token_blocks(
+    source_ids: Sequence[int],
+    target_ids: Sequence[int],
+    source_mask: Sequence[int] | None,
+    target_mask: Sequence[int] | None,
+) -> tuple[list[int], list[int], list[tuple[str, int, int, int, int]]]:
+    """The unmasked source and target positions and difflib's opcodes over their ids (indices into those lists)."""
+    src = [i for i in range(len(source_ids)) if source_mask is None or source_mask[i]]
+    tgt = [j for j in range(len(target_ids)) if target_mask is None or target_mask[j]]
+    a = [int(source_ids[i]) for i in src]
+    b = [int(target_ids[j]) for j in tgt]
+    # autojunk off: it would treat frequent ids (padding, "a") in sequences of 200+ as junk.
+    return src, tgt, difflib.SequenceMatcher(None, a, b, autojunk=False).get_opcodes()
+
+
 def align_tokens(
     source_ids: Sequence[int],
     target_ids: Sequence[int],
@@ -76,13 +91,9 @@ def align_tokens(
     one; so masked keys stay masked and real ones stay real. Without masks every position counts
     (Stable Diffusion attends to its padding tokens too).
     """
-    src = [i for i in range(len(source_ids)) if source_mask is None or source_mask[i]]
-    tgt = [j for j in range(len(target_ids)) if target_mask is None or target_mask[j]]
-    a = [int(source_ids[i]) for i in src]
-    b = [int(target_ids[j]) for j in tgt]
+    src, tgt, blocks = _token_blocks(source_ids, target_ids, source_mask, target_mask)
     out = [-1] * len(target_ids)
-    # autojunk off: it would treat frequent ids (padding, "a") in sequences of 200+ as junk.
-    for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(None, a, b, autojunk=False).get_opcodes():
+    for tag, i1, i2, j1, j2 in blocks:
         if tag == "equal" or (tag == "replace" and i2 - i1 == j2 - j1):
             for k in range(j2 - j1):
                 out[tgt[j1 + k]] = src[i1 + k]
@@ -100,12 +111,9 @@ def edited_positions(
     Swapped words (replace blocks of any length) and inserted words count; positions equal to the
     source's, and masked ones, do not. Same matching as `align_tokens`.
     """
-    src = [i for i in range(len(source_ids)) if source_mask is None or source_mask[i]]
-    tgt = [j for j in range(len(target_ids)) if target_mask is None or target_mask[j]]
-    a = [int(source_ids[i]) for i in src]
-    b = [int(target_ids[j]) for j in tgt]
+    _, tgt, blocks = _token_blocks(source_ids, target_ids, source_mask, target_mask)
     out = [False] * len(target_ids)
-    for tag, _, _, j1, j2 in difflib.SequenceMatcher(None, a, b, autojunk=False).get_opcodes():
+    for tag, _, _, j1, j2 in blocks:
         if tag != "equal":
             for k in range(j1, j2):
                 out[tgt[k]] = True

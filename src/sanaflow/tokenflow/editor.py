@@ -10,10 +10,10 @@ target branch's cross-attention takes the source branch's (token-aligned) probab
 Prompt-to-Prompt (`cross_attention.py`), with the edited words' optionally re-weighted.
 Classifier-free guidance combines the two edit branches; in the leading `output_propagation_steps`
 each frame's guided prediction inside the edit is mixed with its keyframes' (carried along DIS flow
-or the token matches), and the backbone's `move` takes the step. Model calls see one chunk (or the keyframes) at a time, so
-device memory holds one chunk's activations plus the keyframe tokens (moved to the CPU for long
-videos), whatever the video length; only the latents themselves (a few MB) stay on the device for
-every frame, so the loop never waits for the host between chunks.
+or the token matches), and the backbone's `move` takes the step. Model calls see one chunk (or the
+keyframes) at a time, so device memory holds one chunk's activations plus the keyframe tokens (moved
+to the CPU for long videos), whatever the video length; only the latents themselves (a few MB) stay on
+the device for every frame, so the loop never waits for the host between chunks.
 """
 
 from __future__ import annotations
@@ -198,17 +198,20 @@ class _Caller:
 
 def token_map(backbone: Backbone, source_prompt: str, prompt: str) -> torch.Tensor:
     """(L,) long: the source caption position whose cross-attention probability each target position takes, or -1."""
-    ids, mask = backbone.token_ids([source_prompt, prompt])  # (2, L) each
-    masks = (None, None) if mask is None else (mask[0].tolist(), mask[1].tolist())
-    return torch.tensor(align_tokens(ids[0].tolist(), ids[1].tolist(), *masks), dtype=torch.long)
+    return torch.tensor(align_tokens(*_caption_ids(backbone, source_prompt, prompt)), dtype=torch.long)
 
 
 def token_weights(backbone: Backbone, source_prompt: str, prompt: str, factor: float) -> torch.Tensor:
     """(L,) float: `factor` at the target caption positions that differ from the source's, 1 elsewhere."""
+    edited = torch.tensor(edited_positions(*_caption_ids(backbone, source_prompt, prompt)))
+    return torch.where(edited, float(factor), 1.0)
+
+
+def _caption_ids(backbone: Backbone, source_prompt: str, prompt: str) -> tuple[list, list, list | None, list | None]:
+    """Source ids, target ids, source mask, target mask (None: no mask) of the two captions, as lists."""
     ids, mask = backbone.token_ids([source_prompt, prompt])  # (2, L) each
     masks = (None, None) if mask is None else (mask[0].tolist(), mask[1].tolist())
-    edited = torch.tensor(edited_positions(ids[0].tolist(), ids[1].tolist(), *masks))
-    return torch.where(edited, float(factor), 1.0)
+    return ids[0].tolist(), ids[1].tolist(), *masks
 
 
 def _rows(x: torch.Tensor, frames: list[int]) -> torch.Tensor:
@@ -226,9 +229,13 @@ def _carry_output(guided: torch.Tensor, key_flat: torch.Tensor, state: TokenFlow
     index = latent_index(state.token_index, h, w)  # (A, n, h*w)
     anchors = torch.stack([key_flat[a] for a in state.anchors])[None]  # (1, A, h*w, C)
     carried = propagate(anchors, index, state.weights)[0]  # (n, h*w, C)
-    carried = carried.transpose(1, 2).reshape(n, c, h, w).to(guided.dtype)
-    mix = weight if mask is None else weight * mask.to(guided.dtype)  # (n, 1, h, w) inside the edit
-    return guided + mix * (carried - guided)
+    return _mix_inside(guided, carried.transpose(1, 2).reshape(n, c, h, w), weight, mask)
+
+
+def _mix_inside(guided: torch.Tensor, carried: torch.Tensor, weight: float, mask: torch.Tensor | None) -> torch.Tensor:
+    """guided + weight x (carried - guided), inside the (n, 1, h, w) edit mask only (everywhere without one)."""
+    mix = weight if mask is None else weight * mask.to(guided.dtype)
+    return guided + mix * (carried.to(guided.dtype) - guided)
 
 
 def _warp_output(guided: torch.Tensor, key_all: torch.Tensor, state: TokenFlowState, flow: FlowCorrespondence,
@@ -246,8 +253,7 @@ def _warp_output(guided: torch.Tensor, key_all: torch.Tensor, state: TokenFlowSt
     else:
         wt = state.weights.to(guided.device, guided.dtype).view(n, 1, 1, 1)
         carried = wt * warped[0] + (1 - wt) * warped[1]
-    mix = weight if mask is None else weight * mask.to(guided.dtype)
-    return guided + mix * (carried - guided)
+    return _mix_inside(guided, carried, weight, mask)
 
 
 @torch.no_grad()
