@@ -9,16 +9,57 @@ the attention as an opaque custom op in compiled CUDA inference, so the compiled
 view over unchanged; the op returns the (B, N, heads * d) tokens the output projection wants. Eager
 calls (SDPA takes the view there; a custom op's dispatch would only add host time), training (the
 op has no backward) and CPU tensors run the plain call, the same arithmetic.
+
+CUDA inference (eager and compiled) runs our Triton kernel (`sanaflow.ops.triton_cross_attention`:
+SANA's 72- and 112-wide heads without padding them to 128, and the caption's padded tokens
+skipped) when triton is installed and the bias is a key-padding one; ``SANAFLOW_CROSS_ATTENTION``
+(auto | torch | triton) or `set_backend` chooses, "torch" being SDPA everywhere.
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
+
+BACKENDS = ("auto", "torch", "triton")
+_backend = os.environ.get("SANAFLOW_CROSS_ATTENTION", "auto")
+
+
+def set_backend(name: str) -> None:
+    """Choose the CUDA inference implementation of `attend_tokens`: auto, torch (SDPA) or triton."""
+    global _backend
+    if name not in BACKENDS:
+        from ..errors import unknown_choice
+
+        raise unknown_choice("cross-attention backend", name, BACKENDS)
+    _backend = name
+
+
+def _triton_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """The Triton kernel's (B, N, h * d) output when the backend allows it and it takes the inputs, else None."""
+    if _backend == "torch" or not q.is_cuda:
+        return None
+    from . import triton_cross_attention as tca
+
+    if tca.supports(q, k, v, bias):
+        return tca.cross_attention_triton(q, k, v, bias)
+    if _backend == "triton":
+        from ..errors import SanaflowError
+
+        why = "triton is not installed" if not tca.triton_available() else (
+            f"it does not take q {tuple(q.shape)} {q.dtype}, k {tuple(k.shape)}, bias "
+            f"{None if bias is None else tuple(bias.shape)}")
+        raise SanaflowError(f"cross-attention backend 'triton' requested but {why}")
+    return None
 
 
 @torch.library.custom_op("sanaflow::attend_tokens", mutates_args=())
 def _attend_tokens_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    fast = _triton_call(q, k, v, bias)
+    if fast is not None:
+        return fast
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # (B, h, N, d)
     # A view when the kernel wrote token-major memory (as it does for token-major queries), else a copy.
     return out.transpose(1, 2).flatten(2).contiguous()  # (B, N, h * d)
@@ -34,7 +75,11 @@ def attend_tokens(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch
     """Softmax attention of q (B, h, N, d) over k, v (B, h, L, d) with additive `bias` -> (B, N, h * d)."""
     # Only inside compiled CUDA inference: eager SDPA already takes the view, and a custom op's
     # dispatch would add host time to every eager call; the op has no backward (training).
-    if q.is_cuda and torch.compiler.is_compiling() and not torch.is_grad_enabled():
-        return _attend_tokens_op(q, k, v, bias)
+    if q.is_cuda and not torch.is_grad_enabled():
+        if torch.compiler.is_compiling():
+            return _attend_tokens_op(q, k, v, bias)
+        fast = _triton_call(q, k, v, bias)
+        if fast is not None:
+            return fast
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # (B, h, N, d)
     return out.transpose(1, 2).flatten(2)
