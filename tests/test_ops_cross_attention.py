@@ -67,7 +67,7 @@ def direct(q, k, v, bias):  # float64 softmax attention -> (B, N, h * d)
 def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
-def case(B, H, N, L, d, seed, masked=None, bias_shape="b11l", meta=None):
+def case(B, H, N, L, d, seed, masked=None, bias_shape="b11l", meta=None, inf_head=0):
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(B, N, H * d, generator=g).view(B, N, H, d).transpose(1, 2)  # strided view, as the model's
     k = torch.randn(B, H, L, d, generator=g)
@@ -81,6 +81,7 @@ def case(B, H, N, L, d, seed, masked=None, bias_shape="b11l", meta=None):
         if bias_shape == "l":
             bias = bias[:1]  # (1, 1, 1, L): one mask for the whole batch
         v = v + (1 - mask)[:, None, :, None] * 50.0  # padded tokens' values far off: a leak would show
+        bias[..., :inf_head] = float("-inf")  # a boolean mask's -inf on the first keys
     out = cross_attention_triton(q, k, v, bias, meta=meta)
     sdpa = F.scaled_dot_product_attention(q, k, v, attn_mask=bias).transpose(1, 2).flatten(2)
     return {"shape_ok": list(out.shape) == [B, N, H * d], "contiguous": out.is_contiguous(),
@@ -93,6 +94,7 @@ res["d112_masked"] = case(1, 2, 20, 70, 112, 3, masked=(20,))  # 64 + 64
 res["d8_masked"] = case(2, 2, 17, 50, 8, 4, masked=(1, 50))  # one 16-wide slice, a single valid token
 res["d32_bias_over_batch"] = case(2, 2, 21, 19, 32, 5, masked=(7, 7), bias_shape="l")
 res["all_masked_row"] = case(2, 1, 9, 40, 24, 6, masked=(0, 5))  # row 0: the plain softmax, as SDPA's
+res["inf_first_block"] = case(2, 1, 9, 40, 24, 8, masked=(0, 30), inf_head=16)  # row 0: -inf block, then -1e4
 res["big_blocks"] = case(1, 2, 70, 40, 72, 7, masked=(33,), meta={"BLOCK_M": 64, "BLOCK_L": 32})
 print("RESULT" + json.dumps(res))
 """
@@ -113,8 +115,9 @@ def test_triton_kernel_matches_a_direct_attention(triton_results, name):
     assert r["vs_sdpa"] < 2e-6, r
 
 
-def test_triton_kernel_keeps_the_plain_softmax_of_an_all_masked_caption(triton_results):
-    r = triton_results["all_masked_row"]
+@pytest.mark.parametrize("name", ["all_masked_row", "inf_first_block"])
+def test_triton_kernel_keeps_the_plain_softmax_of_an_all_masked_caption(triton_results, name):
+    r = triton_results[name]
     # an all-padded caption has every bias -1e4: its softmax is the unmasked one (float32 rounds the
     # -1e4 offsets, so the error against float64 is ~1e-4 in SDPA as well)
     assert r["vs_sdpa"] < 5e-4 and r["vs_direct"] < 5e-4, r

@@ -103,8 +103,9 @@ def cross_attention_kernel(
                 s += bias[None, :] * LOG2E
             s = tl.where(mask_l[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # a block of -inf biases: no NaN from -inf - -inf
+            alpha = tl.exp2(m_i - m_ref)
+            p = tl.exp2(s - m_ref[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
             acc0 = acc0 * alpha[:, None] + tl.dot(p.to(v0.dtype), v0, input_precision=PRECISION)
             if D1 > 0:
