@@ -2,7 +2,7 @@
 
 SANA's cross-attention at the official sizes: CFG batch 2, 300 caption tokens (the first caption
 120 tokens long, the rest padding, as `bench_sana.py` builds it), 600M heads 16 x 72 and 1600M
-20 x 112, image tokens (px / 32)^2. Times (CUDA events, median of --repeats after a warm-up):
+20 x 112, image tokens (px / 32)^2. Times (CUDA events around 10 calls, median of --repeats after a warm-up):
 `sdpa` (torch's own choice), `sdpa-cudnn`, `sdpa-efficient`, `sdpa-math` where it runs, our kernel
 with each block config of `_CONFIGS` and the autotuned one (`triton`), each with the padding mask
 and without a mask. The relative error of every output against float64 is in the record.
@@ -64,7 +64,8 @@ def cases(tca) -> dict:
     return out
 
 
-def timed(fn, repeats: int) -> tuple[float, float]:
+def timed(fn, repeats: int, inner: int = 10) -> tuple[float, float]:
+    """(median, min) seconds per call; `inner` calls between two events, so launch overhead hides."""
     for _ in range(3):
         fn()
     torch.cuda.synchronize()
@@ -72,10 +73,11 @@ def timed(fn, repeats: int) -> tuple[float, float]:
     for _ in range(repeats):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
-        fn()
+        for _ in range(inner):
+            fn()
         b.record()
         torch.cuda.synchronize()
-        times.append(a.elapsed_time(b) / 1e3)
+        times.append(a.elapsed_time(b) / 1e3 / inner)
     return statistics.median(times), min(times)
 
 

@@ -31,6 +31,6 @@ for backend in triton torch; do
         step "${LIMIT_STEP:-150}" "$PY" benchmarks/bench_sana.py --cases transformer_step --models "$MODEL" --px "$PX" \
         --impls "$IMPLS" --settle-s 3 --fresh --out "$OUT/step_$backend.json"
 done
-step "${LIMIT_TESTS:-130}" "$PY" -m pytest -q -x -m gpu tests/test_ops_cross_attention.py tests/test_cuda_graphs.py \
+step "${LIMIT_TESTS:-130}" "$PY" -m pytest -q -m gpu tests/test_ops_cross_attention.py tests/test_cuda_graphs.py \
     tests/test_quant.py -p no:cacheprovider
 exit $failed

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from sanaflow.ops.cross_attention import _attend_tokens_op, attend_tokens
-from triton_interp import interpreter_fixture
+from triton_interp import HAS_TRITON, compile_for_gpu, interpreter_fixture
 
 
 def _inputs(seed: int = 0):
@@ -121,6 +121,25 @@ def test_triton_kernel_keeps_the_plain_softmax_of_an_all_masked_caption(triton_r
     # an all-padded caption has every bias -1e4: its softmax is the unmasked one (float32 rounds the
     # -1e4 offsets, so the error against float64 is ~1e-4 in SDPA as well)
     assert r["vs_sdpa"] < 5e-4 and r["vs_direct"] < 5e-4, r
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@pytest.mark.parametrize("d, bias, ptr, block, launch", [
+    (72, True, "*bf16", (128, 64), (4, 3)),  # 600M, CFG mask: both head slices and the block skipping
+    (112, True, "*bf16", (128, 128), (8, 2)),  # 1600M, the largest tiles of the autotuner
+    (72, False, "*fp32", (64, 64), (4, 2)),  # float32, exact dots
+])
+def test_triton_kernel_compiles_for_hopper(d, bias, ptr, block, launch):
+    # the interpreter runs any Python; the compiler is stricter (globals, dot sizes, shared memory):
+    # building the sm_90 cubin here catches on CPU what would otherwise fail only on the GPU
+    from sanaflow.ops.triton_cross_attention import head_slices
+
+    d0, d1 = head_slices(d)
+    consts = dict(HAS_BIAS=bias, BLOCK_M=block[0], BLOCK_L=block[1], D0=d0, D1=d1, UPCAST=False,
+                  PRECISION="ieee" if ptr == "*fp32" else "tf32")
+    done = compile_for_gpu("sanaflow.ops._cross_attention_kernels", "cross_attention_kernel", consts, ptr=ptr,
+                           types={"qk_scale": "fp32"}, launch=[launch])
+    assert done[0]["cubin"] > 0 and done[0]["shared"] <= 227 * 1024, done
 
 
 def test_head_slices_cover_the_head_dim():

@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-SKIP_BIAS = -5000.0
+LOG2E = tl.constexpr(1.4426950408889634)  # globals a jit function reads must be constexpr
+SKIP_BIAS = tl.constexpr(-5000.0)
 
 
 def cross_attention_kernel(
