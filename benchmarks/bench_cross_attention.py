@@ -2,10 +2,12 @@
 
 SANA's cross-attention at the official sizes: CFG batch 2, 300 caption tokens (the first caption
 120 tokens long, the rest padding, as `bench_sana.py` builds it), 600M heads 16 x 72 and 1600M
-20 x 112, image tokens (px / 32)^2. Times (CUDA events around 10 calls, median of --repeats after a warm-up):
-`sdpa` (torch's own choice), `sdpa-cudnn`, `sdpa-efficient`, `sdpa-math` where it runs, our kernel
-with each block config of `_CONFIGS` and the autotuned one (`triton`), each with the padding mask
-and without a mask. The relative error of every output against float64 is in the record.
+20 x 112, image tokens (px / 32)^2. Times (CUDA events around 10 calls, median of --repeats after a
+warm-up): `sdpa` (torch's own choice), `sdpa-cudnn`, `sdpa-efficient`, `sdpa-flash` where it runs,
+`sdpa-rows` (each CFG row alone over its valid caption tokens, unmasked: what trimming the padding
+would buy), our kernel with each block config of `_CONFIGS` and the autotuned one (`triton`), each
+with the padding mask and without a mask. The relative error of every output against float64 is in
+the record.
 
     python benchmarks/bench_cross_attention.py --out benchmarks/results/cross_attention_speed.json
 """
@@ -50,11 +52,21 @@ def _sdpa(q, k, v, bb, backend=None):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bb).transpose(1, 2).flatten(2)
 
 
-def cases(tca) -> dict:
-    """impl name -> fn(q, k, v, bias) -> (B, N, h * d)."""
+def _sdpa_rows(q, k, v, bb, lengths):
+    """Each batch row alone over its valid caption tokens, no mask (lengths known on the host)."""
+    if bb is None:
+        return _sdpa(q, k, v, None)
+    rows = [F.scaled_dot_product_attention(q[b:b + 1], k[b:b + 1, :, :n], v[b:b + 1, :, :n])
+            for b, n in enumerate(lengths)]
+    return torch.cat(rows).transpose(1, 2).flatten(2)
+
+
+def cases(tca, lengths) -> dict:
+    """impl name -> fn(q, k, v, bias) -> (B, N, h * d); `lengths`: each row's valid caption tokens."""
     from torch.nn.attention import SDPBackend
 
-    out = {"sdpa": _sdpa, "triton": tca.cross_attention_triton}
+    out = {"sdpa": _sdpa, "sdpa-rows": functools.partial(_sdpa_rows, lengths=lengths),
+           "triton": tca.cross_attention_triton}
     for name, backend in (("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION), ("sdpa-efficient", SDPBackend.EFFICIENT_ATTENTION),
                           ("sdpa-flash", SDPBackend.FLASH_ATTENTION)):
         out[name] = functools.partial(_sdpa, backend=backend)
@@ -113,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
                 del s
             for masked in (True, False):
                 bb = bias if masked else None
-                for name, fn in cases(tca).items():
+                lengths = (bias[:, 0, 0, :] > -5000).sum(-1).tolist()  # padding at the end, as tokenizers put it
+                for name, fn in cases(tca, lengths).items():
                     rec = {"model": model, "px": px, "masked": masked, "impl": name, "gpu": gpu,
                            "torch": torch.__version__}
                     call = functools.partial(fn, q, k, v, bb)

@@ -177,8 +177,9 @@ def test_backend_choice_is_checked():
 
     with pytest.raises(ConfigError, match="cross-attention backend"):
         ca.set_backend("flash")
-    ca.set_backend("torch")
+    ca.set_backend("triton")
     ca.set_backend("auto")
+    assert ca._backend == "auto"
 
 
 @pytest.mark.gpu
