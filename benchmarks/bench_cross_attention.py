@@ -30,15 +30,16 @@ MODELS = {"600M": (16, 72), "1600M": (20, 112)}
 CAPTION_TOKENS = 300
 
 
-def inputs(model: str, px: int, dtype: torch.dtype, device: str, seed: int = 0):
+def inputs(model: str, px: int, dtype: torch.dtype, device: str, seed: int = 0, tokens: int = CAPTION_TOKENS,
+           short: int = 120):
     heads, d = MODELS[model]
     n = (px // 32) ** 2
     g = torch.Generator(device=device).manual_seed(seed)
     q = torch.randn(2, n, heads * d, device=device, generator=g).to(dtype).view(2, n, heads, d).transpose(1, 2)
-    k = torch.randn(2, heads, CAPTION_TOKENS, d, device=device, generator=g).to(dtype)
-    v = torch.randn(2, heads, CAPTION_TOKENS, d, device=device, generator=g).to(dtype)
-    mask = torch.ones(2, CAPTION_TOKENS, device=device)
-    mask[0, 120:] = 0
+    k = torch.randn(2, heads, tokens, d, device=device, generator=g).to(dtype)
+    v = torch.randn(2, heads, tokens, d, device=device, generator=g).to(dtype)
+    mask = torch.ones(2, tokens, device=device)
+    mask[0, short:] = 0
     bias = ((1 - mask) * -1e4).to(dtype)[:, None, None, :]
     return q, k, v, bias
 
@@ -98,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", default="600M,1600M")
     p.add_argument("--px", default="1024,2048,4096")
     p.add_argument("--repeats", type=int, default=30)
+    p.add_argument("--caption-tokens", type=int, default=CAPTION_TOKENS,
+                   help="caption length (300 as SANA pads; 128 = a trimmed caption, see trim_caption_padding)")
+    p.add_argument("--short", type=int, default=120, help="valid tokens of the first caption")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -114,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.cuda.synchronize()
     for model in args.models.split(","):
         for px in (int(x) for x in args.px.split(",")):
-            q, k, v, bias = inputs(model, px, torch.bfloat16, "cuda")
+            q, k, v, bias = inputs(model, px, torch.bfloat16, "cuda", tokens=args.caption_tokens,
+                                   short=min(args.short, args.caption_tokens))
             ref = {}
             for masked in (True, False):
                 bb = bias if masked else None
@@ -127,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
                 bb = bias if masked else None
                 lengths = (bias[:, 0, 0, :] > -5000).sum(-1).tolist()  # padding at the end, as tokenizers put it
                 for name, fn in cases(tca, lengths).items():
-                    rec = {"model": model, "px": px, "masked": masked, "impl": name, "gpu": gpu,
+                    rec = {"model": model, "px": px, "caption_tokens": args.caption_tokens, "masked": masked,
+                           "impl": name, "gpu": gpu,
                            "torch": torch.__version__}
                     call = functools.partial(fn, q, k, v, bb)
                     try:

@@ -147,3 +147,42 @@ def test_sprint_parity_with_diffusers(tmp_path, steps):
     expected = ref(prompts, generator=torch.Generator().manual_seed(0), **kw, **ref_kw).images
     got = ours(prompts, generator=torch.Generator().manual_seed(0), **kw).images
     assert (got - expected).abs().max().item() <= 1e-3
+
+
+def test_trim_caption_padding_keeps_the_columns_any_prompt_uses():
+    from sanaflow.pipelines.text_to_image import trim_caption_padding
+
+    h = torch.randn(2, 300, 8)
+    m = torch.zeros(2, 300, dtype=torch.long)
+    m[0, :20], m[1, :70] = 1, 1
+    neg_h, neg_m = torch.randn(2, 300, 8), torch.zeros(2, 300, dtype=torch.long)
+    neg_m[:, :3] = 1
+    (ch, cm), (uh, um) = trim_caption_padding((h, m), (neg_h, neg_m))
+    assert ch.shape == (2, 128, 8) and uh.shape == (2, 128, 8) and cm.shape == um.shape == (2, 128)  # 70 -> 128
+    assert torch.equal(ch, h[:, :128]) and torch.equal(cm, m[:, :128]) and torch.equal(uh, neg_h[:, :128])
+    assert int(cm.sum()) == int(m.sum())  # no valid token dropped
+    (ch, _), none = trim_caption_padding((h, m), None, multiple=16)
+    assert ch.shape[1] == 80 and none is None
+    m[1, 290] = 1  # a prompt using the last columns: nothing to cut
+    assert trim_caption_padding((h, m))[0][0].shape[1] == 300
+    m[1] = 0  # a row with no valid token attends uniformly to all 300 columns: left alone
+    assert trim_caption_padding((h, m))[0][0].shape[1] == 300
+
+
+def test_trimmed_caption_gives_the_same_images(ours):
+    seen = []
+    hook = ours.transformer.register_forward_pre_hook(lambda mod, args: seen.append(args[1].shape[1]))
+    kw = dict(negative_prompt="blurry", height=32, width=32, num_inference_steps=2, guidance_scale=4.5,
+              seed=5, output_type="pt", use_resolution_binning=False)
+    try:
+        ours.trim_caption = False
+        full = ours(["a red star", "a small blue circle"], **kw).images
+        n_full = seen[-1]
+        ours.trim_caption = True
+        cut = ours(["a red star", "a small blue circle"], **kw).images
+        n_cut = seen[-1]
+    finally:
+        ours.trim_caption = True
+        hook.remove()
+    assert n_cut < n_full, (n_cut, n_full)  # the caption did get shorter
+    assert (cut - full).abs().max().item() <= 1e-5

@@ -53,6 +53,37 @@ def _as_prompt_list(prompt: str | Sequence[str], what: str = "prompt") -> list[s
     return prompts
 
 
+CAPTION_TRIM_MULTIPLE = 64
+
+
+def trim_caption_padding(cond, uncond=None, multiple: int = CAPTION_TRIM_MULTIPLE):
+    """Cut (hidden (B, L, C), mask (B, L)) pairs to the caption columns some prompt uses.
+
+    The caption goes into the transformer only through its cross-attention, token by token, where a
+    padded token gets the bias -1e4: its softmax weight is exactly 0 in float32 beside any real
+    token. A column that is padding in every row of `cond` and `uncond` therefore changes nothing
+    beyond the rounding of a shorter reduction, and dropping the trailing ones makes every cross-attention cheaper (SANA pads prompts to 300
+    tokens; a typical prompt fills a few dozen, complex-human-instruction prompts included, since
+    their window ends at the prompt). The kept length is rounded up to `multiple` (so that compiled
+    graphs and CUDA graphs see a handful of caption lengths, not one per prompt) and never exceeds
+    L. Pairs with a row of no valid token (its softmax is the uniform one over all L columns) are
+    returned unchanged. Reads the masks on the host once per call.
+    """
+    pairs = [cond] + ([uncond] if uncond is not None else [])
+    length = cond[1].shape[1]
+    if any(m.shape[1] != length for _, m in pairs):
+        return cond, uncond
+    used = torch.cat([m for _, m in pairs]).ne(0)  # (rows, L)
+    if not bool(used.any(1).all()):
+        return cond, uncond
+    last = int(used.any(0).nonzero().max()) + 1  # one past the last column any row uses
+    keep = min(length, -(-last // multiple) * multiple)
+    if keep == length:
+        return cond, uncond
+    cut = [(h[:, :keep], m[:, :keep]) for h, m in pairs]
+    return cut[0], (cut[1] if uncond is not None else None)
+
+
 def noise_for_seeds(seeds: Sequence[int], shape: tuple[int, ...]) -> torch.Tensor:
     """Initial noise, one image per seed, drawn on the CPU so every device gives the same noise."""
     out = []
@@ -119,6 +150,9 @@ class TextToImagePipeline:
         self.offload_device = OFFLOAD_DEVICE
         self.cuda_graphs = cuda_graphs
         self.offload_text_encoder = offload_text_encoder
+        # Drop the caption columns that are padding in every prompt of the batch (see
+        # `trim_caption_padding`): same images, cross-attention over fewer tokens.
+        self.trim_caption = True
 
     @classmethod
     def from_pretrained(cls, ref: str | os.PathLike | None = None, device=None, dtype=None,
@@ -245,6 +279,8 @@ class TextToImagePipeline:
         finally:
             if self._offload:
                 self._park_text_encoder()
+        if self.trim_caption:
+            cond, uncond = trim_caption_padding(cond, uncond)
         return cond, uncond
 
     def _transformer_call(self, pag: PAGSelfAttnProcessor | None = None, pag_layers: Sequence[int] = ()):
