@@ -177,8 +177,13 @@ def test_backend_choice_is_checked():
 
     with pytest.raises(ConfigError, match="cross-attention backend"):
         ca.set_backend("flash")
-    ca.set_backend("triton")
-    ca.set_backend("auto")
+    q, k, v, bias = _inputs(4)
+    try:
+        ca.set_backend("triton")
+        assert ca._triton_call(q, k, v, bias) is None  # CPU tensors: the kernel only runs on CUDA
+        torch.testing.assert_close(attend_tokens(q, k, v, bias), _direct(q, k, v, bias), rtol=1e-5, atol=1e-5)
+    finally:
+        ca.set_backend("auto")
     assert ca._backend == "auto"
 
 
