@@ -106,6 +106,8 @@ def _cli(*args, cwd=None):
         (["generate", "a cat", "--size", "big"], "WIDTHxHEIGHT"),
         (["generate", "a cat", "--sampler", "heun9"], "sampler"),
         (["generate", "a cat", "--model", "/no/such/folder"], "not found"),
+        (["generate", "a cat", "--cfg", "nan"], "guidance_scale must be a finite number"),
+        (["generate", "a cat", "--cfg", "-1"], "guidance_scale must be a finite number"),
     ],
 )
 def test_bad_input_one_line_exit_2(args, needle, tmp_path, model):

@@ -119,6 +119,8 @@ def test_pag_scale_zero_equals_cfg(ours):
         (dict(prompt="a cat", height=8192, width=32), "limit"),
         (dict(prompt="a cat", sampler="heun9"), "sampler"),
         (dict(prompt="a cat", output_type="gif"), "output_type"),
+        (dict(prompt="a cat", guidance_scale=float("nan")), "guidance_scale"),
+        (dict(prompt="a cat", pag_scale=float("inf")), "pag_scale"),
         (dict(prompt="a cat", height=32, width=32, latents=torch.zeros(1, 3, 8, 8)), "shape"),
     ],
 )

@@ -386,6 +386,11 @@ def test_settings_and_encoders_without_token_ids(sana):
         with pytest.raises(ConfigError, match=r"--cross-attn \(cross_attention\) must lie in \[0, 1\]"):
             EditSettings("x", cross_attention=bad).validate()
     EditSettings("x", cross_attention=None).validate()
+    for bad in (float("nan"), float("inf"), -1.0):
+        with pytest.raises(ConfigError, match="--cfg must be a finite number"):
+            EditSettings("x", guidance_scale=bad).validate()
+        with pytest.raises(ConfigError, match="--controlnet-scale"):
+            EditSettings("x", control_scale=bad).validate()
 
     class Captions:  # precomputed embeddings: no tokenizer behind them
         def encode(self, prompts, device=None):

@@ -119,6 +119,40 @@ def test_resize_crop_and_side_by_side():
         resize_crop(frames[:, :20], 32)
     sbs = side_by_side(frames, frames[:, ::2, ::2])
     assert sbs.shape == (2, 50, 140, 3)
+    for size in (100_000, (64, 8192), 4, (0, 64)):  # out of [multiple, MAX_SIDE]: refused before resizing
+        with pytest.raises(InputError, match="out of range"):
+            resize_crop(frames, 8, size=size)
+    with pytest.raises(InputError, match="ints"):
+        resize_crop(frames, 8, size=(64, 64, 3))
+
+
+def test_resized_clip_above_the_memory_limit_is_refused(monkeypatch):
+    import sanaflow.video as video
+
+    monkeypatch.setattr(video, "MAX_BYTES", 3 * 64 * 96 * 3 - 1)  # just under 3 resized frames
+    frames = moving_square(t=3, h=50, w=70)
+    with pytest.raises(InputError, match="fewer frames"):
+        resize_crop(frames, 8, size=100)
+    assert resize_crop(frames[:2], 8, size=100).shape == (2, 64, 96, 3)
+
+
+def test_check_video_target(tmp_path):
+    from sanaflow.video import check_video_target
+
+    assert check_video_target(tmp_path / "new" / "out.mp4") == tmp_path / "new" / "out.mp4"
+    assert (tmp_path / "new").is_dir() and not any((tmp_path / "new").iterdir())  # no probe file left
+    with pytest.raises(InputError, match="use .mp4"):
+        check_video_target(tmp_path / "out.webm")
+    (tmp_path / "taken.mp4").mkdir()
+    with pytest.raises(InputError, match="folder of that name"):
+        check_video_target(tmp_path / "taken.mp4")
+    (tmp_path / "afile").write_bytes(b"x")
+    with pytest.raises(InputError, match="file of that name"):
+        check_video_target(tmp_path / "afile")
+    (tmp_path / "ro").mkdir()
+    (tmp_path / "ro" / "blocker").write_bytes(b"x")  # a file where a parent folder would go
+    with pytest.raises(InputError, match="cannot write video"):
+        check_video_target(tmp_path / "ro" / "blocker" / "out.mp4")
 
 
 def test_without_pyav_video_files_are_refused_clearly_and_gif_and_folders_still_work(tmp_path, monkeypatch):

@@ -87,6 +87,24 @@ def test_bad_inputs_exit_2_with_one_line(sd_folder, video, tmp_path, capsys):
     _one_line_error(capsys, ["edit", str(video), "--prompt", "x", "--model", str(tmp_path / "nomodel")],
                     "nomodel")
     _one_line_error(capsys, ["edit", str(video), "--prompt", "x", "--frames", "0", *base], "--frames")
+    _one_line_error(capsys, ["edit", str(video), "--prompt", "x", "--size", "100000", *base], "--size must be")
+    _one_line_error(capsys, ["edit", str(video), "--prompt", " ", *base], "non-empty --prompt")
+
+
+def test_bad_output_targets_fail_before_any_work(sd_folder, video, tmp_path, capsys, monkeypatch):
+    import sanaflow.commands.video as cmd
+
+    def no_model(*a, **k):
+        raise AssertionError("the model was loaded before the output path was checked")
+
+    monkeypatch.setattr(cmd, "_pipeline", no_model)
+    base = ["--model", str(sd_folder), "--cache-dir", str(tmp_path / "c"), "--quiet"]
+    _one_line_error(capsys, ["edit", str(video), "--prompt", "x", "--out", str(tmp_path / "o.xyz"), *base],
+                    "use .mp4")
+    _one_line_error(capsys, ["edit", str(video), "--prompt", "x", "--side-by-side", str(tmp_path / "s.avi"),
+                             *base], "use .mp4")
+    _one_line_error(capsys, ["invert", str(video), "--out", str(tmp_path / "r.webm"), *base], "use .mp4")
+    assert not (tmp_path / "c").exists()
 
 
 def test_bad_cross_attention_and_blend_fractions_exit_2(sd_folder, video, tmp_path, capsys):

@@ -64,12 +64,13 @@ class SamplingConfig:
     def __post_init__(self) -> None:
         if self.steps < 1:
             raise ConfigError(f"steps must be >= 1, got {self.steps}")
-        if self.guidance_scale < 0:
-            raise ConfigError(f"guidance_scale must be >= 0, got {self.guidance_scale}")
-        if self.pag_scale < 0:
-            raise ConfigError(f"pag_scale must be >= 0, got {self.pag_scale}")
-        if self.flow_shift is not None and self.flow_shift <= 0:
-            raise ConfigError(f"flow_shift must be > 0, got {self.flow_shift}")
+        # `not x >= 0` (rather than `x < 0`) also refuses NaN; infinities are refused too.
+        for name in ("guidance_scale", "pag_scale"):
+            value = getattr(self, name)
+            if not 0 <= value < float("inf"):
+                raise ConfigError(f"{name} must be a finite number >= 0, got {value}")
+        if self.flow_shift is not None and not 0 < self.flow_shift < float("inf"):
+            raise ConfigError(f"flow_shift must be a finite number > 0, got {self.flow_shift}")
 
 
 @dataclass
@@ -496,8 +497,10 @@ def find_config(ref: str | os.PathLike, subdir: str | None = None) -> Path:
 def load_config(ref: str | os.PathLike, schema: type[T], overrides: Iterable[str] = ()) -> T:
     """Load a YAML config (path or shipped name) with its bases, apply dotted overrides, validate into `schema`."""
     path = find_config(ref)
+    overrides = list(overrides or ())
     tree = apply_overrides(load_yaml_tree(path), overrides)
-    return from_dict(schema, tree, source=str(path))
+    source = f"{path} with the overrides given" if overrides else str(path)
+    return from_dict(schema, tree, source=source)
 
 
 def dump_config(cfg: Any, path: str | os.PathLike) -> None:

@@ -206,6 +206,17 @@ def _resize(frame: np.ndarray, h: int, w: int) -> np.ndarray:
     return cv2.resize(frame, (w, h), interpolation=interp)
 
 
+def _check_size(size, multiple: int) -> None:
+    """Refuse target sizes outside [multiple, MAX_SIDE] before any pixel is resized."""
+    if size is None:
+        return
+    sides = (size,) if isinstance(size, int) else tuple(size)
+    if len(sides) not in (1, 2) or not all(isinstance(v, (int, np.integer)) for v in sides):
+        raise InputError(f"size must be an int (longer side) or (height, width) ints, got {size!r}")
+    if any(v < multiple or v > MAX_SIDE for v in sides):
+        raise InputError(f"size {size!r} is out of range: each side must be in [{multiple}, {MAX_SIDE}] pixels")
+
+
 def resize_crop(
     frames: np.ndarray, multiple: int = 8, size: int | tuple[int, int] | None = None
 ) -> np.ndarray:
@@ -217,6 +228,7 @@ def resize_crop(
     if frames.ndim != 4 or frames.shape[-1] != 3:
         raise InputError(f"frames must have shape (T, H, W, 3), got {tuple(frames.shape)}")
     h, w = frames.shape[1:3]
+    _check_size(size, multiple)
     if size is None:
         th, tw = (h // multiple) * multiple, (w // multiple) * multiple
         rh, rw = h, w
@@ -231,6 +243,11 @@ def resize_crop(
         rh, rw = max(th, round(h * scale)), max(tw, round(w * scale))
     if th < multiple or tw < multiple:
         raise InputError(f"frames of {w}x{h} are too small: each side must reach at least {multiple} pixels")
+    if len(frames) * th * tw * 3 > MAX_BYTES:
+        raise InputError(
+            f"{len(frames)} frames of {tw}x{th} would take more than {MAX_BYTES / 2**30:.0f} GiB; "
+            "use fewer frames (--frames, --stride) or a smaller --size"
+        )
     top, left = (rh - th) // 2, (rw - tw) // 2
     out = [_resize(f, rh, rw)[top : top + th, left : left + tw] for f in frames]
     return np.ascontiguousarray(np.stack(out))  # (T, th, tw, 3)
@@ -258,6 +275,30 @@ def _as_frames(frames) -> np.ndarray:
     if frames.dtype != np.uint8:
         raise InputError(f"frames must be uint8, got {frames.dtype}")
     return frames
+
+
+WRITE_SUFFIXES = (".mp4", ".mov", ".m4v", ".mkv", ".gif")
+
+
+def check_video_target(path: str | os.PathLike) -> Path:
+    """Check, before any work, that `write_video` can write `path` (its suffix, its parent folder)."""
+    import tempfile
+
+    path = Path(path)
+    if path.suffix.lower() not in WRITE_SUFFIXES and path.suffix != "":
+        raise InputError(f"cannot write video {str(path)!r}: use .mp4, .mov, .mkv, .gif, or a folder (no suffix)")
+    if path.suffix and path.is_dir():
+        raise InputError(f"cannot write video {str(path)!r}: a folder of that name is in the way")
+    if not path.suffix and path.is_file():
+        raise InputError(f"cannot write frames into {str(path)!r}: a file of that name is in the way")
+    parent = path.parent if str(path.parent) else Path(".")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise InputError(f"cannot write video {str(path)!r}: {e.strerror or e}") from e
+    return path
 
 
 def write_video(path: str | os.PathLike, frames, fps: float, crf: int = 18) -> Path:

@@ -118,7 +118,32 @@ def _read(args):
     """Read the frames before any model loads, so bad input fails fast."""
     from ..video import read_video
 
+    for name in ("steps", "batch_size"):
+        if getattr(args, name) < 1:
+            raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    for name in ("inversion_steps", "inversion_batch_size", "frames"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if args.start < 0:
+        raise InputError(f"--start must be >= 0, got {args.start}")
+    if args.size is not None:
+        from ..video import MAX_SIDE
+
+        if not 8 <= args.size <= MAX_SIDE:
+            raise InputError(f"--size must be in [8, {MAX_SIDE}] pixels (the longer side), got {args.size}")
     return read_video(args.video, frames=args.frames, start=args.start, stride=args.stride, fps=args.fps)
+
+
+def _targets(args, suffix: str, extra: tuple[str | None, ...] = ()) -> Path:
+    """The output path (default: beside the video), checked with every extra output before any work."""
+    from ..video import check_video_target
+
+    target = Path(args.out) if args.out else _default_out(args.video, suffix)
+    for path in (target, *extra):
+        if path is not None:
+            check_video_target(path)
+    return target
 
 
 def _pipeline(args, controlnet: str | None = None):
@@ -142,6 +167,9 @@ def run_edit(args) -> int:
     """The `edit` subcommand."""
     from ..video import side_by_side, write_video
 
+    if not args.prompt.strip():
+        raise InputError("the edit needs a non-empty --prompt")
+    target = _targets(args, "_edit", (args.side_by_side,))
     clip = _read(args)
     pipe = _pipeline(args, _controlnet_ref(args))
     out = pipe(
@@ -160,7 +188,6 @@ def run_edit(args) -> int:
         reconstruct=args.reconstruct, progress=not args.quiet,
     )
     fps = out.fps
-    target = Path(args.out) if args.out else _default_out(args.video, "_edit")
     write_video(target, out.frames, fps)
     inv = out.inversion
     print(f"{'reused' if inv.reused else 'cached'} inversion: {inv.cache.folder}")
@@ -179,6 +206,7 @@ def run_invert(args) -> int:
     """The `invert` subcommand."""
     from ..video import write_video
 
+    target = None if args.no_reconstruction else _targets(args, "_reconstruction")
     source = _read(args)
     pipe = _pipeline(args)
     clip = pipe.prepare(source, size=args.size)
@@ -186,8 +214,7 @@ def run_invert(args) -> int:
                          args.inversion_batch_size or args.batch_size,
                          reconstruct=not args.no_reconstruction, progress=not args.quiet)
     print(f"{'reused' if result.reused else 'cached'} inversion: {result.cache.folder}")
-    if result.reconstruction is not None:
-        target = Path(args.out) if args.out else _default_out(args.video, "_reconstruction")
+    if result.reconstruction is not None and target is not None:
         write_video(target, result.reconstruction, clip.fps)
         print(f"wrote {target}")
     return 0

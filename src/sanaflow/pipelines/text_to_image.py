@@ -388,6 +388,9 @@ class TextToImagePipeline:
             raise InputError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
         if num_images_per_prompt < 1:
             raise InputError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
+        for name, value in (("guidance_scale", guidance_scale), ("pag_scale", pag_scale)):
+            if not 0 <= value < float("inf"):  # refuses NaN as well
+                raise InputError(f"{name} must be a finite number >= 0, got {value}")
         sampler_name = "scm" if self.is_sprint else sampler
         sample_fn = sampling.get_sampler(sampler_name)
         height = height or self.native_size

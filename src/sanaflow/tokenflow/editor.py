@@ -107,6 +107,10 @@ class EditSettings:
             raise ConfigError(f"--steps must be at least 1, got {self.steps}")
         if self.batch_size < 1:
             raise ConfigError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if not 0 <= self.guidance_scale < float("inf"):  # refuses NaN as well
+            raise ConfigError(f"--cfg must be a finite number >= 0, got {self.guidance_scale}")
+        if self.control_scale is not None and not 0 <= self.control_scale < float("inf"):
+            raise ConfigError(f"--controlnet-scale must be a finite number >= 0, got {self.control_scale}")
         if self.max_keyframes is not None and self.max_keyframes < 1:
             raise ConfigError(f"max_keyframes must be at least 1 (or None for all), got {self.max_keyframes}")
         fractions = {"pnp_feature": "--pnp-feature", "pnp_attention": "--pnp-attn", "strength": "--strength",
