@@ -401,7 +401,8 @@ def main(argv: list[str] | None = None) -> int:
         # The pipeline's defaults, resolved here so the report names the values that ran.
         cfg = pipe.backbone.default_guidance if args.cfg is None else args.cfg
         negative = pipe.backbone.default_negative if args.negative is None else args.negative
-        cross = pipe.backbone.default_cross_attention if args.cross_attn is None else args.cross_attn
+        cross = (min(pipe.backbone.default_cross_attention, args.pnp_attn) if args.cross_attn is None
+                 else args.cross_attn)
         blend = pipe.backbone.default_local_blend if args.local_blend is None else args.local_blend
         reweight = pipe.backbone.default_cross_reweight if args.cross_reweight is None else args.cross_reweight
         propagation = pipe.backbone.default_propagation if args.propagation is None else args.propagation

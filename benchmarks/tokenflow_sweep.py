@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         pipe, _ = open_pipeline(args, Path(tmp) / "cache")
         negative = pipe.backbone.default_negative
         # The cross-attention fraction each setting ran with (the model's default where the grid names none).
-        crosses = [pipe.backbone.default_cross_attention if c is None else c for (*_, c), *_ in grid]
+        crosses = [min(pipe.backbone.default_cross_attention, a) if c is None else c for (_, a, _, c), *_ in grid]
         blends = [pipe.backbone.default_local_blend if b is None else b for _, _, b, *_ in grid]
         props = [pipe.backbone.default_propagation if q is None else q for *_, q, _, _ in grid]
         outps = [(pipe.backbone.default_output_propagation, pipe.backbone.default_output_propagation_steps, "flow")

@@ -387,8 +387,10 @@ def test_single_frame_without_injection_equals_plain_sampling(which, sd, sana, t
     pipe = VideoEditPipeline(backbone, cache_dir=tmp_path)
     source = pipe.prepare(clip(t=1))
     inv = pipe.invert(source, "a square", steps=3, progress=False)
+    # Both thresholds at 0 also turn the default cross-attention control off; SANA's default local
+    # blend is not an injection but keeps the source outside its mask, so it is switched off here.
     settings = EditSettings("a red square", source_prompt="a square", steps=3, pnp_feature=0.0, pnp_attention=0.0,
-                            cross_attention=0.0)
+                            local_blend=0.0)
     edited = edit_latents(backbone, inv.cache, settings, source.frames)  # SANA: output propagation on
     conds = backbone.embed([settings.negative_prompt, settings.prompt])
     plain = sample_plain(backbone, inv.cache.latents(0), conds.take([1]), inv.cache.timesteps, 8,

@@ -52,7 +52,8 @@ def register(subparsers) -> None:
     edit.add_argument("--cross-attn", type=float, default=None, metavar="F",
                       help="fraction of steps (in [0, 1]) whose cross-attention keeps the source prompt's word "
                            "maps, token-aligned (Prompt-to-Prompt), so a swapped word lands on the object of the "
-                           "word it replaces; PnP modes only (default: the model's; 0.5 for SANA, 0 for SD)")
+                           "word it replaces; PnP modes only (default: the model's, at most --pnp-attn; 0.5 for SANA, "
+                           "0 for SD)")
     edit.add_argument("--cross-reweight", type=float, default=None, metavar="C",
                       help="while --cross-attn's control runs, multiply the edited words' cross-attention by C "
                            "(Prompt-to-Prompt re-weighting, in [0, 20]; 1 = off; default: the model's)")

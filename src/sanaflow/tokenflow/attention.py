@@ -178,22 +178,29 @@ def propagate(outputs: torch.Tensor, index: torch.Tensor, weights: torch.Tensor 
 def latent_index(token_index: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """Carry token correspondences (A, n, N) on a site's grid to the (height, width) latent grid.
 
-    A site's grid is the latent grid downsampled by an integer factor f (patch size, UNet level): the
+    A site's grid is the latent grid downsampled by an integer factor f (patch size, UNet level; a
+    UNet's stride-2 convolutions round odd sides up, so a level's grid is ceil(side / 2^k)): the
     latent pixel at offset (dy, dx) inside token (y, x) goes to the same offset inside the matched
-    token. Returns (A, n, height * width) indices into the latent pixels, row-major.
+    token (clamped to the last latent row / column where the edge cuts that token off). Returns
+    (A, n, height * width) indices into the latent pixels, row-major.
     """
     tokens = token_index.shape[-1]
     f = round(math.sqrt(height * width / tokens))
     if f < 1 or height % f or width % f or (height // f) * (width // f) != tokens:
-        raise ValueError(f"{tokens} tokens are not a grid of the {height}x{width} latent")
-    gw = width // f
+        rounded_up = [2**k for k in range(1, max(height, width).bit_length() + 1)
+                      if -(-height // 2**k) * -(-width // 2**k) == tokens]
+        if not rounded_up:
+            raise ValueError(f"{tokens} tokens are not a grid of the {height}x{width} latent")
+        f = rounded_up[0]
+    gw = -(-width // f)
     ys = torch.arange(height, device=token_index.device).view(-1, 1)
     xs = torch.arange(width, device=token_index.device).view(1, -1)
     own = ((ys // f) * gw + xs // f).reshape(-1)  # (h*w,) token of each latent pixel
     matched = token_index[..., own]  # (A, n, h*w)
     ty, tx = matched // gw, matched % gw
-    return ((ty * f + ys.reshape(-1).repeat_interleave(width) % f) * width
-            + tx * f + xs.reshape(-1).repeat(height) % f)
+    y = (ty * f + ys.reshape(-1).repeat_interleave(width) % f).clamp_max(height - 1)
+    x = (tx * f + xs.reshape(-1).repeat(height) % f).clamp_max(width - 1)
+    return y * width + x
 
 
 def blend_weights(frames: torch.Tensor, centre_a: float, centre_b: float) -> torch.Tensor:

@@ -52,7 +52,8 @@ class EditSettings:
     pnp_feature: float = 0.8  # fraction of leading steps with residual-feature injection
     pnp_attention: float = 0.5  # fraction of leading steps with self-attention q/k injection
     # Fraction of leading steps whose target cross-attention takes the source's probabilities
-    # (Prompt-to-Prompt); None = the backbone's default (SANA 0.5, SD 0). Like PnP, only PnP modes use it.
+    # (Prompt-to-Prompt); None = the backbone's default (SANA 0.5, SD 0), at most `pnp_attention`, so
+    # both PnP thresholds at 0 turn it off as well. Like PnP, only PnP modes use it.
     cross_attention: float | None = None
     # While that control runs: factor of the target's cross-attention probabilities at the edited
     # words (Prompt-to-Prompt re-weighting; 1 = off); None = the backbone's default.
@@ -310,7 +311,9 @@ def edit_latents(
     n_attention = injection_steps(settings.steps, settings.pnp_attention) if pnp else 0
     cross = settings.cross_attention
     if cross is None:
-        cross = backbone.default_cross_attention
+        # The control replaces the edited branch's attention maps, as PnP's attention injection
+        # does: by default it never outlasts that injection (both off: plain sampling).
+        cross = min(backbone.default_cross_attention, settings.pnp_attention)
     n_cross = injection_steps(settings.steps, cross) if pnp else 0
     generator = torch.Generator().manual_seed(settings.seed)
     offload = settings.offload_keyframes
