@@ -535,3 +535,58 @@ def test_gpu_deferred_block_residuals_match_the_blocks_own(quantize, monkeypatch
     # the kernel's fused multiply-add vs torch's addcmul: one rounding apart on rare elements
     assert cosine(deferred, plain) >= 0.9999
     assert cosine(regional, deferred) >= 0.9999
+
+
+def _tree(folder):
+    """{relative path: bytes} of every file under `folder`."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_cli_quantize_refuses_an_out_that_would_destroy_files_before_loading(tmp_path, monkeypatch, capsys):
+    # Source: a transformer folder, inside a user folder that also holds other work.
+    user = tmp_path / "qt"
+    src = user / "m"
+    tiny_model().save_pretrained(src)
+    (user / "precious.txt").write_text("keep me")
+    notes = tmp_path / "userdir"
+    notes.mkdir()
+    (notes / "notes.txt").write_text("my notes")
+    (tmp_path / "afile").write_text("a file")
+    before = {d: _tree(d) for d in (user, notes)}
+
+    def boom(*args, **kwargs):
+        raise AssertionError("the model was loaded before --out was checked")
+
+    monkeypatch.setattr(SanaTransformer, "from_pretrained", boom)
+    cases = {
+        str(user): "holds the source",  # a parent of the source: was replaced wholesale (data loss)
+        str(src): "is the source",
+        str(src / "sub"): "inside the source",
+        str(src) + "/../m/": "is the source",
+        str(notes): "holding other files",  # a non-empty folder that is no model: was deleted
+        str(tmp_path / "afile"): "existing file",
+        str(tmp_path / "afile" / "x"): "is a file",
+        "": "--out is empty",
+        "  ": "--out is empty",
+    }
+    for out, needle in cases.items():
+        capsys.readouterr()
+        assert main(["quantize", str(src), "--mode", "int8", "--out", out, "--device", "cpu"]) == 2, out
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith("sanaflow: error:") and needle in err, (out, err)
+    # the user's files all survive, and nothing else was written
+    assert {d: _tree(d) for d in (user, notes)} == before
+    assert (tmp_path / "afile").read_text() == "a file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "qt", "userdir"]
+    assert sorted(p.name for p in user.iterdir()) == ["m", "precious.txt"]
+
+
+def test_cli_quantize_writes_a_new_an_empty_or_an_earlier_model_folder(tmp_path, capsys):
+    src = tmp_path / "m"
+    tiny_model().save_pretrained(src)
+    (tmp_path / "empty").mkdir()
+    for out in (tmp_path / "new" / "q", tmp_path / "empty", tmp_path / "empty"):  # the last replaces a model
+        assert main(["quantize", str(src), "--mode", "int8", "--out", str(out), "--device", "cpu"]) == 0
+        assert is_quantized(SanaTransformer.from_pretrained(out)) == "int8"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "m", "new"]  # no temporaries left
+    assert not is_quantized(SanaTransformer.from_pretrained(src))  # the source is untouched

@@ -100,3 +100,68 @@ def test_bad_input_one_line_exit_2(tmp_path, capsys):
         ["shapes", "sample", "--n", "2", "--out", str(tmp_path / "x"), "--split", "test"],
         "invalid choice",
     )
+
+
+def _files(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_eval_out_is_checked_before_scoring_and_never_overwrites_inputs(tmp_path, capsys, monkeypatch):
+    import sanaflow.shapes as shapes
+
+    folder = tmp_path / "ok"
+    assert main(["shapes", "sample", "--n", "2", "--out", str(folder), "--split", "eval", "--size", "64"]) == 0
+    src = tmp_path / "v.mp4"
+    assert main(["shapes", "video", "--out", str(src), "--frames", "3", "--size", "64"]) == 0
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "afile").write_text("x")
+    before = _files(tmp_path)
+
+    def boom(*args, **kwargs):
+        raise AssertionError("scored before --out was checked")
+
+    monkeypatch.setattr(shapes, "score", boom)
+    monkeypatch.setattr(shapes, "load_video", boom)
+    capsys.readouterr()
+    for out, needle in [
+        (tmp_path / "adir", "is a folder"),
+        (tmp_path / "afile" / "x.json", "is a file"),
+        ("", "--out is empty"),
+        (folder / "prompts.jsonl", "is an input"),
+        (folder / "00000.png", "is an input"),
+    ]:
+        _one_line_error(capsys, ["eval", "images", str(folder), "--out", str(out)], needle)
+    for out, needle in [
+        (tmp_path / "adir", "is a folder"),
+        (tmp_path / "afile" / "x.json", "is a file"),
+        ("", "--out is empty"),
+        (src, "is an input"),
+        (tmp_path / "v.json", "is an input"),  # the source's scene track
+    ]:
+        _one_line_error(capsys, ["eval", "video", str(src), "--source", str(src), "--out", str(out)], needle)
+    (folder / "shapes_scores.json").mkdir()  # the default report path is checked too
+    _one_line_error(capsys, ["eval", "images", str(folder)], "is a folder")
+    (folder / "shapes_scores.json").rmdir()
+    assert _files(tmp_path) == before
+
+
+def test_shapes_out_and_fps_are_checked_before_rendering(tmp_path, capsys, monkeypatch):
+    import sanaflow.shapes as shapes
+
+    def boom(*args, **kwargs):
+        raise AssertionError("rendered before the arguments were checked")
+
+    monkeypatch.setattr(shapes, "random_video", boom)
+    monkeypatch.chdir(tmp_path)
+    out = str(tmp_path / "v.mp4")
+    for fps in ("nan", "inf", "-inf", "0", "-1"):
+        _one_line_error(capsys, ["shapes", "video", "--out", out, f"--fps={fps}"], "--fps", "finite")
+    (tmp_path / "x.mp4").mkdir()
+    _one_line_error(capsys, ["shapes", "video", "--out", str(tmp_path / "x.mp4")], "folder of that name")
+    (tmp_path / "y.json").mkdir()  # where the scene track of y.mp4 goes
+    _one_line_error(capsys, ["shapes", "video", "--out", str(tmp_path / "y.mp4")], "y.json", "in the way")
+    (tmp_path / "afile").write_text("x")
+    _one_line_error(capsys, ["shapes", "video", "--out", str(tmp_path / "afile" / "v.mp4")], "is a file")
+    _one_line_error(capsys, ["shapes", "sample", "--n", "2", "--out", ""], "--out is empty")
+    _one_line_error(capsys, ["shapes", "sample", "--n", "2", "--out", str(tmp_path / "afile" / "s")], "is a file")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "x.mp4", "y.json"]  # nothing written

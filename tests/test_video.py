@@ -171,3 +171,11 @@ def test_without_pyav_video_files_are_refused_clearly_and_gif_and_folders_still_
     assert (tmp_path / "d.gif").stat().st_size > 0
     write_video(tmp_path / "e", frames, 8)
     assert read_video(tmp_path / "e").frames.shape == (2, 8, 8, 3)
+
+
+@pytest.mark.parametrize("fps", [0, -2.0, float("nan"), float("inf"), float("-inf"), None, "24"])
+def test_write_video_refuses_fps_that_is_not_finite_and_positive(tmp_path, fps):
+    for name in ("x.mp4", "x.gif", "frames"):
+        with pytest.raises(InputError, match="fps must be a finite number above 0"):
+            write_video(tmp_path / name, moving_square(t=2), fps=fps)
+    assert not any(tmp_path.iterdir())

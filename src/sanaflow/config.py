@@ -69,6 +69,8 @@ class SamplingConfig:
             value = getattr(self, name)
             if not 0 <= value < float("inf"):
                 raise ConfigError(f"{name} must be a finite number >= 0, got {value}")
+        if self.seed is not None and not -(2**63) <= self.seed <= 2**64 - 1:  # torch.Generator's range
+            raise ConfigError(f"seed must be in [{-(2**63)}, {2**64 - 1}], got {self.seed}")
         if self.flow_shift is not None and not 0 < self.flow_shift < float("inf"):
             raise ConfigError(f"flow_shift must be a finite number > 0, got {self.flow_shift}")
 
@@ -190,6 +192,10 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(f"cannot read config {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"config {path} is not a UTF-8 YAML file (byte {e.start} is not UTF-8 text); pass a YAML config"
+        ) from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -488,6 +494,8 @@ def find_config(ref: str | os.PathLike, subdir: str | None = None) -> Path:
     names = config_names(subdir)
     if str(ref) in names:
         return names[str(ref)]
+    if path.is_dir():
+        raise ConfigError(f"config {path} is a folder, not a YAML file; pass a .yaml file or a shipped config name")
     if path.suffix in (".yaml", ".yml") or os.sep in str(ref):
         raise ConfigError(f"config file {path} not found")
     short = sorted(n for n in names if "/" not in n) or sorted(names)
@@ -499,7 +507,7 @@ def load_config(ref: str | os.PathLike, schema: type[T], overrides: Iterable[str
     path = find_config(ref)
     overrides = list(overrides or ())
     tree = apply_overrides(load_yaml_tree(path), overrides)
-    source = f"{path} with the overrides given" if overrides else str(path)
+    source = f"{path} with the options given" if overrides else str(path)
     return from_dict(schema, tree, source=source)
 
 

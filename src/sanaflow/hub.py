@@ -13,6 +13,7 @@ import functools
 import inspect
 import json
 import os
+import re
 from collections.abc import Callable, Mapping
 from importlib import resources
 from pathlib import Path
@@ -21,7 +22,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from .errors import CheckpointError, ConfigError, suggest
+from .errors import CheckpointError, ConfigError, InputError, suggest
 from .utils import atomic_path, atomic_write_text
 
 CONFIG_NAME = "config.json"
@@ -241,6 +242,10 @@ def find_weight_files(folder: Path, allow_pickle: bool = False) -> list[Path]:
             weight_map = read_json(index).get("weight_map")
             if not isinstance(weight_map, dict) or not weight_map:
                 raise CheckpointError(f"{index} has no 'weight_map'")
+            bad = [k for k, v in weight_map.items() if not isinstance(v, str) or not v or Path(v).name != v]
+            if bad:
+                raise CheckpointError(f"{index}: 'weight_map' must map tensor names to shard file names in the "
+                                      f"folder; bad entries: {_abbrev([f'{k}: {weight_map[k]!r}' for k in bad])}")
             shards = sorted({folder / v for v in weight_map.values()})
             missing = [s.name for s in shards if not s.is_file()]
             if missing:
@@ -281,6 +286,9 @@ def load_state_dict_files(files: list[Path]) -> dict[str, torch.Tensor]:
             except Exception as e:
                 raise CheckpointError(f"cannot read pickle checkpoint {f}: {e}") from e
             part = part.get("state_dict", part) if isinstance(part, dict) else part
+            if not isinstance(part, dict) or not all(isinstance(t, torch.Tensor) for t in part.values()):
+                raise CheckpointError(f"pickle checkpoint {f} does not hold a state dict of tensors "
+                                      f"(got {type(part).__name__})")
         state.update(part)
     return state
 
@@ -371,12 +379,28 @@ class ModelMixin(nn.Module):
         ]
         if required:
             raise ConfigError(f"{source}: missing required key(s) for {cls.__name__}: {', '.join(map(repr, required))}")
+        wrong = [f"{k}={clean[k]!r} ({params[k].annotation} expected)" for k in clean
+                 if not _matches_annotation(clean[k], params[k].annotation)]
+        if wrong:
+            raise ConfigError(f"{source}: wrong value type for {cls.__name__}: {'; '.join(wrong)}")
+        # Sizes, counts and factors: no model key takes a negative or non-finite number.
+        bad = [f"{k}={v!r}" for k, v in clean.items() if not _non_negative(v)]
+        if bad:
+            raise ConfigError(f"{source}: {cls.__name__} takes no negative or non-finite numbers: {'; '.join(bad)}")
         return clean
+
+    @classmethod
+    def _build(cls: type[T], config: Mapping[str, Any], source: str) -> T:
+        """`cls(**config)`, with the constructor's own refusals of a value turned into a `ConfigError`."""
+        try:
+            return cls(**config)
+        except (TypeError, ValueError, ZeroDivisionError, AssertionError, RuntimeError) as e:
+            raise ConfigError(f"{source}: invalid config for {cls.__name__}: {e}") from e
 
     @classmethod
     def from_config(cls: type[T], config: Mapping[str, Any], source: str = "config") -> T:
         """Build a randomly initialised model from a config mapping (validated)."""
-        return cls(**cls.validate_config(config, source))
+        return cls._build(cls.validate_config(config, source), source)
 
     def _init_computed_buffers(self) -> None:
         """Recompute buffers that are not stored in checkpoints (after loading on meta)."""
@@ -391,8 +415,13 @@ class ModelMixin(nn.Module):
         allow_pickle: bool = False,
     ) -> T:
         """Load a model from a diffusers-format folder, a built-in name or a hub repo id."""
-        if torch_dtype is not None and not isinstance(torch_dtype, torch.dtype):
-            raise ConfigError(f"torch_dtype must be a torch.dtype such as torch.bfloat16, got {torch_dtype!r}")
+        if torch_dtype is not None and (not isinstance(torch_dtype, torch.dtype) or not torch_dtype.is_floating_point):
+            raise ConfigError(f"torch_dtype must be a floating-point torch.dtype such as torch.bfloat16, got {torch_dtype!r}")
+        if device is not None:
+            try:
+                device = torch.device(device)
+            except (RuntimeError, TypeError) as e:
+                raise ConfigError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from e
         folder = resolve_model_path(ref, subfolder)
         config_path = folder / CONFIG_NAME
         raw_config = read_json(config_path)
@@ -404,7 +433,7 @@ class ModelMixin(nn.Module):
         state = load_state_dict_files(find_weight_files(folder, allow_pickle=allow_pickle))
         dtype = torch_dtype or torch.float32
         with torch.device("meta"):
-            model = cls(**config)
+            model = cls._build(config, str(config_path))
         model.load_weights(state, dtype=dtype, source=str(folder))
         if device is not None:
             model.to(device)
@@ -433,6 +462,11 @@ class ModelMixin(nn.Module):
         ]
         if wrong:
             raise CheckpointError(f"checkpoint{where} has tensors of the wrong shape: {_abbrev(wrong)}")
+        not_float = [f"{k} ({state[k].dtype})" for k, v in expected.items()
+                     if v.is_floating_point() and not state[k].is_floating_point()]
+        if not_float:
+            raise CheckpointError(f"checkpoint{where} holds non-floating-point tensors where the model has "
+                                  f"weights: {_abbrev(not_float)}")
         cast = {}
         for k, v in state.items():
             ref = expected[k]
@@ -449,8 +483,13 @@ class ModelMixin(nn.Module):
             raise CheckpointError(f"checkpoint{where} left tensors uninitialised: {_abbrev(leftovers)}")
 
     def save_pretrained(self, path: str | os.PathLike, max_shard_size: int | None = 5 * 2**30) -> Path:
-        """Write ``config.json`` and safetensors weights (sharded above `max_shard_size` bytes)."""
+        """Write ``config.json`` and safetensors weights (sharded above `max_shard_size`: bytes or "5GB")."""
+        if str(path) == "":
+            raise InputError("save_pretrained needs a folder path, got ''")
         folder = Path(path)
+        if folder.exists() and not folder.is_dir():
+            raise InputError(f"cannot save a model into {folder}: it is a file, not a folder")
+        max_shard_size = parse_size_bytes(max_shard_size)
         folder.mkdir(parents=True, exist_ok=True)
         config = {"_class_name": self.diffusers_class_name or type(self).__name__,
                   "_diffusers_version": DIFFUSERS_VERSION}
@@ -477,6 +516,65 @@ class ModelMixin(nn.Module):
     def num_parameters(self) -> int:
         """Number of parameters."""
         return sum(p.numel() for p in self.parameters())
+
+
+_SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size_bytes(size: int | str | None) -> int | None:
+    """A shard size in bytes: an int > 0, a string such as "5GB" / "500MB" / "2GiB" (as diffusers takes), or None."""
+    if size is None:
+        return None
+    if isinstance(size, str):
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B)\s*", size.upper())
+        if m is None:
+            raise InputError(f"max_shard_size {size!r} is not a size; use bytes (an int) or e.g. '5GB', '500MB'")
+        size = int(float(m.group(1)) * _SIZE_UNITS[m.group(2)])
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise InputError(f"max_shard_size must be a positive number of bytes (or None: one file), got {size!r}")
+    return size
+
+
+_KINDS = {"None": (type(None),), "bool": (bool,), "int": (int,), "float": (int, float), "str": (str,),
+          "tuple": (list, tuple), "list": (list, tuple)}
+
+
+def _matches_annotation(value: Any, annotation: Any) -> bool:
+    """Whether a config value fits a constructor annotation such as "int | None" or "str | tuple[str, ...]".
+
+    Only the outer type is checked (the constructor checks the rest); unknown annotations accept anything.
+    """
+    text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
+    outer = [part.strip().split("[", 1)[0] for part in _split_union(text)]
+    if not outer or any(o not in _KINDS for o in outer):
+        return True
+    if isinstance(value, bool):
+        return "bool" in outer
+    return any(isinstance(value, _KINDS[o]) for o in outer)
+
+
+def _non_negative(value: Any) -> bool:
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return True
+    if isinstance(value, (int, float)):
+        return 0 <= value < float("inf")
+    if isinstance(value, (list, tuple)):
+        return all(_non_negative(v) for v in value)
+    return True
+
+
+def _split_union(text: str) -> list[str]:
+    """'a | tuple[b | c, ...] | None' -> ['a', 'tuple[b | c, ...]', 'None'] (only top-level bars)."""
+    parts, depth, cur = [], 0, ""
+    for ch in text:
+        depth += (ch == "[") - (ch == "]")
+        if ch == "|" and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    return [*parts, cur] if cur.strip() else parts
 
 
 def _abbrev(items: list[str], n: int = 8) -> str:

@@ -8,6 +8,7 @@ is written atomically (`sanaflow.utils.atomic_path`).
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from fractions import Fraction
@@ -305,8 +306,12 @@ def write_video(path: str | os.PathLike, frames, fps: float, crf: int = 18) -> P
     """Write frames (T, H, W, 3) uint8: H.264 mp4/mov/mkv, a GIF, or a folder of PNGs (no suffix)."""
     path = Path(path)
     frames = _as_frames(frames)
-    if not fps or fps <= 0:
-        raise InputError(f"fps must be positive, got {fps}")
+    try:
+        fps_ok = not isinstance(fps, bool) and math.isfinite(fps) and fps > 0
+    except TypeError:  # None, a string, ...
+        fps_ok = False
+    if not fps_ok:
+        raise InputError(f"fps must be a finite number above 0, got {fps!r}")
     suffix = path.suffix.lower()
     if suffix in (".mp4", ".mov", ".m4v", ".mkv"):
         _write_h264(path, frames, fps, crf)

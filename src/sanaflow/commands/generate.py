@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 import tempfile
@@ -118,7 +119,8 @@ def resolve_config(args: argparse.Namespace):
     if cfg.width is not None or cfg.height is not None:
         from ..pipelines.resolution import check_size
 
-        check_size(cfg.height or cfg.width, cfg.width or cfg.height, 32, MAX_SIDE)
+        # A side left out is checked as a valid 32, so the message names the side that was given.
+        check_size(32 if cfg.height is None else cfg.height, 32 if cfg.width is None else cfg.width, 32, MAX_SIDE)
     return cfg
 
 
@@ -143,13 +145,26 @@ def single_output_file(out: Path, count: int) -> Path | None:
 
 
 def check_writable(folder: Path) -> None:
-    """Create `folder` and make sure files can be written there, before any work is done."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
-            pass
-    except OSError as e:
-        raise InputError(f"cannot write to output folder {folder}: {e.strerror or e}") from e
+    """Make sure files can be written into `folder`, before any work is done, without creating it.
+
+    A missing folder is made when the first image is written, so a run that fails before then
+    (a bad model, an unknown device) leaves no empty folder behind.
+    """
+    if str(folder) == "":
+        raise InputError("--out is empty; name an output folder or a .png file")
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InputError(f"cannot write to output folder {folder}: {existing} is a file, not a folder")
+    if existing == folder:
+        try:
+            with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+                pass
+        except OSError as e:
+            raise InputError(f"cannot write to output folder {folder}: {e.strerror or e}") from e
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"cannot write to output folder {folder}: {existing} is not writable")
 
 
 def slug(text: str, n: int = 40) -> str:
@@ -217,6 +232,8 @@ def run_generate(args: argparse.Namespace) -> int:
             from ..quant import check_quantization
 
             check_quantization(cfg.quantize, device)  # before any model loads
+    if not str(cfg.output_dir).strip():
+        raise InputError("--out is empty; name an output folder or a .png file")
     out_dir = Path(cfg.output_dir)
     n = cfg.num_images_per_prompt
     out_file = single_output_file(out_dir, len(prompts) * n)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -21,7 +22,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("model", help="model folder, built-in name or hub repo id")
     p.add_argument("--mode", required=True, help="int8 (weight-only; CPU and GPU) or fp8 (H100/H200-class GPUs)")
-    p.add_argument("--out", type=Path, required=True, help="output folder (written atomically)")
+    p.add_argument("--out", required=True, help="output folder (written atomically): a new or empty folder, or a "
+                                              "model folder to replace; never the source model or a folder "
+                                              "holding it")
     p.add_argument("--device", default=None, help="where to quantize: cpu, cuda, cuda:N (default: cuda for fp8, "
                                                   "else cuda when available)")
     p.add_argument("--dtype", default=None, help="dtype of the layers kept in high precision: float32, bfloat16 or "
@@ -58,18 +61,68 @@ def run_quantize(args: argparse.Namespace) -> int:
     if args.mode == "fp8" and not fp8_supported(device):
         raise InputError(f"--mode fp8 needs a CUDA GPU with FP8 tensor cores (H100/H200, L40S, RTX 40xx); "
                          f"device {device} has none. Use --mode int8, or run this on such a GPU")
+    out = check_out_folder(args.out, args.model)  # before resolving REF, which may download it
     root = resolve_model_path(args.model)
-    src = root.resolve()
-    out = args.out.resolve()
-    if out == src or src in out.parents:
-        raise InputError(f"--out {args.out} is inside the source model folder {root}; choose another folder")
+    check_out_not_source(args.out, out, root)  # before loading and quantizing
     is_pipeline = (root / "model_index.json").is_file()
     subfolder = "transformer" if is_pipeline else None
     transformer = SanaTransformer.from_pretrained(root, subfolder=subfolder, torch_dtype=dtype, device=device)
     quantize_transformer(transformer, args.mode)  # fp8 off a suitable GPU -> SanaflowError
     if is_pipeline:
-        copy_pipeline_with_quantized_transformer(root, args.out, transformer)
+        copy_pipeline_with_quantized_transformer(root, out, transformer)
     else:
-        save_quantized(transformer, args.out)
+        save_quantized(transformer, out)
     print(f"wrote {args.mode} model to {args.out}", file=sys.stderr)
     return 0
+
+
+# Files that mark a folder as a model folder (pipeline or single component), which --out may replace.
+MODEL_MARKERS = ("model_index.json", "config.json")
+
+
+def _is_model_folder(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in MODEL_MARKERS)
+
+
+def check_out_folder(out_arg: str, model_ref: str | None = None) -> Path:
+    """Check --out before any work; return it as an absolute, resolved path.
+
+    The output replaces whatever folder is at --out in one rename (`sanaflow.utils.atomic_path`), so
+    only a new path, an empty folder or an earlier model folder (model_index.json / config.json) is
+    accepted; a file, a folder holding other things, or a path under a file is refused. When
+    `model_ref` is a local folder, --out must also keep clear of it (see `check_out_not_source`).
+    """
+    if not str(out_arg).strip():
+        raise InputError("--out is empty; give the folder to write the quantized model to (a new folder)")
+    out = Path(out_arg).expanduser().resolve()
+    if model_ref is not None and Path(model_ref).expanduser().is_dir():
+        check_out_not_source(out_arg, out, Path(model_ref).expanduser())
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {str(out_arg)!r} is an existing file; give a folder to write the quantized "
+                         "model to (a new or empty folder, or an earlier model folder to replace)")
+    if out.is_dir() and any(out.iterdir()) and not _is_model_folder(out):
+        raise InputError(f"--out {str(out_arg)!r} is a folder holding other files and no model "
+                         f"({' or '.join(MODEL_MARKERS)}); the quantized model replaces the whole folder, so "
+                         "choose a new or empty folder, or a model folder to replace")
+    parent = out.parent
+    while not parent.exists():  # the first existing ancestor is where the folders get created
+        parent = parent.parent
+    if not parent.is_dir():
+        raise InputError(f"cannot write --out {str(out_arg)!r}: {str(parent)!r} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"cannot write --out {str(out_arg)!r}: folder {str(parent)!r} is not writable")
+    return out
+
+
+def check_out_not_source(out_arg: str, out: Path, root: Path) -> None:
+    """Refuse an --out that is the source model folder, lies inside it, or holds it."""
+    src = Path(root).resolve()
+    if out == src:
+        raise InputError(f"--out {str(out_arg)!r} is the source model folder {str(root)!r}; "
+                         "write the quantized copy to another folder")
+    if src in out.parents:
+        raise InputError(f"--out {str(out_arg)!r} is inside the source model folder {str(root)!r}; "
+                         "choose a folder outside it")
+    if out in src.parents:
+        raise InputError(f"--out {str(out_arg)!r} holds the source model folder {str(root)!r} and would be "
+                         "replaced by the quantized copy; choose a folder outside it")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 from pathlib import Path
 
 from ..errors import InputError, SanaflowError
@@ -75,6 +77,38 @@ def _usage(parser: argparse.ArgumentParser) -> int:
     return 2
 
 
+def _check_parent(path: Path, what: str) -> None:
+    """Refuse, before any work, a path whose folders cannot be created: a file in the way, no write access."""
+    parent = path.absolute().parent
+    while not parent.exists():  # the first existing ancestor is where the missing folders get created
+        parent = parent.parent
+    if not parent.is_dir():
+        raise InputError(f"cannot write {what}: {str(parent)!r} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"cannot write {what}: folder {str(parent)!r} is not writable")
+
+
+def _check_report_target(out_arg: str | None, default: Path, inputs=()) -> Path:
+    """Check the JSON report path (--out, or `default` without it) before scoring; return it.
+
+    It must be a file path (an existing report is replaced, an existing folder is refused) whose
+    folders can be created, and none of the `inputs` being scored.
+    """
+    if out_arg is not None and not out_arg.strip():
+        raise InputError("--out is empty; give the JSON file to write the report to, or leave --out out")
+    out = Path(out_arg) if out_arg is not None else default
+    what = f"--out {str(out)!r}" if out_arg is not None else f"the report {str(out)!r}"
+    if out.is_dir():
+        raise InputError(f"cannot write {what}: it is a folder; give a JSON file path (e.g. scores.json)")
+    _check_parent(out, what)
+    target = out.resolve()
+    for item in inputs:
+        if Path(item).resolve() == target:
+            raise InputError(f"cannot write {what}: it is an input ({str(item)!r}) and would be overwritten; "
+                             "give another JSON file path")
+    return out
+
+
 def _sample(args) -> int:
     from ..shapes import ShapesDataset, eval_prompts, render
     from ..utils import atomic_path, atomic_write_text
@@ -85,9 +119,14 @@ def _sample(args) -> int:
         raise InputError(f"--size must be in [16, 4096], got {args.size}")
     if args.seed < 0:
         raise InputError(f"--seed must be >= 0, got {args.seed}")
+    if not args.out.strip():
+        raise InputError("--out is empty; give the folder to write the scenes and prompts.jsonl to")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {str(out)!r} exists and is not a folder")
+    _check_parent(out, f"--out {str(out)!r}")
+    if (out / PROMPTS_FILE).is_dir():
+        raise InputError(f"cannot write {str(out / PROMPTS_FILE)!r}: a folder of that name is in the way")
     if args.split == "eval":
         rows = [(p.scene, p.held_out) for p in eval_prompts(args.n, args.seed)]
     else:
@@ -121,11 +160,21 @@ def _sample(args) -> int:
 
 def _video(args) -> int:
     from ..shapes import random_video, save_video, video_caption
+    from ..shapes.motion import sidecar_path
+    from ..video import check_video_target
 
     if Path(args.out).suffix.lower() != ".mp4":
         raise InputError(f"--out must end in .mp4, got {args.out!r}")
     if not 16 <= args.size <= 2048:
         raise InputError(f"--size must be in [16, 2048], got {args.size}")
+    if not (math.isfinite(args.fps) and args.fps > 0):
+        raise InputError(f"--fps must be a finite number above 0, got {args.fps}")
+    _check_parent(Path(args.out), f"--out {args.out!r}")
+    check_video_target(args.out)  # before rendering: no folder in the way, parent writable
+    side = sidecar_path(args.out)
+    if side.is_dir():
+        raise InputError(f"cannot write the scene track {str(side)!r} beside --out: a folder of that name is in "
+                         "the way; choose another --out")
     video = random_video(args.seed, args.frames, args.size, args.objects, args.pan, args.fps)
     save_video(video, args.out)
     print(f"wrote {args.out} ({args.frames} frames, {args.size}px): {video_caption(video)}")
@@ -186,6 +235,8 @@ def _eval_images(args) -> int:
 
     folder = Path(args.dir)
     rows = read_prompts(folder)
+    listed = [folder / name for row in rows for name in (row["files"] if "files" in row else [row["file"]])]
+    out = _check_report_target(args.out, folder / "shapes_scores.json", [folder / PROMPTS_FILE, *listed])
     results, held, report = [], [], []
     for row in rows:
         files = row["files"] if "files" in row else [row["file"]]
@@ -200,7 +251,6 @@ def _eval_images(args) -> int:
             )
     summary = summarize(results, held)
     print(format_table(summary))
-    out = Path(args.out) if args.out else folder / "shapes_scores.json"
     atomic_write_text(out, json.dumps({"summary": summary, "results": report}, indent=1))
     print(f"wrote {out}")
     return 0
@@ -224,16 +274,19 @@ def parse_edit(specs: list[str]) -> dict[int, dict]:
 
 def _eval_video(args) -> int:
     from ..shapes import load_video, video_metrics
+    from ..shapes.motion import sidecar_path
     from ..utils import atomic_write_text
     from ..video import read_video
 
     edit = parse_edit(args.edit)
+    default = Path(args.edited).with_suffix(".metrics.json")
+    inputs = [args.edited, args.source, sidecar_path(args.source)]
+    out = _check_report_target(args.out, default, inputs)  # before decoding and scoring
     source = load_video(args.source)
     edited = read_video(args.edited).frames
     metrics = video_metrics(edited, source, edit)
     for key, value in metrics.items():
         print(f"{key:<24}{value if not isinstance(value, float) else f'{value:.6f}'}")
-    out = Path(args.out) if args.out else Path(args.edited).with_suffix(".metrics.json")
     atomic_write_text(
         out,
         json.dumps(

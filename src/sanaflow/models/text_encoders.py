@@ -126,10 +126,19 @@ def _load_tokenizer(folder: Path):
 
 
 def _load_model(cls, folder: Path, dtype: torch.dtype | None, device: str | torch.device | None):
+    from transformers.utils import logging as hf_logging
+
+    # transformers draws a "Loading weights" bar on stderr; a local load takes well under a second
+    # for the embedded encoder, and the bar would turn sanaflow's one-line errors into several lines.
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
     try:
         model = cls.from_pretrained(str(folder), dtype=dtype or torch.float32, local_files_only=True)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise CheckpointError(f"cannot load {cls.__name__} weights from {folder}: {e}") from e
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     if device is not None:
         model = model.to(device)
     return model.eval().requires_grad_(False)

@@ -44,6 +44,8 @@ class ImageOutput:
 
 
 def _as_prompt_list(prompt: str | Sequence[str], what: str = "prompt") -> list[str]:
+    if not isinstance(prompt, (str, list, tuple)):
+        raise InputError(f"{what} must be a string or a list of strings, got {type(prompt).__name__}")
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     if not prompts:
         raise InputError(f"{what} list is empty; give at least one prompt")
@@ -51,6 +53,64 @@ def _as_prompt_list(prompt: str | Sequence[str], what: str = "prompt") -> list[s
         if not isinstance(p, str):
             raise InputError(f"{what} must be a string or a list of strings, got {type(p).__name__}")
     return prompts
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def _is_real(v: Any) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+
+
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed takes
+
+
+def check_call_arguments(
+    *, num_inference_steps, guidance_scale, pag_scale, seed, generator, latents, height, width,
+    num_images_per_prompt, use_resolution_binning, pag_layers, flow_shift, callback, num_layers: int,
+) -> None:
+    """Refuse ill-typed or out-of-range arguments of a text-to-image call before any work is done."""
+    for name, value in (("num_inference_steps", num_inference_steps), ("num_images_per_prompt", num_images_per_prompt)):
+        if not _is_int(value) or value < 1:
+            raise InputError(f"{name} must be an int >= 1, got {value!r}")
+    for name, value in (("guidance_scale", guidance_scale), ("pag_scale", pag_scale)):
+        if not _is_real(value) or not 0 <= value < float("inf"):  # refuses NaN as well
+            raise InputError(f"{name} must be a finite number >= 0, got {value!r}")
+    if flow_shift is not None and (not _is_real(flow_shift) or not 0 < flow_shift < float("inf")):
+        raise InputError(f"flow_shift must be a finite number > 0 (or None for the model's), got {flow_shift!r}")
+    for name, value in (("height", height), ("width", width)):
+        if value is not None and (not _is_int(value) or value < 1):
+            raise InputError(f"{name} must be a positive int (or None for the model's size), got {value!r}")
+    if not isinstance(use_resolution_binning, bool):
+        raise InputError(f"use_resolution_binning must be True or False, got {use_resolution_binning!r}")
+    if pag_layers is not None:
+        if isinstance(pag_layers, (str, bytes)) or not isinstance(pag_layers, Sequence):
+            raise InputError(f"pag_layers must be a list of block indices, got {pag_layers!r}")
+        bad = [v for v in pag_layers if not _is_int(v) or not 0 <= v < num_layers]
+        if bad:
+            raise InputError(f"pag_layers {bad} are not block indices; the transformer has blocks 0..{num_layers - 1}")
+    if callback is not None and not callable(callback):
+        raise InputError(f"callback must be callable, got {type(callback).__name__}")
+    if seed is not None:
+        seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed]
+        bad = [v for v in seeds if not _is_int(v) or not SEED_MIN <= v <= SEED_MAX]
+        if bad or isinstance(seed, (str, bytes)):
+            raise InputError(f"seed must be an int in [{SEED_MIN}, {SEED_MAX}] or a list of them, got {seed!r}")
+    if generator is not None:
+        gens = generator if isinstance(generator, list) else [generator]
+        if not all(isinstance(g, torch.Generator) for g in gens):
+            raise InputError(f"generator must be a torch.Generator or a list of them, got {type(generator).__name__}")
+    if latents is not None:
+        if not isinstance(latents, torch.Tensor):
+            raise InputError(f"latents must be a torch.Tensor, got {type(latents).__name__}")
+        if not latents.is_floating_point():
+            raise InputError(f"latents must be a floating-point tensor, got {latents.dtype}")
+        if not bool(torch.isfinite(latents).all()):
+            raise InputError("latents hold NaN or infinite values")
+        if seed is not None:  # a generator still draws SANA-Sprint's intermediate noise; a seed would not
+            raise InputError("give latents or a seed, not both: the latents are the initial noise "
+                             "(pass a generator for the noise of later Sprint steps)")
 
 
 CAPTION_TRIM_MULTIPLE = 64
@@ -384,13 +444,16 @@ class TextToImagePipeline:
         prompts = _as_prompt_list(prompt)
         if output_type not in OUTPUT_TYPES:
             raise unknown_choice("output_type", output_type, OUTPUT_TYPES)
-        if num_inference_steps < 1:
-            raise InputError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
-        if num_images_per_prompt < 1:
-            raise InputError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
-        for name, value in (("guidance_scale", guidance_scale), ("pag_scale", pag_scale)):
-            if not 0 <= value < float("inf"):  # refuses NaN as well
-                raise InputError(f"{name} must be a finite number >= 0, got {value}")
+        check_call_arguments(
+            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, pag_scale=pag_scale, seed=seed,
+            generator=generator, latents=latents, height=height, width=width,
+            num_images_per_prompt=num_images_per_prompt, use_resolution_binning=use_resolution_binning,
+            pag_layers=pag_layers, flow_shift=flow_shift, callback=callback,
+            num_layers=self.transformer.config.num_layers,
+        )
+        if sampler == "scm" and not self.is_sprint:
+            raise InputError("sampler 'scm' is SANA-Sprint's (TrigFlow) and this is a flow-matching model; "
+                             "use euler or dpm++2m")
         sampler_name = "scm" if self.is_sprint else sampler
         sample_fn = sampling.get_sampler(sampler_name)
         height = height or self.native_size
@@ -407,10 +470,10 @@ class TextToImagePipeline:
         batch_prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
         batch = len(batch_prompts)
         negatives = None
+        negs = _as_prompt_list(negative_prompt, "negative_prompt") if not isinstance(negative_prompt, str) else [negative_prompt] * len(prompts)
+        if len(negs) != len(prompts):
+            raise InputError(f"got {len(negs)} negative prompts for {len(prompts)} prompts")
         if guidance_scale > 1.0 and not self.is_sprint:
-            negs = _as_prompt_list(negative_prompt, "negative_prompt") if not isinstance(negative_prompt, str) else [negative_prompt] * len(prompts)
-            if len(negs) != len(prompts):
-                raise InputError(f"got {len(negs)} negative prompts for {len(prompts)} prompts")
             negatives = [n for n in negs for _ in range(num_images_per_prompt)]
 
         # 2. Text features
@@ -433,7 +496,9 @@ class TextToImagePipeline:
         else:
             if seed is None:
                 seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
-            seeds = list(seed) if isinstance(seed, Sequence) else [int(seed) + i for i in range(batch)]
+            if not isinstance(seed, (list, tuple)) and int(seed) + batch - 1 > SEED_MAX:
+                raise InputError(f"seed {seed} + {batch - 1} (one seed per image) is above the largest seed, {SEED_MAX}")
+            seeds = list(seed) if isinstance(seed, (list, tuple)) else [int(seed) + i for i in range(batch)]
             if len(seeds) != batch:
                 raise InputError(f"got {len(seeds)} seeds for {batch} images")
             generators = [torch.Generator("cpu").manual_seed(int(sd)) for sd in seeds]
@@ -443,6 +508,11 @@ class TextToImagePipeline:
         x = self._sample(sample_fn, x, cond, uncond, num_inference_steps, guidance_scale, pag_scale,
                          pag_layers, callback, progress, generators, flow_shift)
         del cond, uncond  # the text features are not needed for decoding: free them first
+        if not bool(torch.isfinite(x).all()):  # one sync; a NaN image would otherwise come out black
+            raise SanaflowError(
+                "sampling produced NaN or infinite latents: the checkpoint's weights hold NaN/inf or the dtype "
+                f"overflows ({self.transformer.dtype}); check the weights or try float32"
+            )
 
         # 5. Decode and convert
         if output_type == "latent":
