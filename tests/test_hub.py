@@ -21,6 +21,8 @@ class TinyNet(ModelMixin):
     @register_to_config
     def __init__(self, in_channels: int = 4, hidden_size: int = 8, num_layers: int = 2, out_channels: int | None = None):
         super().__init__()
+        if in_channels < 1:
+            raise ValueError(f"in_channels must be >= 1, got {in_channels}")
         out_channels = out_channels or in_channels
         self.layers = nn.ModuleList(
             [nn.Linear(in_channels if i == 0 else hidden_size, hidden_size) for i in range(num_layers)]
@@ -277,3 +279,70 @@ def test_atomic_outputs_get_umask_permissions(tmp_path):
         os.umask(old)
     assert (tmp_path / "w.safetensors").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "folder" / "inner.safetensors").stat().st_mode & 0o777 == 0o644
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ({"hidden_size": "abc"}, r"wrong value type.*hidden_size='abc' \(int expected\)"),
+        ({"num_layers": True}, r"wrong value type.*num_layers"),
+        ({"num_layers": 2.5}, r"wrong value type.*num_layers"),
+        ({"out_channels": "x"}, r"out_channels='x' \(int \| None expected\)"),
+        ({"num_layers": -3}, r"no negative or non-finite numbers: num_layers=-3"),
+        ({"in_channels": 0, "out_channels": 0}, r"invalid config for TinyNet"),  # the constructor's own refusal
+    ],
+)
+def test_config_json_values_are_checked(saved, change, match):
+    _, folder = saved
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(ConfigError, match=match):
+        TinyNet.from_pretrained(folder)
+    with pytest.raises(ConfigError, match=match):
+        TinyNet.from_config({**config, **change})
+
+
+def test_integer_weights_dtypes_and_devices_are_refused_clearly(saved, tmp_path):
+    from safetensors.torch import save_file
+
+    model, folder = saved
+    save_file({k: (v * 100).to(torch.int32) for k, v in model.state_dict().items()},
+              str(folder / "diffusion_pytorch_model.safetensors"))
+    with pytest.raises(CheckpointError, match="non-floating-point tensors where the model has weights"):
+        TinyNet.from_pretrained(folder)
+    with pytest.raises(ConfigError, match="floating-point torch.dtype"):
+        TinyNet.from_pretrained(folder, torch_dtype=torch.int8)
+    with pytest.raises(ConfigError, match="unknown device 'gpu'"):
+        TinyNet.from_pretrained(folder, device="gpu")
+    torch.save([1, 2, 3], tmp_path / "diffusion_pytorch_model.bin")  # a pickle that is no state dict
+    (tmp_path / "config.json").write_text((folder / "config.json").read_text())
+    with pytest.raises(CheckpointError, match="does not hold a state dict"):
+        TinyNet.from_pretrained(tmp_path, allow_pickle=True)
+
+
+def test_bad_shard_index_entries(saved):
+    model, folder = saved
+    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": 5}}))
+    with pytest.raises(CheckpointError, match="bad entries: a: 5"):
+        find_weight_files(folder)
+
+
+def test_save_pretrained_sizes_and_targets(tmp_path):
+    from sanaflow.errors import InputError
+    from sanaflow.hub import parse_size_bytes
+
+    assert parse_size_bytes("5GB") == 5 * 10**9 and parse_size_bytes("2GiB") == 2 * 2**30
+    assert parse_size_bytes(" 1.5 mb ") == 1_500_000 and parse_size_bytes(None) is None
+    model = _model(hidden_size=32, num_layers=3)
+    folder = model.save_pretrained(tmp_path / "net", max_shard_size="2KB")  # diffusers-style size string
+    assert len(list(folder.glob("*-of-*.safetensors"))) >= 3
+    _assert_same(model, TinyNet.from_pretrained(folder))
+    for bad in ("1 GBs", "-5", 0, -5, 1.5, True):
+        with pytest.raises(InputError, match="max_shard_size"):
+            model.save_pretrained(tmp_path / f"bad{bad}", max_shard_size=bad)
+        assert not (tmp_path / f"bad{bad}").exists()  # refused before the folder is made
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(InputError, match="it is a file"):
+        model.save_pretrained(tmp_path / "afile")
+    with pytest.raises(InputError, match="needs a folder path"):
+        model.save_pretrained("")
