@@ -146,3 +146,44 @@ def test_misspelt_override_key(model, tmp_path):
     r = _cli("generate", "a cat", "--model", str(model), "--set", "sampling.stpes=3", "--out", str(tmp_path / "o"))
     assert r.returncode == 2
     assert "stpes" in r.stderr and "steps" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def _copy_with(model, tmp_path, edit_config=None, edit_weights=None):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "broken"
+    shutil.copytree(model, folder)
+    cfg_path = folder / "transformer" / "config.json"
+    if edit_config:
+        cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), **edit_config}))
+    if edit_weights:
+        w = folder / "transformer" / "diffusion_pytorch_model.safetensors"
+        save_file({k: edit_weights(v) for k, v in load_file(str(w)).items()}, str(w))
+    return folder
+
+
+@pytest.mark.parametrize("change, needle", [({"num_attention_heads": "abc"}, "wrong value type"),
+                                            ({"num_layers": -3}, "no negative"), ({"foo_bar": 1}, "unknown key")])
+def test_info_and_generate_refuse_a_bad_config_json(model, tmp_path, capsys, change, needle):
+    folder = _copy_with(model, tmp_path, edit_config=change)
+    for argv in (["info", str(folder)], ["generate", "a cat", "--model", str(folder), "--out", str(tmp_path / "o")]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and needle in err, err
+    assert not (tmp_path / "o").exists()  # a failed load leaves no output folder
+
+
+def test_generate_refuses_nan_weights_instead_of_a_black_image(model, tmp_path, capsys):
+    folder = _copy_with(model, tmp_path, edit_weights=lambda v: v * float("nan") if v.is_floating_point() else v)
+    out = tmp_path / "o"
+    assert main(["generate", "a cat", "--model", str(folder), "--out", str(out), "--steps", "1"]) == 2
+    assert "NaN" in capsys.readouterr().err
+    assert not out.exists() or not list(out.glob("*.png"))
+
+
+def test_info_of_a_single_component_folder(model, capsys):
+    assert main(["info", str(model / "transformer")]) == 0
+    first, second = capsys.readouterr().out.splitlines()[:2]
+    assert first.startswith(f"model: {model / 'transformer'}") and second.startswith("[component]")

@@ -300,6 +300,18 @@ def _weights_summary(folder: Path) -> dict[str, Any]:
     return {"parameters": count, "dtype": ",".join(sorted(dtypes))}
 
 
+def _model_class(part: str | None, class_name: Any):
+    """Our class for a component folder (by its part name or config.json's _class_name), or None."""
+    from ..models.dc_ae import DCAE
+    from ..models.sana_transformer import SanaTransformer
+
+    if part == "transformer" or class_name == SanaTransformer.diffusers_class_name:
+        return SanaTransformer
+    if part == "vae" or class_name == DCAE.diffusers_class_name:
+        return DCAE
+    return None
+
+
 def run_info(args: argparse.Namespace) -> int:
     """Print each component's config, parameter count and stored dtype."""
     from ..hub import read_json, resolve_model_path
@@ -319,9 +331,13 @@ def run_info(args: argparse.Namespace) -> int:
         folder = root / part if part else root
         if not (folder / "config.json").is_file():
             raise ConfigError(f"{folder} has no config.json; is it a diffusers-format model folder?")
-        entry = {"config": {k: v for k, v in read_json(folder / "config.json").items() if not k.startswith("_")}}
+        raw = read_json(folder / "config.json")
+        model_cls = _model_class(part, raw.get("_class_name"))
+        if model_cls is not None:  # the checks from_pretrained makes: unknown keys, types, signs
+            model_cls.validate_config(raw, source=str(folder / "config.json"))
+        entry = {"config": {k: v for k, v in raw.items() if not k.startswith("_")}}
         entry.update(_weights_summary(folder))
-        report[part or "model"] = entry
+        report[part or "component"] = entry
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -330,8 +346,8 @@ def run_info(args: argparse.Namespace) -> int:
         if report.get(key):
             print(f"{key}: {report[key]}")
     for part in parts:
-        entry = report[part or "model"]
-        print(f"[{part or 'model'}] {entry['parameters'] / 1e6:.2f} M parameters, dtype {entry['dtype']}")
+        entry = report[part or "component"]
+        print(f"[{part or 'component'}] {entry['parameters'] / 1e6:.2f} M parameters, dtype {entry['dtype']}")
         for k, v in entry["config"].items():
             print(f"  {k}: {v}")
     if "scheduler" in report:

@@ -83,7 +83,11 @@ def load_text_encoder(root: Path, index: dict[str, Any], device: torch.device) -
         spec = read_json(root / "text_encoder" / SANAFLOW_TEXT_ENCODER_FILE)
         if spec.get("type") != "minilm-package":
             raise CheckpointError(f"unknown packaged text encoder type {spec.get('type')!r}; expected 'minilm-package'")
-        return text_encoders.SentenceTextEncoder.from_package(max_length=int(spec["max_length"]), device=device)
+        length = spec.get("max_length")
+        if isinstance(length, bool) or not isinstance(length, int) or length < 1:
+            raise CheckpointError(f"{root / 'text_encoder' / SANAFLOW_TEXT_ENCODER_FILE}: 'max_length' must be a "
+                                  f"positive integer (tokens per caption), got {length!r}")
+        return text_encoders.SentenceTextEncoder.from_package(max_length=length, device=device)
     library, cls = entry
     if cls.startswith("Gemma"):
         te_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

@@ -509,10 +509,10 @@ class TextToImagePipeline:
                          pag_layers, callback, progress, generators, flow_shift)
         del cond, uncond  # the text features are not needed for decoding: free them first
         if not bool(torch.isfinite(x).all()):  # one sync; a NaN image would otherwise come out black
-            raise SanaflowError(
-                "sampling produced NaN or infinite latents: the checkpoint's weights hold NaN/inf or the dtype "
-                f"overflows ({self.transformer.dtype}); check the weights or try float32"
-            )
+            dtype = self.transformer.dtype
+            hint = "" if dtype == torch.float32 else f", or {dtype} overflows: try float32"
+            raise SanaflowError(f"sampling produced NaN or infinite latents: check the checkpoint's weights for "
+                                f"NaN/inf{hint}")
 
         # 5. Decode and convert
         if output_type == "latent":
