@@ -152,6 +152,23 @@ def test_checkpoint_of_another_architecture_is_refused(reference_run, tmp_path):
     assert tree_digest(out_ref) == before
 
 
+def test_optimizer_state_that_does_not_fit_is_refused_before_anything_is_written(reference_run, tmp_path):
+    import shutil
+
+    _, out_ref = reference_run
+    out = tmp_path / "run"
+    shutil.copytree(out_ref, out)
+    latest = list_checkpoints(out)[-1]
+    opt = torch.load(latest / "optimizer.pt", weights_only=True)
+    opt["optimizer"]["param_groups"] = []  # readable, but not this run's parameter groups
+    torch.save(opt, latest / "optimizer.pt")
+    before = tree_digest(out)
+    cfg = write_yaml(tmp_path / "tiny.yaml", tiny_config(out, train={"keep_checkpoints": 3, "max_steps": 6}))
+    with pytest.raises(CheckpointError, match=r"optimizer\.pt does not match this run's optimizer.*without --resume"):
+        run(cfg, resume=True)
+    assert tree_digest(out) == before  # no config.yaml rewrite, no metrics truncation, no tensorboard file
+
+
 def test_weights_of_another_architecture_are_refused(reference_run):
     _, out_ref = reference_run
     from sanaflow.hub import find_weight_files, load_state_dict_files

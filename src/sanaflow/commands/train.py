@@ -30,9 +30,11 @@ def run(args: argparse.Namespace) -> int:
     from ..config import load_config
     from ..training.config import TrainConfig, validate
     from ..training.tasks import build_task
-    from ..training.trainer import Trainer
+    from ..training.trainer import Trainer, check_output_dir
 
     cfg = validate(load_config(args.config, TrainConfig, args.overrides))
+    # Checks of output_dir (and of the checkpoint --resume continues) come before any model is built.
+    check_output_dir(cfg, args.resume)
     task = build_task(cfg)
     summary = Trainer(cfg, task).fit(resume=args.resume)
     print(json.dumps(summary))

@@ -8,6 +8,7 @@ errors that name the valid ones.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -180,29 +181,139 @@ def _choice(kind: str, value: str, choices: tuple[str, ...]) -> None:
         raise unknown_choice(kind, value, choices)
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _number(name: str, value: Any, low: float | None = None, high: float | None = None, *,
+            low_open: bool = False, high_open: bool = False, note: str = "") -> None:
+    """Refuse anything but a finite number in the range (NaN and infinities included)."""
+    ok = _is_number(value) and math.isfinite(value)
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    if ok:
+        return
+    if low is not None and high is not None:
+        allowed = f"a number in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    elif low is not None:
+        allowed = f"a finite number {'>' if low_open else '>='} {low:g}"
+    elif high is not None:
+        allowed = f"a finite number {'<' if high_open else '<='} {high:g}"
+    else:
+        allowed = "a finite number"
+    raise ConfigError(f"{name} must be {allowed}{note}, got {value!r}")
+
+
+def _integer(name: str, value: Any, low: int, note: str = "") -> None:
+    """Refuse anything but an integer >= low."""
+    if not (isinstance(value, int) and not isinstance(value, bool) and value >= low):
+        raise ConfigError(f"{name} must be an integer >= {low}{note}, got {value!r}")
+
+
+def _seed(name: str, value: Any) -> None:
+    # 64-bit signed: torch.manual_seed takes [-2**63, 2**64), and each rank adds its index.
+    if not (isinstance(value, int) and not isinstance(value, bool) and -(2**63) <= value < 2**63):
+        raise ConfigError(f"{name} must be an integer in [-2**63, 2**63), got {value!r}")
+
+
+# The samplers of sanaflow.sampling (not imported here: that module pulls in the pipelines).
+EVAL_SAMPLERS = ("euler", "dpm++2m", "scm")
+
+
 def validate(cfg: TrainConfig) -> TrainConfig:
-    """Check values that the types alone do not (choices, ranges, required paths); return cfg."""
+    """Check values that the types alone do not (choices, ranges, required paths); return cfg.
+
+    Every number is checked against its valid range (NaN and infinities refused), so a bad value
+    fails here, before any model is built, instead of inside torch or after training steps.
+    """
     _choice("task", cfg.task, TASKS)
     _choice("data.source", cfg.data.source, DATA_SOURCES)
     _choice("optim.name", cfg.optim.name, OPTIMIZERS)
     _choice("optim.schedule", cfg.optim.schedule, LR_SCHEDULES)
     _choice("train.mixed_precision", cfg.train.mixed_precision, MIXED_PRECISION)
     _choice("train.distributed", cfg.train.distributed, DISTRIBUTED)
-    if cfg.train.batch_size < 1 or cfg.train.grad_accum < 1 or cfg.train.max_steps < 1:
-        raise ConfigError("train.batch_size, train.grad_accum and train.max_steps must be >= 1")
-    if not 0.0 <= cfg.train.ema_decay < 1.0:
-        raise ConfigError(f"train.ema_decay must be in [0, 1), got {cfg.train.ema_decay}")
-    if not 0.0 <= cfg.flow.caption_dropout < 1.0:
-        raise ConfigError(f"flow.caption_dropout must be in [0, 1), got {cfg.flow.caption_dropout}")
-    if cfg.flow.coarse < 0 or cfg.flow.coarse_factor < 1:
-        raise ConfigError(f"flow.coarse must be >= 0 and flow.coarse_factor >= 1, got {cfg.flow.coarse} "
-                          f"and {cfg.flow.coarse_factor}")
-    if not (0.0 <= cfg.flow.terminal <= 1.0 and 0.0 < cfg.flow.terminal_from < 1.0):
+    _choice("eval.sampler", cfg.eval.sampler, EVAL_SAMPLERS)
+    if not cfg.output_dir.strip():
+        raise ConfigError("output_dir must be a folder path, got an empty string")
+    _seed("seed", cfg.seed)
+
+    # model
+    if not cfg.model.text_encoder.strip():
+        raise ConfigError("model.text_encoder must be 'minilm' or a BERT-style model folder, got an empty string")
+    _integer("model.text_max_length", cfg.model.text_max_length, 1, note=" (tokens per caption)")
+    _integer("model.text_cache", cfg.model.text_cache, 0, note=" (0 = encode every batch)")
+
+    # data
+    d = cfg.data
+    _integer("data.resolution", d.resolution, 32, note=" and a multiple of 32")
+    if d.resolution % 32:
+        raise ConfigError(f"data.resolution must be a multiple of 32, got {d.resolution}")
+    ext = d.caption_ext
+    if len(ext) < 2 or not ext.startswith(".") or ext.endswith(".") or "/" in ext or "\\" in ext:
+        raise ConfigError(f"data.caption_ext must be a file suffix such as '.txt', got {ext!r}")
+    _integer("data.num_workers", d.num_workers, 0, note=" (0 = load data in the main process)")
+    _seed("data.seed", d.seed)
+    _integer("data.pool_size", d.pool_size, 0, note=" (0 = no sample pool)")
+    _integer("data.reuse", d.reuse, 1)
+
+    # flow-matching loss (t2i)
+    f = cfg.flow
+    _number("flow.logit_mean", f.logit_mean)
+    _number("flow.logit_std", f.logit_std, 0, low_open=True)
+    _number("flow.shift", f.shift, 0, low_open=True, note=" (1 = no shift)")
+    _number("flow.caption_dropout", f.caption_dropout, 0, 1, high_open=True)
+    if not (_is_number(f.coarse) and math.isfinite(f.coarse) and f.coarse >= 0) or f.coarse_factor < 1:
+        raise ConfigError(f"flow.coarse must be >= 0 (a finite number) and flow.coarse_factor >= 1, got "
+                          f"{f.coarse} and {f.coarse_factor}")
+    if not (0.0 <= f.terminal <= 1.0 and 0.0 < f.terminal_from < 1.0):
         raise ConfigError(f"flow.terminal must be in [0, 1] and flow.terminal_from in (0, 1), got "
-                          f"{cfg.flow.terminal} and {cfg.flow.terminal_from}")
-    if len(cfg.optim.betas) != 2:
-        raise ConfigError(f"optim.betas needs two numbers, got {cfg.optim.betas}")
-    if cfg.data.source == "folder" and not cfg.data.path:
+                          f"{f.terminal} and {f.terminal_from}")
+
+    # DC-AE loss (dcae)
+    for name in ("l1", "l2", "freq", "adv", "latent_noise"):
+        _number(f"dcae.{name}", getattr(cfg.dcae, name), 0)
+    _integer("dcae.adv_start", cfg.dcae.adv_start, 0, note=" (the step the adversarial term starts at)")
+
+    # optimizer
+    o = cfg.optim
+    _number("optim.lr", o.lr, 0, low_open=True)
+    if len(o.betas) != 2:
+        raise ConfigError(f"optim.betas needs two numbers, each in [0, 1), got {o.betas}")
+    for i, beta in enumerate(o.betas):
+        _number(f"optim.betas[{i}]", beta, 0, 1, high_open=True)
+    _number("optim.weight_decay", o.weight_decay, 0)
+    _number("optim.eps", o.eps, 0, low_open=True)
+    _integer("optim.warmup_steps", o.warmup_steps, 0, note=" (0 = no warmup)")
+    _number("optim.min_lr_ratio", o.min_lr_ratio, 0, 1)
+    _number("optim.grad_clip", o.grad_clip, 0, note=" (0 = no gradient clipping)")
+
+    # training loop
+    t = cfg.train
+    _integer("train.batch_size", t.batch_size, 1)
+    _integer("train.grad_accum", t.grad_accum, 1)
+    _integer("train.max_steps", t.max_steps, 1)
+    if t.max_minutes is not None:
+        # 0 is allowed: stop (with a checkpoint) at the first chance, after one step (or log step, multi-process).
+        _number("train.max_minutes", t.max_minutes, 0, note=" (or null for no time limit)")
+    _number("train.ema_decay", t.ema_decay, 0, 1, high_open=True)
+    _integer("train.log_every", t.log_every, 1, note=" (steps between log records)")
+    _integer("train.checkpoint_every", t.checkpoint_every, 1, note=" (steps between checkpoints)")
+    _integer("train.keep_checkpoints", t.keep_checkpoints, 1, note=" (checkpoints kept on disk)")
+
+    # evaluation
+    e = cfg.eval
+    _integer("eval.every", e.every, 0, note=" (steps between evaluations; 0 = none during training)")
+    _integer("eval.num_prompts", e.num_prompts, 1)
+    _integer("eval.steps", e.steps, 1, note=" (sampling steps)")
+    _number("eval.guidance_scale", e.guidance_scale, 0)
+    _number("eval.flow_shift", e.flow_shift, 0, low_open=True)
+    _seed("eval.seed", e.seed)
+    _integer("eval.num_images", e.num_images, 1)
+
+    # what the task and the data source need
+    if d.source == "folder" and not d.path:
         raise ConfigError("data.source 'folder' needs data.path (a folder of images with .txt captions)")
     if cfg.task == "t2i":
         if not cfg.model.transformer:
@@ -211,8 +322,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             raise ConfigError("task 't2i' needs model.vae_path (a trained DC-AE folder)")
     if cfg.task == "dcae" and not cfg.model.vae:
         raise ConfigError("task 'dcae' needs model.vae (DCAE config keys)")
-    if cfg.data.pool_size:
-        d, b = cfg.data, cfg.train.batch_size
+    if d.pool_size:
+        b = t.batch_size
         if cfg.task != "t2i" or d.source != "shapes":
             raise ConfigError("data.pool_size needs task 't2i' and data.source 'shapes' (a pool of latents, "
                               "not of images); set data.pool_size 0")
@@ -221,16 +332,12 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         if d.pool_size < b or d.pool_size % (b // d.reuse):
             raise ConfigError(f"data.pool_size ({d.pool_size}) must be >= train.batch_size ({b}) and a multiple of "
                               f"train.batch_size / data.reuse ({b // d.reuse})")
-    elif cfg.data.reuse != 1:
+    elif d.reuse != 1:
         raise ConfigError("data.reuse > 1 needs a sample pool: set data.pool_size (e.g. 131072)")
-    if cfg.model.text_cache < 0:
-        raise ConfigError(f"model.text_cache must be >= 0, got {cfg.model.text_cache}")
-    if cfg.data.resolution % 32:
-        raise ConfigError(f"data.resolution must be a multiple of 32, got {cfg.data.resolution}")
-    if cfg.data.category_weights is not None:
-        if cfg.data.source != "shapes":
+    if d.category_weights is not None:
+        if d.source != "shapes":
             raise ConfigError("data.category_weights needs data.source 'shapes' (it weights the shapes captions)")
-        category_probabilities(cfg.data.category_weights)  # raises on unknown names / bad weights
+        category_probabilities(d.category_weights)  # raises on unknown names / bad weights
     return cfg
 
 

@@ -149,7 +149,8 @@ class FolderSource(Dataset):
 
     def __init__(self, root: str | os.PathLike, resolution: int, batch_size: int, seed: int = 0,
                  caption_ext: str = ".txt", buckets: bool = True, multiple: int = 32,
-                 cache_dir: str | os.PathLike | None = None):
+                 cache_dir: str | os.PathLike | None = None, pairs: list[tuple[Path, str]] | None = None):
+        # `pairs`: the result of scan_folder(root, caption_ext) when the caller has already scanned it.
         from PIL import Image
 
         self.root = Path(root).expanduser()
@@ -157,7 +158,7 @@ class FolderSource(Dataset):
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.buckets = bucket_sizes(resolution, multiple) if buckets else [(resolution, resolution)]
         self.items: list[FolderItem] = []
-        for path, caption in scan_folder(self.root, caption_ext):
+        for path, caption in scan_folder(self.root, caption_ext) if pairs is None else pairs:
             try:
                 with Image.open(path) as im:
                     w, h = im.size

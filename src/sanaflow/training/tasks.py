@@ -13,10 +13,10 @@ from typing import Any
 
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConfigError, InputError
 from .cache import TextFeatureCache
 from .config import TrainConfig, validate
-from .data import FolderSource, ShapesSource
+from .data import FolderSource, ShapesSource, scan_folder
 from .losses import DCAELoss, FlowMatchingLoss
 from .trainer import Task
 
@@ -51,7 +51,20 @@ def _init_weights(net, folder: str) -> dict[str, torch.Tensor] | None:
     return None
 
 
-def _source(cfg: TrainConfig, multiple: int):
+def _scan_data(cfg: TrainConfig) -> list[tuple[Path, str]] | None:
+    """The (image, caption) pairs of a folder source, scanned before any model is built (None: shapes).
+
+    A missing or empty folder, or images without captions, then fail in a moment, not after the models load.
+    """
+    if cfg.data.source != "folder":
+        return None
+    try:
+        return scan_folder(cfg.data.path, cfg.data.caption_ext)
+    except InputError as e:
+        raise InputError(f"data.path: {e}") from None
+
+
+def _source(cfg: TrainConfig, multiple: int, pairs: list[tuple[Path, str]] | None = None):
     d = cfg.data
     if d.source == "shapes":
         # With a sample pool the stream delivers chunks of batch_size / reuse fresh samples per step.
@@ -59,7 +72,7 @@ def _source(cfg: TrainConfig, multiple: int):
         return ShapesSource(d.resolution, seed=d.seed, batch_size=chunk, category_weights=d.category_weights)
     return FolderSource(d.path, d.resolution, cfg.train.batch_size, seed=d.seed, caption_ext=d.caption_ext,
                         buckets=d.buckets, multiple=multiple,
-                        cache_dir=d.cache_dir if cfg.task == "t2i" else None)
+                        cache_dir=d.cache_dir if cfg.task == "t2i" else None, pairs=pairs)
 
 
 class T2IPrepare:
@@ -156,6 +169,7 @@ def build_t2i(cfg: TrainConfig) -> Task:
     """The text-to-image flow-matching task."""
     from ..models import DCAE, SanaTransformer
 
+    pairs = _scan_data(cfg)
     net = SanaTransformer.from_config(cfg.model.transformer, source="model.transformer")
     init_ema = _init_weights(net, cfg.model.init_from) if cfg.model.init_from else None
     if cfg.model.vae_path:
@@ -174,7 +188,7 @@ def build_t2i(cfg: TrainConfig) -> Task:
     # FlowLossConfig's fields are FlowMatchingLoss's keyword arguments, one for one
     loss = FlowMatchingLoss(net, null_hidden.clone().cpu(), null_mask.clone().cpu(), **dataclasses.asdict(cfg.flow))
     prepare = T2IPrepare(vae, text_encoder, text_cache=cfg.model.text_cache)
-    source = _source(cfg, vae.spatial_compression_ratio * net.config.patch_size)
+    source = _source(cfg, vae.spatial_compression_ratio * net.config.patch_size, pairs)
     if isinstance(source, FolderSource) and source.cache_dir is not None:
         fill_feature_cache(source, prepare, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 
@@ -193,11 +207,12 @@ def build_dcae(cfg: TrainConfig) -> Task:
     """The DC-AE reconstruction task."""
     from ..models import DCAE
 
+    pairs = _scan_data(cfg)
     net = DCAE.from_config(cfg.model.vae, source="model.vae")
     init_ema = _init_weights(net, cfg.model.init_from) if cfg.model.init_from else None
     d = cfg.dcae
     loss = DCAELoss(net, l1=d.l1, l2=d.l2, freq=d.freq, adv=d.adv, adv_start=d.adv_start, latent_noise=d.latent_noise)
-    source = _source(cfg, net.spatial_compression_ratio)
+    source = _source(cfg, net.spatial_compression_ratio, pairs)
 
     def prepare(raw: dict, device: torch.device) -> dict:
         return {"images": images_to_unit(raw["image"].to(device, non_blocking=True))}

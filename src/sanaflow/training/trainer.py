@@ -27,7 +27,7 @@ from torch import nn
 
 from ..errors import CheckpointError, ConfigError
 from ..utils import atomic_path, atomic_write_text
-from .config import TrainConfig
+from .config import TrainConfig, validate
 from .data import make_loader
 from .optim import EMA, build_optimizer, build_scheduler
 
@@ -104,12 +104,41 @@ def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
     return [] if a == b else [f"{prefix.rstrip('.')}: checkpoint {a!r} vs config {b!r}"]
 
 
+_STATE_KEYS = ("step", "micro_step", "samples", "world_size")
+# What a resumed run reads from a checkpoint folder besides trainer_state.json.
+_CHECKPOINT_PARTS = {"model": "the network weights", "ema": "the EMA weights",
+                     "optimizer.pt": "the optimizer and LR schedule", "rng.pt": "the RNG states"}
+
+
+def _broken(path: Path, problem: str) -> CheckpointError:
+    """The error for an unusable part of a checkpoint, saying how to go on."""
+    ckpt = path if path.parent.name == CHECKPOINTS else path.parent
+    return CheckpointError(
+        f"{problem}; checkpoint {ckpt} cannot be resumed: delete that folder to resume from the checkpoint "
+        "before it, or start a new run (without --resume) in another output_dir"
+    )
+
+
+def _read_state(path: Path) -> dict[str, Any]:
+    """A checkpoint's trainer_state.json, checked to hold the step / data position (no fingerprint check)."""
+    file = path / STATE_FILE
+    try:
+        state = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise _broken(path, f"cannot read {file}: {getattr(e, 'strerror', None) or e}") from None
+    if not isinstance(state, dict):
+        raise _broken(path, f"{file} is not a JSON object")
+    bad = [k for k in _STATE_KEYS
+           if not isinstance(state.get(k), int) or isinstance(state.get(k), bool) or state[k] < 0]
+    if bad or state["world_size"] < 1:
+        raise _broken(path, f"{file} lacks valid {', '.join(bad or ['world_size'])} "
+                            f"(non-negative integers {', '.join(_STATE_KEYS)} are needed)")
+    return state
+
+
 def read_checkpoint_state(path: Path, fingerprint: dict[str, Any]) -> dict[str, Any]:
     """Read and check a checkpoint's trainer state against this run's fingerprint (architecture, task)."""
-    try:
-        state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"cannot read {path / STATE_FILE}: {e}") from e
+    state = _read_state(path)
     diffs = _diff(state.get("fingerprint"), json.loads(json.dumps(fingerprint)))
     if diffs:
         raise CheckpointError(
@@ -117,6 +146,89 @@ def read_checkpoint_state(path: Path, fingerprint: dict[str, Any]) -> dict[str, 
             + "; ".join(diffs[:6]) + (" ..." if len(diffs) > 6 else "")
         )
     return state
+
+
+def check_output_dir(cfg: TrainConfig, resume: bool) -> Path | None:
+    """Check a run's output_dir before any model is built; return the checkpoint to resume (or None).
+
+    Without `resume` the folder must hold no checkpoint (a run is never overwritten); with it, the
+    latest checkpoint must be complete (every part a resumed run reads is there) and written with
+    the same optimizer.
+    """
+    out = Path(cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output_dir {out} is a file, not a folder; choose another output_dir")
+    ckpts = list_checkpoints(out)
+    if not resume:
+        if ckpts:
+            raise ConfigError(
+                f"{out} already holds checkpoints (latest {ckpts[-1].name}); pass --resume to continue "
+                "that run, or choose another output_dir"
+            )
+        return None
+    if not ckpts:
+        raise CheckpointError(
+            f"--resume: no checkpoint in {out / CHECKPOINTS} (a step_NNNNNNN folder with {STATE_FILE}); "
+            "check output_dir, or leave out --resume to start a new run"
+        )
+    latest = ckpts[-1]
+    for name, what in _CHECKPOINT_PARTS.items():
+        if not (latest / name).exists():
+            raise _broken(latest, f"{latest / name} ({what}) is missing")
+    state = _read_state(latest)
+    _load_resume_files(latest, state["world_size"], mmap=True)
+    saved = state.get("config", {}).get("optim", {}).get("name") if isinstance(state.get("config"), dict) else None
+    if isinstance(saved, str) and saved != cfg.optim.name:
+        raise CheckpointError(
+            f"checkpoint {latest} was trained with optim.name {saved!r}, this config has {cfg.optim.name!r}; "
+            f"resume with --set optim.name={saved}, or start a new run (without --resume) in another output_dir"
+        )
+    return latest
+
+
+def _load_torch_file(path: Path, mmap: bool = False) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except FileNotFoundError:
+        raise _broken(path, f"{path} ({_CHECKPOINT_PARTS[path.name]}) is missing") from None
+    except Exception as e:  # torch.load raises many types on a damaged file (KeyError, UnpicklingError, ...)
+        raise _broken(path, f"{path} ({_CHECKPOINT_PARTS[path.name]}) is not a readable torch file "
+                            f"(damaged, or not written by sanaflow: {type(e).__name__})") from None
+
+
+def _one_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+
+
+def _load_resume_files(path: Path, world_size: int, mmap: bool = False) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """optimizer.pt and rng.pt of a checkpoint, read and checked before anything is built or written.
+
+    With `mmap` the tensors stay in the files (memory-mapped): a quick check of a large optimizer state.
+    """
+    opt = _load_torch_file(path / "optimizer.pt", mmap)
+    if not (isinstance(opt, dict) and isinstance(opt.get("optimizer"), dict) and isinstance(opt.get("scheduler"), dict)
+            and {"state", "param_groups"} <= set(opt["optimizer"])):
+        raise _broken(path / "optimizer.pt", f"{path / 'optimizer.pt'} is not a sanaflow optimizer state "
+                                             "(a dict of 'optimizer' and 'scheduler' state dicts)")
+    rng = _load_torch_file(path / "rng.pt", mmap)
+    if not isinstance(rng, list) or len(rng) != world_size:
+        raise _broken(path / "rng.pt", f"{path / 'rng.pt'} does not hold the RNG states of {world_size} process(es)")
+    # Apply each state once to prove it is well-formed, then put the current RNG states back exactly.
+    saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    saved_cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    try:
+        for state in rng:
+            _set_rng_state(state)
+    except Exception as e:  # KeyError, TypeError, ValueError, RuntimeError, ... on a damaged state
+        raise _broken(path / "rng.pt", f"{path / 'rng.pt'} holds a damaged RNG state ({_one_line(e)})") from None
+    finally:
+        random.setstate(saved[0])
+        np.random.set_state(saved[1])
+        torch.set_rng_state(saved[2])
+        if saved_cuda is not None:
+            torch.cuda.set_rng_state_all(saved_cuda)
+    return opt, rng
 
 
 class Trainer:
@@ -146,18 +258,10 @@ class Trainer:
         return Accelerator(**kwargs)
 
     def _checkpoint_to_resume(self, resume: bool) -> tuple[Path | None, dict | None]:
-        ckpts = list_checkpoints(self.out)
-        if not resume:
-            if ckpts:
-                raise ConfigError(
-                    f"{self.out} already holds checkpoints (latest {ckpts[-1].name}); pass --resume to continue "
-                    "that run, or choose another output_dir"
-                )
+        path = check_output_dir(self.cfg, resume)
+        if path is None:
             return None, None
-        if not ckpts:
-            raise CheckpointError(f"--resume: no checkpoint in {self.out / CHECKPOINTS}")
-        state = read_checkpoint_state(ckpts[-1], self.task.fingerprint)
-        return ckpts[-1], state
+        return path, read_checkpoint_state(path, self.task.fingerprint)
 
     # ------------------------------------------------------------------------------ checkpoints
     def _net_state_files(self, path: Path) -> dict[str, dict[str, torch.Tensor]]:
@@ -248,7 +352,11 @@ class Trainer:
         cfg, task = self.cfg, self.task
         t_start = time.time()
         # Validate everything that can fail before writing anything.
+        validate(cfg)
         ckpt_path, ckpt_state = self._checkpoint_to_resume(resume)
+        opt_state = rng_states = None
+        if ckpt_path is not None:
+            opt_state, rng_states = _load_resume_files(ckpt_path, ckpt_state["world_size"])
         loaded = self._net_state_files(ckpt_path) if ckpt_path is not None else None
         if loaded is not None:
             # Fails with a clear CheckpointError (missing / unexpected keys, shapes) on another architecture.
@@ -294,15 +402,22 @@ class Trainer:
 
         step, micro_step, samples = 0, 0, 0
         if ckpt_state is not None:
-            opt = torch.load(ckpt_path / "optimizer.pt", map_location="cpu", weights_only=True)
-            if cfg.train.distributed == "fsdp" and acc.num_processes > 1:
-                from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-                set_optimizer_state_dict(loss_unwrapped, optimizer.optimizer, opt["optimizer"],
-                                         options=StateDictOptions(full_state_dict=True))
-            else:
-                optimizer.load_state_dict(opt["optimizer"])
-            scheduler.load_state_dict(opt["scheduler"])
+            opt = opt_state
+            try:
+                if cfg.train.distributed == "fsdp" and acc.num_processes > 1:
+                    set_optimizer_state_dict(loss_unwrapped, optimizer.optimizer, opt["optimizer"],
+                                             options=StateDictOptions(full_state_dict=True))
+                else:
+                    optimizer.load_state_dict(opt["optimizer"])
+                scheduler.load_state_dict(opt["scheduler"])
+            except (KeyError, ValueError, TypeError, IndexError, RuntimeError) as e:
+                raise CheckpointError(
+                    f"{ckpt_path / 'optimizer.pt'} does not match this run's optimizer (optim.name "
+                    f"{cfg.optim.name!r}): {_one_line(e)}; resume with the optimizer settings the checkpoint was "
+                    "written with, or start a new run (without --resume) in another output_dir"
+                ) from None
             step, micro_step, samples = ckpt_state["step"], ckpt_state["micro_step"], ckpt_state["samples"]
         else:
             seed_everything(cfg.seed + acc.process_index)
@@ -321,9 +436,8 @@ class Trainer:
                 writer = SummaryWriter(str(self.out / "tensorboard"))
             except ImportError:
                 acc.print("tensorboard is not installed: scalars go to metrics.jsonl only")
-        if ckpt_state is not None:
-            rng = torch.load(ckpt_path / "rng.pt", map_location="cpu", weights_only=True)
-            _set_rng_state(rng[acc.process_index])
+        if rng_states is not None:
+            _set_rng_state(rng_states[acc.process_index])
 
         loader = make_loader(task.source, micro_step, acc.process_index, acc.num_processes, cfg.data.num_workers)
         next_batch = self._batches(acc, iter(loader), micro_step)
