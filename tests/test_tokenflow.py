@@ -152,11 +152,16 @@ def test_propagation_equals_direct(anchors):
     torch.testing.assert_close(weights, state.weights if len(anchors) == 2 else blend_weights(torch.arange(8, 12), 10, 6))
 
 
-@pytest.mark.parametrize("height,width,factor", [(4, 6, 1), (4, 6, 2), (6, 9, 3)])
+@pytest.mark.parametrize("height,width,factor", [(4, 6, 1), (4, 6, 2), (6, 9, 3),
+                                                  (9, 8, 2), (9, 7, 2), (5, 7, 4), (9, 14, 4), (3, 3, 2)])
 def test_latent_index_equals_direct(height, width, factor):
-    """A latent pixel goes to the same offset inside the token its own token is matched to."""
+    """A latent pixel goes to the same offset inside the token its own token is matched to.
+
+    A UNet level of an odd latent side has ceil(side / f) tokens (the last four cases); there a matched
+    position past the latent's edge (a cut-off token) takes the last row / column.
+    """
     torch.manual_seed(3)
-    gh, gw = height // factor, width // factor
+    gh, gw = -(-height // factor), -(-width // factor)
     token_index = torch.randint(gh * gw, (2, 3, gh * gw))
     out = latent_index(token_index, height, width)
     expected = torch.empty(2, 3, height * width, dtype=torch.long)
@@ -166,7 +171,9 @@ def test_latent_index_equals_direct(height, width, factor):
                 for x in range(width):
                     t = int(token_index[a, f, (y // factor) * gw + x // factor])
                     ty, tx = divmod(t, gw)
-                    expected[a, f, y * width + x] = (ty * factor + y % factor) * width + tx * factor + x % factor
+                    yy = min(ty * factor + y % factor, height - 1)
+                    xx = min(tx * factor + x % factor, width - 1)
+                    expected[a, f, y * width + x] = yy * width + xx
     assert torch.equal(out, expected)
     with pytest.raises(ValueError, match="not a grid"):
         latent_index(torch.zeros(1, 1, 5, dtype=torch.long), height, width)

@@ -31,7 +31,7 @@ from typing import Any, Literal, TypeVar
 import yaml
 
 from .errors import ConfigError, suggest, unknown_choice
-from .utils import atomic_write_text
+from .utils import SEED_MAX, SEED_MIN, atomic_write_text
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 BASE_KEY = "base"
@@ -69,8 +69,8 @@ class SamplingConfig:
             value = getattr(self, name)
             if not 0 <= value < float("inf"):
                 raise ConfigError(f"{name} must be a finite number >= 0, got {value}")
-        if self.seed is not None and not -(2**63) <= self.seed <= 2**64 - 1:  # torch.Generator's range
-            raise ConfigError(f"seed must be in [{-(2**63)}, {2**64 - 1}], got {self.seed}")
+        if self.seed is not None and not SEED_MIN <= self.seed <= SEED_MAX:
+            raise ConfigError(f"seed must be in [{SEED_MIN}, {SEED_MAX}], got {self.seed}")
         if self.flow_shift is not None and not 0 < self.flow_shift < float("inf"):
             raise ConfigError(f"flow_shift must be a finite number > 0, got {self.flow_shift}")
 

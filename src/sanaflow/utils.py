@@ -1,4 +1,4 @@
-"""Small shared helpers: atomic file output."""
+"""Small shared helpers: atomic file output, output-folder checks."""
 
 from __future__ import annotations
 
@@ -11,6 +11,29 @@ from pathlib import Path
 
 # Image files sanaflow reads (frame folders, training folders): PIL / OpenCV open all of them.
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+# The seeds torch.Generator.manual_seed takes.
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+
+
+def check_folder_writable(folder: str | os.PathLike, what: str) -> None:
+    """Refuse, before any work, a `folder` files cannot be written into, without creating it.
+
+    A missing folder is judged by its first existing ancestor, where the missing folders would be
+    made: it must be a folder and take a (removed at once) probe file. `what` names the output in
+    the message: "cannot write {what}: ...".
+    """
+    from .errors import InputError
+
+    existing = Path(folder).absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InputError(f"cannot write {what}: {existing} is a file, not a folder")
+    try:
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise InputError(f"cannot write {what}: {existing}: {e.strerror or e}") from e
 
 
 def _umask() -> int:

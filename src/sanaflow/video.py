@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputError
-from .utils import IMAGE_SUFFIXES, atomic_path
+from .utils import IMAGE_SUFFIXES, atomic_path, check_folder_writable
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".m4v", ".mkv", ".webm", ".avi", ".gif")
 MAX_SIDE = 4096  # frames with a longer side are refused unless `max_side` downsizes them on read
@@ -283,8 +283,6 @@ WRITE_SUFFIXES = (".mp4", ".mov", ".m4v", ".mkv", ".gif")
 
 def check_video_target(path: str | os.PathLike) -> Path:
     """Check, before any work, that `write_video` can write `path` (its suffix, its parent folder)."""
-    import tempfile
-
     path = Path(path)
     if path.suffix.lower() not in WRITE_SUFFIXES and path.suffix != "":
         raise InputError(f"cannot write video {str(path)!r}: use .mp4, .mov, .mkv, .gif, or a folder (no suffix)")
@@ -292,11 +290,9 @@ def check_video_target(path: str | os.PathLike) -> Path:
         raise InputError(f"cannot write video {str(path)!r}: a folder of that name is in the way")
     if not path.suffix and path.is_file():
         raise InputError(f"cannot write frames into {str(path)!r}: a file of that name is in the way")
-    parent = path.parent if str(path.parent) else Path(".")
+    check_folder_writable(path.parent, f"video {str(path)!r}")
     try:
-        parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=parent, prefix=".write-test-"):
-            pass
+        path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise InputError(f"cannot write video {str(path)!r}: {e.strerror or e}") from e
     return path

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, InputError, SanaflowError
-from ..utils import IMAGE_SUFFIXES
+from ..utils import IMAGE_SUFFIXES, check_folder_writable
 
 MAX_SIDE = 4096
 
@@ -152,19 +150,7 @@ def check_writable(folder: Path) -> None:
     """
     if str(folder) == "":
         raise InputError("--out is empty; name an output folder or a .png file")
-    existing = folder
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise InputError(f"cannot write to output folder {folder}: {existing} is a file, not a folder")
-    if existing == folder:
-        try:
-            with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
-                pass
-        except OSError as e:
-            raise InputError(f"cannot write to output folder {folder}: {e.strerror or e}") from e
-    elif not os.access(existing, os.W_OK | os.X_OK):
-        raise InputError(f"cannot write to output folder {folder}: {existing} is not writable")
+    check_folder_writable(folder, f"to output folder {folder}")
 
 
 def slug(text: str, n: int = 40) -> str:

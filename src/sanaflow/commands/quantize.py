@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 from ..errors import ConfigError, InputError
+from ..utils import check_folder_writable
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -104,13 +104,7 @@ def check_out_folder(out_arg: str, model_ref: str | None = None) -> Path:
         raise InputError(f"--out {str(out_arg)!r} is a folder holding other files and no model "
                          f"({' or '.join(MODEL_MARKERS)}); the quantized model replaces the whole folder, so "
                          "choose a new or empty folder, or a model folder to replace")
-    parent = out.parent
-    while not parent.exists():  # the first existing ancestor is where the folders get created
-        parent = parent.parent
-    if not parent.is_dir():
-        raise InputError(f"cannot write --out {str(out_arg)!r}: {str(parent)!r} is a file, not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise InputError(f"cannot write --out {str(out_arg)!r}: folder {str(parent)!r} is not writable")
+    check_folder_writable(out.parent, f"--out {str(out_arg)!r}")
     return out
 
 

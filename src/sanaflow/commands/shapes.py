@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 from pathlib import Path
 
 from ..errors import InputError, SanaflowError
+from ..utils import check_folder_writable
 
 PROMPTS_FILE = "prompts.jsonl"
 
@@ -77,17 +77,6 @@ def _usage(parser: argparse.ArgumentParser) -> int:
     return 2
 
 
-def _check_parent(path: Path, what: str) -> None:
-    """Refuse, before any work, a path whose folders cannot be created: a file in the way, no write access."""
-    parent = path.absolute().parent
-    while not parent.exists():  # the first existing ancestor is where the missing folders get created
-        parent = parent.parent
-    if not parent.is_dir():
-        raise InputError(f"cannot write {what}: {str(parent)!r} is a file, not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise InputError(f"cannot write {what}: folder {str(parent)!r} is not writable")
-
-
 def _check_report_target(out_arg: str | None, default: Path, inputs=()) -> Path:
     """Check the JSON report path (--out, or `default` without it) before scoring; return it.
 
@@ -100,7 +89,7 @@ def _check_report_target(out_arg: str | None, default: Path, inputs=()) -> Path:
     what = f"--out {str(out)!r}" if out_arg is not None else f"the report {str(out)!r}"
     if out.is_dir():
         raise InputError(f"cannot write {what}: it is a folder; give a JSON file path (e.g. scores.json)")
-    _check_parent(out, what)
+    check_folder_writable(out.absolute().parent, what)
     target = out.resolve()
     for item in inputs:
         if Path(item).resolve() == target:
@@ -124,7 +113,7 @@ def _sample(args) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {str(out)!r} exists and is not a folder")
-    _check_parent(out, f"--out {str(out)!r}")
+    check_folder_writable(out.absolute().parent, f"--out {str(out)!r}")
     if (out / PROMPTS_FILE).is_dir():
         raise InputError(f"cannot write {str(out / PROMPTS_FILE)!r}: a folder of that name is in the way")
     if args.split == "eval":
@@ -169,7 +158,6 @@ def _video(args) -> int:
         raise InputError(f"--size must be in [16, 2048], got {args.size}")
     if not (math.isfinite(args.fps) and args.fps > 0):
         raise InputError(f"--fps must be a finite number above 0, got {args.fps}")
-    _check_parent(Path(args.out), f"--out {args.out!r}")
     check_video_target(args.out)  # before rendering: no folder in the way, parent writable
     side = sidecar_path(args.out)
     if side.is_dir():

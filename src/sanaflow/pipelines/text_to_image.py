@@ -21,6 +21,7 @@ from PIL import Image
 
 from ..errors import ConfigError, InputError, SanaflowError, unknown_choice
 from ..models.sana_transformer import IdentitySelfAttnProcessor, LinearSelfAttnProcessor, SelfAttnProcessor
+from ..utils import SEED_MAX, SEED_MIN
 from . import resolution
 from .acceleration import CUDAGRAPH_COMPILE_MODES, CUDAGraphCache, compile_module, first_call_timer, shape_key
 from .components import SanaComponents, load_components
@@ -63,7 +64,6 @@ def _is_real(v: Any) -> bool:
     return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
 
 
-SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed takes
 
 
 def check_call_arguments(

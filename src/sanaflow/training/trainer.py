@@ -148,12 +148,13 @@ def read_checkpoint_state(path: Path, fingerprint: dict[str, Any]) -> dict[str, 
     return state
 
 
-def check_output_dir(cfg: TrainConfig, resume: bool) -> Path | None:
+def check_output_dir(cfg: TrainConfig, resume: bool, read_files: bool = True) -> Path | None:
     """Check a run's output_dir before any model is built; return the checkpoint to resume (or None).
 
     Without `resume` the folder must hold no checkpoint (a run is never overwritten); with it, the
     latest checkpoint must be complete (every part a resumed run reads is there) and written with
-    the same optimizer.
+    the same optimizer. `read_files` also opens its optimizer.pt (memory-mapped) and rng.pt to check
+    them; `Trainer.fit`, which reads both in full before writing anything, skips that.
     """
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
@@ -176,7 +177,8 @@ def check_output_dir(cfg: TrainConfig, resume: bool) -> Path | None:
         if not (latest / name).exists():
             raise _broken(latest, f"{latest / name} ({what}) is missing")
     state = _read_state(latest)
-    _load_resume_files(latest, state["world_size"], mmap=True)
+    if read_files:
+        _load_resume_files(latest, state["world_size"], mmap=True)
     saved = state.get("config", {}).get("optim", {}).get("name") if isinstance(state.get("config"), dict) else None
     if isinstance(saved, str) and saved != cfg.optim.name:
         raise CheckpointError(
@@ -258,7 +260,7 @@ class Trainer:
         return Accelerator(**kwargs)
 
     def _checkpoint_to_resume(self, resume: bool) -> tuple[Path | None, dict | None]:
-        path = check_output_dir(self.cfg, resume)
+        path = check_output_dir(self.cfg, resume, read_files=False)  # fit reads the files once, in full
         if path is None:
             return None, None
         return path, read_checkpoint_state(path, self.task.fingerprint)
@@ -402,11 +404,14 @@ class Trainer:
 
         step, micro_step, samples = 0, 0, 0
         if ckpt_state is not None:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
             opt = opt_state
             try:
                 if cfg.train.distributed == "fsdp" and acc.num_processes > 1:
+                    from torch.distributed.checkpoint.state_dict import (
+                        StateDictOptions,
+                        set_optimizer_state_dict,
+                    )
+
                     set_optimizer_state_dict(loss_unwrapped, optimizer.optimizer, opt["optimizer"],
                                              options=StateDictOptions(full_state_dict=True))
                 else:
