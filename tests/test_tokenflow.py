@@ -582,3 +582,17 @@ def test_edit_on_cuda_matches_shapes_and_devices(sd_folder, tmp_path, offload):
         out = pipe(clip(t=5), "a red square", steps=2, batch_size=2, correspondence=corr, control_scale=0.5,
                    offload_keyframes=offload, progress=False)
         assert out.frames.shape == (5, 16, 16, 3)
+
+
+def test_settings_are_checked_without_a_model():
+    from sanaflow.pipelines.video_edit import VideoEditPipeline
+
+    s = VideoEditPipeline.settings("a red square", steps=3, batch_size=2, negative_prompt=None)
+    assert (s.steps, s.batch_size, s.negative_prompt) == (3, 2, EditSettings("x").negative_prompt)
+    assert VideoEditPipeline.settings("x", guidance_scale=2.0).guidance_scale == 2.0
+    with pytest.raises(InputError, match="unknown edit setting.*bogus"):
+        VideoEditPipeline.settings("x", bogus=1)
+    with pytest.raises(InputError, match="non-empty --prompt"):
+        VideoEditPipeline.settings("  ")
+    with pytest.raises(ConfigError, match="--cfg"):
+        VideoEditPipeline.settings("x", guidance_scale=float("nan"))

@@ -140,7 +140,8 @@ def test_check_video_target(tmp_path):
     from sanaflow.video import check_video_target
 
     assert check_video_target(tmp_path / "new" / "out.mp4") == tmp_path / "new" / "out.mp4"
-    assert (tmp_path / "new").is_dir() and not any((tmp_path / "new").iterdir())  # no probe file left
+    assert not (tmp_path / "new").exists()  # judged by its existing ancestor, nothing created
+    assert not [p for p in tmp_path.iterdir()]  # and no probe file left there
     with pytest.raises(InputError, match="use .mp4"):
         check_video_target(tmp_path / "out.webm")
     (tmp_path / "taken.mp4").mkdir()

@@ -104,7 +104,16 @@ def test_bad_output_targets_fail_before_any_work(sd_folder, video, tmp_path, cap
     _one_line_error(capsys, ["edit", str(video), "--prompt", "x", "--side-by-side", str(tmp_path / "s.avi"),
                              *base], "use .mp4")
     _one_line_error(capsys, ["invert", str(video), "--out", str(tmp_path / "r.webm"), *base], "use .mp4")
-    assert not (tmp_path / "c").exists()
+    # Every edit flag is judged before the video is read or an output folder is made.
+    out = ["--out", str(tmp_path / "new" / "o.mp4")]
+    for flags, message in ((["--steps", "0"], "--steps must be at least 1"),
+                           (["--batch-size", "0"], "--batch-size must be at least 1"),
+                           (["--cross-attn", "1.5"], "--cross-attn (cross_attention) must lie in [0, 1]"),
+                           (["--mode", "tokenflow-sdedit", "--strength", "0.01"], "leaves no step")):
+        _one_line_error(capsys, ["edit", str(tmp_path / "missing.mp4"), "--prompt", "x", *flags, *out, *base], message)
+    _one_line_error(capsys, ["invert", str(tmp_path / "missing.mp4"), "--steps", "0", *out, *base],
+                    "--steps must be at least 1")
+    assert not (tmp_path / "c").exists() and not (tmp_path / "new").exists()
 
 
 def test_bad_cross_attention_and_blend_fractions_exit_2(sd_folder, video, tmp_path, capsys):

@@ -282,7 +282,7 @@ WRITE_SUFFIXES = (".mp4", ".mov", ".m4v", ".mkv", ".gif")
 
 
 def check_video_target(path: str | os.PathLike) -> Path:
-    """Check, before any work, that `write_video` can write `path` (its suffix, its parent folder)."""
+    """Check, before any work, that `write_video` can write `path` (its suffix, its parent folder); creates nothing."""
     path = Path(path)
     if path.suffix.lower() not in WRITE_SUFFIXES and path.suffix != "":
         raise InputError(f"cannot write video {str(path)!r}: use .mp4, .mov, .mkv, .gif, or a folder (no suffix)")
@@ -290,11 +290,9 @@ def check_video_target(path: str | os.PathLike) -> Path:
         raise InputError(f"cannot write video {str(path)!r}: a folder of that name is in the way")
     if not path.suffix and path.is_file():
         raise InputError(f"cannot write frames into {str(path)!r}: a file of that name is in the way")
+    # Judged without creating anything: the writers make the parent folders when they write, so a
+    # run that fails after this check leaves no empty folder behind.
     check_folder_writable(path.parent, f"video {str(path)!r}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise InputError(f"cannot write video {str(path)!r}: {e.strerror or e}") from e
     return path
 
 

@@ -119,9 +119,6 @@ def _read(args):
     """Read the frames before any model loads, so bad input fails fast."""
     from ..video import read_video
 
-    for name in ("steps", "batch_size"):
-        if getattr(args, name) < 1:
-            raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     for name in ("inversion_steps", "inversion_batch_size", "frames"):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -166,28 +163,28 @@ def _default_out(video: str, suffix: str) -> Path:
 
 def run_edit(args) -> int:
     """The `edit` subcommand."""
+    from ..pipelines.video_edit import VideoEditPipeline
     from ..video import side_by_side, write_video
 
-    if not args.prompt.strip():
-        raise InputError("the edit needs a non-empty --prompt")
-    target = _targets(args, "_edit", (args.side_by_side,))
-    clip = _read(args)
-    pipe = _pipeline(args, _controlnet_ref(args))
-    out = pipe(
-        clip, args.prompt, source_prompt=args.source_prompt, negative_prompt=args.negative, mode=args.mode,
-        steps=args.steps, inversion_steps=args.inversion_steps, guidance_scale=args.cfg,
+    knobs = dict(
+        source_prompt=args.source_prompt, negative_prompt=args.negative, mode=args.mode,
+        steps=args.steps, guidance_scale=args.cfg,
         pnp_feature=args.pnp_feature, pnp_attention=args.pnp_attn, cross_attention=args.cross_attn,
         cross_reweight=args.cross_reweight, propagation=args.propagation,
         output_propagation=args.output_propagation,
         output_propagation_steps=args.output_propagation_steps,
         output_correspondence=args.output_correspondence, local_blend=args.local_blend,
-        paste_source=args.paste_source, strength=args.strength,
-        batch_size=args.batch_size, inversion_batch_size=args.inversion_batch_size, seed=args.seed,
-        correspondence=args.correspondence,
-        max_keyframes=args.max_keyframes,
-        control_scale=args.controlnet_scale if args.controlnet else None, size=args.size,
-        reconstruct=args.reconstruct, progress=not args.quiet,
+        paste_source=args.paste_source, strength=args.strength, batch_size=args.batch_size, seed=args.seed,
+        correspondence=args.correspondence, max_keyframes=args.max_keyframes,
+        control_scale=args.controlnet_scale if args.controlnet else None,
     )
+    VideoEditPipeline.settings(args.prompt, **knobs)  # every edit flag, before any file or model is read
+    target = _targets(args, "_edit", (args.side_by_side,))
+    clip = _read(args)
+    pipe = _pipeline(args, _controlnet_ref(args))
+    out = pipe(clip, args.prompt, **knobs, inversion_steps=args.inversion_steps,
+               inversion_batch_size=args.inversion_batch_size, size=args.size, reconstruct=args.reconstruct,
+               progress=not args.quiet)
     fps = out.fps
     write_video(target, out.frames, fps)
     inv = out.inversion
@@ -207,6 +204,9 @@ def run_invert(args) -> int:
     """The `invert` subcommand."""
     from ..video import write_video
 
+    for name in ("steps", "batch_size"):  # `edit` checks these with the other edit flags
+        if getattr(args, name) < 1:
+            raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     target = None if args.no_reconstruction else _targets(args, "_reconstruction")
     source = _read(args)
     pipe = _pipeline(args)

@@ -7,9 +7,11 @@ The pipeline holds only the backbone and the cache folder; every per-call value 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -195,6 +197,25 @@ class VideoEditPipeline:
 
     # 3.-4. edit -----------------------------------------------------------------------------
 
+    @staticmethod
+    def settings(prompt: str, negative_prompt: str | None = None, guidance_scale: float | None = None,
+                 **knobs: Any) -> EditSettings:
+        """The validated `EditSettings` of an edit, without a model (the CLI checks its flags with it first).
+
+        `knobs` are `EditSettings` fields; `negative_prompt` / `guidance_scale` None (the backbone's
+        defaults, filled in by `__call__`) are judged as TokenFlow's, which are valid.
+        """
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise InputError("the edit needs a non-empty --prompt")
+        fields = {f.name for f in dataclasses.fields(EditSettings)}
+        unknown = sorted(set(knobs) - fields)
+        if unknown:
+            raise InputError(f"unknown edit setting(s) {', '.join(unknown)}; known: {', '.join(sorted(fields))}")
+        given = {"negative_prompt": negative_prompt, "guidance_scale": guidance_scale}
+        settings = EditSettings(prompt=prompt, **{k: v for k, v in given.items() if v is not None}, **knobs)
+        settings.validate()
+        return settings
+
     def __call__(
         self,
         video: str | os.PathLike | np.ndarray | VideoClip,
@@ -248,24 +269,17 @@ class VideoEditPipeline:
         `output_propagation_steps` of the steps (0 = off; default: the backbone's), taken along DIS optical
         flow between the source frames (`output_correspondence="flow"`) or the attention's token matches.
         """
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise InputError("the edit needs a non-empty --prompt")
-        if negative_prompt is None:
-            negative_prompt = self.backbone.default_negative
-        if guidance_scale is None:
-            guidance_scale = self.backbone.default_guidance
-        settings = EditSettings(
-            prompt=prompt, source_prompt=source_prompt, negative_prompt=negative_prompt, mode=mode, steps=steps,
-            guidance_scale=guidance_scale, pnp_feature=pnp_feature, pnp_attention=pnp_attention,
+        settings = self.settings(
+            prompt, source_prompt=source_prompt,
+            negative_prompt=self.backbone.default_negative if negative_prompt is None else negative_prompt,
+            guidance_scale=self.backbone.default_guidance if guidance_scale is None else guidance_scale,
+            mode=mode, steps=steps, pnp_feature=pnp_feature, pnp_attention=pnp_attention,
             cross_attention=cross_attention, cross_reweight=cross_reweight, propagation=propagation,
-            output_propagation=output_propagation,
-            output_propagation_steps=output_propagation_steps, output_correspondence=output_correspondence,
-            strength=strength,
-            batch_size=batch_size, seed=seed, correspondence=correspondence, control_scale=control_scale,
-            offload_keyframes=offload_keyframes, max_keyframes=max_keyframes, local_blend=local_blend,
-            paste_source=paste_source,
+            output_propagation=output_propagation, output_propagation_steps=output_propagation_steps,
+            output_correspondence=output_correspondence, strength=strength, batch_size=batch_size, seed=seed,
+            correspondence=correspondence, control_scale=control_scale, offload_keyframes=offload_keyframes,
+            max_keyframes=max_keyframes, local_blend=local_blend, paste_source=paste_source,
         )
-        settings.validate()
         clip = self.prepare(video, frames=frames, start=start, stride=stride, size=size)
         # Inversion, reconstruction and decoding have no cross-frame coupling: any batch size fits them.
         plain_batch = inversion_batch_size or batch_size
