@@ -27,13 +27,26 @@ class InputError(SanaflowError, ValueError):
     """An input (prompt, size, image, video) is invalid."""
 
 
-def suggest(name: str, choices: Iterable[str]) -> str:
-    """Return a ' (did you mean X?)' hint for a misspelt name, or '' when nothing is close."""
-    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
+def suggest(name: object, choices: Iterable[str]) -> str:
+    """Return a ' (did you mean X?)' hint for a misspelt name, or '' when nothing is close (or not a string)."""
+    if not isinstance(name, str):
+        return ""
+    close = difflib.get_close_matches(name, [c for c in choices if isinstance(c, str)], n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def unknown_choice(kind: str, name: str, choices: Iterable[str]) -> SanaflowError:
+def unknown_choice(kind: str, name: object, choices: Iterable[str]) -> SanaflowError:
     """Build the standard error for an unknown option, naming the valid choices."""
     choices = sorted(choices)
+    if not isinstance(name, str):
+        return ConfigError(f"{kind} must be a string, got {type(name).__name__} {name!r}; "
+                           f"choose from: {', '.join(choices)}")
     return ConfigError(f"unknown {kind} {name!r}{suggest(name, choices)}; choose from: {', '.join(choices)}")
+
+
+def check_choice(kind: str, name: object, choices: Iterable[str]) -> str:
+    """Return `name` if it is one of `choices` (strings), else raise `unknown_choice` (any type of `name`)."""
+    choices = list(choices)
+    if not isinstance(name, str) or name not in choices:
+        raise unknown_choice(kind, name, choices)
+    return name
