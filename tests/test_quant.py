@@ -552,7 +552,19 @@ def test_cli_quantize_refuses_an_out_that_would_destroy_files_before_loading(tmp
     notes.mkdir()
     (notes / "notes.txt").write_text("my notes")
     (tmp_path / "afile").write_text("a file")
-    before = {d: _tree(d) for d in (user, notes)}
+    # A config.json alone does not make a model folder: these hold user files beside it.
+    mixed = tmp_path / "mixed"
+    (mixed / "sub").mkdir(parents=True)
+    (mixed / "config.json").write_text("{}")
+    (mixed / "notes.txt").write_text("important")
+    (mixed / "sub" / "data.txt").write_text("x")
+    pipe_like = tmp_path / "pipe_like"
+    (pipe_like / "transformer").mkdir(parents=True)
+    (pipe_like / "photos").mkdir()
+    (pipe_like / "model_index.json").write_text('{"transformer": ["sanaflow", "SanaTransformer"]}')
+    (pipe_like / "transformer" / "config.json").write_text("{}")
+    (pipe_like / "photos" / "cat.jpg").write_bytes(b"jpg")
+    before = {d: _tree(d) for d in (user, notes, mixed, pipe_like)}
 
     def boom(*args, **kwargs):
         raise AssertionError("the model was loaded before --out was checked")
@@ -564,6 +576,8 @@ def test_cli_quantize_refuses_an_out_that_would_destroy_files_before_loading(tmp
         str(src / "sub"): "inside the source",
         str(src) + "/../m/": "is the source",
         str(notes): "holding other files",  # a non-empty folder that is no model: was deleted
+        str(mixed): "holding other files",  # a config.json beside user files: was deleted
+        str(pipe_like): "holding other files",  # a folder no model_index.json entry names
         str(tmp_path / "afile"): "existing file",
         str(tmp_path / "afile" / "x"): "is a file",
         "": "--out is empty",
@@ -575,9 +589,9 @@ def test_cli_quantize_refuses_an_out_that_would_destroy_files_before_loading(tmp
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and err.startswith("sanaflow: error:") and needle in err, (out, err)
     # the user's files all survive, and nothing else was written
-    assert {d: _tree(d) for d in (user, notes)} == before
+    assert {d: _tree(d) for d in (user, notes, mixed, pipe_like)} == before
     assert (tmp_path / "afile").read_text() == "a file"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "qt", "userdir"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "mixed", "pipe_like", "qt", "userdir"]
     assert sorted(p.name for p in user.iterdir()) == ["m", "precious.txt"]
 
 

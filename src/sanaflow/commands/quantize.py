@@ -80,8 +80,37 @@ def run_quantize(args: argparse.Namespace) -> int:
 MODEL_MARKERS = ("model_index.json", "config.json")
 
 
-def _is_model_folder(folder: Path) -> bool:
-    return any((folder / name).is_file() for name in MODEL_MARKERS)
+# Files a model folder may hold beside its weights and configs (hub downloads add these).
+_MODEL_EXTRAS = ("README.md", "LICENSE", "LICENSE.md", "LICENSE.txt", ".gitattributes")
+_MODEL_SUFFIXES = (".safetensors", ".json")  # weights, configs and shard maps
+_COMPONENT_SUFFIXES = (*_MODEL_SUFFIXES, ".txt", ".model")  # and, inside components, vocabularies
+
+
+def _is_model_folder(folder: Path, depth: int = 0) -> bool:
+    """A folder that holds a model and nothing else (so replacing it loses no user file).
+
+    It has a marker (model_index.json or config.json); each file is a weights / config / tokenizer
+    file or a hub extra, and each subfolder is a component named in model_index.json (itself such a
+    folder, or a tokenizer / scheduler folder of configs and vocabularies).
+    """
+    import json
+
+    if depth == 0 and not any((folder / name).is_file() for name in MODEL_MARKERS):
+        return False
+    components: set[str] = set()
+    index = folder / "model_index.json"
+    if depth == 0 and index.is_file():
+        try:
+            components = {k for k in json.loads(index.read_text()) if not k.startswith("_")}
+        except (OSError, ValueError, AttributeError):
+            return False
+    for entry in folder.iterdir():
+        if entry.is_dir():
+            if entry.name not in components or not _is_model_folder(entry, depth + 1):
+                return False
+        elif entry.name not in _MODEL_EXTRAS and entry.suffix not in (_COMPONENT_SUFFIXES if depth else _MODEL_SUFFIXES):
+            return False
+    return True
 
 
 def check_out_folder(out_arg: str, model_ref: str | None = None) -> Path:
@@ -102,7 +131,8 @@ def check_out_folder(out_arg: str, model_ref: str | None = None) -> Path:
                          "model to (a new or empty folder, or an earlier model folder to replace)")
     if out.is_dir() and any(out.iterdir()) and not _is_model_folder(out):
         raise InputError(f"--out {str(out_arg)!r} is a folder holding other files and no model "
-                         f"({' or '.join(MODEL_MARKERS)}); the quantized model replaces the whole folder, so "
+                         f"(a model folder holds {' or '.join(MODEL_MARKERS)}, weights and configs only); the "
+                         "quantized model replaces the whole folder, so "
                          "choose a new or empty folder, or a model folder to replace")
     check_folder_writable(out.parent, f"--out {str(out_arg)!r}")
     return out
