@@ -103,6 +103,8 @@ def _cli(*args, cwd=None):
         (["generate"], "no prompt"),
         (["generate", "a cat", "--size", "33x32"], "multiple of 32"),
         (["generate", "a cat", "--size", "8192x32"], "limit"),
+        (["generate", "a cat", "--size", "4120x32"], "above the limit"),  # not "try 4128", above it
+        (["generate", "a cat", "--seed", str(2**64 - 1), "-n", "2"], "runs past the largest seed"),
         (["generate", "a cat", "--size", "big"], "WIDTHxHEIGHT"),
         (["generate", "a cat", "--sampler", "heun9"], "sampler"),
         (["generate", "a cat", "--model", "/no/such/folder"], "not found"),

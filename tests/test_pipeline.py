@@ -208,3 +208,16 @@ def test_trimmed_caption_gives_the_same_images(ours):
         hook.remove()
     assert n_cut < n_full, (n_cut, n_full)  # the caption did get shorter
     assert (cut - full).abs().max().item() <= 1e-5
+
+
+def test_size_hint_stays_within_the_limit():
+    from sanaflow.errors import InputError
+    from sanaflow.pipelines.resolution import check_size
+
+    with pytest.raises(InputError, match="try 4096"):
+        check_size(4090, 64, 32, 4096)  # the nearest multiple above the limit is not offered
+    with pytest.raises(InputError, match="try 96"):
+        check_size(100, 64, 32, 4096)
+    with pytest.raises(InputError, match="above the limit of 4096"):
+        check_size(4120, 64, 32, 4096)  # checked before the multiple, whose hint would be 4128
+    check_size(4096, 32, 32, 4096)

@@ -422,6 +422,19 @@ class ModelMixin(nn.Module):
                 device = torch.device(device)
             except (RuntimeError, TypeError) as e:
                 raise ConfigError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from e
+            if device.type not in ("cpu", "cuda", "mps"):  # meta holds no weights; xla, ... are not built in
+                raise ConfigError(f"unsupported device {str(device)!r}; use cpu, cuda, cuda:N or mps")
+            # checked here, before any weights load: `model.to` would fail with torch's driver error
+            if device.type == "cuda" and not torch.cuda.is_available():
+                raise InputError(f"device {str(device)!r} requested but CUDA is not available "
+                                 "(torch.cuda.is_available() is False); use device='cpu'")
+            if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+                n = torch.cuda.device_count()
+                raise InputError(f"device {str(device)!r} requested but only {n} CUDA device(s) are visible; "
+                                 f"use cuda:0 to cuda:{n - 1}, or device='cpu'")
+            if device.type == "mps" and not torch.backends.mps.is_available():
+                raise InputError(f"device {str(device)!r} requested but MPS is not available "
+                                 "(torch.backends.mps.is_available() is False); use device='cpu'")
         folder = resolve_model_path(ref, subfolder)
         config_path = folder / CONFIG_NAME
         raw_config = read_json(config_path)

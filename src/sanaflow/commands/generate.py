@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, InputError, SanaflowError
-from ..utils import IMAGE_SUFFIXES, check_folder_writable
+from ..utils import IMAGE_SUFFIXES, SEED_MAX, check_folder_writable
 
 MAX_SIDE = 4096
 
@@ -226,6 +226,9 @@ def run_generate(args: argparse.Namespace) -> int:
     if out_file is not None:
         out_dir = out_file.parent
     check_writable(out_dir)
+    if sc.seed is not None and sc.seed + len(prompts) * n - 1 > SEED_MAX:  # image k uses seed + k
+        raise InputError(f"--seed {sc.seed} + {len(prompts) * n} images runs past the largest seed {SEED_MAX}; "
+                         f"use a seed of at most {SEED_MAX - len(prompts) * n + 1}")
 
     if cfg.compile or cfg.compile_regional or cfg.cuda_graphs or cfg.offload_text_encoder:
         _show_progress_logs()

@@ -76,7 +76,8 @@ def check_size(height: int, width: int, multiple: int, max_side: int) -> None:
     for name, v in (("height", height), ("width", width)):
         if not isinstance(v, int) or v <= 0:
             raise InputError(f"{name} must be a positive integer, got {v!r}")
-        if v % multiple:
-            raise InputError(f"{name} {v} is not a multiple of {multiple}; try {max(multiple, round(v / multiple) * multiple)}")
-        if v > max_side:
+        if v > max_side:  # first, so the hint below never suggests a size above the limit
             raise InputError(f"{name} {v} is above the limit of {max_side} px")
+        if v % multiple:
+            hint = min(max(multiple, round(v / multiple) * multiple), max_side // multiple * multiple)
+            raise InputError(f"{name} {v} is not a multiple of {multiple}; try {hint}")

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import CheckpointError, ConfigError, InputError, unknown_choice
+from ..errors import CheckpointError, ConfigError, InputError, check_choice
 from ..hub import (
     CONFIG_NAME,
     QUANTIZATION_KEY,
@@ -80,9 +80,13 @@ def fp8_supported(device: torch.device | str | None = None) -> bool:
 
 
 def check_mode(mode: str) -> None:
-    """Raise a ConfigError naming the valid modes unless `mode` is one of them."""
-    if mode not in QUANT_MODES:
-        raise unknown_choice("quantization mode", mode, QUANT_MODES)
+    """Raise a ConfigError naming the valid modes unless `mode` is one of them (a string)."""
+    check_choice("quantization mode", mode, QUANT_MODES)
+
+
+def _check_model(model: object) -> None:
+    if not isinstance(model, nn.Module):
+        raise InputError(f"quantization needs a torch.nn.Module (e.g. a SanaTransformer), got {type(model).__name__}")
 
 
 def check_quantization(mode: str, device: torch.device | str) -> None:
@@ -103,6 +107,7 @@ def _keep_high_precision(name: str) -> bool:
 
 def quantizable_modules(model: nn.Module, mode: str) -> list[str]:
     """Names of the layers `quantize_transformer` replaces in `model` for `mode`."""
+    _check_model(model)
     check_mode(mode)
     names = []
     for name, module in model.named_modules():
@@ -124,7 +129,10 @@ def is_quantized(model: nn.Module) -> str | None:
 
 
 def _device_of(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
+    param = next(model.parameters(), None)
+    if param is None:
+        raise InputError(f"{type(model).__name__} has no parameters: there is nothing to quantize")
+    return param.device
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -135,6 +143,7 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
 
 def quantize_transformer(model: nn.Module, mode: str) -> nn.Module:
     """Quantize `model`'s Linear / 1x1-conv layers in place ("int8" weight-only, or "fp8" on sm_89+ GPUs)."""
+    _check_model(model)
     check_mode(mode)
     if (current := is_quantized(model)) is not None:
         raise ConfigError(f"this model is already quantized ({current}); load the float model to quantize again")
@@ -171,6 +180,28 @@ def save_quantized(model: ModelMixin, path: str | os.PathLike) -> Path:
     return folder
 
 
+LAYER_KINDS = ("linear", "pointwise_conv")  # the `layers` values of the quantization entry
+
+
+def _float_layer(model: nn.Module, name: str, kind: object, folder: Path) -> nn.Linear | nn.Conv2d:
+    """The float layer `name` of `model` that the entry says is quantized as `kind`; CheckpointError if it is not one."""
+    if not isinstance(kind, str) or kind not in LAYER_KINDS:
+        raise CheckpointError(f"{folder}: quantized layer {name!r} has kind {kind!r}; "
+                              f"expected one of {', '.join(LAYER_KINDS)}")
+    try:
+        old = model.get_submodule(name) if name else None
+    except AttributeError:
+        old = None
+    if old is None:
+        raise CheckpointError(f"{folder}: quantized layer {name!r} does not exist in {type(model).__name__}")
+    fits = isinstance(old, nn.Linear) if kind == "linear" else is_pointwise_conv(old)
+    if not fits:
+        what = "an nn.Linear" if kind == "linear" else "a 1x1 nn.Conv2d (stride 1, no padding, ungrouped)"
+        raise CheckpointError(f"{folder}: quantized layer {name!r} is marked {kind!r}, but in "
+                              f"{type(model).__name__} it is {type(old).__name__}, not {what}")
+    return old
+
+
 def load_quantized(
     cls: type[ModelMixin],
     folder: str | os.PathLike,
@@ -178,6 +209,9 @@ def load_quantized(
     device: str | torch.device | None = None,
 ) -> ModelMixin:
     """Load a folder written by `save_quantized` (``SanaTransformer.from_pretrained`` calls this for you)."""
+    # The torch_dtype check of `ModelMixin.from_pretrained` (which calls this), for direct calls.
+    if torch_dtype is not None and (not isinstance(torch_dtype, torch.dtype) or not torch_dtype.is_floating_point):
+        raise ConfigError(f"torch_dtype must be a floating-point torch.dtype such as torch.bfloat16, got {torch_dtype!r}")
     folder = Path(folder)
     raw = read_json(folder / CONFIG_NAME)
     entry = raw.get(QUANTIZATION_KEY)
@@ -200,10 +234,7 @@ def load_quantized(
     with torch.device("meta"):
         model = cls(**config)
         for name, kind in entry["layers"].items():
-            try:
-                old = model.get_submodule(name)
-            except AttributeError as e:
-                raise CheckpointError(f"{folder}: quantized layer {name!r} does not exist in {cls.__name__}") from e
+            old = _float_layer(model, name, kind, folder)
             out_features, in_features = old.weight.shape[:2]
             _replace(model, name, layer_cls(in_features, out_features, old.bias is not None, kind == "pointwise_conv",
                                             bias_dtype=dtype))

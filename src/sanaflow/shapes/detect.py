@@ -25,7 +25,7 @@ import numpy as np
 
 from ..errors import InputError
 from .render import UNIT_AREAS
-from .scene import CATEGORIES, PALETTE, SIZES, Scene, ShapeObject, relation_holds
+from .scene import CATEGORIES, PALETTE, SIZES, Scene, ShapeObject, check_scene, relation_holds
 
 WORK_SIDE = 256  # detection runs at this shorter side (or the image's own, if smaller)
 FOREGROUND_DELTA_E = 25.0  # CIELAB distance from the background above which a pixel is an object
@@ -258,13 +258,20 @@ def _describe(
 
 def exact_match(detections: list[Detection], scene: Scene, tol: float = 0.03) -> bool:
     """Whether detections and scene objects pair up one to one: same shape, colour, size, centre within `tol`."""
-    objs = scene.objects
+    _check_detections(detections, "exact_match")
+    objs = check_scene(scene, "exact_match").objects
     if len(detections) != len(objs):
         return False
     for perm in itertools.permutations(detections):
         if all(d.matches(o) and math.hypot(d.x - o.x, d.y - o.y) <= tol for d, o in zip(perm, objs)):
             return True
     return False
+
+
+def _check_detections(detections: object, what: str) -> None:
+    if not isinstance(detections, list | tuple) or not all(isinstance(d, Detection) for d in detections):
+        raise InputError(f"{what} needs a list of Detection (from detect(image)), got {type(detections).__name__} "
+                         f"{detections!r:.60}")
 
 
 def _asks(scene: Scene) -> tuple[bool, bool]:
@@ -288,6 +295,9 @@ def score(image, scene: Scene, detections: list[Detection] | None = None) -> dic
     both are; counting: exactly n objects of that shape (and colour); position: both are present
     and the relation holds between their centres. Attributes the caption does not name are ignored.
     """
+    check_scene(scene, "score")
+    if detections is not None:
+        _check_detections(detections, "score")
     dets = detect(image) if detections is None else detections
     color, size = _asks(scene)
     objs = scene.objects

@@ -20,10 +20,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from ..errors import InputError
+from ..errors import InputError, suggest
 from ..utils import atomic_write_text
 from .detect import Detection, segment
-from .render import draw_object
+from .render import draw_object, size_hw
 from .scene import (
     BACKGROUNDS,
     EXTENT,
@@ -80,13 +80,17 @@ def random_track(
     """A random scene track: objects on smooth paths (object 1 crosses object 0, so one occludes the other)."""
     if not isinstance(frames, int) or not 2 <= frames <= 1000:
         raise InputError(f"frames must be an integer in [2, 1000], got {frames!r}")
-    if num_objects is not None and not 1 <= num_objects <= 4:
-        raise InputError(f"num_objects must be in [1, 4], got {num_objects}")
+    if num_objects is not None and (
+        not isinstance(num_objects, int | np.integer) or isinstance(num_objects, bool) or not 1 <= num_objects <= 4
+    ):
+        raise InputError(f"num_objects must be None or an integer in [1, 4], got {num_objects!r}")
     if not isinstance(seed, int) or seed < 0:
         raise InputError(f"seed must be a non-negative integer, got {seed!r}")
-    h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
-    if min(h, w) < 16:
-        raise InputError(f"video sides must be at least 16, got {h}x{w}")
+    h, w = size_hw(size, "video")
+    if not isinstance(pan, bool | np.bool_):
+        raise InputError(f"pan must be True or False, got {pan!r}")
+    if not _is_number(fps) or not (math.isfinite(fps) and fps > 0):
+        raise InputError(f"fps must be a finite number above 0, got {fps!r}")
     rng = random.Random(derive_seed(SPLITS["video"], seed))
     k = num_objects if num_objects is not None else rng.randint(2, 3)
     colors = rng.sample(list(PALETTE), k)  # distinct colours: touching objects stay separable
@@ -178,6 +182,27 @@ def _paths(
 # ------------------------------------------------------------------------------------------------
 # Rendering a track with ground truth
 # ------------------------------------------------------------------------------------------------
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool | np.bool_)
+
+
+def _check_video(video: object, what: str) -> ShapesVideo:
+    if not isinstance(video, ShapesVideo):
+        hint = "; for a saved video, load it with load_video(path) first" if isinstance(video, str | os.PathLike) else ""
+        raise InputError(f"{what} needs a ShapesVideo (from random_video or load_video), "
+                         f"got {type(video).__name__} {video!r:.60}{hint}")
+    return video
+
+
+def _check_frames(frames: object, what: str) -> np.ndarray:
+    """`frames` as an array, if it is uint8 (T, H, W, 3) with T, H, W >= 1; InputError otherwise."""
+    frames = np.asarray(frames)
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8 or min(frames.shape[:3]) < 1:
+        raise InputError(f"{what} must be uint8 RGB frames (T, H, W, 3) with T, H, W >= 1, "
+                         f"got {frames.dtype} {frames.shape}")
+    return frames
 
 
 def _check_track(track: dict) -> None:
@@ -279,7 +304,7 @@ def random_video(
 
 def video_caption(video: ShapesVideo, edit: dict | None = None) -> str:
     """'a red circle, a blue square and a green star', after applying `edit` (see `check_edit`)."""
-    edit = check_edit(edit, video)
+    edit = check_edit(edit, _check_video(video, "video_caption"))
     phrases = []
     for k, o in enumerate(video.track["objects"]):
         o = {**o, **edit.get(k, {})}
@@ -379,7 +404,7 @@ def warp_error(frames: np.ndarray, flow: np.ndarray, valid: np.ndarray) -> float
 
 def dis_flow(frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """OpenCV DIS forward flow t -> t+1 of frames (T, H, W, 3) and a forward-backward consistency mask."""
-    frames = np.asarray(frames)
+    frames = _check_frames(frames, "dis_flow frames")
     t, h, w = frames.shape[:3]
     dis = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)
     gray = [cv2.cvtColor(f, cv2.COLOR_RGB2GRAY) for f in frames]
@@ -387,8 +412,12 @@ def dis_flow(frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     flows = np.zeros((t - 1, h, w, 2), dtype=np.float32)
     valid = np.zeros((t - 1, h, w), dtype=bool)
     for i in range(t - 1):
-        fw = dis.calc(gray[i], gray[i + 1], None)  # (H, W, 2)
-        bw = dis.calc(gray[i + 1], gray[i], None)
+        try:
+            fw = dis.calc(gray[i], gray[i + 1], None)  # (H, W, 2)
+            bw = dis.calc(gray[i + 1], gray[i], None)
+        except cv2.error as e:  # the frames are checked above: what DIS still refuses is a frame too small
+            raise InputError(f"dis_flow: frames of {h}x{w} are too small for DIS optical flow "
+                             f"(16x16 and larger work)") from e
         bw_at = cv2.remap(
             bw, xs + fw[..., 0], ys + fw[..., 1], cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE
         )
@@ -402,26 +431,42 @@ def dis_flow(frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def check_edit(edit: dict | None, video: ShapesVideo) -> dict[int, dict]:
-    """Validate an edit {object index: {"color"?: name, "shape"?: name}}."""
-    edit = edit or {}
+    """Validate an edit {object index: {"color"?: name, "shape"?: name}} -> a copy with int keys."""
+    video = _check_video(video, "an edit")
+    if edit is None:
+        return {}
+    if not isinstance(edit, dict):
+        raise InputError(f"an edit is a dict {{object index: {{'color': name, 'shape': name}}}}, e.g. "
+                         f"{{0: {{'color': 'green'}}}}, got {type(edit).__name__} {edit!r:.60}")
     out = {}
+    last = video.num_objects - 1
     for k, change in edit.items():
+        if not isinstance(k, int | np.integer) or isinstance(k, bool | np.bool_) or not 0 <= k <= last:
+            raise InputError(f"an edit's keys are object indices, integers in 0..{last} for this video; "
+                             f"got {type(k).__name__} {k!r}")
         k = int(k)
-        if not 0 <= k < video.num_objects:
-            raise InputError(f"edit names object {k}, the video has objects 0..{video.num_objects - 1}")
-        bad = set(change) - {"color", "shape"}
+        if not isinstance(change, dict):
+            raise InputError(f"edit of object {k}: expected a dict like {{'color': 'green', 'shape': 'star'}}, "
+                             f"got {type(change).__name__} {change!r:.60}")
+        bad = [key for key in change if key not in ("color", "shape")]
         if bad:
-            raise InputError(f"an edit changes 'color' and/or 'shape', got {sorted(bad)}")
-        o = video.track["objects"][k]
-        ShapeObject(change.get("shape", o["shape"]), change.get("color", o["color"]), o["size"], 0.5, 0.5)
+            raise InputError(f"edit of object {k}: an edit changes 'color' and/or 'shape', got {bad}")
+        for key, names in (("color", PALETTE), ("shape", SHAPES)):
+            if key not in change:
+                continue
+            value = change[key]
+            if not isinstance(value, str):
+                raise InputError(f"edit of object {k}: {key} must be a name (a string), got {type(value).__name__} "
+                                 f"{value!r:.60}; choose from: {', '.join(names)}")
+            if value not in names:
+                raise InputError(f"edit of object {k}: unknown {key} {value!r}{suggest(value, names)}; "
+                                 f"choose from: {', '.join(names)}")
         out[k] = dict(change)
     return out
 
 
 def _fit(frames: np.ndarray, video: ShapesVideo) -> np.ndarray:
-    frames = np.asarray(frames)
-    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
-        raise InputError(f"edited frames must be uint8 (T, H, W, 3), got {frames.dtype} {frames.shape}")
+    frames = _check_frames(frames, "edited frames")
     if len(frames) != len(video.frames):
         raise InputError(f"the edited video has {len(frames)} frames, the source {len(video.frames)}")
     h, w = video.frames.shape[1:3]
@@ -453,6 +498,10 @@ def edit_valid_mask(video: ShapesVideo, edit: dict[int, dict[str, str]], valid: 
     the object's centre at t or t + 1) are left out, except inside its source footprint at t away
     from every other object (where one that the old outline hid may show through the new one).
     """
+    edit = check_edit(edit, video)
+    valid = np.asarray(valid)
+    if valid.shape != video.valid.shape:
+        raise InputError(f"valid must have the shape of the video's flow mask {video.valid.shape}, got {valid.shape}")
     return valid & ~_edit_unknown(video, edit, valid.shape)
 
 
@@ -499,8 +548,15 @@ def video_metrics(
     edit's new outline is not flicker); *_all: on the flows' plain masks. `dis`: the source's
     `dis_flow`, when the caller already has it.
     """
+    source = _check_video(source, "video_metrics source")
     edited = _fit(edited, source)
     edit = check_edit(edit, source)
+    if not _is_number(min_visible) or not 0 < min_visible <= 1:  # nan fails the comparison too
+        raise InputError(f"min_visible is the visible fraction an edited object needs to be judged, a number in "
+                         f"(0, 1]; got {min_visible!r}")
+    if dis is not None and not (isinstance(dis, tuple | list) and len(dis) == 2
+                                and all(isinstance(a, np.ndarray) for a in dis)):
+        raise InputError(f"dis must be None or the (flow, valid) arrays of dis_flow(source.frames), got {dis!r:.60}")
     T = len(edited)
     h, w = source.frames.shape[1:3]
     correct, judged, ious = 0, 0, []

@@ -13,7 +13,9 @@ import cv2
 import numpy as np
 
 from ..errors import InputError
-from .scene import BACKGROUNDS, PALETTE, SIZES, Scene, ShapeObject
+from .scene import BACKGROUNDS, PALETTE, SIZES, Scene, ShapeObject, check_scene
+
+MAX_SIDE = 8192  # largest image side rendered (also the cap on shapes videos)
 
 
 def _star(points: int, outer: float, inner: float) -> np.ndarray:
@@ -102,15 +104,20 @@ def draw_object(
         cv2.fillPoly(img, [pts], color, line, _SHIFT)
 
 
-def _size_hw(size) -> tuple[int, int]:
-    if isinstance(size, int | np.integer):
+def _is_int(value: object) -> bool:
+    return isinstance(value, int | np.integer) and not isinstance(value, bool | np.bool_)
+
+
+def size_hw(size, what: str = "image") -> tuple[int, int]:
+    """`size` (an int, or (height, width) ints) -> (h, w), each side in [16, MAX_SIDE]; InputError otherwise."""
+    if _is_int(size):
         h = w = int(size)
-    elif isinstance(size, tuple | list) and len(size) == 2:
+    elif isinstance(size, tuple | list) and len(size) == 2 and all(_is_int(s) for s in size):
         h, w = int(size[0]), int(size[1])
     else:
-        raise InputError(f"size must be an int or (height, width), got {size!r}")
-    if not (16 <= h <= 8192 and 16 <= w <= 8192):
-        raise InputError(f"image sides must be in [16, 8192], got {h}x{w}")
+        raise InputError(f"size must be an int or a (height, width) pair of ints, got {type(size).__name__} {size!r}")
+    if not (16 <= h <= MAX_SIDE and 16 <= w <= MAX_SIDE):
+        raise InputError(f"{what} sides must be in [16, {MAX_SIDE}], got {h}x{w}")
     return h, w
 
 
@@ -121,9 +128,20 @@ def _background_row(name: str, width: int) -> np.ndarray:
 
 def render(scene: Scene, size=256, out: np.ndarray | None = None) -> np.ndarray:
     """Render `scene` anti-aliased at `size` (int, or (height, width)) -> uint8 RGB (H, W, 3)."""
-    h, w = _size_hw(size)
+    check_scene(scene, "render")
+    h, w = size_hw(size)
     if out is None:
         out = np.empty((h, w, 3), dtype=np.uint8)
+    elif (not isinstance(out, np.ndarray) or out.shape != (h, w, 3) or out.dtype != np.uint8
+          or not out.flags.c_contiguous or not out.flags.writeable):
+        # contiguous: the background is written through a reshaped view, which must not be a copy
+        if isinstance(out, np.ndarray):
+            got = f"{out.dtype} {out.shape}" + ("" if out.flags.c_contiguous else ", not C-contiguous") + (
+                "" if out.flags.writeable else ", read-only")
+        else:
+            got = type(out).__name__
+        raise InputError(f"out must be a writable C-contiguous uint8 array of shape {(h, w, 3)} for size {size!r}, "
+                         f"got {got}")
     # Fill through a flat (H, W * 3) view: numpy broadcasting over a length-3 axis is ~100x slower.
     out.reshape(h, w * 3)[:] = _background_row(scene.background, w)
     for obj in scene.objects:
@@ -133,7 +151,7 @@ def render(scene: Scene, size=256, out: np.ndarray | None = None) -> np.ndarray:
 
 def render_batch(scenes, size=256) -> np.ndarray:
     """Render many scenes into one uint8 array (B, H, W, 3)."""
-    h, w = _size_hw(size)
+    h, w = size_hw(size)
     out = np.empty((len(scenes), h, w, 3), dtype=np.uint8)
     for i, scene in enumerate(scenes):
         render(scene, (h, w), out=out[i])

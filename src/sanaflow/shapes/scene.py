@@ -256,8 +256,16 @@ class Scene:
 
 
 def _check_choice(kind: str, name, choices) -> None:
-    if name not in choices:
-        raise unknown_choice(kind, str(name), choices)
+    if not isinstance(name, str) or name not in choices:  # a list or dict name is unhashable: check the type first
+        raise unknown_choice(kind, name, choices)
+
+
+def check_scene(scene: object, what: str) -> Scene:
+    """Return `scene` if it is a `Scene`, else raise an InputError saying what `what` needs."""
+    if not isinstance(scene, Scene):
+        raise InputError(f"{what} needs a Scene (from sample_scene(seed) or Scene.from_dict(spec)), "
+                         f"got {type(scene).__name__} {scene!r:.60}")
+    return scene
 
 
 def _all_same(objs, attr: str) -> bool:

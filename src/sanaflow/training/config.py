@@ -221,6 +221,35 @@ def _seed(name: str, value: Any) -> None:
 # The samplers of sanaflow.sampling (not imported here: that module pulls in the pipelines).
 EVAL_SAMPLERS = ("euler", "dpm++2m", "scm")
 
+# Model config keys (diffusers names, both models) that are sizes or counts, matched by how the name
+# ends so that every such key is covered: each integer in them (in lists too) must be >= 1, where 0
+# would otherwise fail deep inside the constructor ("integer modulo by zero") or build an empty
+# network. Keys where 0 is valid do not match (encoder/decoder_layers_per_block: 0 is an empty
+# stage, as in DC-AE f64) or are exempt (out_channels: 0 or null = in_channels).
+MODEL_SIZE_ENDINGS = ("channels", "heads", "head_dim", "attention_dim", "layers", "patch_size", "sample_size",
+                      "multiscales")
+MODEL_SIZE_EXEMPT = ("out_channels",)
+# Model config keys that are real factors: finite and > 0 (0 divides by zero or gives width 0).
+MODEL_POSITIVE = ("scaling_factor", "mlp_ratio", "interpolation_scale")
+
+
+def _model_sizes(section: str, config: dict[str, Any]) -> None:
+    """Refuse a size / count below 1 or a factor <= 0 in a model config (other types: the model's own check)."""
+
+    def walk(name: str, value: Any) -> None:
+        if isinstance(value, list | tuple):
+            for i, v in enumerate(value):
+                walk(f"{name}[{i}]", v)
+        elif isinstance(value, int) and not isinstance(value, bool):
+            _integer(name, value, 1, note=" (a size or count)")
+
+    for key, value in config.items():
+        name = f"{section}.{key}"
+        if key.endswith(MODEL_SIZE_ENDINGS) and key not in MODEL_SIZE_EXEMPT:
+            walk(name, value)
+        elif key in MODEL_POSITIVE and _is_number(value):
+            _number(name, value, 0, low_open=True)
+
 
 def validate(cfg: TrainConfig) -> TrainConfig:
     """Check values that the types alone do not (choices, ranges, required paths); return cfg.
@@ -244,6 +273,11 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError("model.text_encoder must be 'minilm' or a BERT-style model folder, got an empty string")
     _integer("model.text_max_length", cfg.model.text_max_length, 1, note=" (tokens per caption)")
     _integer("model.text_cache", cfg.model.text_cache, 0, note=" (0 = encode every batch)")
+    # the sizes of the networks that this task builds from a config (not those loaded from a folder)
+    if cfg.task == "t2i":
+        _model_sizes("model.transformer", cfg.model.transformer)
+    if cfg.task == "dcae" or not cfg.model.vae_path:
+        _model_sizes("model.vae", cfg.model.vae)
 
     # data
     d = cfg.data
@@ -275,6 +309,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     for name in ("l1", "l2", "freq", "adv", "latent_noise"):
         _number(f"dcae.{name}", getattr(cfg.dcae, name), 0)
     _integer("dcae.adv_start", cfg.dcae.adv_start, 0, note=" (the step the adversarial term starts at)")
+    # (t2i needs no such check: its velocity term always has weight 1, flow.coarse only adds to it)
+    if cfg.task == "dcae" and not any(getattr(cfg.dcae, name) > 0 for name in ("l1", "l2", "freq", "adv")):
+        raise ConfigError("dcae.l1, dcae.l2, dcae.freq and dcae.adv are all 0, so the loss and its gradient "
+                          "would be 0: at least one loss weight must be > 0")
 
     # optimizer
     o = cfg.optim
