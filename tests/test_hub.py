@@ -289,7 +289,7 @@ def test_atomic_outputs_get_umask_permissions(tmp_path):
         ({"num_layers": 2.5}, r"wrong value type.*num_layers"),
         ({"out_channels": "x"}, r"out_channels='x' \(int \| None expected\)"),
         ({"num_layers": -3}, r"no negative or non-finite numbers: num_layers=-3"),
-        ({"in_channels": 0, "out_channels": 0}, r"invalid config for TinyNet"),  # the constructor's own refusal
+        ({"in_channels": 0, "out_channels": 0}, r"sizes and counts must be >= 1.*in_channels=0"),  # before the constructor
     ],
 )
 def test_config_json_values_are_checked(saved, change, match):
@@ -346,3 +346,60 @@ def test_save_pretrained_sizes_and_targets(tmp_path):
         model.save_pretrained(tmp_path / "afile")
     with pytest.raises(InputError, match="needs a folder path"):
         model.save_pretrained("")
+
+
+def test_failed_save_leaves_the_folder_as_it_was(tmp_path, monkeypatch):
+    import sanaflow.hub as hub
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    model = _model(hidden_size=16)
+    with monkeypatch.context() as m:  # the weights write fails: no empty folder is left
+        m.setattr("safetensors.torch.save_file", disk_full)
+        with pytest.raises(OSError):
+            model.save_pretrained(tmp_path / "new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    model.save_pretrained(tmp_path / "net")
+    (tmp_path / "net" / "notes.txt").write_text("mine")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "net").iterdir()}
+    with monkeypatch.context() as m:  # the config write fails: the earlier save stays whole
+        m.setattr(hub, "atomic_write_text", disk_full)
+        with pytest.raises(OSError):
+            _model(hidden_size=8).save_pretrained(tmp_path / "net")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "net").iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["net"]  # no staging folder left
+    other = _model(hidden_size=8)
+    other.save_pretrained(tmp_path / "net")  # replaces the weights and the config, keeps the user's file
+    _assert_same(other, TinyNet.from_pretrained(tmp_path / "net"))
+    assert (tmp_path / "net" / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("target", [None, 5, "", "  ", "afile/sub"])
+def test_save_targets_are_checked(tmp_path, target):
+    (tmp_path / "afile").write_text("x")
+    if target == "afile/sub":
+        target = tmp_path / "afile" / "sub"
+    with pytest.raises(SanaflowError):
+        _model().save_pretrained(target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+def test_meta_weights_are_not_saved(tmp_path):
+    with torch.device("meta"):
+        model = TinyNet()
+    with pytest.raises(SanaflowError, match="meta device"):
+        model.save_pretrained(tmp_path / "m")
+    assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("config", [None, {1: 2}, ["in_channels", 4]])
+def test_from_config_needs_a_mapping(config):
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        TinyNet.from_config(config)
+
+
+@pytest.mark.parametrize("ref", [5, "", 1.5])
+def test_model_references_must_be_paths_or_names(ref):
+    with pytest.raises(SanaflowError, match="model reference"):
+        resolve_model_path(ref)

@@ -221,3 +221,25 @@ def test_size_hint_stays_within_the_limit():
     with pytest.raises(InputError, match="above the limit of 4096"):
         check_size(4120, 64, 32, 4096)  # checked before the multiple, whose hint would be 4128
     check_size(4096, 32, 32, 4096)
+
+
+@pytest.mark.parametrize("edit, match", [
+    (("model_index.json", "text_encoder", []), "should be \\[library, class\\]"),
+    (("model_index.json", "text_encoder", ["x", 5]), "should be \\[library, class\\]"),
+    (("vae/config.json", "scaling_factor", 0), "scaling_factor=0"),
+])
+def test_bad_component_entries_are_checkpoint_errors(tmp_path, edit, match):
+    import json
+    import shutil
+
+    from sanaflow.errors import SanaflowError
+    from sanaflow.hub import builtin_path
+    from sanaflow.pipelines import TextToImagePipeline
+
+    folder = tmp_path / "m"
+    shutil.copytree(builtin_path("sanaflow/shapes-tiny"), folder)
+    name, key, value = edit
+    config = json.loads((folder / name).read_text())
+    (folder / name).write_text(json.dumps({**config, key: value}))
+    with pytest.raises(SanaflowError, match=match):
+        TextToImagePipeline.from_pretrained(folder)

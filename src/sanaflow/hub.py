@@ -14,6 +14,8 @@ import inspect
 import json
 import os
 import re
+import shutil
+import tempfile
 from collections.abc import Callable, Mapping
 from importlib import resources
 from pathlib import Path
@@ -23,7 +25,7 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError, ConfigError, InputError, suggest
-from .utils import atomic_path, atomic_write_text
+from .utils import atomic_path, atomic_write_text, check_folder_writable
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAMES = ("diffusion_pytorch_model.safetensors", "model.safetensors")
@@ -61,6 +63,9 @@ def resolve_model_path(ref: str | os.PathLike | None, subfolder: str | None = No
     when that is impossible (offline, unknown repo) a `CheckpointError` says so.
     """
     ref = DEFAULT_MODEL if ref is None else ref
+    if not isinstance(ref, (str, os.PathLike)) or not str(ref).strip():
+        raise InputError(f"a model reference is a folder path, a built-in name or a hub repo id (a non-empty "
+                         f"string or path), got {type(ref).__name__} {ref!r}")
     path = Path(ref).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -302,7 +307,7 @@ def save_state_dict(state: Mapping[str, torch.Tensor], folder: Path, name: str, 
     stem, ext = name.rsplit(".", 1)
     # Files of an earlier save into the same folder: a leftover index would shadow a new single
     # file (the index is looked up first), and leftover shards would mix two checkpoints.
-    stale = {*folder.glob(f"{stem}-*-of-*.{ext}"), folder / f"{name}.index.json", folder / name}
+    stale = _weight_files(folder, name)
     if max_shard_bytes is None or total <= max_shard_bytes:
         with atomic_path(folder / name) as tmp:
             save_file(state, str(tmp), metadata={"format": "pt"})
@@ -326,6 +331,13 @@ def save_state_dict(state: Mapping[str, torch.Tensor], folder: Path, name: str, 
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     atomic_write_text(folder / f"{name}.index.json", json.dumps(index, indent=2))
     _remove(stale - {folder / f"{name}.index.json"} - {folder / n for n in weight_map.values()})
+
+
+def _weight_files(folder: Path, name: str) -> set[Path]:
+    """The weights files of model `name` (single file, shards and shard index) in `folder`."""
+    stem, ext = name.rsplit(".", 1)
+    return {p for p in {*folder.glob(f"{stem}-*-of-*.{ext}"), folder / f"{name}.index.json", folder / name}
+            if p.is_file()}
 
 
 def _remove(paths: set[Path]) -> None:
@@ -362,6 +374,9 @@ class ModelMixin(nn.Module):
     @classmethod
     def validate_config(cls, config: Mapping[str, Any], source: str = "config") -> dict[str, Any]:
         """Drop diffusers' bookkeeping keys (``_class_name`` ...), reject unknown keys by name."""
+        if not isinstance(config, Mapping) or not all(isinstance(k, str) for k in config):
+            raise ConfigError(f"{source}: a {cls.__name__} config must be a mapping of key names (str) to values, "
+                              f"got {type(config).__name__}")
         valid = cls.config_keys()
         clean = {k: v for k, v in config.items() if not k.startswith("_")}
         unknown = [k for k in clean if k not in valid]
@@ -387,6 +402,11 @@ class ModelMixin(nn.Module):
         bad = [f"{k}={v!r}" for k, v in clean.items() if not _non_negative(v)]
         if bad:
             raise ConfigError(f"{source}: {cls.__name__} takes no negative or non-finite numbers: {'; '.join(bad)}")
+        zero = [f"{k}={v!r}" for k, v in clean.items() if is_model_size_key(k) and not _at_least_one(v)]
+        zero += [f"{k}={v!r}" for k, v in clean.items() if k in MODEL_POSITIVE and v is not None and v == 0]
+        if zero:
+            raise ConfigError(f"{source}: {cls.__name__} sizes and counts must be >= 1 and its factors "
+                              f"({', '.join(MODEL_POSITIVE)}) > 0: {'; '.join(zero)}")
         return clean
 
     @classmethod
@@ -496,19 +516,47 @@ class ModelMixin(nn.Module):
             raise CheckpointError(f"checkpoint{where} left tensors uninitialised: {_abbrev(leftovers)}")
 
     def save_pretrained(self, path: str | os.PathLike, max_shard_size: int | None = 5 * 2**30) -> Path:
-        """Write ``config.json`` and safetensors weights (sharded above `max_shard_size`: bytes or "5GB")."""
-        if str(path) == "":
-            raise InputError("save_pretrained needs a folder path, got ''")
+        """Write ``config.json`` and safetensors weights (sharded above `max_shard_size`: bytes or "5GB").
+
+        Everything is written into a staging folder beside `path` first and then moved in (config.json
+        last), so a failed save leaves `path` as it was: no empty folder, no weights without a config.
+        Other files in `path` stay; the weights of an earlier save there are replaced.
+        """
+        if not isinstance(path, (str, os.PathLike)) or not str(path).strip():
+            raise InputError(f"save_pretrained needs a folder path, got {path!r}")
         folder = Path(path)
         if folder.exists() and not folder.is_dir():
             raise InputError(f"cannot save a model into {folder}: it is a file, not a folder")
         max_shard_size = parse_size_bytes(max_shard_size)
-        folder.mkdir(parents=True, exist_ok=True)
+        check_folder_writable(folder, f"a model into {folder}")
+        state = self.state_dict()
+        if any(t.is_meta for t in state.values()):
+            raise InputError(f"cannot save {type(self).__name__}: its weights are on the meta device (no data); "
+                             "load or initialise them first")
         config = {"_class_name": self.diffusers_class_name or type(self).__name__,
                   "_diffusers_version": DIFFUSERS_VERSION}
         config.update(_jsonable(self.config.to_dict()))
-        save_state_dict(self.state_dict(), folder, self.weights_name, max_shard_size)
-        atomic_write_text(folder / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=False) + "\n")
+        parent = folder.absolute().parent
+        parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=parent))
+        made = not folder.exists()
+        try:
+            save_state_dict(state, staging, self.weights_name, max_shard_size)
+            atomic_write_text(staging / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=False) + "\n")
+            folder.mkdir(exist_ok=True)
+            staged = sorted(staging.iterdir(), key=lambda f: f.name == CONFIG_NAME)  # config.json last
+            # an earlier save's weights that the new files do not replace: a leftover index would
+            # shadow a new single file, leftover shards would mix two checkpoints
+            stale = _weight_files(folder, self.weights_name) - {folder / f.name for f in staged}
+            for f in staged:
+                os.replace(f, folder / f.name)
+            _remove(stale)
+        except BaseException:
+            if made and folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+            raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
         return folder
 
     @property
@@ -565,6 +613,29 @@ def _matches_annotation(value: Any, annotation: Any) -> bool:
     if isinstance(value, bool):
         return "bool" in outer
     return any(isinstance(value, _KINDS[o]) for o in outer)
+
+
+# Model config keys (diffusers names, every model) that are sizes or counts, matched by how the name
+# ends: each integer in them (in lists too) must be >= 1; 0 would fail deep inside a constructor
+# ("integer modulo by zero") or build an empty network. Keys where 0 is valid do not match
+# (encoder/decoder_layers_per_block: 0 is an empty stage, as in DC-AE f64) or are exempt
+# (out_channels: 0 or null = in_channels).
+MODEL_SIZE_ENDINGS = ("channels", "heads", "head_dim", "attention_dim", "layers", "patch_size", "sample_size",
+                      "multiscales")
+MODEL_SIZE_EXEMPT = ("out_channels",)
+# Model config keys that are real factors: finite and > 0 (0 divides by zero or gives width 0).
+MODEL_POSITIVE = ("scaling_factor", "mlp_ratio", "interpolation_scale")
+
+
+def is_model_size_key(key: str) -> bool:
+    """True for a model config key holding sizes / counts (each integer >= 1)."""
+    return key.endswith(MODEL_SIZE_ENDINGS) and key not in MODEL_SIZE_EXEMPT
+
+
+def _at_least_one(value: Any) -> bool:
+    if isinstance(value, (list, tuple)):
+        return all(_at_least_one(v) for v in value)
+    return not isinstance(value, int) or isinstance(value, bool) or value >= 1
 
 
 def _non_negative(value: Any) -> bool:

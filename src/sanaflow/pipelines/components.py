@@ -65,10 +65,11 @@ def pick_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.d
 
 def _entry(index: dict[str, Any], key: str) -> list | None:
     value = index.get(key)
-    if value is None or (isinstance(value, list) and value[0] is None):
-        return None
-    if not (isinstance(value, list) and len(value) == 2):
-        raise CheckpointError(f"model_index.json entry {key!r} should be [library, class], got {value!r}")
+    if value is None or (isinstance(value, list) and len(value) == 2 and value[0] is None):
+        return None  # diffusers writes [null, null] for an absent component
+    if not (isinstance(value, list) and len(value) == 2 and all(isinstance(v, str) for v in value)):
+        raise CheckpointError(f"model_index.json entry {key!r} should be [library, class] (two strings), "
+                              f"got {value!r}")
     return value
 
 

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..errors import ConfigError, unknown_choice
+from ..hub import MODEL_POSITIVE, is_model_size_key
 
 TASKS = ("t2i", "dcae")
 DATA_SOURCES = ("shapes", "folder")
@@ -221,18 +222,6 @@ def _seed(name: str, value: Any) -> None:
 # The samplers of sanaflow.sampling (not imported here: that module pulls in the pipelines).
 EVAL_SAMPLERS = ("euler", "dpm++2m", "scm")
 
-# Model config keys (diffusers names, both models) that are sizes or counts, matched by how the name
-# ends so that every such key is covered: each integer in them (in lists too) must be >= 1, where 0
-# would otherwise fail deep inside the constructor ("integer modulo by zero") or build an empty
-# network. Keys where 0 is valid do not match (encoder/decoder_layers_per_block: 0 is an empty
-# stage, as in DC-AE f64) or are exempt (out_channels: 0 or null = in_channels).
-MODEL_SIZE_ENDINGS = ("channels", "heads", "head_dim", "attention_dim", "layers", "patch_size", "sample_size",
-                      "multiscales")
-MODEL_SIZE_EXEMPT = ("out_channels",)
-# Model config keys that are real factors: finite and > 0 (0 divides by zero or gives width 0).
-MODEL_POSITIVE = ("scaling_factor", "mlp_ratio", "interpolation_scale")
-
-
 def _model_sizes(section: str, config: dict[str, Any]) -> None:
     """Refuse a size / count below 1 or a factor <= 0 in a model config (other types: the model's own check)."""
 
@@ -245,7 +234,7 @@ def _model_sizes(section: str, config: dict[str, Any]) -> None:
 
     for key, value in config.items():
         name = f"{section}.{key}"
-        if key.endswith(MODEL_SIZE_ENDINGS) and key not in MODEL_SIZE_EXEMPT:
+        if is_model_size_key(key):  # the rules of `ModelMixin.validate_config`, named per entry here
             walk(name, value)
         elif key in MODEL_POSITIVE and _is_number(value):
             _number(name, value, 0, low_open=True)
