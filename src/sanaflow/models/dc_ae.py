@@ -31,6 +31,7 @@ covers the image with that many tiles.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -636,12 +637,32 @@ def local_geometry(steps: Sequence[Step], in_per_grid: float) -> tuple[float, fl
 
 
 def _tile_batch(tile_batch: int | None, tile_px: int) -> int:
-    """Tiles per network call: as given, or as many as fit TILE_BATCH_PIXELS (big tiles already fill a GPU)."""
+    """Tiles per network call: as given (checked by `_check_tile_options`), or as many as fit TILE_BATCH_PIXELS."""
     if tile_batch is None:
-        return max(1, TILE_BATCH_PIXELS // (tile_px * tile_px))
-    if tile_batch < 1:
-        raise InputError(f"tile_batch must be >= 1; got {tile_batch}")
+        return max(1, TILE_BATCH_PIXELS // (tile_px * tile_px))  # big tiles already fill a GPU
     return tile_batch
+
+
+def _is_int(value: object) -> bool:
+    """A Python or NumPy integer, not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _check_tile_options(f: int, tile: object = None, overlap: object = None, tile_batch: object = None,
+                        chunk: object = None) -> None:
+    """Refuse ill-typed or out-of-range tiling options (None: the default); `f` is the compression ratio.
+
+    Run whenever the options are given, whether or not the call ends up tiling, so a typo never waits
+    for the first large image to surface.
+    """
+    for name, value in (("tile", tile), ("overlap", overlap), ("tile_batch", tile_batch), ("chunk", chunk)):
+        if value is not None and not _is_int(value):
+            raise InputError(f"{name} must be an int (or None for the default); got {type(value).__name__} {value!r}")
+    if (tile is not None and (tile <= 0 or tile % f)) or (overlap is not None and (overlap < 0 or overlap % f)):
+        raise InputError(f"tile ({tile}) must be positive and overlap ({overlap}) non-negative multiples of {f} pixels")
+    for name, value in (("tile_batch", tile_batch), ("chunk", chunk)):
+        if value is not None and value < 1:
+            raise InputError(f"{name} must be an int >= 1 (or None for the default); got {value}")
 
 
 def _per_stage(value, n: int, name: str) -> tuple:
@@ -764,10 +785,17 @@ class DCAE(ModelMixin):
     # ---- input checks ---------------------------------------------------------------------
 
     def _check_images(self, images: torch.Tensor) -> None:
+        """Refuse anything but a floating-point (B, C, H, W) tensor with positive sides divisible by f."""
         c, f = self.config.in_channels, self.spatial_compression_ratio
+        if not isinstance(images, torch.Tensor):
+            raise InputError(f"images must be a torch.Tensor (B, {c}, H, W) in [-1, 1]; got {type(images).__name__}")
+        if not images.is_floating_point():
+            raise InputError(f"images must be a floating-point tensor (B, {c}, H, W) in [-1, 1]; got {images.dtype}")
         if images.ndim != 4 or images.shape[1] != c:
             raise InputError(f"images must be (B, {c}, H, W); got shape {tuple(images.shape)}")
         h, w = images.shape[-2:]
+        if h == 0 or w == 0:
+            raise InputError(f"image sides must be positive multiples of the compression ratio {f}; got {h}x{w}")
         if h % f or w % f:
             raise InputError(
                 f"image size {h}x{w} is not divisible by the compression ratio {f}; "
@@ -775,7 +803,12 @@ class DCAE(ModelMixin):
             )
 
     def _check_latents(self, latents: torch.Tensor) -> None:
+        """Refuse anything but a floating-point (B, C, h, w) tensor of this model's channels with positive sides."""
         c = self.config.latent_channels
+        if not isinstance(latents, torch.Tensor):
+            raise InputError(f"latents must be a torch.Tensor (B, {c}, h, w); got {type(latents).__name__}")
+        if not latents.is_floating_point():
+            raise InputError(f"latents must be a floating-point tensor (B, {c}, h, w); got {latents.dtype}")
         if latents.ndim != 4:
             raise InputError(f"latents must be (B, {c}, h, w); got shape {tuple(latents.shape)}")
         if latents.shape[1] != c:
@@ -783,12 +816,18 @@ class DCAE(ModelMixin):
                 f"latents have {latents.shape[1]} channels; this DCAE expects {c} "
                 f"(shape {tuple(latents.shape)}, expected (B, {c}, h, w))"
             )
+        h, w = latents.shape[-2:]
+        if h == 0 or w == 0:
+            f = self.spatial_compression_ratio
+            raise InputError(
+                f"latent sides must be positive (the image sides are positive multiples of the compression "
+                f"ratio {f}); got {h}x{w}"
+            )
 
     def _tile_grid(self, tile: int | None, overlap: int | None, px_per_grid: int, halo: int) -> tuple[int, int]:
         """Tile and overlap in image pixels -> grid units of `px_per_grid` pixels, validated."""
         f = self.spatial_compression_ratio
-        if (tile is not None and (tile <= 0 or tile % f)) or (overlap is not None and (overlap < 0 or overlap % f)):
-            raise InputError(f"tile ({tile}) and overlap ({overlap}) must be non-negative multiples of {f} pixels")
+        _check_tile_options(f, tile, overlap)
         o = 2 * halo if overlap is None else overlap // px_per_grid
         tile = DEFAULT_TILE_CORE + o * px_per_grid if tile is None else tile
         t = tile // px_per_grid
@@ -797,6 +836,23 @@ class DCAE(ModelMixin):
             least = -(-(o + 1) * px_per_grid // f) * f
             raise InputError(f"the {what} must be smaller than the tile ({tile} px); use a larger tile (>= {least} px)")
         return t, o
+
+    def _encoder_split(self) -> tuple[list[Step], list[Step], int, int]:
+        """Encoder steps -> (tiled local steps, whole-map rest, image pixels per local-output position, halo)."""
+        steps = self.encoder.steps()
+        first_global = next((i for i, st in enumerate(steps) if math.isinf(st.radius)), len(steps))
+        local, rest = steps[:first_global], steps[first_global:]
+        px_per_grid = round(1 / math.prod(st.scale for st in local))
+        radius, _ = local_geometry(local, px_per_grid)
+        return local, rest, px_per_grid, math.ceil(radius)
+
+    def _decoder_split(self) -> tuple[list[Step], list[Step], int, int]:
+        """Decoder steps -> (whole-map rest, tiled local steps, image pixels per local-input position, halo)."""
+        steps = self.decoder.steps()
+        last_global = max((i for i, st in enumerate(steps) if math.isinf(st.radius)), default=-1)
+        rest, local = steps[: last_global + 1], steps[last_global + 1:]
+        radius, px_per_grid = local_geometry(local, 1)
+        return rest, local, round(px_per_grid), math.ceil(radius)
 
     def wants_tiling(self, height: int, width: int, tiling: bool | str = "auto") -> bool:
         """Whether an image of height x width pixels goes through the tiled path under `tiling`."""
@@ -812,7 +868,14 @@ class DCAE(ModelMixin):
                overlap: int | None = None, tile_batch: int | None = None) -> torch.Tensor:
         """Images (B, 3, H, W) in [-1, 1] -> unscaled latents (B, C, H/f, W/f); tiled per `tiling`."""
         self._check_images(images)
-        if self.wants_tiling(images.shape[-2], images.shape[-1], tiling):
+        tiled = self.wants_tiling(images.shape[-2], images.shape[-1], tiling)
+        _check_tile_options(self.spatial_compression_ratio, tile, overlap, tile_batch)  # also when this call does not tile
+        if not tiled and (tile is not None or overlap is not None):  # the tiled path's geometry checks too
+            _, _, px_per_grid, halo = self._encoder_split()
+            self._tile_grid(tile, overlap, px_per_grid, halo)
+        if images.shape[0] == 0:
+            return self._empty_latents(images)
+        if tiled:
             return self.tiled_encode(images, tile=tile, overlap=overlap, tile_batch=tile_batch)
         return self.encoder(images.to(self.dtype))
 
@@ -821,10 +884,29 @@ class DCAE(ModelMixin):
         """Unscaled latents (B, C, h, w) -> images (B, 3, h f, w f) in about [-1, 1]; tiled per `tiling`."""
         self._check_latents(latents)
         f = self.spatial_compression_ratio
-        if self.wants_tiling(latents.shape[-2] * f, latents.shape[-1] * f, tiling):
+        tiled = self.wants_tiling(latents.shape[-2] * f, latents.shape[-1] * f, tiling)
+        _check_tile_options(f, tile, overlap, tile_batch)  # also when this call does not tile
+        if not tiled and (tile is not None or overlap is not None):  # the tiled path's geometry checks too
+            _, _, px_per_grid, halo = self._decoder_split()
+            self._tile_grid(tile, overlap, px_per_grid, halo)
+        if latents.shape[0] == 0:
+            return self._empty_images(latents)
+        if tiled:
             return self.tiled_decode(latents, tile=tile, overlap=overlap, tile_batch=tile_batch)
         z = latents.to(self.dtype)
         return self.decoder(z.contiguous(memory_format=self._decode_format(z)))
+
+    def _empty_latents(self, images: torch.Tensor) -> torch.Tensor:
+        """The encoding of an empty batch (0, 3, H, W): (0, C, H/f, W/f) in the weights' dtype."""
+        f = self.spatial_compression_ratio
+        shape = (0, self.config.latent_channels, images.shape[-2] // f, images.shape[-1] // f)
+        return images.new_empty(shape, dtype=self.dtype)
+
+    def _empty_images(self, latents: torch.Tensor) -> torch.Tensor:
+        """The decoding of an empty batch (0, C, h, w): (0, 3, h f, w f) in the weights' dtype."""
+        f = self.spatial_compression_ratio
+        shape = (0, self.config.in_channels, latents.shape[-2] * f, latents.shape[-1] * f)
+        return latents.new_empty(shape, dtype=self.dtype)
 
     def tiled_encode(self, images: torch.Tensor, tile: int | None = None, overlap: int | None = None,
                      tile_batch: int | None = None, chunk: int | None = None) -> torch.Tensor:
@@ -836,16 +918,14 @@ class DCAE(ModelMixin):
         about `chunk` positions (None: DEFAULT_CHUNK).
         """
         self._check_images(images)
-        steps = self.encoder.steps()
-        first_global = next((i for i, st in enumerate(steps) if math.isinf(st.radius)), len(steps))
-        local, rest = steps[:first_global], steps[first_global:]
-        px_per_grid = round(1 / math.prod(st.scale for st in local))  # image pixels per local-output position
-        radius, _ = local_geometry(local, px_per_grid)
-        halo = math.ceil(radius)
+        _check_tile_options(self.spatial_compression_ratio, tile, overlap, tile_batch, chunk)
+        local, rest, px_per_grid, halo = self._encoder_split()
         t, o = self._tile_grid(tile, overlap, px_per_grid, halo)
+        if images.shape[0] == 0:
+            return self._empty_latents(images)
         x = run_tiled(_chain(local), images.to(self.dtype), t, o, halo, in_scale=px_per_grid, out_scale=1,
                       tile_batch=_tile_batch(tile_batch, t * px_per_grid))  # (B, C_k, H / k, W / k)
-        return run_whole_map(rest, x, chunk or DEFAULT_CHUNK)  # (B, latent, H / f, W / f)
+        return run_whole_map(rest, x, DEFAULT_CHUNK if chunk is None else chunk)  # (B, latent, H / f, W / f)
 
     def tiled_decode(self, latents: torch.Tensor, tile: int | None = None, overlap: int | None = None,
                      tile_batch: int | None = None, chunk: int | None = None) -> torch.Tensor:
@@ -858,16 +938,14 @@ class DCAE(ModelMixin):
         size), accumulated into one output buffer.
         """
         self._check_latents(latents)
-        steps = self.decoder.steps()
-        last_global = max((i for i, st in enumerate(steps) if math.isinf(st.radius)), default=-1)
-        rest, local = steps[: last_global + 1], steps[last_global + 1:]
+        _check_tile_options(self.spatial_compression_ratio, tile, overlap, tile_batch, chunk)
+        rest, local, px_per_grid, halo = self._decoder_split()
+        t, o = self._tile_grid(tile, overlap, px_per_grid, halo)
+        if latents.shape[0] == 0:
+            return self._empty_images(latents)
         fmt = self._decode_format(latents)
         z = latents.to(self.dtype).contiguous(memory_format=fmt)
-        x = run_whole_map(rest, z, chunk or DEFAULT_CHUNK)  # (B, C_k, h 2^k, w 2^k)
+        x = run_whole_map(rest, z, DEFAULT_CHUNK if chunk is None else chunk)  # (B, C_k, h 2^k, w 2^k)
         local = [Step(lambda t: t.contiguous(memory_format=fmt), 0, 1), *local]  # tiles in the decode's format
-        radius, px_per_grid = local_geometry(local, 1)
-        px_per_grid = round(px_per_grid)  # image pixels per position of x
-        halo = math.ceil(radius)
-        t, o = self._tile_grid(tile, overlap, px_per_grid, halo)
         return run_tiled(_chain(local), x, t, o, halo, in_scale=1, out_scale=px_per_grid,
                          tile_batch=_tile_batch(tile_batch, t * px_per_grid))  # (B, 3, h f, w f)

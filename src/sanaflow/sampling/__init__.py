@@ -13,6 +13,7 @@ Typical use by a pipeline::
 
 from .guidance import PERTURBED_KEY, cfg, guided_model, pag
 from .schedules import (
+    FLOW_SHIFT_RANGE,
     SCM_INTERMEDIATE_TIMESTEP,
     SCM_MAX_TIMESTEP,
     FlowSchedule,
@@ -35,6 +36,7 @@ from .solvers import (
 )
 
 __all__ = [
+    "FLOW_SHIFT_RANGE",
     "PERTURBED_KEY",
     "SAMPLERS",
     "SCM_INTERMEDIATE_TIMESTEP",

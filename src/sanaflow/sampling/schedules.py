@@ -15,6 +15,8 @@ Conventions (shared by every solver in `sanaflow.sampling.solvers`):
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -22,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConfigError, InputError
 
 # Scheduler classes whose `set_timesteps` we reproduce exactly.
 DPM_SCHEDULER = "DPMSolverMultistepScheduler"
@@ -34,6 +36,12 @@ SUPPORTED_SCHEDULERS = (DPM_SCHEDULER, EULER_SCHEDULER)
 # rounded to 5 decimals, and the 2-step schedule stops at an intermediate angle of 1.3.
 SCM_MAX_TIMESTEP = 1.57080
 SCM_INTERMEDIATE_TIMESTEP = 1.3
+
+# The flow shifts the schedule builders accept. SANA's checkpoints use 1 to 6 (SANA-Sprint 3) and video
+# models up to about 17, so two decades either side of 1 leave room. Outside it the schedules degenerate:
+# at shift 1e-12 the first sigma is ~1e-9 (the "noise" is never denoised: the output is pure noise), and
+# above ~1e4 neighbouring sigmas round to exactly 1.0 in float32 (a zero-length step at the noise end).
+FLOW_SHIFT_RANGE = (1e-2, 1e2)
 
 
 @dataclass(frozen=True)
@@ -67,6 +75,25 @@ def shift_sigmas(sigmas: torch.Tensor | np.ndarray | float, shift: float):
     return shift * sigmas / (1 + (shift - 1) * sigmas)
 
 
+def check_flow_shift(shift: object, name: str = "shift", error: type[Exception] = InputError) -> float:
+    """Return `shift` as a float if it is a real number in FLOW_SHIFT_RANGE, else raise `error` naming `name`."""
+    lo, hi = FLOW_SHIFT_RANGE
+    if not isinstance(shift, numbers.Real) or isinstance(shift, bool) or not lo <= shift <= hi:  # NaN fails too
+        raise error(f"{name} must be a number in [{lo:g}, {hi:g}] (SANA uses 1 to 6), got {shift!r}")
+    return float(shift)
+
+
+def check_num_train_timesteps(n: object, name: str = "num_train_timesteps", error: type[Exception] = InputError) -> int:
+    """Return `n` as an int if it is an integer >= 2 (1000 for SANA), else raise `error` naming `name`.
+
+    One training timestep would make every DPM-Solver sigma 0; integral floats (1000.0) are accepted.
+    """
+    whole = isinstance(n, numbers.Integral) or (isinstance(n, float) and math.isfinite(n) and n.is_integer())
+    if isinstance(n, bool) or not whole or n < 2:
+        raise error(f"{name} must be an integer >= 2 (SANA uses 1000), got {n!r}")
+    return int(n)
+
+
 def flow_sigmas(num_steps: int, shift: float = 1.0, num_train_timesteps: int = 1000) -> torch.Tensor:
     """Shifted flow sigmas (n + 1,) of diffusers' DPM-Solver with `use_flow_sigmas`; starts below 1, ends in 0."""
     return _dpm_flow(num_steps, shift, num_train_timesteps).sigmas
@@ -84,6 +111,7 @@ def _check_steps(num_steps: int) -> None:
 
 def _dpm_flow(num_steps: int, shift: float, num_train_timesteps: int) -> FlowSchedule:
     _check_steps(num_steps)
+    shift, num_train_timesteps = check_flow_shift(shift), check_num_train_timesteps(num_train_timesteps)
     # Same float64 arithmetic, in the same order, as diffusers' set_timesteps, so the float32 sigmas
     # and the truncated integer timesteps are bit-identical.
     alphas = np.linspace(1, 1 / num_train_timesteps, num_steps + 1)  # (n + 1,)
@@ -96,6 +124,7 @@ def _dpm_flow(num_steps: int, shift: float, num_train_timesteps: int) -> FlowSch
 
 def _flow_match_euler(num_steps: int, shift: float, num_train_timesteps: int) -> FlowSchedule:
     _check_steps(num_steps)
+    shift, num_train_timesteps = check_flow_shift(shift), check_num_train_timesteps(num_train_timesteps)
     # The scheduler's training sigmas are shifted once at construction (float32); set_timesteps then
     # spaces timesteps between the shifted extremes and shifts again. The double shift is diffusers'
     # behaviour and SANA's flow-euler checkpoints were sampled with it, so we reproduce it.
@@ -118,16 +147,25 @@ def _unsupported(config: Mapping[str, Any], key: str, allowed: Any, cls: str) ->
         )
 
 
+def _config_shift(config: Mapping[str, Any], key: str) -> float:
+    """The scheduler config's shift under `key` (1.0 when absent), checked: a ConfigError naming the key."""
+    return check_flow_shift(config.get(key, 1.0), f"scheduler config option {key}", ConfigError)
+
+
 def schedule_from_scheduler_config(
     config: Mapping[str, Any], num_steps: int, flow_shift: float | None = None
 ) -> FlowSchedule:
     """The exact sigmas and timesteps diffusers' scheduler (from a scheduler_config.json dict) uses for n steps.
 
     Supports `DPMSolverMultistepScheduler` with `use_flow_sigmas` (SANA's default) and
-    `FlowMatchEulerDiscreteScheduler`; `flow_shift` overrides the config's shift.
+    `FlowMatchEulerDiscreteScheduler`; `flow_shift` overrides the config's shift. Shifts must lie in
+    FLOW_SHIFT_RANGE: a bad `flow_shift` raises InputError, a bad value in the config ConfigError.
     """
     cls = config.get("_class_name", DPM_SCHEDULER)
-    n_train = int(config.get("num_train_timesteps", 1000))
+    n_train = check_num_train_timesteps(config.get("num_train_timesteps", 1000),
+                                        "scheduler config option num_train_timesteps", ConfigError)
+    if flow_shift is not None:
+        flow_shift = check_flow_shift(flow_shift, "flow_shift")
     if cls == DPM_SCHEDULER:
         if not config.get("use_flow_sigmas", False):
             raise ConfigError(
@@ -144,14 +182,14 @@ def schedule_from_scheduler_config(
         _unsupported(config, "euler_at_final", False, cls)
         for key in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas"):
             _unsupported(config, key, False, cls)
-        shift = float(config.get("flow_shift", 1.0)) if flow_shift is None else float(flow_shift)
+        shift = _config_shift(config, "flow_shift") if flow_shift is None else flow_shift
         return _dpm_flow(num_steps, shift, n_train)
     if cls == EULER_SCHEDULER:
         for key in ("use_dynamic_shifting", "invert_sigmas", "stochastic_sampling", "use_karras_sigmas",
                     "use_exponential_sigmas", "use_beta_sigmas"):
             _unsupported(config, key, False, cls)
         _unsupported(config, "shift_terminal", None, cls)
-        shift = float(config.get("shift", 1.0)) if flow_shift is None else float(flow_shift)
+        shift = _config_shift(config, "shift") if flow_shift is None else flow_shift
         return _flow_match_euler(num_steps, shift, n_train)
     raise ConfigError(
         f"unsupported scheduler class {cls!r} for flow sampling; choose from: {', '.join(SUPPORTED_SCHEDULERS)}"

@@ -7,7 +7,9 @@ Every flow sampler is `sample_*(model_fn, x, sigmas, extra_args=None, callback=N
   denoised estimate is x0 = x - s v). Solvers never multiply by 1000: the pipeline's model function
   turns sigma into the transformer's timestep (`FlowSchedule.timestep_of`).
 - `x` is the starting sample at `sigmas[0]`: for flow sigmas that is the noise itself (x_1 = noise).
-- `sigmas` (n + 1,) decreasing, ending in 0 (see `sanaflow.sampling.schedules`).
+- `sigmas` (n + 1,) non-increasing flow sigmas in [0, 1], ending in 0 (see `sanaflow.sampling.schedules`):
+  a float tensor, or a sequence of numbers (made a float32 tensor). A repeated sigma is a zero-length
+  step, i.e. the identity. The schedule is checked once, before the loop (one host sync if on a GPU).
 - `callback({"i", "x", "sigma", "sigma_next", "denoised"})` is called once per step with the step's
   input `x`, before the update; `disable` is passed to the tqdm progress bar (None: off when not a tty).
 - The return value is the sample at `sigmas[-1]` (the clean latents when it is 0).
@@ -22,17 +24,50 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm.auto import trange
 
-from ..errors import unknown_choice
-from .schedules import trigflow_to_flow_sigma
+from ..errors import InputError, unknown_choice
+from .schedules import SCM_MAX_TIMESTEP, trigflow_to_flow_sigma
 
 ModelFn = Callable[..., torch.Tensor]
 Callback = Callable[[dict[str, Any]], None]
 
 # SANA-Sprint's data standard deviation: TrigFlow states are scaled by it (diffusers SCMScheduler.sigma_data).
 SIGMA_DATA = 0.5
+
+
+def _check_schedule(values: Any, x: Any, name: str = "sigmas", upper: float = 1.0,
+                    what: str = "flow sigmas") -> torch.Tensor:
+    """A sampler's schedule as a 1-D float tensor, checked once: non-increasing values in [0, upper]; x a tensor.
+
+    Sequences (lists, tuples, arrays) become float32 tensors. The value check is one reduction over the
+    (n + 1,) schedule, so a schedule on the GPU costs one sync here and none inside the step loop.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise InputError(f"x must be a torch.Tensor (the starting sample), got {type(x).__name__}")
+    if not isinstance(values, torch.Tensor):
+        if isinstance(values, (str, bytes)) or not isinstance(values, Sequence | np.ndarray):
+            raise InputError(f"{name} must be a 1-D tensor or a sequence of {what}, got {type(values).__name__}")
+        try:
+            values = torch.as_tensor(np.asarray(values, dtype=np.float32))
+        except (TypeError, ValueError) as e:
+            raise InputError(f"{name} must be a sequence of numbers ({what}): {e}") from None
+    if not values.is_floating_point() or values.ndim != 1 or len(values) < 1:
+        raise InputError(
+            f"{name} must be a 1-D floating-point tensor (n + 1,) of {what}; "
+            f"got {values.dtype} of shape {tuple(values.shape)}"
+        )
+    ok = (values >= 0).all() & (values <= upper).all()  # NaN fails both
+    if len(values) > 1:
+        ok &= (values[1:] <= values[:-1]).all()
+    if not bool(ok):
+        raise InputError(
+            f"{name} must be non-increasing {what} in [0, {upper:g}] (from the noise down, usually ending in 0); "
+            f"got {values.tolist() if len(values) <= 12 else values}"
+        )
+    return values
 
 
 def _sigma_batch(sigma: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -80,6 +115,7 @@ def sample_euler(
     disable: bool | None = None,
 ) -> torch.Tensor:
     """Flow-matching Euler: x_next = x + (s_next - s) v (diffusers' FlowMatchEulerDiscreteScheduler)."""
+    sigmas = _check_schedule(sigmas, x)
     extra_args = {} if extra_args is None else extra_args
     for i in trange(len(sigmas) - 1, disable=disable):
         s, s_next, v, _ = _flow_prediction(model_fn, x, sigmas, i, extra_args, callback, need_denoised=False)
@@ -100,8 +136,10 @@ def sample_dpmpp_2m(
 
     In flow terms alpha = 1 - s, lambda = log(alpha / s) and the data prediction is x0 = x - s v.
     The first step, and the last one (diffusers' `lower_order_final`: when the schedule ends in 0 or
-    has fewer than 15 steps), are first order; a step to s = 0 returns x0.
+    has fewer than 15 steps), are first order; a step to s = 0 returns x0. A step between equal sigmas
+    has length 0: it is the identity and leaves the multistep history as it was.
     """
+    sigmas = _check_schedule(sigmas, x)
     extra_args = {} if extra_args is None else extra_args
     n = len(sigmas) - 1
     lower_order_final = float(sigmas[-1]) == 0.0 or n < 15
@@ -109,6 +147,10 @@ def sample_dpmpp_2m(
     h_last = math.nan
     for i in trange(n, disable=disable):
         s, s_next, _, denoised = _flow_prediction(model_fn, x, sigmas, i, extra_args, callback)  # (B, C, H, W)
+        if s_next == s:
+            # h = 0 (or inf - inf = NaN for two sigmas at 1.0): x stays; keeping the last real step as the
+            # history keeps r = h_last / h of the next step finite (h_last = 0 would make it 0 and 0.5 / r inf)
+            continue
         lam, lam_next = _flow_lambda(s), _flow_lambda(s_next)
         h = lam_next - lam
         alpha_next = 1.0 - s_next
@@ -181,8 +223,10 @@ def sample_scm(
     (`scm_timesteps`). The state starts at sigma_data x noise; each step predicts
     x0 = cos t x - sin t F and re-noises to x = cos t' x0 + sin t' sigma_data z with fresh noise z
     from `generator`. Returns the last x0 / sigma_data, i.e. latents in the VAE's scale. The callback
-    gets `sigma`/`sigma_next` as angles and `denoised` in the VAE's scale.
+    gets `sigma`/`sigma_next` as angles and `denoised` in the VAE's scale. The angles must be
+    non-increasing in [0, SCM_MAX_TIMESTEP] (a sequence of numbers is made a float32 tensor).
     """
+    timesteps = _check_schedule(timesteps, x, "timesteps", SCM_MAX_TIMESTEP, "TrigFlow angles")
     extra_args = {} if extra_args is None else extra_args
     x = x * sigma_data
     denoised = x
