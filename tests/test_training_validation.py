@@ -97,6 +97,8 @@ BAD = [
     ("eval.steps=0", r"eval\.steps must be an integer >= 1"),
     ("eval.guidance_scale=-1", r"eval\.guidance_scale must be a finite number >= 0"),
     ("eval.flow_shift=0", r"eval\.flow_shift must be a finite number > 0"),
+    ("eval.flow_shift=1e8", r"eval\.flow_shift must be a number in \[0.01, 100\]"),  # sigmas would round to 1
+    ("flow.shift=1e8", r"flow\.shift must be a number in \[0.01, 100\]"),
     ("eval.num_images=0", r"eval\.num_images must be an integer >= 1"),
     ("eval.sampler=dpm", r"unknown eval\.sampler 'dpm'.*choose from: dpm\+\+2m, euler, scm"),
     # top level and model

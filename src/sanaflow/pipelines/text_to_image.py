@@ -77,8 +77,10 @@ def check_call_arguments(
     for name, value in (("guidance_scale", guidance_scale), ("pag_scale", pag_scale)):
         if not _is_real(value) or not 0 <= value < float("inf"):  # refuses NaN as well
             raise InputError(f"{name} must be a finite number >= 0, got {value!r}")
-    if flow_shift is not None and (not _is_real(flow_shift) or not 0 < flow_shift < float("inf")):
-        raise InputError(f"flow_shift must be a finite number > 0 (or None for the model's), got {flow_shift!r}")
+    if flow_shift is not None:  # before any work; the schedule builders hold the range
+        from ..sampling.schedules import check_flow_shift
+
+        check_flow_shift(flow_shift, "flow_shift")
     for name, value in (("height", height), ("width", width)):
         if value is not None and (not _is_int(value) or value < 1):
             raise InputError(f"{name} must be a positive int (or None for the model's size), got {value!r}")

@@ -14,6 +14,7 @@ from typing import Any
 
 from ..errors import ConfigError, unknown_choice
 from ..hub import MODEL_POSITIVE, is_model_size_key
+from ..sampling.schedules import check_flow_shift
 
 TASKS = ("t2i", "dcae")
 DATA_SOURCES = ("shapes", "folder")
@@ -286,6 +287,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _number("flow.logit_mean", f.logit_mean)
     _number("flow.logit_std", f.logit_std, 0, low_open=True)
     _number("flow.shift", f.shift, 0, low_open=True, note=" (1 = no shift)")
+    check_flow_shift(f.shift, "flow.shift", ConfigError)
     _number("flow.caption_dropout", f.caption_dropout, 0, 1, high_open=True)
     if not (_is_number(f.coarse) and math.isfinite(f.coarse) and f.coarse >= 0) or f.coarse_factor < 1:
         raise ConfigError(f"flow.coarse must be >= 0 (a finite number) and flow.coarse_factor >= 1, got "
@@ -336,6 +338,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _integer("eval.steps", e.steps, 1, note=" (sampling steps)")
     _number("eval.guidance_scale", e.guidance_scale, 0)
     _number("eval.flow_shift", e.flow_shift, 0, low_open=True)
+    check_flow_shift(e.flow_shift, "eval.flow_shift", ConfigError)  # the samplers' range
     _seed("eval.seed", e.seed)
     _integer("eval.num_images", e.num_images, 1)
 
