@@ -83,6 +83,14 @@ def test_bad_input_one_line_exit_2(tmp_path, capsys):
     _one_line_error(
         capsys, ["eval", "images", str(bad)], "unknown colour 'grene'", "did you mean 'green'", ":2:"
     )
+    good = json.loads(rows[1])
+    for change, needle in (({"file": 5}, "'file' must be an image file name"),
+                           ({"files": []}, "non-empty list"), ({"files": "a.png"}, "non-empty list"),
+                           ({"held_out": "no"}, "'held_out' must be true or false")):
+        (bad / "prompts.jsonl").write_text(rows[0] + "\n" + json.dumps({**good, **change}) + "\n")
+        _one_line_error(capsys, ["eval", "images", str(bad)], needle, ":2:")
+    (bad / "prompts.jsonl").write_bytes(b"\xff\xfe\x00binary")
+    _one_line_error(capsys, ["eval", "images", str(bad)], "cannot read")
 
     junk = tmp_path / "junk.mp4"
     junk.write_bytes(b"this is not a video" * 10)
@@ -91,6 +99,18 @@ def test_bad_input_one_line_exit_2(tmp_path, capsys):
     capsys.readouterr()
     _one_line_error(capsys, ["eval", "video", str(junk), "--source", str(src)], "junk.mp4")
     _one_line_error(capsys, ["eval", "video", str(src), "--source", str(junk)], "no scene track")
+    track = json.loads((tmp_path / "src.json").read_text())
+    corrupt = tmp_path / "corrupt.mp4"
+    corrupt.write_bytes(src.read_bytes())
+    for change, needle in (({"objects": "x"}, "'objects' must be a list"), ({"objects": [5]}, "'objects' must be a list"),
+                           ({"size": [0, 0]}, "track 'size'"), ({"fps": float("nan")}, "'fps' must be"),
+                           ({"frames": -1}, "'frames' must be an integer >= 1"),
+                           ({"pan": [[0, 0]]}, "'pan' must be a list of 3 pairs")):
+        (tmp_path / "corrupt.json").write_text(json.dumps({**track, **change}))
+        _one_line_error(capsys, ["eval", "video", str(src), "--source", str(corrupt)], needle)
+    del track["objects"]
+    (tmp_path / "corrupt.json").write_text(json.dumps(track))
+    _one_line_error(capsys, ["eval", "video", str(src), "--source", str(corrupt)], "lacks objects")
     _one_line_error(
         capsys, ["eval", "video", str(src), "--source", str(src), "--edit", "0:colour=red"], "--edit"
     )

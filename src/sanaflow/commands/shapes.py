@@ -183,7 +183,11 @@ def read_prompts(folder: str | Path) -> list[dict]:
             f"`sanaflow shapes sample --split eval --prompts-only --n N --out {folder}`"
         )
     rows = []
-    for no, line in enumerate(path.read_text().splitlines(), 1):
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"cannot read {path}: {e}") from e
+    for no, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -192,6 +196,13 @@ def read_prompts(folder: str | Path) -> list[dict]:
             raise InputError(f"{path}:{no}: not JSON ({e})") from e
         if not isinstance(row, dict) or "scene" not in row or not ({"file", "files"} & set(row)):
             raise InputError(f"{path}:{no}: each line needs 'scene' and 'file' (or 'files')")
+        files = row["files"] if "files" in row else [row["file"]]
+        if (not isinstance(files, list) or not files
+                or not all(isinstance(f, str) and f.strip() for f in files)):
+            raise InputError(f"{path}:{no}: 'file' must be an image file name (a string) and 'files' a non-empty "
+                             f"list of them, got {files!r}")
+        if not isinstance(row.get("held_out", False), bool):
+            raise InputError(f"{path}:{no}: 'held_out' must be true or false, got {row['held_out']!r}")
         try:
             row["scene"] = Scene.from_dict(row["scene"])
         except SanaflowError as e:

@@ -212,13 +212,47 @@ def _check_track(track: dict) -> None:
         raise InputError(
             f"shapes-video track version {track.get('version')!r} is not supported (need {TRACK_VERSION})"
         )
+    missing = [k for k in ("frames", "size", "fps", "objects", "background", "texture", "pan") if k not in track]
+    if missing:
+        raise InputError(f"shapes-video track lacks {', '.join(missing)}")
     t = track["frames"]
-    for o in track["objects"]:
+    if isinstance(t, bool) or not isinstance(t, int) or t < 1:
+        raise InputError(f"track 'frames' must be an integer >= 1, got {t!r}")
+    size_hw(track["size"], "track 'size'")
+    fps = track["fps"]
+    if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not 0 < fps < math.inf:
+        raise InputError(f"track 'fps' must be a finite number above 0, got {fps!r}")
+    if not isinstance(track["objects"], list) or not all(isinstance(o, dict) for o in track["objects"]):
+        raise InputError("track 'objects' must be a list of objects (mappings)")
+    for k, o in enumerate(track["objects"]):
+        lacking = [key for key in ("shape", "color", "size", "x", "y", "rotation", "scale") if key not in o]
+        if lacking:
+            raise InputError(f"track object {k} lacks {', '.join(lacking)}")
         ShapeObject(o["shape"], o["color"], o["size"], 0.5, 0.5)  # validates the names
-        if any(len(o[key]) != t for key in ("x", "y", "rotation", "scale")):
-            raise InputError(f"a track object has paths of the wrong length (need {t} frames)")
-    if track["background"] not in BACKGROUNDS:
+        for key in ("x", "y", "rotation", "scale"):
+            _check_path(o[key], t, f"track object {k} '{key}'")
+    _check_path(track["pan"], t, "track 'pan'", width=2)
+    texture = track["texture"]
+    if texture is not None and not isinstance(texture, list) or texture and not all(
+            isinstance(w, dict) and all(_is_number(w.get(key)) for key in ("amp", "kx", "ky", "phase"))
+            for w in texture):
+        raise InputError("track 'texture' must be null or a list of waves {amp, kx, ky, phase} (numbers)")
+    if not isinstance(track["background"], str) or track["background"] not in BACKGROUNDS:
         raise InputError(f"unknown background {track['background']!r}; choose from {', '.join(BACKGROUNDS)}")
+
+
+def _is_number(v) -> bool:
+    return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def _check_path(values, frames: int, what: str, width: int | None = None) -> None:
+    """A per-frame path: `frames` finite numbers (or `width`-number rows)."""
+    ok = isinstance(values, list) and len(values) == frames and all(
+        _is_number(v) if width is None else
+        isinstance(v, list) and len(v) == width and all(_is_number(c) for c in v) for v in values)
+    if not ok:
+        shape = f"{frames} finite numbers" if width is None else f"{frames} pairs of finite numbers"
+        raise InputError(f"{what} must be a list of {shape} (one per frame)")
 
 
 def _background(track: dict, t: int, grid: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
