@@ -185,3 +185,26 @@ def test_shapes_out_and_fps_are_checked_before_rendering(tmp_path, capsys, monke
     _one_line_error(capsys, ["shapes", "sample", "--n", "2", "--out", ""], "--out is empty")
     _one_line_error(capsys, ["shapes", "sample", "--n", "2", "--out", str(tmp_path / "afile" / "s")], "is a file")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "x.mp4", "y.json"]  # nothing written
+
+
+def test_sample_interrupted_leaves_no_images_without_prompts(tmp_path, monkeypatch):
+    import sanaflow.shapes as shapes_pkg
+
+    calls = []
+
+    def render_then_fail(scene, size):
+        calls.append(scene)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return np.zeros((size, size, 3), np.uint8)
+
+    monkeypatch.setattr(shapes_pkg, "render", render_then_fail)
+    out = tmp_path / "data"
+    assert main(["shapes", "sample", "--n", "5", "--out", str(out), "--size", "32"]) == 130  # Ctrl-C
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no --out, no staging folder
+    (out).mkdir()
+    (out / "mine.txt").write_text("keep")
+    monkeypatch.undo()
+    assert main(["shapes", "sample", "--n", "2", "--out", str(out), "--size", "32"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["00000.png", "00001.png", "mine.txt", "prompts.jsonl"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]

@@ -14,8 +14,6 @@ import inspect
 import json
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Callable, Mapping
 from importlib import resources
 from pathlib import Path
@@ -25,7 +23,7 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError, ConfigError, InputError, suggest
-from .utils import atomic_path, atomic_write_text, check_folder_writable
+from .utils import atomic_path, atomic_write_text, check_folder_writable, staged_files
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAMES = ("diffusion_pytorch_model.safetensors", "model.safetensors")
@@ -536,27 +534,13 @@ class ModelMixin(nn.Module):
         config = {"_class_name": self.diffusers_class_name or type(self).__name__,
                   "_diffusers_version": DIFFUSERS_VERSION}
         config.update(_jsonable(self.config.to_dict()))
-        parent = folder.absolute().parent
-        parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=parent))
-        made = not folder.exists()
-        try:
+        with staged_files(folder, last=CONFIG_NAME) as staging:
             save_state_dict(state, staging, self.weights_name, max_shard_size)
             atomic_write_text(staging / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=False) + "\n")
-            folder.mkdir(exist_ok=True)
-            staged = sorted(staging.iterdir(), key=lambda f: f.name == CONFIG_NAME)  # config.json last
             # an earlier save's weights that the new files do not replace: a leftover index would
             # shadow a new single file, leftover shards would mix two checkpoints
-            stale = _weight_files(folder, self.weights_name) - {folder / f.name for f in staged}
-            for f in staged:
-                os.replace(f, folder / f.name)
-            _remove(stale)
-        except BaseException:
-            if made and folder.is_dir() and not any(folder.iterdir()):
-                folder.rmdir()
-            raise
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            stale = _weight_files(folder, self.weights_name) - {folder / f.name for f in staging.iterdir()}
+        _remove(stale)
         return folder
 
     @property

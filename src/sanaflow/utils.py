@@ -58,6 +58,35 @@ def _normal_permissions(path: Path) -> None:
 
 
 @contextlib.contextmanager
+def staged_files(folder: str | os.PathLike, last: str | None = None) -> Iterator[Path]:
+    """Yield a staging folder beside `folder`; on success move its files into `folder`, `last` last.
+
+    For outputs that add files to a folder that may hold others (a model saved into a folder, a
+    dataset): the slow writing happens in the staging folder, so a failure leaves `folder` as it was
+    (and no empty `folder` when this made it); the files then arrive by rename, the one named `last`
+    (the file that says the set is complete: config.json, prompts.jsonl) after all the others.
+    The yielded folder must hold plain files only.
+    """
+    folder = Path(folder)
+    parent = folder.absolute().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=parent))
+    made = not folder.exists()
+    try:
+        yield staging
+        folder.mkdir(exist_ok=True)
+        for f in sorted(staging.iterdir(), key=lambda f: f.name == last):
+            _normal_permissions(f)
+            os.replace(f, folder / f.name)
+    except BaseException:
+        if made and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+        raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success rename it onto `path`, on error delete it.
 

@@ -100,7 +100,7 @@ def _check_report_target(out_arg: str | None, default: Path, inputs=()) -> Path:
 
 def _sample(args) -> int:
     from ..shapes import ShapesDataset, eval_prompts, render
-    from ..utils import atomic_path, atomic_write_text
+    from ..utils import atomic_write_text, staged_files
 
     if args.n < 1:
         raise InputError(f"--n must be at least 1, got {args.n}")
@@ -121,27 +121,28 @@ def _sample(args) -> int:
     else:
         stream = ShapesDataset(seed=args.seed)
         rows = [(s, s.is_held_out()) for s in (stream.scene_at(i) for i in range(args.n))]
-    out.mkdir(parents=True, exist_ok=True)
     lines = []
-    for i, (scene, held) in enumerate(rows):
-        name = f"{i:05d}.png"
-        if not args.prompts_only:
-            from PIL import Image
+    # Rendered beside --out and moved in at the end, prompts.jsonl last: an interrupted run leaves
+    # --out as it was, never images without their prompts.
+    with staged_files(out, last=PROMPTS_FILE) as staging:
+        for i, (scene, held) in enumerate(rows):
+            name = f"{i:05d}.png"
+            if not args.prompts_only:
+                from PIL import Image
 
-            with atomic_path(out / name) as tmp:
-                Image.fromarray(render(scene, args.size)).save(tmp, format="PNG")
-        lines.append(
-            json.dumps(
-                {
-                    "file": name,
-                    "caption": scene.caption(),
-                    "category": scene.category,
-                    "held_out": held,
-                    "scene": scene.to_dict(),
-                }
+                Image.fromarray(render(scene, args.size)).save(staging / name, format="PNG")
+            lines.append(
+                json.dumps(
+                    {
+                        "file": name,
+                        "caption": scene.caption(),
+                        "category": scene.category,
+                        "held_out": held,
+                        "scene": scene.to_dict(),
+                    }
+                )
             )
-        )
-    atomic_write_text(out / PROMPTS_FILE, "\n".join(lines) + "\n")
+        atomic_write_text(staging / PROMPTS_FILE, "\n".join(lines) + "\n")
     what = "prompts" if args.prompts_only else "images and prompts"
     print(f"wrote {len(rows)} {what} ({args.split} split, seed {args.seed}) to {out}")
     return 0
