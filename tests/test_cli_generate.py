@@ -167,7 +167,8 @@ def _copy_with(model, tmp_path, edit_config=None, edit_weights=None):
 
 
 @pytest.mark.parametrize("change, needle", [({"num_attention_heads": "abc"}, "wrong value type"),
-                                            ({"num_layers": -3}, "no negative"), ({"foo_bar": 1}, "unknown key")])
+                                            ({"num_layers": -3}, "no negative"), ({"foo_bar": 1}, "unknown key"),
+                                            ({"patch_size": 0}, "sizes and counts must be >= 1")])
 def test_info_and_generate_refuse_a_bad_config_json(model, tmp_path, capsys, change, needle):
     folder = _copy_with(model, tmp_path, edit_config=change)
     for argv in (["info", str(folder)], ["generate", "a cat", "--model", str(folder), "--out", str(tmp_path / "o")]):
@@ -183,6 +184,17 @@ def test_generate_refuses_nan_weights_instead_of_a_black_image(model, tmp_path, 
     assert main(["generate", "a cat", "--model", str(folder), "--out", str(out), "--steps", "1"]) == 2
     assert "NaN" in capsys.readouterr().err
     assert not out.exists() or not list(out.glob("*.png"))
+
+
+def test_info_refuses_a_malformed_model_index(model, tmp_path, capsys):
+    import shutil
+
+    folder = tmp_path / "m"
+    shutil.copytree(model, folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "text_encoder": []}))
+    assert main(["info", str(folder)]) == 2
+    assert "should be [library, class]" in capsys.readouterr().err
 
 
 def test_info_of_a_single_component_folder(model, capsys):

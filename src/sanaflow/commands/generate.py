@@ -312,6 +312,10 @@ def run_info(args: argparse.Namespace) -> int:
     if index_path.is_file():
         index = read_json(index_path)
         report["pipeline"] = index.get("_class_name")
+        from ..pipelines.components import index_entry
+
+        for key in ("transformer", "vae", "text_encoder", "scheduler"):
+            index_entry(index, key)  # each named as loading takes it: [library, class]
         report["text_encoder"] = index.get("text_encoder")
         sched = root / "scheduler" / "scheduler_config.json"
         if sched.is_file():

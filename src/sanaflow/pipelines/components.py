@@ -63,7 +63,8 @@ def pick_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.d
     return DTYPES[dtype]
 
 
-def _entry(index: dict[str, Any], key: str) -> list | None:
+def index_entry(index: dict[str, Any], key: str) -> list | None:
+    """model_index.json's [library, class] for component `key`; None when absent; CheckpointError when malformed."""
     value = index.get(key)
     if value is None or (isinstance(value, list) and len(value) == 2 and value[0] is None):
         return None  # diffusers writes [null, null] for an absent component
@@ -77,7 +78,7 @@ def load_text_encoder(root: Path, index: dict[str, Any], device: torch.device) -
     """The text encoder named by model_index.json: Gemma-2 from the folder, or a packaged MiniLM."""
     from ..models import text_encoders
 
-    entry = _entry(index, "text_encoder")
+    entry = index_entry(index, "text_encoder")
     if entry is None:
         raise CheckpointError(f"{root}/model_index.json names no text_encoder")
     if entry == SANAFLOW_TEXT_ENCODER:
