@@ -403,3 +403,11 @@ def test_from_config_needs_a_mapping(config):
 def test_model_references_must_be_paths_or_names(ref):
     with pytest.raises(SanaflowError, match="model reference"):
         resolve_model_path(ref)
+
+
+def test_a_config_of_another_class_is_refused(saved):
+    _, folder = saved
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "_class_name": "AutoencoderDC"}))
+    with pytest.raises(CheckpointError, match="describes a AutoencoderDC, not a TinyNet"):
+        TinyNet.from_pretrained(folder)

@@ -456,6 +456,11 @@ class ModelMixin(nn.Module):
         folder = resolve_model_path(ref, subfolder)
         config_path = folder / CONFIG_NAME
         raw_config = read_json(config_path)
+        named = raw_config.get("_class_name") if isinstance(raw_config, Mapping) else None
+        accepted = {cls.__name__, cls.diffusers_class_name} - {None, ""}
+        if isinstance(named, str) and accepted and named not in accepted:
+            raise CheckpointError(f"{config_path} describes a {named}, not a {' / '.join(sorted(accepted))}: "
+                                  "is this the right folder (or subfolder) for this model?")
         if QUANTIZATION_KEY in raw_config:  # int8 / fp8 weights: the quantized layers are rebuilt first
             from .quant import load_quantized
 
