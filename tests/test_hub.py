@@ -411,3 +411,14 @@ def test_a_config_of_another_class_is_refused(saved):
     (folder / "config.json").write_text(json.dumps({**config, "_class_name": "AutoencoderDC"}))
     with pytest.raises(CheckpointError, match="describes a AutoencoderDC, not a TinyNet"):
         TinyNet.from_pretrained(folder)
+
+
+def test_a_config_json_that_is_a_folder_is_named(saved):
+    import shutil
+
+    _, folder = saved
+    (folder / "config.json").unlink()
+    (folder / "config.json").mkdir()
+    with pytest.raises(CheckpointError, match="is a folder; expected the JSON file config.json"):
+        TinyNet.from_pretrained(folder)
+    shutil.rmtree(folder / "config.json")

@@ -146,6 +146,8 @@ def _download(ref: str, subfolder: str | None) -> Path:
 
 def read_json(path: Path) -> dict[str, Any]:
     """Read a JSON object from `path`, raising `CheckpointError` when missing or malformed."""
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder; expected the JSON file {path.name}")
     if not path.is_file():
         raise CheckpointError(f"missing {path.name} in {path.parent}")
     try:
@@ -613,7 +615,7 @@ MODEL_SIZE_ENDINGS = ("channels", "heads", "head_dim", "attention_dim", "layers"
                       "multiscales")
 MODEL_SIZE_EXEMPT = ("out_channels",)
 # Model config keys that are real factors: finite and > 0 (0 divides by zero or gives width 0).
-MODEL_POSITIVE = ("scaling_factor", "mlp_ratio", "interpolation_scale")
+MODEL_POSITIVE = ("scaling_factor", "mlp_ratio", "interpolation_scale", "timestep_scale")
 
 
 def is_model_size_key(key: str) -> bool:
