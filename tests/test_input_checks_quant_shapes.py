@@ -241,3 +241,12 @@ def test_video_metrics_dis_argument_is_checked(video):
 def test_video_metrics_valid_call_still_works(video):
     metrics = S.video_metrics(video.frames, video, {0: {"color": "red"}}, min_visible=1)
     assert metrics["frames"] == 3 and metrics["judged_frames"] >= 0
+
+
+def test_load_quantized_checks_the_device_like_from_pretrained(saved):
+    from sanaflow.errors import SanaflowError
+
+    devices = ["meta", "xla"] + ([] if torch.cuda.is_available() else ["cuda"])
+    for device in devices:
+        with pytest.raises(SanaflowError, match="CUDA is not available|unsupported device"):
+            quant.load_quantized(SanaTransformer, saved, device=device)

@@ -350,6 +350,31 @@ def _remove(paths: set[Path]) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+def check_load_arguments(torch_dtype: Any, device: Any) -> tuple[torch.dtype | None, torch.device | None]:
+    """`torch_dtype` and `device` of a load, checked before any file is read: (dtype, torch.device or None)."""
+    if torch_dtype is not None and (not isinstance(torch_dtype, torch.dtype) or not torch_dtype.is_floating_point):
+        raise ConfigError(f"torch_dtype must be a floating-point torch.dtype such as torch.bfloat16, got {torch_dtype!r}")
+    if device is not None:
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError) as e:
+            raise ConfigError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from e
+        if device.type not in ("cpu", "cuda", "mps"):  # meta holds no weights; xla, ... are not built in
+            raise ConfigError(f"unsupported device {str(device)!r}; use cpu, cuda, cuda:N or mps")
+        # checked here, before any weights load: `model.to` would fail with torch's driver error
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise InputError(f"device {str(device)!r} requested but CUDA is not available "
+                             "(torch.cuda.is_available() is False); use device='cpu'")
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            n = torch.cuda.device_count()
+            raise InputError(f"device {str(device)!r} requested but only {n} CUDA device(s) are visible; "
+                             f"use cuda:0 to cuda:{n - 1}, or device='cpu'")
+        if device.type == "mps" and not torch.backends.mps.is_available():
+            raise InputError(f"device {str(device)!r} requested but MPS is not available "
+                             "(torch.backends.mps.is_available() is False); use device='cpu'")
+    return torch_dtype, device
+
+
 class ModelMixin(nn.Module):
     """Config, ``from_pretrained`` and ``save_pretrained`` in diffusers' folder layout.
 
@@ -435,26 +460,7 @@ class ModelMixin(nn.Module):
         allow_pickle: bool = False,
     ) -> T:
         """Load a model from a diffusers-format folder, a built-in name or a hub repo id."""
-        if torch_dtype is not None and (not isinstance(torch_dtype, torch.dtype) or not torch_dtype.is_floating_point):
-            raise ConfigError(f"torch_dtype must be a floating-point torch.dtype such as torch.bfloat16, got {torch_dtype!r}")
-        if device is not None:
-            try:
-                device = torch.device(device)
-            except (RuntimeError, TypeError) as e:
-                raise ConfigError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from e
-            if device.type not in ("cpu", "cuda", "mps"):  # meta holds no weights; xla, ... are not built in
-                raise ConfigError(f"unsupported device {str(device)!r}; use cpu, cuda, cuda:N or mps")
-            # checked here, before any weights load: `model.to` would fail with torch's driver error
-            if device.type == "cuda" and not torch.cuda.is_available():
-                raise InputError(f"device {str(device)!r} requested but CUDA is not available "
-                                 "(torch.cuda.is_available() is False); use device='cpu'")
-            if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-                n = torch.cuda.device_count()
-                raise InputError(f"device {str(device)!r} requested but only {n} CUDA device(s) are visible; "
-                                 f"use cuda:0 to cuda:{n - 1}, or device='cpu'")
-            if device.type == "mps" and not torch.backends.mps.is_available():
-                raise InputError(f"device {str(device)!r} requested but MPS is not available "
-                                 "(torch.backends.mps.is_available() is False); use device='cpu'")
+        torch_dtype, device = check_load_arguments(torch_dtype, device)
         folder = resolve_model_path(ref, subfolder)
         config_path = folder / CONFIG_NAME
         raw_config = read_json(config_path)

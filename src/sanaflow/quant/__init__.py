@@ -209,9 +209,10 @@ def load_quantized(
     device: str | torch.device | None = None,
 ) -> ModelMixin:
     """Load a folder written by `save_quantized` (``SanaTransformer.from_pretrained`` calls this for you)."""
-    # The torch_dtype check of `ModelMixin.from_pretrained` (which calls this), for direct calls.
-    if torch_dtype is not None and (not isinstance(torch_dtype, torch.dtype) or not torch_dtype.is_floating_point):
-        raise ConfigError(f"torch_dtype must be a floating-point torch.dtype such as torch.bfloat16, got {torch_dtype!r}")
+    from ..hub import check_load_arguments
+
+    # The checks of `ModelMixin.from_pretrained` (which calls this), for direct calls.
+    torch_dtype, device = check_load_arguments(torch_dtype, device)
     folder = Path(folder)
     raw = read_json(folder / CONFIG_NAME)
     entry = raw.get(QUANTIZATION_KEY)
