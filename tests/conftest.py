@@ -16,6 +16,18 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def no_models(monkeypatch):
+    """Make building a task fail loudly: a check that passes with this fixture ran before any model was built."""
+    import sanaflow.training.tasks as tasks
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was built before the checks")
+
+    monkeypatch.setattr(tasks, "build_t2i", refuse)
+    monkeypatch.setattr(tasks, "build_dcae", refuse)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Run a module's tests on one torch thread (request it with `pytest.mark.usefixtures`)."""

@@ -20,18 +20,6 @@ from test_training import tiny_config, write_yaml
 TRANSFORMER = Path(__file__).resolve().parents[1] / "src" / "sanaflow" / "assets" / "shapes-tiny" / "transformer"
 
 
-@pytest.fixture
-def no_models(monkeypatch):
-    """Make building a task fail loudly: a check that passes with this fixture ran before any model was built."""
-    import sanaflow.training.tasks as tasks
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("a model was built before the checks")
-
-    monkeypatch.setattr(tasks, "build_t2i", refuse)
-    monkeypatch.setattr(tasks, "build_dcae", refuse)
-
-
 def _config(tmp_path: Path, *overrides: str) -> TrainConfig:
     cfg = write_yaml(tmp_path / "cfg.yaml", tiny_config(tmp_path / "run"))
     return load_config(cfg, TrainConfig, list(overrides))

@@ -23,18 +23,6 @@ from sanaflow.training.trainer import _load_resume_files, _rng_state, check_outp
 from test_training import tiny_config, write_yaml
 
 
-@pytest.fixture
-def no_models(monkeypatch):
-    """Make building a task fail loudly: a check that passes this fixture ran before any model was built."""
-    import sanaflow.training.tasks as tasks
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("a model was built before the checks")
-
-    monkeypatch.setattr(tasks, "build_t2i", refuse)
-    monkeypatch.setattr(tasks, "build_dcae", refuse)
-
-
 def _validated(tmp_path: Path, *overrides: str) -> TrainConfig:
     cfg = write_yaml(tmp_path / "cfg.yaml", tiny_config(tmp_path / "run"))
     return validate(load_config(cfg, TrainConfig, list(overrides)))

@@ -71,8 +71,10 @@ class SamplingConfig:
                 raise ConfigError(f"{name} must be a finite number >= 0, got {value}")
         if self.seed is not None and not SEED_MIN <= self.seed <= SEED_MAX:
             raise ConfigError(f"seed must be in [{SEED_MIN}, {SEED_MAX}], got {self.seed}")
-        if self.flow_shift is not None and not 0 < self.flow_shift < float("inf"):
-            raise ConfigError(f"flow_shift must be a finite number > 0, got {self.flow_shift}")
+        if self.flow_shift is not None:  # the samplers' range, before any model loads
+            from .sampling.schedules import check_flow_shift
+
+            check_flow_shift(self.flow_shift, "flow_shift", ConfigError)
 
 
 @dataclass

@@ -148,8 +148,6 @@ def check_writable(folder: Path) -> None:
     A missing folder is made when the first image is written, so a run that fails before then
     (a bad model, an unknown device) leaves no empty folder behind.
     """
-    if str(folder) == "":
-        raise InputError("--out is empty; name an output folder or a .png file")
     check_folder_writable(folder, f"to output folder {folder}")
 
 

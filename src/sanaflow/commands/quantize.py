@@ -78,8 +78,6 @@ def run_quantize(args: argparse.Namespace) -> int:
 
 # Files that mark a folder as a model folder (pipeline or single component), which --out may replace.
 MODEL_MARKERS = ("model_index.json", "config.json")
-
-
 # Files a model folder may hold beside its weights and configs (hub downloads add these).
 _MODEL_EXTRAS = ("README.md", "LICENSE", "LICENSE.md", "LICENSE.txt", ".gitattributes")
 _MODEL_SUFFIXES = (".safetensors", ".json")  # weights, configs and shard maps
@@ -117,8 +115,8 @@ def check_out_folder(out_arg: str, model_ref: str | None = None) -> Path:
     """Check --out before any work; return it as an absolute, resolved path.
 
     The output replaces whatever folder is at --out in one rename (`sanaflow.utils.atomic_path`), so
-    only a new path, an empty folder or an earlier model folder (model_index.json / config.json) is
-    accepted; a file, a folder holding other things, or a path under a file is refused. When
+    only a new path, an empty folder or an earlier model folder holding nothing else (`_is_model_folder`)
+    is accepted; a file, a folder holding other things, or a path under a file is refused. When
     `model_ref` is a local folder, --out must also keep clear of it (see `check_out_not_source`).
     """
     if not str(out_arg).strip():

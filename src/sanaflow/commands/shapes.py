@@ -171,7 +171,7 @@ def _video(args) -> int:
 
 
 def read_prompts(folder: str | Path) -> list[dict]:
-    """Parse and validate FOLDER/prompts.jsonl -> rows with a `Scene` under "scene"."""
+    """Parse and validate FOLDER/prompts.jsonl -> rows with a `Scene` under "scene" and a list under "files"."""
     from ..shapes import Scene
 
     folder = Path(folder)
@@ -197,7 +197,7 @@ def read_prompts(folder: str | Path) -> list[dict]:
             raise InputError(f"{path}:{no}: not JSON ({e})") from e
         if not isinstance(row, dict) or "scene" not in row or not ({"file", "files"} & set(row)):
             raise InputError(f"{path}:{no}: each line needs 'scene' and 'file' (or 'files')")
-        files = row["files"] if "files" in row else [row["file"]]
+        files = row["files"] = row["files"] if "files" in row else [row["file"]]  # one form for the callers
         if (not isinstance(files, list) or not files
                 or not all(isinstance(f, str) and f.strip() for f in files)):
             raise InputError(f"{path}:{no}: 'file' must be an image file name (a string) and 'files' a non-empty "
@@ -235,14 +235,13 @@ def _eval_images(args) -> int:
 
     folder = Path(args.dir)
     rows = read_prompts(folder)
-    listed = [folder / name for row in rows for name in (row["files"] if "files" in row else [row["file"]])]
+    listed = [folder / name for row in rows for name in row["files"]]
     out = _check_report_target(args.out, folder / "shapes_scores.json", [folder / PROMPTS_FILE, *listed])
     results, held, report = [], [], []
     for row in rows:
-        files = row["files"] if "files" in row else [row["file"]]
         scene = row["scene"]
-        held_out = bool(row.get("held_out", scene.is_held_out()))
-        for name in files:
+        held_out = row.get("held_out", scene.is_held_out())
+        for name in row["files"]:
             r = score(_load_image(folder / name), scene)
             results.append(r)
             held.append(held_out)

@@ -31,7 +31,6 @@ covers the image with that many tiles.
 from __future__ import annotations
 
 import math
-import numbers
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -43,6 +42,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..errors import ConfigError, InputError, unknown_choice
 from ..hub import ModelMixin, register_to_config
+from ..utils import is_int
 
 BLOCK_TYPES = ("ResBlock", "EfficientViTBlock")
 NORM_TYPES = ("rms_norm", "batch_norm")
@@ -643,11 +643,6 @@ def _tile_batch(tile_batch: int | None, tile_px: int) -> int:
     return tile_batch
 
 
-def _is_int(value: object) -> bool:
-    """A Python or NumPy integer, not a bool."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
 def _check_tile_options(f: int, tile: object = None, overlap: object = None, tile_batch: object = None,
                         chunk: object = None) -> None:
     """Refuse ill-typed or out-of-range tiling options (None: the default); `f` is the compression ratio.
@@ -656,7 +651,7 @@ def _check_tile_options(f: int, tile: object = None, overlap: object = None, til
     for the first large image to surface.
     """
     for name, value in (("tile", tile), ("overlap", overlap), ("tile_batch", tile_batch), ("chunk", chunk)):
-        if value is not None and not _is_int(value):
+        if value is not None and not is_int(value):
             raise InputError(f"{name} must be an int (or None for the default); got {type(value).__name__} {value!r}")
     if (tile is not None and (tile <= 0 or tile % f)) or (overlap is not None and (overlap < 0 or overlap % f)):
         raise InputError(f"tile ({tile}) must be positive and overlap ({overlap}) non-negative multiples of {f} pixels")
@@ -854,6 +849,17 @@ class DCAE(ModelMixin):
         radius, px_per_grid = local_geometry(local, 1)
         return rest, local, round(px_per_grid), math.ceil(radius)
 
+    def _check_tiling_request(self, tiled: bool, split: Callable[[], tuple], tile, overlap, tile_batch) -> None:
+        """Check the tiling options of an encode / decode even when this call does not tile.
+
+        A typo then never waits for the first large image to surface; `split` is `_encoder_split` or
+        `_decoder_split`, whose geometry the tiled path checks the tile against itself.
+        """
+        _check_tile_options(self.spatial_compression_ratio, tile, overlap, tile_batch)
+        if not tiled and (tile is not None or overlap is not None):
+            *_, px_per_grid, halo = split()
+            self._tile_grid(tile, overlap, px_per_grid, halo)
+
     def wants_tiling(self, height: int, width: int, tiling: bool | str = "auto") -> bool:
         """Whether an image of height x width pixels goes through the tiled path under `tiling`."""
         if tiling not in TILING_CHOICES or not isinstance(tiling, bool | str):
@@ -869,10 +875,7 @@ class DCAE(ModelMixin):
         """Images (B, 3, H, W) in [-1, 1] -> unscaled latents (B, C, H/f, W/f); tiled per `tiling`."""
         self._check_images(images)
         tiled = self.wants_tiling(images.shape[-2], images.shape[-1], tiling)
-        _check_tile_options(self.spatial_compression_ratio, tile, overlap, tile_batch)  # also when this call does not tile
-        if not tiled and (tile is not None or overlap is not None):  # the tiled path's geometry checks too
-            _, _, px_per_grid, halo = self._encoder_split()
-            self._tile_grid(tile, overlap, px_per_grid, halo)
+        self._check_tiling_request(tiled, self._encoder_split, tile, overlap, tile_batch)
         if images.shape[0] == 0:
             return self._empty_latents(images)
         if tiled:
@@ -885,10 +888,7 @@ class DCAE(ModelMixin):
         self._check_latents(latents)
         f = self.spatial_compression_ratio
         tiled = self.wants_tiling(latents.shape[-2] * f, latents.shape[-1] * f, tiling)
-        _check_tile_options(f, tile, overlap, tile_batch)  # also when this call does not tile
-        if not tiled and (tile is not None or overlap is not None):  # the tiled path's geometry checks too
-            _, _, px_per_grid, halo = self._decoder_split()
-            self._tile_grid(tile, overlap, px_per_grid, halo)
+        self._check_tiling_request(tiled, self._decoder_split, tile, overlap, tile_batch)
         if latents.shape[0] == 0:
             return self._empty_images(latents)
         if tiled:

@@ -21,7 +21,7 @@ from PIL import Image
 
 from ..errors import ConfigError, InputError, SanaflowError, unknown_choice
 from ..models.sana_transformer import IdentitySelfAttnProcessor, LinearSelfAttnProcessor, SelfAttnProcessor
-from ..utils import SEED_MAX, SEED_MIN
+from ..utils import SEED_MAX, SEED_MIN, is_int, is_real
 from . import resolution
 from .acceleration import CUDAGRAPH_COMPILE_MODES, CUDAGraphCache, compile_module, first_call_timer, shape_key
 from .components import SanaComponents, load_components
@@ -56,47 +56,37 @@ def _as_prompt_list(prompt: str | Sequence[str], what: str = "prompt") -> list[s
     return prompts
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-
-
-def _is_real(v: Any) -> bool:
-    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
-
-
-
-
 def check_call_arguments(
     *, num_inference_steps, guidance_scale, pag_scale, seed, generator, latents, height, width,
     num_images_per_prompt, use_resolution_binning, pag_layers, flow_shift, callback, num_layers: int,
 ) -> None:
     """Refuse ill-typed or out-of-range arguments of a text-to-image call before any work is done."""
     for name, value in (("num_inference_steps", num_inference_steps), ("num_images_per_prompt", num_images_per_prompt)):
-        if not _is_int(value) or value < 1:
+        if not is_int(value) or value < 1:
             raise InputError(f"{name} must be an int >= 1, got {value!r}")
     for name, value in (("guidance_scale", guidance_scale), ("pag_scale", pag_scale)):
-        if not _is_real(value) or not 0 <= value < float("inf"):  # refuses NaN as well
+        if not is_real(value) or not 0 <= value < float("inf"):  # refuses NaN as well
             raise InputError(f"{name} must be a finite number >= 0, got {value!r}")
     if flow_shift is not None:  # before any work; the schedule builders hold the range
         from ..sampling.schedules import check_flow_shift
 
         check_flow_shift(flow_shift, "flow_shift")
     for name, value in (("height", height), ("width", width)):
-        if value is not None and (not _is_int(value) or value < 1):
+        if value is not None and (not is_int(value) or value < 1):
             raise InputError(f"{name} must be a positive int (or None for the model's size), got {value!r}")
     if not isinstance(use_resolution_binning, bool):
         raise InputError(f"use_resolution_binning must be True or False, got {use_resolution_binning!r}")
     if pag_layers is not None:
         if isinstance(pag_layers, (str, bytes)) or not isinstance(pag_layers, Sequence):
             raise InputError(f"pag_layers must be a list of block indices, got {pag_layers!r}")
-        bad = [v for v in pag_layers if not _is_int(v) or not 0 <= v < num_layers]
+        bad = [v for v in pag_layers if not is_int(v) or not 0 <= v < num_layers]
         if bad:
             raise InputError(f"pag_layers {bad} are not block indices; the transformer has blocks 0..{num_layers - 1}")
     if callback is not None and not callable(callback):
         raise InputError(f"callback must be callable, got {type(callback).__name__}")
     if seed is not None:
         seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed]
-        bad = [v for v in seeds if not _is_int(v) or not SEED_MIN <= v <= SEED_MAX]
+        bad = [v for v in seeds if not is_int(v) or not SEED_MIN <= v <= SEED_MAX]
         if bad or isinstance(seed, (str, bytes)):
             raise InputError(f"seed must be an int in [{SEED_MIN}, {SEED_MAX}] or a list of them, got {seed!r}")
     if generator is not None:

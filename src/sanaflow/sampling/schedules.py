@@ -16,7 +16,6 @@ Conventions (shared by every solver in `sanaflow.sampling.solvers`):
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, InputError
+from ..utils import is_int, is_real
 
 # Scheduler classes whose `set_timesteps` we reproduce exactly.
 DPM_SCHEDULER = "DPMSolverMultistepScheduler"
@@ -78,7 +78,7 @@ def shift_sigmas(sigmas: torch.Tensor | np.ndarray | float, shift: float):
 def check_flow_shift(shift: object, name: str = "shift", error: type[Exception] = InputError) -> float:
     """Return `shift` as a float if it is a real number in FLOW_SHIFT_RANGE, else raise `error` naming `name`."""
     lo, hi = FLOW_SHIFT_RANGE
-    if not isinstance(shift, numbers.Real) or isinstance(shift, bool) or not lo <= shift <= hi:  # NaN fails too
+    if not is_real(shift) or not lo <= shift <= hi:  # NaN fails too
         raise error(f"{name} must be a number in [{lo:g}, {hi:g}] (SANA uses 1 to 6), got {shift!r}")
     return float(shift)
 
@@ -88,8 +88,8 @@ def check_num_train_timesteps(n: object, name: str = "num_train_timesteps", erro
 
     One training timestep would make every DPM-Solver sigma 0; integral floats (1000.0) are accepted.
     """
-    whole = isinstance(n, numbers.Integral) or (isinstance(n, float) and math.isfinite(n) and n.is_integer())
-    if isinstance(n, bool) or not whole or n < 2:
+    whole = is_int(n) or (isinstance(n, float) and math.isfinite(n) and n.is_integer())
+    if not whole or n < 2:
         raise error(f"{name} must be an integer >= 2 (SANA uses 1000), got {n!r}")
     return int(n)
 

@@ -21,7 +21,7 @@ import cv2
 import numpy as np
 
 from ..errors import InputError, suggest
-from ..utils import atomic_write_text
+from ..utils import atomic_write_text, is_real
 from .detect import Detection, segment
 from .render import draw_object, size_hw
 from .scene import (
@@ -89,7 +89,7 @@ def random_track(
     h, w = size_hw(size, "video")
     if not isinstance(pan, bool | np.bool_):
         raise InputError(f"pan must be True or False, got {pan!r}")
-    if not _is_number(fps) or not (math.isfinite(fps) and fps > 0):
+    if not _finite(fps) or fps <= 0:
         raise InputError(f"fps must be a finite number above 0, got {fps!r}")
     rng = random.Random(derive_seed(SPLITS["video"], seed))
     k = num_objects if num_objects is not None else rng.randint(2, 3)
@@ -184,10 +184,6 @@ def _paths(
 # ------------------------------------------------------------------------------------------------
 
 
-def _is_number(value: object) -> bool:
-    return isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool | np.bool_)
-
-
 def _check_video(video: object, what: str) -> ShapesVideo:
     if not isinstance(video, ShapesVideo):
         hint = "; for a saved video, load it with load_video(path) first" if isinstance(video, str | os.PathLike) else ""
@@ -220,7 +216,7 @@ def _check_track(track: dict) -> None:
         raise InputError(f"track 'frames' must be an integer >= 1, got {t!r}")
     size_hw(track["size"], "track 'size'")
     fps = track["fps"]
-    if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not 0 < fps < math.inf:
+    if not _finite(fps) or fps <= 0:
         raise InputError(f"track 'fps' must be a finite number above 0, got {fps!r}")
     if not isinstance(track["objects"], list) or not all(isinstance(o, dict) for o in track["objects"]):
         raise InputError("track 'objects' must be a list of objects (mappings)")
@@ -234,22 +230,22 @@ def _check_track(track: dict) -> None:
     _check_path(track["pan"], t, "track 'pan'", width=2)
     texture = track["texture"]
     if texture is not None and not isinstance(texture, list) or texture and not all(
-            isinstance(w, dict) and all(_is_number(w.get(key)) for key in ("amp", "kx", "ky", "phase"))
+            isinstance(w, dict) and all(_finite(w.get(key)) for key in ("amp", "kx", "ky", "phase"))
             for w in texture):
         raise InputError("track 'texture' must be null or a list of waves {amp, kx, ky, phase} (numbers)")
     if not isinstance(track["background"], str) or track["background"] not in BACKGROUNDS:
         raise InputError(f"unknown background {track['background']!r}; choose from {', '.join(BACKGROUNDS)}")
 
 
-def _is_number(v) -> bool:
-    return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+def _finite(v) -> bool:
+    return is_real(v) and math.isfinite(v)
 
 
 def _check_path(values, frames: int, what: str, width: int | None = None) -> None:
     """A per-frame path: `frames` finite numbers (or `width`-number rows)."""
     ok = isinstance(values, list) and len(values) == frames and all(
-        _is_number(v) if width is None else
-        isinstance(v, list) and len(v) == width and all(_is_number(c) for c in v) for v in values)
+        _finite(v) if width is None else
+        isinstance(v, list) and len(v) == width and all(_finite(c) for c in v) for v in values)
     if not ok:
         shape = f"{frames} finite numbers" if width is None else f"{frames} pairs of finite numbers"
         raise InputError(f"{what} must be a list of {shape} (one per frame)")
@@ -585,7 +581,7 @@ def video_metrics(
     source = _check_video(source, "video_metrics source")
     edited = _fit(edited, source)
     edit = check_edit(edit, source)
-    if not _is_number(min_visible) or not 0 < min_visible <= 1:  # nan fails the comparison too
+    if not is_real(min_visible) or not 0 < min_visible <= 1:  # nan fails the comparison too
         raise InputError(f"min_visible is the visible fraction an edited object needs to be judged, a number in "
                          f"(0, 1]; got {min_visible!r}")
     if dis is not None and not (isinstance(dis, tuple | list) and len(dis) == 2

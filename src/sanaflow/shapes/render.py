@@ -13,6 +13,7 @@ import cv2
 import numpy as np
 
 from ..errors import InputError
+from ..utils import is_int
 from .scene import BACKGROUNDS, PALETTE, SIZES, Scene, ShapeObject, check_scene
 
 MAX_SIDE = 8192  # largest image side rendered (also the cap on shapes videos)
@@ -104,15 +105,11 @@ def draw_object(
         cv2.fillPoly(img, [pts], color, line, _SHIFT)
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, int | np.integer) and not isinstance(value, bool | np.bool_)
-
-
 def size_hw(size, what: str = "image") -> tuple[int, int]:
     """`size` (an int, or (height, width) ints) -> (h, w), each side in [16, MAX_SIDE]; InputError otherwise."""
-    if _is_int(size):
+    if is_int(size):
         h = w = int(size)
-    elif isinstance(size, tuple | list) and len(size) == 2 and all(_is_int(s) for s in size):
+    elif isinstance(size, tuple | list) and len(size) == 2 and all(is_int(s) for s in size):
         h, w = int(size[0]), int(size[1])
     else:
         raise InputError(f"size must be an int or a (height, width) pair of ints, got {type(size).__name__} {size!r}")

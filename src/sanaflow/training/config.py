@@ -15,6 +15,7 @@ from typing import Any
 from ..errors import ConfigError, unknown_choice
 from ..hub import MODEL_POSITIVE, is_model_size_key
 from ..sampling.schedules import check_flow_shift
+from ..utils import is_real
 
 TASKS = ("t2i", "dcae")
 DATA_SOURCES = ("shapes", "folder")
@@ -183,14 +184,10 @@ def _choice(kind: str, value: str, choices: tuple[str, ...]) -> None:
         raise unknown_choice(kind, value, choices)
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
 def _number(name: str, value: Any, low: float | None = None, high: float | None = None, *,
             low_open: bool = False, high_open: bool = False, note: str = "") -> None:
     """Refuse anything but a finite number in the range (NaN and infinities included)."""
-    ok = _is_number(value) and math.isfinite(value)
+    ok = is_real(value) and math.isfinite(value)
     if ok and low is not None:
         ok = value > low if low_open else value >= low
     if ok and high is not None:
@@ -237,7 +234,7 @@ def _model_sizes(section: str, config: dict[str, Any]) -> None:
         name = f"{section}.{key}"
         if is_model_size_key(key):  # the rules of `ModelMixin.validate_config`, named per entry here
             walk(name, value)
-        elif key in MODEL_POSITIVE and _is_number(value):
+        elif key in MODEL_POSITIVE and is_real(value):
             _number(name, value, 0, low_open=True)
 
 
@@ -289,7 +286,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _number("flow.shift", f.shift, 0, low_open=True, note=" (1 = no shift)")
     check_flow_shift(f.shift, "flow.shift", ConfigError)
     _number("flow.caption_dropout", f.caption_dropout, 0, 1, high_open=True)
-    if not (_is_number(f.coarse) and math.isfinite(f.coarse) and f.coarse >= 0) or f.coarse_factor < 1:
+    if not (is_real(f.coarse) and math.isfinite(f.coarse) and f.coarse >= 0) or f.coarse_factor < 1:
         raise ConfigError(f"flow.coarse must be >= 0 (a finite number) and flow.coarse_factor >= 1, got "
                           f"{f.coarse} and {f.coarse_factor}")
     if not (0.0 <= f.terminal <= 1.0 and 0.0 < f.terminal_from < 1.0):
