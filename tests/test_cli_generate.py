@@ -75,6 +75,22 @@ def test_out_file_errors(model, tmp_path, args, needle):
     assert not list(tmp_path.iterdir())  # nothing written
 
 
+def test_generate_shows_step_progress_unless_quiet(model, tmp_path, capsys):
+    args = ["generate", "a cat", "--model", str(model), "--size", "32x32", "--steps", "3", "--device", "cpu"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    err = capsys.readouterr().err  # not a tty here: the bars show anyway, as `edit`'s do
+    assert "3/3" in err and "images" in err
+    assert main([*args, "--out", str(tmp_path / "b"), "--quiet"]) == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_unknown_sampler_lists_only_samplers_the_model_takes(model, tmp_path, capsys):
+    assert main(["generate", "a cat", "--model", str(model), "--sampler", "DPM++2M", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "did you mean 'dpm++2m'" in err, err
+    assert "choose from: dpm++2m, euler;" in err and "SANA-Sprint models always use scm" in err
+
+
 def test_prompts_file(model, tmp_path):
     f = tmp_path / "prompts.txt"
     f.write_text("a red star\n\na blue square\n")

@@ -26,6 +26,7 @@ from sanaflow.config import (
     model_specs,
 )
 from sanaflow.errors import ConfigError, SanaflowError
+from sanaflow.models.dc_ae import DCAE
 
 EXPECTED_SPECS = {
     "sana-600m-512", "sana-600m-1024", "sana-1600m-512", "sana-1600m-1024", "sana-1600m-2k", "sana-1600m-4k",
@@ -279,6 +280,9 @@ def test_every_spec_is_consistent_and_builds():
         with torch.device("meta"):
             cls(**t)
             vae = AutoencoderDC(**spec.vae)
+        # the checks a config.json of this spec meets when loaded (the 2K / 4K specs hold float scales)
+        cls.validate_config(t, name)
+        DCAE.validate_config(spec.vae, name)
         if spec.text_encoder.type == "gemma2":
             assert Gemma2Config(**spec.text_encoder.config).hidden_size == t["caption_channels"], name
         else:

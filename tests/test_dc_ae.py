@@ -58,6 +58,7 @@ MIXED_LAYOUT = dict(
     encoder_out_shortcut=False,
     decoder_in_shortcut=False,
     decoder_conv_act_fn="silu",
+    downsample_block_type="conv",  # the conversion script's spelling (SANA_LAYOUT has "Conv")
 )
 LAYOUTS = {"sana": SANA_LAYOUT, "default": DEFAULT_LAYOUT, "mixed": MIXED_LAYOUT}
 
@@ -152,6 +153,12 @@ def test_bad_inputs(saved):
         DCAE(encoder_block_types="ResNet")
     with pytest.raises(ConfigError, match="one per stage"):
         DCAE(decoder_norm_types=("rms_norm",) * 3)
+    with pytest.raises(ConfigError, match="unknown downsample_block_type 'strided'"):
+        DCAE(downsample_block_type="strided")
+    assert DCAE(**{**SANA_LAYOUT, "downsample_block_type": "CONV"}).config["downsample_block_type"] == "CONV"
+    with pytest.raises(ConfigError, match="decoder stage 0: an EfficientViTBlock with 4 channels"):
+        DCAE(**{**SANA_LAYOUT, "decoder_block_types": ("EfficientViTBlock",) * 6,
+                "decoder_block_out_channels": (4, 16, 16, 32, 32, 32)})
 
 
 # Tiling. tiled_decode / tiled_encode run the attention stages on the whole (small) map and the

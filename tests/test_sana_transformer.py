@@ -77,6 +77,9 @@ CASES = {
     ),
     "pe_base_grid": (dict(interpolation_scale=2), dict(), (8, 8)),
     "pe_other_grid": (dict(interpolation_scale=2), dict(), (6, 10)),
+    # the official 2K / 4K configs store interpolation_scale as a float (1.0 / 2.0), others as 0.5, 1.5
+    "pe_float_scale": (dict(interpolation_scale=2.0), dict(), (6, 10)),
+    "pe_fractional_scale": (dict(interpolation_scale=1.5), dict(), (8, 8)),
     "patch2": (dict(patch_size=2), dict(), (8, 12)),
     "patch2_pe": (dict(patch_size=2, interpolation_scale=1), dict(), (12, 8)),
     "padded_mask": (
@@ -214,6 +217,15 @@ def test_wrong_latent_channels_is_a_clear_error(tmp_path):
         model(x, caption[..., :8], t)
     with pytest.raises(InputError, match="guidance_embeds=False"):
         model(x, caption, t, guidance=torch.tensor([0.1, 0.1]))
+
+
+def test_optional_arguments_are_keyword_only(tmp_path):
+    # diffusers' 4th positional argument is `guidance`; a positional 4th argument must not pass as the mask
+    _, folder = _diffusers_model(tmp_path)
+    model = SanaTransformer.from_pretrained(folder)
+    x, caption, t = _inputs()
+    with pytest.raises(TypeError):
+        model(x, caption, t, torch.ones(2, caption.shape[1]))
 
 
 def test_unknown_qk_norm_is_a_config_error():

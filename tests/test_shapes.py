@@ -321,3 +321,31 @@ def test_ground_truth_flow_follows_the_rendered_geometry():
     pan = np.diff(np.array(track["pan"]), axis=0)  # (T - 1, 2)
     assert np.allclose(video.flow[0][bg[0]], pan[0], atol=1e-5)
     assert np.median(np.linalg.norm(dis[bg] - video.flow[bg], axis=-1)) < 0.5
+
+
+def test_metrics_of_a_resize_cropped_edit_judge_it_against_the_same_crop():
+    """`edit` centre-crops to the model's multiple: such frames are scored against the source cropped alike."""
+    from sanaflow.shapes.motion import crop_video
+    from sanaflow.video import crop_plan, resize_crop
+
+    video = random_video(4, frames=6, size=(100, 140))  # neither side a multiple of 32
+    itself = video_metrics(video.frames, video)
+    cropped = resize_crop(video.frames, 32)  # (6, 96, 128, 3), as a SANA edit's frames
+    got = video_metrics(cropped, video)
+    # Stretching the crop back to 100x140 (what the metrics did before) moved every outline.
+    assert got["structure_iou"] == pytest.approx(itself["structure_iou"], abs=0.02)
+    assert got["warp_error_gt"] <= 2 * itself["warp_error_gt"] + 1e-5
+    assert got["source_warp_error_gt"] < 1e-4 and got["frames"] == 6
+    # A colour edit of the cropped frames is found where the cropped track puts the object.
+    new_color = next(c for c in ("green", "pink", "cyan") if c not in {o["color"] for o in video.track["objects"]})
+    objects = video.track["objects"]
+    track = {**video.track, "objects": [dict(objects[0], color=new_color), *objects[1:]]}
+    edit = {0: {"color": new_color}}
+    assert video_metrics(resize_crop(render_track(track).frames, 32), video, edit)["edit_accuracy"] >= 0.9
+    # Resize-then-crop (an int size) keeps labels, flow and valid mask on the frames' grid.
+    plan = crop_plan(100, 140, 32, 128)
+    small = crop_video(video, plan)
+    assert small.frames.shape == (6, 64, 128, 3) and small.labels.shape == (6, 64, 128)
+    assert small.flow.shape == (5, 64, 128, 2) and small.valid.shape == (5, 64, 128)
+    assert warp_error(small.frames, small.flow, small.valid) < 1e-3
+    assert video_metrics(resize_crop(video.frames, 32, 128), video)["warp_error_gt"] < 1e-3

@@ -50,6 +50,19 @@ def test_sample_then_eval_images(tmp_path, capsys):
     assert not report["results"][3]["correct"] and "found" in report["results"][3]["reason"]
 
 
+def test_eval_images_writes_null_not_nan_for_an_empty_group(tmp_path, capsys):
+    out = tmp_path / "train"
+    assert main(["shapes", "sample", "--n", "3", "--out", str(out), "--split", "train", "--size", "64"]) == 0
+    assert main(["eval", "images", str(out)]) == 0  # the train split has no held-out prompts
+
+    def no_nan(name):
+        raise AssertionError(f"shapes_scores.json holds {name}, which is not JSON")
+
+    report = json.loads((out / "shapes_scores.json").read_text(), parse_constant=no_nan)
+    assert report["summary"]["held_out"] == {"n": 0, "accuracy": None}
+    assert report["summary"]["seen"]["n"] == 3
+
+
 def test_prompts_only_and_train_split(tmp_path):
     assert main(["shapes", "sample", "--n", "5", "--out", str(tmp_path / "p"), "--prompts-only"]) == 0
     assert sorted(p.name for p in (tmp_path / "p").iterdir()) == ["prompts.jsonl"]

@@ -596,3 +596,56 @@ def test_settings_are_checked_without_a_model():
         VideoEditPipeline.settings("  ")
     with pytest.raises(ConfigError, match="--cfg"):
         VideoEditPipeline.settings("x", guidance_scale=float("nan"))
+
+
+def test_pipeline_takes_a_list_of_frames_and_checks_fps_and_input_type_first(sd, tmp_path, monkeypatch):
+    import sanaflow.pipelines.video_edit as ve
+
+    pipe = VideoEditPipeline(sd, cache_dir=tmp_path)
+    frames = clip(t=3)
+    as_array = pipe(frames, "a red square", steps=2, batch_size=2, progress=False)
+    as_list = pipe(list(frames), "a red square", steps=2, batch_size=2, progress=False, fps=12)
+    np.testing.assert_array_equal(as_list.frames, as_array.frames)
+    assert as_list.fps == 12 and as_array.fps == 24
+    assert pipe.prepare(list(frames), start=1).num_frames == 2
+
+    def no_work(*a, **k):
+        raise AssertionError("the frames were encoded before the input was checked")
+
+    monkeypatch.setattr(ve, "encode_frames", no_work)
+    for bad, match in ((0, "fps must be a finite number above 0"), (float("nan"), "fps must be")):
+        with pytest.raises(InputError, match=match):
+            pipe(frames, "x", steps=2, progress=False, fps=bad)
+    with pytest.raises(InputError, match="a list of"):
+        pipe({"frames": frames}, "x", steps=2, progress=False)
+    with pytest.raises(InputError, match="differ in size"):
+        pipe([frames[0], frames[1, :8]], "x", steps=2, progress=False)
+    with pytest.raises(InputError, match=r"frame 1 of the list must be an \(H, W, 3\) uint8"):
+        pipe([frames[0], frames[1].astype(np.float32)], "x", steps=2, progress=False)
+    with pytest.raises(InputError, match="empty"):
+        pipe([], "x", steps=2, progress=False)
+
+
+def test_unwritable_cache_fails_before_the_inversion_with_an_input_error(sd, tmp_path, monkeypatch):
+    import sanaflow.pipelines.video_edit as ve
+    from sanaflow.tokenflow.inversion import InversionKey
+
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    key = InversionKey("v", "m", 16, 16, 1, 1, 1, "")
+    with pytest.raises(InputError, match="cannot write the inversion cache"):
+        LatentCache.write(blocker, key, [1.0], {"clean": torch.zeros(1, 4, 2, 2)})
+    monkeypatch.setattr(ve, "invert_latents", lambda *a, **k: pytest.fail("inverted before the cache was checked"))
+    pipe = VideoEditPipeline(sd, cache_dir=blocker / "cache")
+    with pytest.raises(InputError, match="is a file, not a folder"):
+        pipe.invert(pipe.prepare(clip(t=1)), steps=1, progress=False)
+
+
+def test_frame_multiple_from_configs_matches_the_loaded_backbone(sd_folder, sd, tmp_path):
+    from sanaflow.tokenflow.backbones import frame_multiple
+    from tiny_sana import save_tiny_sana
+
+    assert frame_multiple(sd_folder) == sd.multiple
+    sana_folder = save_tiny_sana(tmp_path / "sana")
+    assert frame_multiple(sana_folder) == load_backbone(sana_folder).multiple
+    assert frame_multiple(None) == 32  # the embedded SANA model: DC-AE f32, patch 1

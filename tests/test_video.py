@@ -180,3 +180,30 @@ def test_write_video_refuses_fps_that_is_not_finite_and_positive(tmp_path, fps):
         with pytest.raises(InputError, match="fps must be a finite number above 0"):
             write_video(tmp_path / name, moving_square(t=2), fps=fps)
     assert not any(tmp_path.iterdir())
+
+
+def test_frame_folder_with_unpadded_numbers_is_read_in_number_order(tmp_path):
+    frames = moving_square(t=12)
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i, f in enumerate(frames, start=1):  # frame1.png ... frame12.png, as ffmpeg's %d.png writes
+        Image.fromarray(f).save(folder / f"frame{i}.png")
+    np.testing.assert_array_equal(read_video(folder).frames, frames)  # not 1, 10, 11, 12, 2, ...
+
+
+@pytest.mark.parametrize("fps", [15, 24, 8, 29.97])
+def test_gif_durations_keep_the_average_frame_rate(tmp_path, fps):
+    frames = np.random.default_rng(0).integers(0, 255, (30, 8, 8, 3), dtype=np.uint8)  # no two frames alike
+    path = write_video(tmp_path / "a.gif", frames, fps=fps)
+    durations = []
+    with Image.open(path) as im:
+        for i in range(im.n_frames):
+            im.seek(i)
+            durations.append(im.info["duration"])
+    assert len(durations) == 30 and all(d % 10 == 0 for d in durations)  # GIF stores centiseconds
+    # Each frame ends within 5 ms of its exact time, so 15 fps plays as 15, not 1000 / 60 or 1000 / 70.
+    ends = np.cumsum(durations)
+    exact = 1000 * np.arange(1, 31) / fps
+    assert np.abs(ends - exact).max() <= 5 + 1e-9
+    if fps == 15:
+        assert durations[:3] == [70, 60, 70]

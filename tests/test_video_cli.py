@@ -132,3 +132,46 @@ def test_bad_cross_attention_and_blend_fractions_exit_2(sd_folder, video, tmp_pa
     with pytest.raises(SystemExit) as exited:  # not a number: argparse's own usage error
         main(["edit", str(video), "--prompt", "x", "--cross-attn", "half", *base])
     assert exited.value.code == 2 and "--cross-attn: invalid float value" in capsys.readouterr().err
+
+
+def test_a_frame_folder_given_as_dot_writes_beside_it(sd_folder, tmp_path, capsys, monkeypatch):
+    folder = tmp_path / "shots"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((16, 16, 3), 40 * i, np.uint8)).save(folder / f"f{i}.png")
+    monkeypatch.chdir(folder)
+    assert main(["invert", ".", "--model", str(sd_folder), "--steps", "1", "--cache-dir", str(tmp_path / "c"),
+                 "--quiet"]) == 0
+    assert read_video(tmp_path / "shots_reconstruction.mp4").num_frames == 3  # named after the folder
+
+
+def test_cache_dir_fps_size_and_duplicate_outputs_fail_before_any_work(sd_folder, video, tmp_path, capsys,
+                                                                       monkeypatch):
+    import sanaflow.commands.video as cmd
+    import sanaflow.video
+
+    def no_work(*a, **k):
+        raise AssertionError("the video was read or the model loaded before the options were checked")
+
+    monkeypatch.setattr(cmd, "_pipeline", no_work)
+    monkeypatch.setattr(sanaflow.video, "read_video", no_work)
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    base = ["--model", str(sd_folder), "--quiet"]
+    for command in (["edit", str(video), "--prompt", "x"], ["invert", str(video)]):
+        for cache in (blocker, blocker / "sub", "/proc/nope/cache"):
+            _one_line_error(capsys, [*command, "--cache-dir", str(cache), *base], "--cache-dir")
+        for fps in ("0", "-5", "nan"):
+            _one_line_error(capsys, [*command, "--fps", fps, "--cache-dir", str(tmp_path / "c"), *base],
+                            "--fps must be a finite number above 0")
+    # --size knows the model's multiple (32 for the embedded SANA model), so 16 fails here, not after loading.
+    _one_line_error(capsys, ["edit", str(video), "--prompt", "x", "--size", "16", "--cache-dir",
+                             str(tmp_path / "c"), "--quiet"], "--size must be in [32, 4096]")
+    base = [*base, "--cache-dir", str(tmp_path / "c")]
+    for out, sbs in (("o.mp4", "o.mp4"), ("o.gif", "new/../o.gif"), ("frames", "frames"),
+                     ("frames", "frames/s.mp4"), ("frames/o.mp4", "frames")):
+        _one_line_error(capsys, ["edit", str(video), "--prompt", "x", "--out", str(tmp_path / out),
+                                 "--side-by-side", str(tmp_path / sbs), *base], "--side-by-side and --out")
+    _one_line_error(capsys, ["edit", str(video), "--prompt", "x", "--out", str(tmp_path / "o.mp4"), "--reconstruct",
+                             "--side-by-side", str(tmp_path / "o_reconstruction.mp4"), *base], "both write")
+    assert not (tmp_path / "c").exists() and not (tmp_path / "frames").exists()

@@ -31,7 +31,10 @@ def suggest(name: object, choices: Iterable[str]) -> str:
     """Return a ' (did you mean X?)' hint for a misspelt name, or '' when nothing is close (or not a string)."""
     if not isinstance(name, str):
         return ""
-    close = difflib.get_close_matches(name, [c for c in choices if isinstance(c, str)], n=1, cutoff=0.6)
+    choices = [c for c in choices if isinstance(c, str)]
+    # Choices are case-sensitive: a name in the wrong case is pointed at the right one.
+    same = [c for c in choices if c.casefold() == name.casefold()]
+    close = same or difflib.get_close_matches(name, choices, n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 

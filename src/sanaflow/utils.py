@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import numbers
 import os
 import shutil
@@ -24,6 +26,23 @@ def is_int(value: object) -> bool:
 def is_real(value: object) -> bool:
     """A Python or NumPy real number (NaN and infinities included), not a bool."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def json_ready(value: object) -> object:
+    """`value` with every NaN or infinite float (in dicts, lists, tuples) replaced by None (JSON null)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_ready(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_ready(v) for v in value]
+    return value
+
+
+def dumps_json(value: object, **kwargs) -> str:
+    """`json.dumps` that writes valid JSON: NaN / infinities become null (an empty group's accuracy, a
+    diverged loss), and `allow_nan=False` makes any that slip through (a numpy scalar) an error, not NaN."""
+    return json.dumps(json_ready(value), allow_nan=False, **kwargs)
 
 
 def check_folder_writable(folder: str | os.PathLike, what: str) -> None:

@@ -2,14 +2,16 @@
 
 Frames are uint8 numpy arrays of shape (T, H, W, 3), RGB, everywhere in this module. Containers are
 read with PyAV (mp4, mov, mkv, webm, gif, ...) with the rotation of the display matrix applied, so
-phone videos come out upright; folders of PNG/JPG frames are read in sorted name order. Every output
-is written atomically (`sanaflow.utils.atomic_path`).
+phone videos come out upright; folders of PNG/JPG frames are read in natural name order (digit runs
+compared as numbers, so ``frame2.png`` comes before ``frame10.png``, as ffmpeg's ``%d.png`` numbers
+them). Every output is written atomically (`sanaflow.utils.atomic_path`).
 """
 
 from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -63,12 +65,9 @@ def read_video(
     The returned fps is divided by `stride`, so the clip plays at the source speed.
     """
     path = Path(path)
-    if frames is not None and frames < 1:
-        raise InputError(f"--frames must be at least 1, got {frames}")
-    if start < 0:
-        raise InputError(f"--start must be >= 0, got {start}")
-    if stride < 1:
-        raise InputError(f"--stride must be >= 1, got {stride}")
+    check_selection(frames, start, stride)
+    if fps is not None:
+        check_fps(fps)
     if max_side is not None and max_side < 8:
         raise InputError(f"max_side must be at least 8, got {max_side}")
     if not path.exists():
@@ -84,6 +83,27 @@ def read_video(
         raise InputError(f"frames of {str(path)!r} differ in size: {sorted(s[:2] for s in shapes)}")
     rate = fps if fps is not None else src_fps / stride
     return VideoClip(np.stack(out), float(rate))  # (T, H, W, 3)
+
+
+def check_selection(frames: int | None, start: int, stride: int) -> None:
+    """Refuse a frame selection (`frames` at most, from `start`, every `stride`-th) that picks nothing."""
+    if frames is not None and frames < 1:
+        raise InputError(f"--frames must be at least 1, got {frames}")
+    if start < 0:
+        raise InputError(f"--start must be >= 0, got {start}")
+    if stride < 1:
+        raise InputError(f"--stride must be >= 1, got {stride}")
+
+
+def check_fps(fps: object, name: str = "fps") -> float:
+    """`fps` as a float if it is a finite number above 0 (a frame rate); InputError naming `name` otherwise."""
+    try:
+        ok = not isinstance(fps, bool) and math.isfinite(fps) and fps > 0
+    except TypeError:  # None, a string, ...
+        ok = False
+    if not ok:
+        raise InputError(f"{name} must be a finite number above 0, got {fps!r} (frames per second)")
+    return float(fps)
 
 
 def _check_frame(frame: np.ndarray, path: Path, max_side: int | None, count: int) -> np.ndarray:
@@ -108,12 +128,20 @@ def _fit(h: int, w: int, max_side: int) -> tuple[int, int]:
     return max(1, round(h * scale)), max(1, round(w * scale))
 
 
+def natural_key(name: str) -> tuple:
+    """Sort key comparing digit runs as numbers: frame2.png < frame10.png (ties broken by the plain name)."""
+    # re.split with a group puts the digit runs at the odd places, so a text never meets a number.
+    return tuple(int(p) if i % 2 else p for i, p in enumerate(re.split(r"(\d+)", name))), name
+
+
 def _read_folder(
     path: Path, frames: int | None, start: int, stride: int, max_side: int | None
 ) -> tuple[list[np.ndarray], float]:
+    """The images of a frame folder in natural name order (`natural_key`), as frames."""
     from PIL import Image, UnidentifiedImageError
 
-    files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    files = [p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES]
+    files.sort(key=lambda p: natural_key(p.name))
     if not files:
         raise InputError(f"frame folder {str(path)!r} holds no images ({', '.join(IMAGE_SUFFIXES)})")
     chosen = files[start::stride]
@@ -218,17 +246,29 @@ def _check_size(size, multiple: int) -> None:
         raise InputError(f"size {size!r} is out of range: each side must be in [{multiple}, {MAX_SIDE}] pixels")
 
 
-def resize_crop(
-    frames: np.ndarray, multiple: int = 8, size: int | tuple[int, int] | None = None
-) -> np.ndarray:
-    """Resize and centre-crop frames (T, H, W, 3) so both sides are multiples of `multiple`.
+@dataclass(frozen=True)
+class CropPlan:
+    """Where `resize_crop` takes its frames from: resize (H, W) to `resized`, then cut `size` at (top, left)."""
 
-    `size` is the target (height, width) (resize to cover it, then crop), or an int for the longer
-    side (aspect kept, then each side cropped down to the multiple), or None to only crop.
-    """
-    if frames.ndim != 4 or frames.shape[-1] != 3:
-        raise InputError(f"frames must have shape (T, H, W, 3), got {tuple(frames.shape)}")
-    h, w = frames.shape[1:3]
+    resized: tuple[int, int]  # (height, width) the frames are resized to first (the input's: no resize)
+    top: int
+    left: int
+    size: tuple[int, int]  # (height, width) of the centred crop, multiples of the backbone's multiple
+
+    def crop(self, arrays: np.ndarray) -> np.ndarray:
+        """Cut the crop out of arrays (T, *resized, ...) already at the `resized` size."""
+        (th, tw), top, left = self.size, self.top, self.left
+        return arrays[:, top : top + th, left : left + tw]
+
+    def apply(self, frames: np.ndarray) -> np.ndarray:
+        """Resize (as `resize_crop`: area when shrinking, Lanczos when growing) and crop frames (T, H, W, 3)."""
+        (rh, rw), (th, tw), top, left = self.resized, self.size, self.top, self.left
+        out = [_resize(f, rh, rw)[top : top + th, left : left + tw] for f in frames]
+        return np.ascontiguousarray(np.stack(out))  # (T, th, tw, 3)
+
+
+def crop_plan(h: int, w: int, multiple: int = 8, size: int | tuple[int, int] | None = None) -> CropPlan:
+    """The `CropPlan` of `resize_crop` for frames of h x w; `size` as there. The one home of the crop rule."""
     _check_size(size, multiple)
     if size is None:
         th, tw = (h // multiple) * multiple, (w // multiple) * multiple
@@ -244,14 +284,52 @@ def resize_crop(
         rh, rw = max(th, round(h * scale)), max(tw, round(w * scale))
     if th < multiple or tw < multiple:
         raise InputError(f"frames of {w}x{h} are too small: each side must reach at least {multiple} pixels")
+    return CropPlan((rh, rw), (rh - th) // 2, (rw - tw) // 2, (th, tw))
+
+
+# Backbone multiples a `resize_crop`ped clip may come from (SD: 8, SANA: 32; tiny test models: smaller).
+CROP_MULTIPLES = (2, 4, 8, 16, 32, 64)
+
+
+def find_crop_plan(h: int, w: int, target: tuple[int, int]) -> CropPlan | None:
+    """The `CropPlan` by which `resize_crop` turns h x w frames into `target` (height, width), or None.
+
+    Tries only cropping first, then an int `size` (the longer side) for each of `CROP_MULTIPLES`, so an
+    edit's frames can be matched with the part of the source they were made from.
+    """
+    th, tw = target
+    longest = max(th, tw)
+    for size in (None, *range(longest, longest + max(CROP_MULTIPLES))):
+        for multiple in CROP_MULTIPLES:
+            if th % multiple or tw % multiple:
+                continue
+            try:
+                plan = crop_plan(h, w, multiple, size)
+            except InputError:  # this size is out of range for this multiple
+                continue
+            if plan.size == (th, tw):
+                return plan
+    return None
+
+
+def resize_crop(
+    frames: np.ndarray, multiple: int = 8, size: int | tuple[int, int] | None = None
+) -> np.ndarray:
+    """Resize and centre-crop frames (T, H, W, 3) so both sides are multiples of `multiple`.
+
+    `size` is the target (height, width) (resize to cover it, then crop), or an int for the longer
+    side (aspect kept, then each side cropped down to the multiple), or None to only crop.
+    """
+    if frames.ndim != 4 or frames.shape[-1] != 3:
+        raise InputError(f"frames must have shape (T, H, W, 3), got {tuple(frames.shape)}")
+    plan = crop_plan(*frames.shape[1:3], multiple, size)
+    th, tw = plan.size
     if len(frames) * th * tw * 3 > MAX_BYTES:
         raise InputError(
             f"{len(frames)} frames of {tw}x{th} would take more than {MAX_BYTES / 2**30:.0f} GiB; "
             "use fewer frames (--frames, --stride) or a smaller --size"
         )
-    top, left = (rh - th) // 2, (rw - tw) // 2
-    out = [_resize(f, rh, rw)[top : top + th, left : left + tw] for f in frames]
-    return np.ascontiguousarray(np.stack(out))  # (T, th, tw, 3)
+    return plan.apply(frames)  # (T, th, tw, 3)
 
 
 def side_by_side(left: np.ndarray, right: np.ndarray) -> np.ndarray:
@@ -300,12 +378,7 @@ def write_video(path: str | os.PathLike, frames, fps: float, crf: int = 18) -> P
     """Write frames (T, H, W, 3) uint8: H.264 mp4/mov/mkv, a GIF, or a folder of PNGs (no suffix)."""
     path = Path(path)
     frames = _as_frames(frames)
-    try:
-        fps_ok = not isinstance(fps, bool) and math.isfinite(fps) and fps > 0
-    except TypeError:  # None, a string, ...
-        fps_ok = False
-    if not fps_ok:
-        raise InputError(f"fps must be a finite number above 0, got {fps!r}")
+    check_fps(fps)
     suffix = path.suffix.lower()
     if suffix in (".mp4", ".mov", ".m4v", ".mkv"):
         _write_h264(path, frames, fps, crf)
@@ -341,14 +414,28 @@ def _write_h264(path: Path, frames: np.ndarray, fps: float, crf: int) -> None:
             container.mux(stream.encode(None))
 
 
+def gif_durations(count: int, fps: float) -> list[int]:
+    """Per-frame GIF durations in ms, whole centiseconds, whose running sum tracks the times i / fps.
+
+    GIF stores delays in 10 ms units, so one rounded delay for every frame plays 15 fps as 16.67
+    (67 ms -> 70 or 60); rounding each frame's end time instead alternates 70, 60, 70 ms and keeps
+    the average rate exact. Every frame lasts at least 10 ms (a 0 delay means "as fast as possible").
+    """
+    out, end = [], 0
+    for i in range(count):
+        nxt = max(end + 1, round((i + 1) * 100 / fps))  # centiseconds
+        out.append(10 * (nxt - end))
+        end = nxt
+    return out
+
+
 def _write_gif(path: Path, frames: np.ndarray, fps: float) -> None:
     from PIL import Image
 
     images = [Image.fromarray(f) for f in frames]
     with atomic_path(path) as tmp:
-        images[0].save(
-            tmp, format="GIF", save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0
-        )
+        images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:],
+                       duration=gif_durations(len(images), fps), loop=0)
 
 
 def write_frames(folder: str | os.PathLike, frames) -> Path:

@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError, InputError, SanaflowError
-from ..utils import IMAGE_SUFFIXES, SEED_MAX, check_folder_writable
+from ..errors import ConfigError, InputError, SanaflowError, unknown_choice
+from ..utils import IMAGE_SUFFIXES, SEED_MAX, check_folder_writable, dumps_json
 
 MAX_SIDE = 4096
 
@@ -51,6 +51,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "(H100-class GPUs); `sanaflow quantize` saves a quantized model instead")
     p.add_argument("--offload", action="store_true", default=None,
                    help="keep the text encoder on the CPU except while encoding (less GPU memory)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run_generate)
 
     i = sub.add_parser("info", help="print a model's config, parameter counts and dtype")
@@ -88,6 +89,20 @@ def read_prompts(args: argparse.Namespace, configured: list[str]) -> list[str]:
         if not p.strip():
             raise InputError("empty prompt; describe the image you want")
     return prompts
+
+
+def check_sampler(name: str) -> str:
+    """`--sampler NAME`, if it is a flow-matching sampler or scm (judged by the model once it loads).
+
+    An unknown name lists the samplers every model takes: a flow model refuses scm, and a SANA-Sprint
+    model samples with scm whatever is asked, so listing scm would offer a choice that fails.
+    """
+    from .. import sampling
+
+    if name not in sampling.SAMPLERS:
+        flow = [n for n in sampling.SAMPLERS if n != "scm"]
+        raise ConfigError(f"{unknown_choice('--sampler', name, flow)}; SANA-Sprint models always use scm")
+    return name
 
 
 # CLI flag -> dotted key of GenerateConfig (flags win over --config and --set).
@@ -192,11 +207,12 @@ def run_generate(args: argparse.Namespace) -> int:
 
     from .. import __version__, sampling
     from ..config import dump_config
-    from ..errors import unknown_choice
     from ..pipelines import load_pipeline
     from ..utils import atomic_path
 
     # Validate everything cheap before loading a model.
+    if args.sampler is not None:
+        check_sampler(args.sampler)
     cfg = resolve_config(args)
     prompts = read_prompts(args, cfg.prompts)
     sc = cfg.sampling
@@ -239,13 +255,14 @@ def run_generate(args: argparse.Namespace) -> int:
     jobs = [(p, seed + k * n + j) for k, p in enumerate(prompts) for j in range(n)]
     sampler_name = "scm" if pipe.is_sprint else sc.sampler
     written = []
-    bar = tqdm(total=len(jobs), desc="images", unit="img", file=sys.stderr, disable=None)
+    bar = tqdm(total=len(jobs), desc="images", unit="img", file=sys.stderr, disable=args.quiet)
     for start in range(0, len(jobs), args.batch_size):
         chunk = jobs[start : start + args.batch_size]
         out = pipe([p for p, _ in chunk], negative_prompt=cfg.negative_prompt, height=height, width=width,
                    num_inference_steps=sc.steps, guidance_scale=sc.guidance_scale, pag_scale=sc.pag_scale,
                    pag_layers=sc.pag_layers, flow_shift=sc.flow_shift, seed=[s for _, s in chunk],
-                   sampler=sampler_name, output_type="pil", use_resolution_binning=cfg.use_resolution_binning)
+                   sampler=sampler_name, output_type="pil", use_resolution_binning=cfg.use_resolution_binning,
+                   progress=not args.quiet)  # a bar over each batch's steps, as `edit` shows its bars
         for (p, s), img in zip(chunk, out.images):
             meta = {"prompt": p, "negative_prompt": cfg.negative_prompt, "seed": s, "steps": sc.steps,
                     "guidance_scale": sc.guidance_scale, "pag_scale": sc.pag_scale, "sampler": sampler_name,
@@ -330,7 +347,7 @@ def run_info(args: argparse.Namespace) -> int:
         entry.update(_weights_summary(folder))
         report[part or "component"] = entry
     if args.json:
-        print(json.dumps(report, indent=2))
+        print(dumps_json(report, indent=2))
         return 0
     print(f"model: {report['model']}  ({report['path']})")
     for key in ("pipeline", "text_encoder"):

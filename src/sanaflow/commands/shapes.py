@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 
 from ..errors import InputError, SanaflowError
-from ..utils import check_folder_writable
+from ..utils import check_folder_writable, dumps_json
 
 PROMPTS_FILE = "prompts.jsonl"
 
@@ -250,7 +250,7 @@ def _eval_images(args) -> int:
             )
     summary = summarize(results, held)
     print(format_table(summary))
-    atomic_write_text(out, json.dumps({"summary": summary, "results": report}, indent=1))
+    atomic_write_text(out, dumps_json({"summary": summary, "results": report}, indent=1))
     print(f"wrote {out}")
     return 0
 
@@ -288,7 +288,7 @@ def _eval_video(args) -> int:
         print(f"{key:<24}{value if not isinstance(value, float) else f'{value:.6f}'}")
     atomic_write_text(
         out,
-        json.dumps(
+        dumps_json(
             {
                 "edited": str(args.edited),
                 "source": str(args.source),

@@ -7,7 +7,6 @@ Multi-GPU: launch the same command through accelerate or torchrun, e.g.
 from __future__ import annotations
 
 import argparse
-import json
 
 
 def register(subparsers) -> None:
@@ -31,11 +30,12 @@ def run(args: argparse.Namespace) -> int:
     from ..training.config import TrainConfig, validate
     from ..training.tasks import build_task
     from ..training.trainer import Trainer, check_output_dir
+    from ..utils import dumps_json
 
     cfg = validate(load_config(args.config, TrainConfig, args.overrides))
     # Checks of output_dir (and of the checkpoint --resume continues) come before any model is built.
     check_output_dir(cfg, args.resume)
     task = build_task(cfg)
     summary = Trainer(cfg, task).fit(resume=args.resume)
-    print(json.dumps(summary))
+    print(dumps_json(summary))
     return 0

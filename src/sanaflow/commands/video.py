@@ -115,9 +115,11 @@ def _controlnet_ref(args) -> str | None:
     return str(folder)
 
 
-def _read(args):
-    """Read the frames before any model loads, so bad input fails fast."""
-    from ..video import read_video
+def _check_options(args) -> None:
+    """Judge the options `edit` and `invert` share before any file is read or model loaded."""
+    from ..tokenflow.inversion import default_cache_dir
+    from ..utils import check_folder_writable
+    from ..video import check_fps
 
     for name in ("inversion_steps", "inversion_batch_size", "frames"):
         value = getattr(args, name)
@@ -125,23 +127,63 @@ def _read(args):
             raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     if args.start < 0:
         raise InputError(f"--start must be >= 0, got {args.start}")
+    if args.fps is not None:
+        check_fps(args.fps, "--fps")
     if args.size is not None:
+        from ..tokenflow.backbones import frame_multiple
         from ..video import MAX_SIDE
 
-        if not 8 <= args.size <= MAX_SIDE:
-            raise InputError(f"--size must be in [8, {MAX_SIDE}] pixels (the longer side), got {args.size}")
+        # The model's multiple is the real lower bound (each side is cropped down to it), read from its
+        # configs so that a size it refuses fails here, with the same bounds, not after it has loaded.
+        low = frame_multiple(args.model) or 8
+        if not low <= args.size <= MAX_SIDE:
+            raise InputError(f"--size must be in [{low}, {MAX_SIDE}] pixels (the longer side; at least this "
+                             f"model's multiple of {low}), got {args.size}")
+    cache = Path(args.cache_dir) if args.cache_dir is not None else default_cache_dir()
+    check_folder_writable(cache, f"the inversion cache into {str(cache)!r} (--cache-dir)")
+
+
+def _read(args):
+    """Read the frames before any model loads, so bad input fails fast."""
+    from ..video import read_video
+
+    _check_options(args)
     return read_video(args.video, frames=args.frames, start=args.start, stride=args.stride, fps=args.fps)
 
 
-def _targets(args, suffix: str, extra: tuple[str | None, ...] = ()) -> Path:
-    """The output path (default: beside the video), checked with every extra output before any work."""
+def _targets(args, suffix: str, extra: tuple[tuple[str, str | None], ...] = (),
+             reconstruction: bool = False) -> Path:
+    """The output path (default: beside the video), checked with every extra output before any work.
+
+    `extra` holds (flag, path or None) pairs. With `reconstruction`, the reconstruction beside the output (OUT_reconstruction.mp4) is one more
+    output. Two outputs at one path, or one inside a frame folder another replaces, are refused.
+    """
     from ..video import check_video_target
 
     target = Path(args.out) if args.out else _default_out(args.video, suffix)
-    for path in (target, *extra):
-        if path is not None:
-            check_video_target(path)
+    outputs = {"--out": target}
+    if reconstruction:
+        outputs["the reconstruction"] = _reconstruction_path(target)
+    outputs.update({flag: Path(path) for flag, path in extra if path is not None})
+    for path in outputs.values():
+        check_video_target(path)
+    seen: dict[Path, str] = {}
+    for flag, path in outputs.items():
+        where = path.resolve()
+        for other, other_flag in seen.items():
+            if where == other:
+                raise InputError(f"{flag} and {other_flag} both write {str(path)!r}; give each output its own path")
+            # A frame folder (no suffix) is replaced as a whole, so nothing else may be written inside it.
+            for outer, inner in ((where, other), (other, where)):
+                if not outer.suffix and outer in inner.parents:
+                    raise InputError(f"{flag} and {other_flag}: {str(inner)!r} lies inside the frame folder "
+                                     f"{str(outer)!r}, which is written as a whole; give each output its own place")
+        seen[where] = flag
     return target
+
+
+def _reconstruction_path(target: Path) -> Path:
+    return target.with_name(f"{target.stem}_reconstruction.mp4")
 
 
 def _pipeline(args, controlnet: str | None = None):
@@ -157,7 +199,8 @@ def _pipeline(args, controlnet: str | None = None):
 
 
 def _default_out(video: str, suffix: str) -> Path:
-    p = Path(video)
+    # Resolved first: a frame folder given as "." or ".." has no name of its own to build on.
+    p = Path(video).resolve()
     return p.with_name(f"{p.stem if p.is_file() else p.name}{suffix}.mp4")
 
 
@@ -179,7 +222,7 @@ def run_edit(args) -> int:
         control_scale=args.controlnet_scale if args.controlnet else None,
     )
     VideoEditPipeline.settings(args.prompt, **knobs)  # every edit flag, before any file or model is read
-    target = _targets(args, "_edit", (args.side_by_side,))
+    target = _targets(args, "_edit", (("--side-by-side", args.side_by_side),), reconstruction=args.reconstruct)
     clip = _read(args)
     pipe = _pipeline(args, _controlnet_ref(args))
     out = pipe(clip, args.prompt, **knobs, inversion_steps=args.inversion_steps,
@@ -190,7 +233,7 @@ def run_edit(args) -> int:
     inv = out.inversion
     print(f"{'reused' if inv.reused else 'cached'} inversion: {inv.cache.folder}")
     if inv.reconstruction is not None:
-        recon = target.with_name(f"{target.stem}_reconstruction.mp4")
+        recon = _reconstruction_path(target)
         write_video(recon, inv.reconstruction, fps)
         print(f"wrote {recon}")
     if args.side_by_side:

@@ -34,6 +34,7 @@ import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -47,7 +48,8 @@ from ..utils import is_int
 BLOCK_TYPES = ("ResBlock", "EfficientViTBlock")
 NORM_TYPES = ("rms_norm", "batch_norm")
 ACT_FNS = ("silu", "swish", "relu", "gelu", "mish")  # diffusers' get_activation names
-DOWNSAMPLE_TYPES = ("pixel_unshuffle", "Conv")
+# compared case-insensitively: the conversion script writes "conv", older configs "Conv"
+DOWNSAMPLE_TYPES = ("pixel_unshuffle", "conv")
 UPSAMPLE_TYPES = ("pixel_shuffle", "interpolate")
 TILING_CHOICES = ("auto", True, False)
 
@@ -676,6 +678,13 @@ def _check_choice(kind: str, values: Sequence, choices: Sequence) -> None:
             raise unknown_choice(kind, str(v), [str(c) for c in choices])
 
 
+def _block_type_name(kind: str, value: Any, choices: Sequence[str]) -> str:
+    """A down/upsample block type as its lower-case name (configs spell "Conv" and "conv")."""
+    if not isinstance(value, str) or value.lower() not in choices:
+        raise unknown_choice(kind, str(value), list(choices))
+    return value.lower()
+
+
 class DCAE(ModelMixin):
     """Deep-compression autoencoder (diffusers ``AutoencoderDC`` layout): images <-> unscaled latents."""
 
@@ -724,8 +733,16 @@ class DCAE(ModelMixin):
         _check_choice("decoder norm type", norms, NORM_TYPES)
         _check_choice("decoder activation", [a.lower() for a in acts if a is not None], ACT_FNS)
         _check_choice("decoder_conv_act_fn", [decoder_conv_act_fn.lower()], ACT_FNS)
-        _check_choice("downsample_block_type", [downsample_block_type], DOWNSAMPLE_TYPES)
-        _check_choice("upsample_block_type", [upsample_block_type], UPSAMPLE_TYPES)
+        for side, types, chans, layers in (("encoder", enc_types, enc_ch, enc_layers),
+                                           ("decoder", dec_types, dec_ch, dec_layers)):
+            for i, (kind, c, n) in enumerate(zip(types, chans, layers)):
+                if kind == "EfficientViTBlock" and n and c < attention_head_dim:
+                    raise ConfigError(
+                        f"{side} stage {i}: an EfficientViTBlock with {c} channels has no attention head of "
+                        f"attention_head_dim={attention_head_dim}; give it >= {attention_head_dim} channels"
+                    )
+        downsample_block_type = _block_type_name("downsample_block_type", downsample_block_type, DOWNSAMPLE_TYPES)
+        upsample_block_type = _block_type_name("upsample_block_type", upsample_block_type, UPSAMPLE_TYPES)
         if (encoder_out_shortcut and enc_ch[-1] % latent_channels) or (decoder_in_shortcut and dec_ch[-1] % latent_channels):
             raise ConfigError(
                 f"the deepest stage's channels ({enc_ch[-1]}, {dec_ch[-1]}) must be a multiple of "

@@ -31,7 +31,8 @@ from ..tokenflow.inversion import (
     sample_plain,
     video_hash,
 )
-from ..video import VideoClip, read_video, resize_crop
+from ..utils import check_folder_writable
+from ..video import DEFAULT_FPS, VideoClip, check_fps, check_selection, read_video, resize_crop
 
 DEFAULT_MAX_SIDE = 512  # frames above this are downsized unless a size is given (TokenFlow works at 512)
 # Fixed-point refinements per step of an inversion run on the editing schedule (see `invert_latents`):
@@ -78,6 +79,26 @@ class _Progress:
             self.bar.close()
 
 
+def _frames_array(video: np.ndarray | list | tuple) -> np.ndarray:
+    """Frames given as an array (T, H, W, 3) or a list of (H, W, 3) arrays -> one uint8 array (T, H, W, 3)."""
+    if isinstance(video, list | tuple):
+        if not video:
+            raise InputError("the list of frames is empty; give at least one (H, W, 3) uint8 frame")
+        frames = [np.asarray(f) for f in video]
+        bad = [i for i, f in enumerate(frames) if f.ndim != 3 or f.shape[-1] != 3 or f.dtype != np.uint8]
+        if bad:
+            f = frames[bad[0]]
+            raise InputError(f"frame {bad[0]} of the list must be an (H, W, 3) uint8 RGB array, got {f.dtype} "
+                             f"{tuple(f.shape)}")
+        sizes = sorted({f.shape[:2] for f in frames})
+        if len(sizes) > 1:
+            raise InputError(f"the frames of the list differ in size (H, W): {sizes}")
+        return np.stack(frames)  # (T, H, W, 3)
+    if video.ndim != 4 or video.shape[-1] != 3 or video.dtype != np.uint8:
+        raise InputError(f"frames must be a (T, H, W, 3) uint8 array, got {video.dtype} {tuple(video.shape)}")
+    return video
+
+
 class VideoEditPipeline:
     """Text-driven video editing with TokenFlow on a SANA or Stable Diffusion backbone."""
 
@@ -105,22 +126,31 @@ class VideoEditPipeline:
 
     def prepare(
         self,
-        video: str | os.PathLike | np.ndarray | VideoClip,
+        video: str | os.PathLike | np.ndarray | list[np.ndarray] | VideoClip,
         frames: int | None = None,
         start: int = 0,
         stride: int = 1,
         size: int | tuple[int, int] | None = None,
         fps: float | None = None,
     ) -> VideoClip:
-        """Read (if a path) and resize/crop frames to the backbone's multiple; `size` as in `resize_crop`."""
+        """Read (if a path) and resize/crop frames to the backbone's multiple; `size` as in `resize_crop`.
+
+        `video` is a video file or frame folder, a (T, H, W, 3) uint8 array, a list of (H, W, 3) uint8
+        frames, or a `VideoClip`. `fps` overrides the frame rate (arrays and lists: DEFAULT_FPS).
+        """
+        check_selection(frames, start, stride)
+        if fps is not None:
+            check_fps(fps)
         if isinstance(video, VideoClip):
             clip = VideoClip(video.frames[start::stride][:frames], fps or video.fps / stride)
-        elif isinstance(video, np.ndarray):
-            if video.ndim != 4 or video.dtype != np.uint8:
-                raise InputError(f"frames must be a (T, H, W, 3) uint8 array, got {video.dtype} {tuple(video.shape)}")
-            clip = VideoClip(video[start::stride][:frames], fps or 24.0)
-        else:
+        elif isinstance(video, np.ndarray | list | tuple):
+            array = _frames_array(video)
+            clip = VideoClip(array[start::stride][:frames], fps or DEFAULT_FPS)
+        elif isinstance(video, str | os.PathLike):
             clip = read_video(video, frames=frames, start=start, stride=stride, fps=fps)
+        else:
+            raise InputError(f"video must be a path (a video file or a folder of frames), a (T, H, W, 3) uint8 "
+                             f"array, a list of (H, W, 3) uint8 frames or a VideoClip; got {type(video).__name__}")
         if clip.num_frames == 0:
             raise InputError("no frames selected (check --frames, --start and --stride)")
         if size is None and max(clip.size) > DEFAULT_MAX_SIDE:
@@ -163,6 +193,8 @@ class VideoEditPipeline:
         cache = LatentCache.find(self.cache_dir, key)
         reused = cache is not None
         if cache is None:
+            # Before the inversion's work: its result must have somewhere to go.
+            check_folder_writable(self.cache_dir, f"the inversion cache into {str(self.cache_dir)!r} (cache_dir)")
             clean = encode_frames(backbone, clip.frames, batch_size)  # (T, C, h, w)
             cond = backbone.embed([source_prompt])
             n_chunks = -(-clip.num_frames // batch_size)
@@ -218,7 +250,7 @@ class VideoEditPipeline:
 
     def __call__(
         self,
-        video: str | os.PathLike | np.ndarray | VideoClip,
+        video: str | os.PathLike | np.ndarray | list[np.ndarray] | VideoClip,
         prompt: str,
         source_prompt: str = "",
         negative_prompt: str | None = None,
@@ -251,8 +283,12 @@ class VideoEditPipeline:
         size: int | tuple[int, int] | None = None,
         reconstruct: bool = False,
         progress: bool = True,
+        fps: float | None = None,
     ) -> VideoEditOutput:
-        """Edit `video` (path, frames array or VideoClip) towards `prompt`; see `EditSettings` for the knobs.
+        """Edit `video` (as `prepare` takes it) towards `prompt`; see `EditSettings` for the knobs.
+
+        `frames`, `start`, `stride`, `size` and `fps` (the output's frame rate; default the source's,
+        DEFAULT_FPS for arrays and lists of frames) select and shape the frames, as in `prepare`.
 
         `batch_size` frames form a chunk (one keyframe each, one model call of 3 x batch_size);
         `inversion_batch_size` (default: batch_size) batches the inversion, reconstruction and decoding.
@@ -280,7 +316,7 @@ class VideoEditPipeline:
             correspondence=correspondence, control_scale=control_scale, offload_keyframes=offload_keyframes,
             max_keyframes=max_keyframes, local_blend=local_blend, paste_source=paste_source,
         )
-        clip = self.prepare(video, frames=frames, start=start, stride=stride, size=size)
+        clip = self.prepare(video, frames=frames, start=start, stride=stride, size=size, fps=fps)
         # Inversion, reconstruction and decoding have no cross-frame coupling: any batch size fits them.
         plain_batch = inversion_batch_size or batch_size
         inversion = self.invert(clip, source_prompt, steps, inversion_steps, plain_batch, reconstruct, progress,

@@ -5,7 +5,7 @@ Typical use by a pipeline::
     sched = schedule_from_scheduler_config(scheduler_config, steps)      # exact diffusers sigmas
     def model_fn(x, sigma, encoder_hidden_states, encoder_attention_mask):
         t = sched.timestep_of(sigma)                                       # (B,) diffusers' timesteps
-        return transformer(x, encoder_hidden_states, encoder_attention_mask, timestep=t)
+        return transformer(x, encoder_hidden_states, t, encoder_attention_mask=encoder_attention_mask)
     guided = cfg(model_fn, 4.5)
     latents = get_sampler("dpm++2m")(guided, noise, sched.sigmas,
                                      extra_args={"cond": {...}, "uncond": {...}})

@@ -22,6 +22,7 @@ import numpy as np
 
 from ..errors import InputError, suggest
 from ..utils import atomic_write_text, is_real
+from ..video import CropPlan, find_crop_plan
 from .detect import Detection, segment
 from .render import draw_object, size_hw
 from .scene import (
@@ -495,14 +496,58 @@ def check_edit(edit: dict | None, video: ShapesVideo) -> dict[int, dict]:
     return out
 
 
-def _fit(frames: np.ndarray, video: ShapesVideo) -> np.ndarray:
+def crop_video(video: ShapesVideo, plan: CropPlan) -> ShapesVideo:
+    """`video` as `sanaflow.video.resize_crop` with `plan` makes it: frames, labels, flow, valid mask,
+    visibility and track all resized and cropped alike, so an edit of the cropped frames can be scored."""
+    video = _check_video(video, "crop_video")
+    t, h, w = video.frames.shape[:3]
+    (rh, rw), (th, tw) = plan.resized, plan.size
+    labels, flow, valid = video.labels, video.flow, video.valid
+    if (rh, rw) != (h, w):
+        labels = np.stack([cv2.resize(m, (rw, rh), interpolation=cv2.INTER_NEAREST) for m in labels])
+        scale = np.array([rw / w, rh / h], dtype=np.float32)  # displacements in resized pixels
+        flow = np.stack([cv2.resize(f, (rw, rh), interpolation=cv2.INTER_LINEAR) for f in flow]) * scale
+        # A resized pixel's flow is valid only where every source pixel it mixes is.
+        valid = np.stack([cv2.resize(v.astype(np.float32), (rw, rh), interpolation=cv2.INTER_AREA) > 0.999
+                          for v in valid])
+    k = video.num_objects
+    whole = np.stack([np.bincount(m.ravel(), minlength=k + 1)[1:] for m in labels])  # (T, K)
+    labels, flow, valid = plan.crop(labels), plan.crop(flow), plan.crop(valid)  # (T, th, tw[, 2])
+    kept = np.stack([np.bincount(m.ravel(), minlength=k + 1)[1:] for m in labels])  # (T, K)
+    visibility = (video.visibility * kept / np.maximum(whole, 1)).astype(np.float32)
+    # The crop's edge is the frame's edge now: flow leaving it is not valid (as `render_track` judges it).
+    ys, xs = np.mgrid[0:th, 0:tw].astype(np.float32)
+    ix, iy = np.rint(xs + flow[..., 0]), np.rint(ys + flow[..., 1])
+    valid = valid & (ix >= 0) & (ix < tw) & (iy >= 0) & (iy < th)
+    # Centres in the renderer's convention (pixel p covers [p - 0.5, p + 0.5] at x * w - 0.5), sizes
+    # as fractions of the shorter side.
+    grow = min(rh, rw) / min(th, tw)
+    objects = [
+        {**o, "x": [(x * rw - plan.left) / tw for x in o["x"]], "y": [(y * rh - plan.top) / th for y in o["y"]],
+         "scale": [s * grow for s in o["scale"]]}
+        for o in video.track["objects"]
+    ]
+    track = {**video.track, "size": [th, tw], "objects": objects}
+    return ShapesVideo(plan.apply(video.frames), np.ascontiguousarray(labels), np.ascontiguousarray(flow),
+                       np.ascontiguousarray(valid), visibility, track, video.fps)
+
+
+def _fit(frames: np.ndarray, video: ShapesVideo) -> tuple[np.ndarray, ShapesVideo]:
+    """The edited frames and the source they are judged against, at one size.
+
+    Frames of the size `resize_crop` makes from the source (as `sanaflow edit` does) are judged
+    against the source cropped the same way; frames of any other size are resized to the source's.
+    """
     frames = _check_frames(frames, "edited frames")
     if len(frames) != len(video.frames):
         raise InputError(f"the edited video has {len(frames)} frames, the source {len(video.frames)}")
     h, w = video.frames.shape[1:3]
-    if frames.shape[1:3] != (h, w):
-        frames = np.stack([cv2.resize(f, (w, h), interpolation=cv2.INTER_AREA) for f in frames])
-    return frames
+    if frames.shape[1:3] == (h, w):
+        return frames, video
+    plan = find_crop_plan(h, w, frames.shape[1:3])
+    if plan is not None:
+        return frames, crop_video(video, plan)
+    return np.stack([cv2.resize(f, (w, h), interpolation=cv2.INTER_AREA) for f in frames]), video
 
 
 def _matching(dets: list[Detection], labels: np.ndarray, gt: np.ndarray) -> tuple[int, float]:
@@ -579,7 +624,7 @@ def video_metrics(
     `dis_flow`, when the caller already has it.
     """
     source = _check_video(source, "video_metrics source")
-    edited = _fit(edited, source)
+    edited, source = _fit(edited, source)  # a resize_crop'ed edit is judged against the same crop
     edit = check_edit(edit, source)
     if not is_real(min_visible) or not 0 < min_visible <= 1:  # nan fails the comparison too
         raise InputError(f"min_visible is the visible fraction an edited object needs to be judged, a number in "

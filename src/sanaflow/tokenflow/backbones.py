@@ -521,6 +521,27 @@ def load_backbone(
     )
 
 
+def frame_multiple(ref: str | os.PathLike | None) -> int | None:
+    """The `multiple` of the backbone `load_backbone(ref)` builds, read from its config files (no weights).
+
+    Lets a frame size be judged before the model loads. None when the folder is not one `load_backbone`
+    takes or its configs lack the fields (loading then says what is wrong).
+    """
+    from ..hub import read_json, resolve_model_path
+
+    root: Path = resolve_model_path(ref)
+    try:
+        if (root / "unet").is_dir():  # as StableDiffusionBackbone: the VAE halves the sides once per extra block
+            return 2 ** (len(read_json(root / "vae" / "config.json")["block_out_channels"]) - 1)
+        if (root / "transformer").is_dir():  # as SanaBackbone: DC-AE's compression times the patch size
+            vae = read_json(root / "vae" / "config.json")
+            patch = read_json(root / "transformer" / "config.json")["patch_size"]
+            return 2 ** (len(vae["encoder_block_out_channels"]) - 1) * int(patch)
+    except (CheckpointError, KeyError, TypeError, ValueError):
+        return None
+    return None
+
+
 # --------------------------------------------------------------------------------------------
 # SANA (our linear DiT + DC-AE + text encoder, flow matching)
 # --------------------------------------------------------------------------------------------

@@ -104,11 +104,17 @@ class LatentCache:
         from safetensors.torch import save_file
 
         folder = cls.folder_for(root, key)
-        folder.mkdir(parents=True, exist_ok=True)
-        with atomic_path(folder / LATENTS) as tmp:
-            save_file({k: v.contiguous().cpu() for k, v in latents.items()}, str(tmp))
-        manifest = {"key": key.as_dict(), "timesteps": list(timesteps)}
-        atomic_write_text(folder / MANIFEST, json.dumps(manifest, indent=2))
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with atomic_path(folder / LATENTS) as tmp:
+                save_file({k: v.contiguous().cpu() for k, v in latents.items()}, str(tmp))
+            manifest = {"key": key.as_dict(), "timesteps": list(timesteps)}
+            atomic_write_text(folder / MANIFEST, json.dumps(manifest, indent=2, allow_nan=False))
+        except OSError as e:  # a file in the way, no permission, a full disk
+            raise InputError(
+                f"cannot write the inversion cache {str(folder)!r}: {e.strerror or e}; choose a writable "
+                f"cache folder (--cache-dir, or ${CACHE_ENV})"
+            ) from e
         return cls(folder)
 
     def latents(self, step: int) -> torch.Tensor:

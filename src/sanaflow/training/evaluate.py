@@ -14,7 +14,6 @@ held-out scenes.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..utils import atomic_path, atomic_write_text
+from ..utils import atomic_path, atomic_write_text, dumps_json
 
 EVAL_IMAGE_SEED = 10_000  # generation seeds are EVAL_IMAGE_SEED + prompt index
 
@@ -195,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     if result["dcae_psnr_db"] is not None:
         print(f"dcae psnr {result['dcae_psnr_db']:.2f} dB on {result['dcae_scenes']} held-out scenes")
     if args.out:
-        atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
+        atomic_write_text(args.out, dumps_json(result, indent=2) + "\n")
     return 0
 
 
@@ -224,5 +223,5 @@ def sweep(transformer: str, vae: str, text_encoder: str, n: int = 120, shifts=(3
             _, results = generate_and_score(pipe, prompts, steps, g, batch=60, size=256)
             s = summarize(results, [r["held_out"] for r in results])
             rows.append({"flow_shift": shift, "guidance": g, **summary_scalars(s)})
-            print(json.dumps(rows[-1]), flush=True)
+            print(dumps_json(rows[-1]), flush=True)
     return rows

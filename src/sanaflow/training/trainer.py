@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, ConfigError
-from ..utils import atomic_path, atomic_write_text
+from ..utils import atomic_path, atomic_write_text, dumps_json
 from .config import TrainConfig, validate
 from .data import make_loader
 from .optim import EMA, build_optimizer, build_scheduler
@@ -332,7 +332,7 @@ class Trainer:
         if not acc.is_main_process:
             return
         with open(self.out / METRICS_FILE, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(dumps_json(record) + "\n")
         if writer is not None:
             for k, v in record.items():
                 if k != "step" and isinstance(v, int | float):
@@ -508,7 +508,7 @@ class Trainer:
                 if pbar is not None:
                     pbar.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}", img_s=f"{record['img_per_s']:.1f}")
                 else:
-                    acc.print(json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in record.items()}))
+                    acc.print(dumps_json({k: round(v, 5) if isinstance(v, float) else v for k, v in record.items()}))
                 logs_acc, window_t, window_n = {}, time.time(), 0
             out_of_time = cfg.train.max_minutes is not None and (time.time() - t_start) / 60 > cfg.train.max_minutes
             if acc.num_processes > 1 and cfg.train.max_minutes is not None:
