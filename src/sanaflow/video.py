@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputError
-from .utils import IMAGE_SUFFIXES, atomic_path, check_folder_writable
+from .utils import IMAGE_SUFFIXES, atomic_path, check_folder_writable, is_real
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".m4v", ".mkv", ".webm", ".avi", ".gif")
 MAX_SIDE = 4096  # frames with a longer side are refused unless `max_side` downsizes them on read
@@ -97,11 +97,7 @@ def check_selection(frames: int | None, start: int, stride: int) -> None:
 
 def check_fps(fps: object, name: str = "fps") -> float:
     """`fps` as a float if it is a finite number above 0 (a frame rate); InputError naming `name` otherwise."""
-    try:
-        ok = not isinstance(fps, bool) and math.isfinite(fps) and fps > 0
-    except TypeError:  # None, a string, ...
-        ok = False
-    if not ok:
+    if not (is_real(fps) and math.isfinite(fps) and fps > 0):
         raise InputError(f"{name} must be a finite number above 0, got {fps!r} (frames per second)")
     return float(fps)
 

@@ -119,14 +119,13 @@ def _check_options(args) -> None:
     """Judge the options `edit` and `invert` share before any file is read or model loaded."""
     from ..tokenflow.inversion import default_cache_dir
     from ..utils import check_folder_writable
-    from ..video import check_fps
+    from ..video import check_fps, check_selection
 
-    for name in ("inversion_steps", "inversion_batch_size", "frames"):
+    for name in ("inversion_steps", "inversion_batch_size"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-    if args.start < 0:
-        raise InputError(f"--start must be >= 0, got {args.start}")
+    check_selection(args.frames, args.start, args.stride)
     if args.fps is not None:
         check_fps(args.fps, "--fps")
     if args.size is not None:

@@ -15,7 +15,7 @@ import contextlib
 import importlib.util
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -302,7 +302,7 @@ class StableDiffusionBackbone:
         self.dtype = unet.dtype
         self.attention_ops = SDAttentionOps()
         self.cross_attention_ops = SDCrossAttentionOps()
-        self.multiple = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.multiple = sd_frame_multiple(vae.config)
         self.scaling_factor = vae.config.scaling_factor
         self.prediction_type = scheduler.config.prediction_type
         if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
@@ -521,6 +521,16 @@ def load_backbone(
     )
 
 
+def sd_frame_multiple(vae_config: Mapping[str, Any]) -> int:
+    """Frame sides of a Stable Diffusion backbone are multiples of this: the VAE halves them per extra block."""
+    return 2 ** (len(vae_config["block_out_channels"]) - 1)
+
+
+def sana_frame_multiple(vae_config: Mapping[str, Any], transformer_config: Mapping[str, Any]) -> int:
+    """Frame sides of a SANA backbone are multiples of this: DC-AE's compression times the patch size."""
+    return 2 ** (len(vae_config["encoder_block_out_channels"]) - 1) * int(transformer_config["patch_size"])
+
+
 def frame_multiple(ref: str | os.PathLike | None) -> int | None:
     """The `multiple` of the backbone `load_backbone(ref)` builds, read from its config files (no weights).
 
@@ -531,12 +541,11 @@ def frame_multiple(ref: str | os.PathLike | None) -> int | None:
 
     root: Path = resolve_model_path(ref)
     try:
-        if (root / "unet").is_dir():  # as StableDiffusionBackbone: the VAE halves the sides once per extra block
-            return 2 ** (len(read_json(root / "vae" / "config.json")["block_out_channels"]) - 1)
-        if (root / "transformer").is_dir():  # as SanaBackbone: DC-AE's compression times the patch size
-            vae = read_json(root / "vae" / "config.json")
-            patch = read_json(root / "transformer" / "config.json")["patch_size"]
-            return 2 ** (len(vae["encoder_block_out_channels"]) - 1) * int(patch)
+        if (root / "unet").is_dir():
+            return sd_frame_multiple(read_json(root / "vae" / "config.json"))
+        if (root / "transformer").is_dir():
+            return sana_frame_multiple(read_json(root / "vae" / "config.json"),
+                                       read_json(root / "transformer" / "config.json"))
     except (CheckpointError, KeyError, TypeError, ValueError):
         return None
     return None
@@ -635,7 +644,7 @@ class SanaBackbone:
         # stand-in embeddings) cannot take it, so it is off by default there (and refused if asked for).
         tokenizes = isinstance(text_encoder, TokenizingTextEncoder)
         self.default_cross_attention = SANA_CROSS_ATTENTION if tokenizes else 0.0
-        self.multiple = vae.spatial_compression_ratio * transformer.config.patch_size
+        self.multiple = sana_frame_multiple(vae.config, transformer.config)
         self.scaling_factor = vae.scaling_factor
         layers = len(transformer.transformer_blocks)
         self.feature_site = f"transformer_blocks.{layers // 2}.ff"

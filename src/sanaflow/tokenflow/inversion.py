@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointError, InputError
-from ..utils import atomic_path, atomic_write_text
+from ..utils import atomic_path, atomic_write_text, dumps_json
 from .backbones import Backbone, TextCond
 
 CACHE_ENV = "SANAFLOW_CACHE"
@@ -109,7 +109,7 @@ class LatentCache:
             with atomic_path(folder / LATENTS) as tmp:
                 save_file({k: v.contiguous().cpu() for k, v in latents.items()}, str(tmp))
             manifest = {"key": key.as_dict(), "timesteps": list(timesteps)}
-            atomic_write_text(folder / MANIFEST, json.dumps(manifest, indent=2, allow_nan=False))
+            atomic_write_text(folder / MANIFEST, dumps_json(manifest, indent=2))
         except OSError as e:  # a file in the way, no permission, a full disk
             raise InputError(
                 f"cannot write the inversion cache {str(folder)!r}: {e.strerror or e}; choose a writable "
