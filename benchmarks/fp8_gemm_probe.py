@@ -44,6 +44,26 @@ def cuda_ms(fn, n: int) -> float:
     return start.elapsed_time(end) / n
 
 
+def time_shape(m: int, k: int, n: int, runs: int) -> dict[str, float]:
+    """Milliseconds of (m, k) @ (k, n) in bf16 and in fp8 with each scaling, output bf16."""
+    dev, f8 = torch.device("cuda"), torch.float8_e4m3fn
+    a = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+    w = torch.randn(n, k, device=dev, dtype=torch.bfloat16)
+    a8, w8t = a.to(f8), w.to(f8).t()
+    row_a, row_w = torch.ones(m, 1, device=dev), torch.ones(1, n, device=dev)
+    one = torch.ones((), device=dev)
+
+    def fp8(sa, sw, fast):
+        return lambda: torch._scaled_mm(a8, w8t, scale_a=sa, scale_b=sw, out_dtype=torch.bfloat16,
+                                        use_fast_accum=fast)
+
+    return {"bf16_ms": cuda_ms(lambda: a @ w.t(), runs),
+            "fp8_row_ms": cuda_ms(fp8(row_a, row_w, False), runs),
+            "fp8_row_fast_ms": cuda_ms(fp8(row_a, row_w, True), runs),
+            "fp8_tensor_ms": cuda_ms(fp8(one, one, False), runs),
+            "fp8_tensor_fast_ms": cuda_ms(fp8(one, one, True), runs)}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--px", default="4096,2048", help="comma-separated image sizes (default 4096,2048)")
@@ -54,28 +74,13 @@ def main(argv: list[str] | None = None) -> int:
         print("fp8_gemm_probe.py needs a CUDA GPU with fp8 tensor cores (compute capability >= 8.9)",
               file=sys.stderr)
         return 2
-    dev, f8 = torch.device("cuda"), torch.float8_e4m3fn
     records = []
     for px in (int(s) for s in args.px.split(",")):
         m = 2 * (px // 32) ** 2
         for model, shapes in SHAPES.items():
             for name, k, n in shapes:
-                a = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
-                w = torch.randn(n, k, device=dev, dtype=torch.bfloat16)
-                a8, w8t = a.to(f8), w.to(f8).t()
-                row_a, row_w = torch.ones(m, 1, device=dev), torch.ones(1, n, device=dev)
-                one = torch.ones((), device=dev)
-
-                def fp8(sa, sw, fast):
-                    return lambda: torch._scaled_mm(a8, w8t, scale_a=sa, scale_b=sw, out_dtype=torch.bfloat16,
-                                                    use_fast_accum=fast)
-
                 r = {"model": model, "px": px, "layer": name, "M": m, "K": k, "N": n,
-                     "bf16_ms": cuda_ms(lambda: a @ w.t(), args.runs),
-                     "fp8_row_ms": cuda_ms(fp8(row_a, row_w, False), args.runs),
-                     "fp8_row_fast_ms": cuda_ms(fp8(row_a, row_w, True), args.runs),
-                     "fp8_tensor_ms": cuda_ms(fp8(one, one, False), args.runs),
-                     "fp8_tensor_fast_ms": cuda_ms(fp8(one, one, True), args.runs)}
+                     **time_shape(m, k, n, args.runs)}
                 r["speedup_row_fast"] = r["bf16_ms"] / r["fp8_row_fast_ms"]  # the shipped scaling
                 r["speedup_best"] = r["bf16_ms"] / min(v for key, v in r.items() if key.startswith("fp8_"))
                 r["fp8_row_fast_tflops"] = 2 * m * k * n / r["fp8_row_fast_ms"] / 1e9
@@ -100,10 +105,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         report = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "runs": args.runs,
                   "records": records, "block_summary": summary}
+        from sanaflow.utils import atomic_write_text
+
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.out.with_suffix(args.out.suffix + ".tmp")
-        tmp.write_text(json.dumps(report, indent=1) + "\n")
-        tmp.replace(args.out)
+        atomic_write_text(args.out, json.dumps(report, indent=1) + "\n")
         print(f"wrote {args.out}")
     return 0
 
