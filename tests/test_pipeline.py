@@ -243,3 +243,63 @@ def test_bad_component_entries_are_checkpoint_errors(tmp_path, edit, match):
     (folder / name).write_text(json.dumps({**config, key: value}))
     with pytest.raises(SanaflowError, match=match):
         TextToImagePipeline.from_pretrained(folder)
+
+
+def _with_our_transformer(ref, folder):
+    # diffusers' own pipeline object, its transformer swapped for ours (loaded from the same folder)
+    from sanaflow.models.sana_transformer import SanaTransformer
+
+    pipe = type(ref)(tokenizer=ref.tokenizer, text_encoder=ref.text_encoder, vae=ref.vae,
+                     transformer=SanaTransformer.from_pretrained(folder, subfolder="transformer"), scheduler=ref.scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_our_transformer_runs_inside_diffusers_sana_pipeline(tiny_folder, ref):
+    pipe = _with_our_transformer(ref, tiny_folder)
+    latents = torch.randn(2, 4, 8, 16, generator=torch.Generator().manual_seed(4))
+    kw = dict(negative_prompt="blurry", height=32, width=64, num_inference_steps=STEPS, guidance_scale=4.5,
+              latents=latents, output_type="pt", use_resolution_binning=False)
+    prompts = ["a red star above a blue square", "a photo of a cat"]
+    expected = ref(prompts, **kw).images
+    got = pipe(prompts, **kw).images
+    assert (got - expected).abs().max().item() <= 1e-4
+    got = pipe(prompts, attention_kwargs={"scale": 1.0}, **kw).images  # a LoRA scale of 1 is a no-op
+    assert (got - expected).abs().max().item() <= 1e-4
+    with pytest.raises(SanaflowError, match="no LoRA layers.*scale=0.5"):
+        pipe(prompts, attention_kwargs={"scale": 0.5}, **kw)
+
+
+def test_our_transformer_runs_inside_diffusers_sprint_pipeline(tmp_path):
+    from diffusers import SanaSprintPipeline
+
+    from tiny_sana import save_tiny_sprint
+
+    folder = save_tiny_sprint(tmp_path / "sprint", sample_size=8)
+    ref = SanaSprintPipeline.from_pretrained(folder)
+    ref.set_progress_bar_config(disable=True)
+    pipe = _with_our_transformer(ref, folder)
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(6))
+    kw = dict(height=32, width=32, num_inference_steps=2, guidance_scale=4.5, latents=latents, output_type="pt",
+              use_resolution_binning=False)
+    expected = ref(["a red star", "a blue square"], generator=torch.Generator().manual_seed(0), **kw).images
+    got = pipe(["a red star", "a blue square"], generator=torch.Generator().manual_seed(0), **kw).images
+    assert (got - expected).abs().max().item() <= 1e-4
+
+
+def test_transformer_return_dict_and_attention_kwargs(ours):
+    net = ours.transformer
+    c = net.config
+    x = torch.randn(1, c.in_channels, 4, 4, generator=torch.Generator().manual_seed(0))
+    ctx = torch.randn(1, 3, c.caption_channels, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        plain = net(x, ctx, 0.5)
+        wrapped = net(x, ctx, 0.5, return_dict=True)
+        as_tuple = net(x, ctx, 0.5, return_dict=False, attention_kwargs={})
+    assert isinstance(plain, torch.Tensor)
+    assert torch.equal(wrapped.sample, plain) and torch.equal(wrapped[0], plain)
+    assert isinstance(as_tuple, tuple) and len(as_tuple) == 1 and torch.equal(as_tuple[0], plain)
+    for bad, match in [({"lora_scale": 1.0}, "lora_scale"), ([("scale", 1.0)], "dict or None"),
+                       ({"scale": "1"}, "scale='1'")]:
+        with pytest.raises(SanaflowError, match=match):
+            net(x, ctx, 0.5, attention_kwargs=bad)

@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -73,6 +73,7 @@ from ..quant.layers import (
     norm_modulate_fp8,
     prequantize,
 )
+from ..utils import is_real
 
 QK_NORMS = (None, "rms_norm_across_heads")
 TIMESTEP_CHANNELS = 256  # sinusoidal timestep features before the MLP
@@ -823,14 +824,21 @@ class SanaTransformer(ModelMixin):
         encoder_attention_mask: torch.Tensor | None = None,
         guidance: torch.Tensor | float | None = None,
         controlnet_block_samples: Sequence[torch.Tensor] | None = None,
-    ) -> torch.Tensor:
+        return_dict: bool | None = None,
+        attention_kwargs: Mapping[str, Any] | None = None,
+    ) -> torch.Tensor | SanaTransformerOutput | tuple[torch.Tensor]:
         """Velocity for latents (B, C, H, W) given caption tokens (B, L, caption_channels) and timesteps.
 
         `timestep` and `guidance` are (B,) tensors or scalars, embedded as given (callers apply
         ``config.timestep_scale`` / ``config.guidance_embeds_scale``). `encoder_attention_mask` (B, L):
         1 = keep, 0 = padding. `controlnet_block_samples[i - 1]` (B, N, D) is added after block i.
-        Returns (B, out_channels, H, W).
+        Returns the (B, out_channels, H, W) tensor. With `return_dict` given, the result is wrapped as
+        diffusers' ``SanaTransformer2DModel`` wraps it: True gives a `SanaTransformerOutput` (``.sample``),
+        False the tuple ``(sample,)``. Together with `attention_kwargs` (accepted when empty, or a LoRA
+        ``scale`` of 1: this model has no LoRA layers to scale), this lets diffusers' ``SanaPipeline`` and
+        ``SanaSprintPipeline`` run this model in place of theirs.
         """
+        _check_attention_kwargs(attention_kwargs)
         self._check_inputs(hidden_states, encoder_hidden_states, encoder_attention_mask, guidance)
         batch, _, height, width = hidden_states.shape
         p = self.patch_size
@@ -869,7 +877,34 @@ class SanaTransformer(ModelMixin):
         x = torch.addcmul(shift, self.norm_out(x), 1 + scale)  # (B, N, D)
         x = self.proj_out(x)  # (B, N, p*p*C)
         x = x.reshape(batch, h, w, p, p, -1).permute(0, 5, 1, 3, 2, 4)  # (B, C, h, p, w, p)
-        return x.reshape(batch, -1, height, width)  # (B, C, H, W)
+        x = x.reshape(batch, -1, height, width)  # (B, C, H, W)
+        if return_dict is None:
+            return x
+        return SanaTransformerOutput(x) if return_dict else (x,)
+
+
+class SanaTransformerOutput(NamedTuple):
+    """`SanaTransformer.forward(..., return_dict=True)`: like diffusers' ``Transformer2DModelOutput``,
+    the velocity is ``.sample`` and ``[0]``."""
+
+    sample: torch.Tensor
+
+
+def _check_attention_kwargs(attention_kwargs: Mapping[str, Any] | None) -> None:
+    # diffusers' pipelines pass attention_kwargs (None unless the user sets them); its only use on SANA
+    # is the LoRA scale, which is a no-op at 1 and on a model without LoRA layers.
+    if attention_kwargs is None:
+        return
+    if not isinstance(attention_kwargs, Mapping):
+        raise InputError(f"attention_kwargs must be a dict or None, got {type(attention_kwargs).__name__}")
+    other = sorted(str(k) for k in attention_kwargs if k != "scale")
+    scale = attention_kwargs.get("scale", 1.0)
+    if other or not (is_real(scale) and float(scale) == 1.0):
+        got = ", ".join(other + ([f"scale={scale!r}"] if "scale" in attention_kwargs else []))
+        raise InputError(
+            f"attention_kwargs: sanaflow's SanaTransformer has no LoRA layers or attention options; "
+            f"only an empty dict or scale=1 is accepted, got {got}"
+        )
 
 
 def _global_module_hooks() -> bool:
