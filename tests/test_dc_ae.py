@@ -115,6 +115,25 @@ def test_parity_with_diffusers(saved, layout):
         assert img.shape == x.shape
 
 
+def test_return_dict_wraps_like_diffusers(saved):
+    ref, folder = saved["sana"]
+    ours = DCAE.from_pretrained(folder)
+    f = ours.spatial_compression_ratio
+    x = torch.rand(1, 3, 2 * f, 2 * f) * 2 - 1
+    with torch.no_grad():
+        z = ours.encode(x)
+        img = ours.decode(z)
+        enc, dec = ours.encode(x, return_dict=True), ours.decode(z, return_dict=True)
+        enc_t, dec_t = ours.encode(x, return_dict=False), ours.decode(z, return_dict=False)
+        ref_enc, ref_dec = ref.encode(x), ref.decode(z)  # diffusers' defaults: return_dict=True
+    assert torch.equal(enc.latent, z) and torch.equal(enc[0], z) and torch.equal(enc_t[0], z) and len(enc_t) == 1
+    assert torch.equal(dec.sample, img) and torch.equal(dec[0], img) and torch.equal(dec_t[0], img) and len(dec_t) == 1
+    assert (enc.latent - ref_enc.latent).abs().max().item() <= 1e-4
+    assert (dec.sample - ref_dec.sample).abs().max().item() <= 1e-4
+    empty = ours.decode(z[:0], return_dict=False)[0]  # the empty-batch shortcut is wrapped too
+    assert empty.shape == (0, 3, 2 * f, 2 * f)
+
+
 def test_config_and_round_trip(saved, tmp_path):
     ref, folder = saved["sana"]
     ours = DCAE.from_pretrained(folder)

@@ -245,18 +245,19 @@ def test_bad_component_entries_are_checkpoint_errors(tmp_path, edit, match):
         TextToImagePipeline.from_pretrained(folder)
 
 
-def _with_our_transformer(ref, folder):
-    # diffusers' own pipeline object, its transformer swapped for ours (loaded from the same folder)
-    from sanaflow.models.sana_transformer import SanaTransformer
+def _with_our_models(ref, folder):
+    # diffusers' own pipeline object, its transformer and DC-AE swapped for ours (loaded from the same folder)
+    from sanaflow.models import DCAE, SanaTransformer
 
-    pipe = type(ref)(tokenizer=ref.tokenizer, text_encoder=ref.text_encoder, vae=ref.vae,
-                     transformer=SanaTransformer.from_pretrained(folder, subfolder="transformer"), scheduler=ref.scheduler)
+    pipe = type(ref)(tokenizer=ref.tokenizer, text_encoder=ref.text_encoder, scheduler=ref.scheduler,
+                     vae=DCAE.from_pretrained(folder, subfolder="vae"),
+                     transformer=SanaTransformer.from_pretrained(folder, subfolder="transformer"))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def test_our_transformer_runs_inside_diffusers_sana_pipeline(tiny_folder, ref):
-    pipe = _with_our_transformer(ref, tiny_folder)
+def test_our_models_run_inside_diffusers_sana_pipeline(tiny_folder, ref):
+    pipe = _with_our_models(ref, tiny_folder)
     latents = torch.randn(2, 4, 8, 16, generator=torch.Generator().manual_seed(4))
     kw = dict(negative_prompt="blurry", height=32, width=64, num_inference_steps=STEPS, guidance_scale=4.5,
               latents=latents, output_type="pt", use_resolution_binning=False)
@@ -270,7 +271,7 @@ def test_our_transformer_runs_inside_diffusers_sana_pipeline(tiny_folder, ref):
         pipe(prompts, attention_kwargs={"scale": 0.5}, **kw)
 
 
-def test_our_transformer_runs_inside_diffusers_sprint_pipeline(tmp_path):
+def test_our_models_run_inside_diffusers_sprint_pipeline(tmp_path):
     from diffusers import SanaSprintPipeline
 
     from tiny_sana import save_tiny_sprint
@@ -278,7 +279,7 @@ def test_our_transformer_runs_inside_diffusers_sprint_pipeline(tmp_path):
     folder = save_tiny_sprint(tmp_path / "sprint", sample_size=8)
     ref = SanaSprintPipeline.from_pretrained(folder)
     ref.set_progress_bar_config(disable=True)
-    pipe = _with_our_transformer(ref, folder)
+    pipe = _with_our_models(ref, folder)
     latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(6))
     kw = dict(height=32, width=32, num_inference_steps=2, guidance_scale=4.5, latents=latents, output_type="pt",
               use_resolution_binning=False)

@@ -34,7 +34,7 @@ import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -685,6 +685,18 @@ def _block_type_name(kind: str, value: Any, choices: Sequence[str]) -> str:
     return value.lower()
 
 
+class DCAEEncoderOutput(NamedTuple):
+    """`DCAE.encode(..., return_dict=True)`, like diffusers' ``EncoderOutput``: ``.latent`` and ``[0]``."""
+
+    latent: torch.Tensor
+
+
+class DCAEDecoderOutput(NamedTuple):
+    """`DCAE.decode(..., return_dict=True)`, like diffusers' ``DecoderOutput``: ``.sample`` and ``[0]``."""
+
+    sample: torch.Tensor
+
+
 class DCAE(ModelMixin):
     """Deep-compression autoencoder (diffusers ``AutoencoderDC`` layout): images <-> unscaled latents."""
 
@@ -888,30 +900,45 @@ class DCAE(ModelMixin):
     # ---- encode / decode ------------------------------------------------------------------
 
     def encode(self, images: torch.Tensor, tiling: bool | str = "auto", tile: int | None = None,
-               overlap: int | None = None, tile_batch: int | None = None) -> torch.Tensor:
-        """Images (B, 3, H, W) in [-1, 1] -> unscaled latents (B, C, H/f, W/f); tiled per `tiling`."""
+               overlap: int | None = None, tile_batch: int | None = None, *,
+               return_dict: bool | None = None) -> torch.Tensor | DCAEEncoderOutput | tuple[torch.Tensor]:
+        """Images (B, 3, H, W) in [-1, 1] -> unscaled latents (B, C, H/f, W/f); tiled per `tiling`.
+
+        `return_dict` as in diffusers' ``AutoencoderDC.encode``: True wraps the latents as
+        `DCAEEncoderOutput` (``.latent``), False as ``(latents,)``; None (default) returns the tensor.
+        """
         self._check_images(images)
         tiled = self.wants_tiling(images.shape[-2], images.shape[-1], tiling)
         self._check_tiling_request(tiled, self._encoder_split, tile, overlap, tile_batch)
         if images.shape[0] == 0:
-            return self._empty_latents(images)
-        if tiled:
-            return self.tiled_encode(images, tile=tile, overlap=overlap, tile_batch=tile_batch)
-        return self.encoder(images.to(self.dtype))
+            z = self._empty_latents(images)
+        elif tiled:
+            z = self.tiled_encode(images, tile=tile, overlap=overlap, tile_batch=tile_batch)
+        else:
+            z = self.encoder(images.to(self.dtype))
+        return z if return_dict is None else DCAEEncoderOutput(z) if return_dict else (z,)
 
     def decode(self, latents: torch.Tensor, tiling: bool | str = "auto", tile: int | None = None,
-               overlap: int | None = None, tile_batch: int | None = None) -> torch.Tensor:
-        """Unscaled latents (B, C, h, w) -> images (B, 3, h f, w f) in about [-1, 1]; tiled per `tiling`."""
+               overlap: int | None = None, tile_batch: int | None = None, *,
+               return_dict: bool | None = None) -> torch.Tensor | DCAEDecoderOutput | tuple[torch.Tensor]:
+        """Unscaled latents (B, C, h, w) -> images (B, 3, h f, w f) in about [-1, 1]; tiled per `tiling`.
+
+        `return_dict` as in diffusers' ``AutoencoderDC.decode`` (True: `DCAEDecoderOutput`, ``.sample``;
+        False: ``(images,)``; None, the default: the tensor), so diffusers' SANA pipelines can decode
+        with this model.
+        """
         self._check_latents(latents)
         f = self.spatial_compression_ratio
         tiled = self.wants_tiling(latents.shape[-2] * f, latents.shape[-1] * f, tiling)
         self._check_tiling_request(tiled, self._decoder_split, tile, overlap, tile_batch)
         if latents.shape[0] == 0:
-            return self._empty_images(latents)
-        if tiled:
-            return self.tiled_decode(latents, tile=tile, overlap=overlap, tile_batch=tile_batch)
-        z = latents.to(self.dtype)
-        return self.decoder(z.contiguous(memory_format=self._decode_format(z)))
+            x = self._empty_images(latents)
+        elif tiled:
+            x = self.tiled_decode(latents, tile=tile, overlap=overlap, tile_batch=tile_batch)
+        else:
+            z = latents.to(self.dtype)
+            x = self.decoder(z.contiguous(memory_format=self._decode_format(z)))
+        return x if return_dict is None else DCAEDecoderOutput(x) if return_dict else (x,)
 
     def _empty_latents(self, images: torch.Tensor) -> torch.Tensor:
         """The encoding of an empty batch (0, 3, H, W): (0, C, H/f, W/f) in the weights' dtype."""
