@@ -155,6 +155,9 @@ class GenerateConfig:
 
     # Model reference: a diffusers folder, a hub repo id or a model spec name; None: the embedded default.
     model: str | None = None
+    # Weight-file variant to read where the model has it ("fp16", "bf16": the official repos' half-size
+    # files); None: the default weights.
+    variant: str | None = None
     prompts: list[str] = field(default_factory=list)
     negative_prompt: str = ""
     width: int | None = None

@@ -12,7 +12,9 @@ from __future__ import annotations
 import functools
 import inspect
 import json
+import logging
 import os
+import posixpath
 import re
 from collections.abc import Callable, Mapping
 from importlib import resources
@@ -37,6 +39,10 @@ BUILTIN_MODELS: dict[str, str] = {
     "sanaflow/shapes-tiny": "shapes-tiny",
 }
 DEFAULT_MODEL = "sanaflow/shapes-tiny"
+# Files of a hub repo that loading never reads (sample images and videos of model cards).
+_MEDIA_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".webp", ".mp4", ".webm", ".mov")
+
+logger = logging.getLogger(__name__)
 
 T = TypeVar("T", bound="ModelMixin")
 
@@ -54,12 +60,16 @@ def builtin_path(name: str) -> Path | None:
     return Path(str(resources.files("sanaflow") / "assets" / folder))
 
 
-def resolve_model_path(ref: str | os.PathLike | None, subfolder: str | None = None) -> Path:
+def resolve_model_path(ref: str | os.PathLike | None, subfolder: str | None = None,
+                       variant: str | None = None) -> Path:
     """Return the local folder holding model `ref` (local path, built-in name, or hub repo id).
 
     `None` means the embedded default model. Hub repos are downloaded with huggingface_hub;
-    when that is impossible (offline, unknown repo) a `CheckpointError` says so.
+    when that is impossible (offline, unknown repo) a `CheckpointError` says so. A download
+    fetches one set of weights per folder (`variant`'s where the folder has them, else the
+    default ones; see `select_repo_files`), not every precision a repo offers.
     """
+    variant = check_variant(variant)
     ref = DEFAULT_MODEL if ref is None else ref
     if not isinstance(ref, (str, os.PathLike)) or not str(ref).strip():
         raise InputError(f"a model reference is a folder path, a built-in name or a hub repo id (a non-empty "
@@ -74,9 +84,9 @@ def resolve_model_path(ref: str | os.PathLike | None, subfolder: str | None = No
             raise CheckpointError(f"built-in model {str(ref)!r} is not installed (missing {builtin})")
         root = builtin
     elif (spec_ref := _spec_reference(str(ref))) is not None:
-        return resolve_model_path(spec_ref, subfolder)
+        return resolve_model_path(spec_ref, subfolder, variant)
     else:
-        root = _download(str(ref), subfolder)
+        root = _download(str(ref), subfolder, variant)
     if subfolder:
         sub = root / subfolder
         if not sub.is_dir():
@@ -104,7 +114,40 @@ def _looks_like_repo_id(ref: str) -> bool:
     return len(parts) == 2 and all(parts) and not ref.startswith((".", "~"))
 
 
-def _download(ref: str, subfolder: str | None) -> Path:
+def select_repo_files(files: list[str], subfolder: str | None = None, variant: str | None = None) -> list[str]:
+    """The files of a hub repo listing (paths with '/') that loading reads, for `allow_patterns`.
+
+    Everything but weights and media files, plus in each folder one set of safetensors weights:
+    `variant`'s when the folder has them, else the default (variant-less) ones, else the only
+    variant there is. Pickle checkpoints are fetched only for a model folder (config.json) without
+    safetensors, never for loose checkpoint folders.
+    With `subfolder`, only that folder (and model_index.json).
+    """
+    folders: dict[str, list[str]] = {}
+    for f in files:
+        folders.setdefault(posixpath.dirname(f), []).append(f)
+    keep: list[str] = []
+    for folder, names in sorted(folders.items()):
+        if subfolder and not (folder == subfolder or folder.startswith(subfolder.rstrip("/") + "/")):
+            keep += [f for f in names if f == "model_index.json"]
+            continue
+        weights = {f: v for f in names if (v := weight_file_variant(posixpath.basename(f))) is not None}
+        pickles = [f for f in names if f.endswith(PICKLE_SUFFIXES) or ".bin.index" in f]
+        keep += [f for f in names if f not in weights and f not in pickles and not f.lower().endswith(_MEDIA_SUFFIXES)]
+        present = set(weights.values())
+        if variant is not None and variant in present:
+            chosen = {variant}
+        elif _NO_VARIANT in present:
+            chosen = {_NO_VARIANT}
+        else:
+            chosen = present  # one variant, or several for the loader to ask which
+        keep += [f for f, v in weights.items() if v in chosen]
+        if not weights and posixpath.join(folder, CONFIG_NAME).lstrip("/") in names:
+            keep += pickles  # a model folder with pickle weights only (loading says whether it may read them)
+    return sorted(keep)
+
+
+def _download(ref: str, subfolder: str | None, variant: str | None = None) -> Path:
     if not _looks_like_repo_id(ref):
         from .config import model_specs
 
@@ -115,7 +158,7 @@ def _download(ref: str, subfolder: str | None) -> Path:
             "of the form 'owner/name'"
         )
     try:
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import HfApi, snapshot_download
     except ImportError as e:  # pragma: no cover - huggingface_hub is a hard dependency
         raise CheckpointError(f"cannot download {ref!r}: huggingface_hub is not installed") from e
     patterns = None
@@ -124,6 +167,8 @@ def _download(ref: str, subfolder: str | None) -> Path:
     # Read the switch now, not at huggingface_hub's import: a caller (or a test) may set it later.
     offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
     try:
+        if not offline:  # fetch one precision per folder, not all of them (offline: whatever is cached)
+            patterns = select_repo_files(HfApi().list_repo_files(ref), subfolder, variant)
         return Path(snapshot_download(ref, allow_patterns=patterns, local_files_only=offline))
     except Exception as e:  # huggingface_hub raises many types: offline, 404, gated, auth
         if offline:
@@ -239,32 +284,126 @@ def _safetensors_load(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"cannot read weights file {path} (truncated or corrupt?): {e}") from e
 
 
-def find_weight_files(folder: Path, allow_pickle: bool = False) -> list[Path]:
-    """The weight files of a model folder: one safetensors file, or the shards of an index."""
+# Weight file names: "<base>[.<variant>][-00001-of-00002].safetensors" and the shard index
+# "<base>.safetensors.index[.<variant>].json" (diffusers' and transformers' variant naming, e.g.
+# diffusion_pytorch_model.fp16.safetensors, model.safetensors.index.bf16.json).
+_VARIANT = r"[A-Za-z0-9_]+"
+_WEIGHT_FILE = re.compile(rf"^(?P<base>[^.]+?)(?:\.(?P<variant>{_VARIANT}))?(?:-\d{{5}}-of-\d{{5}})?\.safetensors$")
+_INDEX_FILE = re.compile(rf"^(?P<base>[^.]+)\.safetensors\.index(?:\.(?P<variant>{_VARIANT}))?\.json$")
+_NO_VARIANT = ""  # the variant of the default (variant-less) weight files
+
+
+def weight_file_variant(name: str) -> str | None:
+    """The variant of a safetensors weight or index file name ("" for the default files); None if not one."""
+    m = _WEIGHT_FILE.match(name) or _INDEX_FILE.match(name)
+    return None if m is None else (m.group("variant") or _NO_VARIANT)
+
+
+def weight_variants(folder: Path) -> set[str]:
+    """The variants of the safetensors weights in `folder` ("" stands for the default, variant-less files)."""
+    if not folder.is_dir():
+        return set()
+    return {v for p in folder.iterdir() if p.is_file() and (v := weight_file_variant(p.name)) is not None}
+
+
+def check_variant(variant: Any) -> str | None:
+    """`variant` (e.g. "fp16", "bf16") checked: None or a name of letters, digits and underscores."""
+    if variant is None:
+        return None
+    if not isinstance(variant, str) or not re.fullmatch(_VARIANT, variant):
+        raise InputError(f"variant must be a weight-file variant name such as 'fp16' or 'bf16' (letters, digits, "
+                         f"underscores), got {variant!r}")
+    return variant
+
+
+def component_variant(folder: Path, variant: str | None) -> str | None:
+    """The variant to load a pipeline component's weights with: `variant` where `folder` has it, else
+    None (the default weights; a warning when `variant` was asked for), or the folder's only variant
+    when it holds no default weights. diffusers' pipelines treat components saved without a variant alike."""
+    present = weight_variants(folder)
+    if variant is not None and variant in present:
+        return variant
+    if variant is not None and present:
+        logger.warning("%s has no %r variant weights; loading its %s weights", folder, variant,
+                       "default" if _NO_VARIANT in present else "only")
+    if _NO_VARIANT in present or len(present) != 1:
+        return None
+    return next(iter(present))
+
+
+def _index_shards(index: Path) -> list[Path]:
+    """The shard files a *.safetensors.index*.json names (all present in its folder)."""
+    folder = index.parent
+    weight_map = read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index} has no 'weight_map'")
+    bad = [k for k, v in weight_map.items() if not isinstance(v, str) or not v or Path(v).name != v]
+    if bad:
+        raise CheckpointError(f"{index}: 'weight_map' must map tensor names to shard file names in the "
+                              f"folder; bad entries: {_abbrev([f'{k}: {weight_map[k]!r}' for k in bad])}")
+    shards = sorted({folder / v for v in weight_map.values()})
+    missing = [s.name for s in shards if not s.is_file()]
+    if missing:
+        raise CheckpointError(f"{index} names shard files that are missing: {', '.join(missing)}")
+    return shards
+
+
+def _variant_weight_files(folder: Path, variant: str) -> list[Path] | None:
+    # The files of one variant under the standard names, or None when the folder has none.
+    for name in WEIGHTS_NAMES:
+        stem = name[: -len(".safetensors")]
+        index = folder / f"{name}.index.{variant}.json"
+        if index.is_file():
+            return _index_shards(index)
+        if (folder / f"{stem}.{variant}.safetensors").is_file():
+            return [folder / f"{stem}.{variant}.safetensors"]
+    return None
+
+
+def find_weight_files(folder: Path, allow_pickle: bool = False, variant: str | None = None) -> list[Path]:
+    """The weight files of a model folder: one safetensors file, or the shards of an index.
+
+    `variant` ("fp16", "bf16", ...) picks diffusers' variant files (``<name>.<variant>.safetensors`` or
+    ``<name>.safetensors.index.<variant>.json``) instead of the default ones. Without it, a folder that
+    holds only the files of a single variant loads those.
+    """
+    variant = check_variant(variant)
+    if variant is not None:
+        files = _variant_weight_files(folder, variant)
+        if files is not None:
+            return files
+        present = sorted(v or "(default)" for v in weight_variants(folder))
+        raise CheckpointError(
+            f"no {variant!r} variant weights in {folder}: expected diffusion_pytorch_model.{variant}.safetensors "
+            f"or a sharded *.safetensors.index.{variant}.json; the folder holds "
+            + (f"these variants: {', '.join(present)}" if present else "no safetensors weights")
+        )
     for name in WEIGHTS_NAMES:
         index = folder / f"{name}.index.json"
         if index.is_file():
-            weight_map = read_json(index).get("weight_map")
-            if not isinstance(weight_map, dict) or not weight_map:
-                raise CheckpointError(f"{index} has no 'weight_map'")
-            bad = [k for k, v in weight_map.items() if not isinstance(v, str) or not v or Path(v).name != v]
-            if bad:
-                raise CheckpointError(f"{index}: 'weight_map' must map tensor names to shard file names in the "
-                                      f"folder; bad entries: {_abbrev([f'{k}: {weight_map[k]!r}' for k in bad])}")
-            shards = sorted({folder / v for v in weight_map.values()})
-            missing = [s.name for s in shards if not s.is_file()]
-            if missing:
-                raise CheckpointError(f"{index} names shard files that are missing: {', '.join(missing)}")
-            return shards
+            return _index_shards(index)
         if (folder / name).is_file():
             return [folder / name]
-    others = sorted(p for p in folder.glob("*.safetensors"))
-    if len(others) == 1:
-        return others
-    if len(others) > 1:
+    weights = sorted(p for p in folder.glob("*.safetensors"))
+    default = [p for p in weights if weight_file_variant(p.name) in (_NO_VARIANT, None)]
+    if len(default) == 1:
+        return default
+    if len(default) > 1:
         raise CheckpointError(
-            f"{folder} holds several safetensors files ({', '.join(p.name for p in others)}) but no "
+            f"{folder} holds several safetensors files ({', '.join(p.name for p in default)}) but no "
             f"*.safetensors.index.json saying how they combine; expected {' or '.join(WEIGHTS_NAMES)}"
+        )
+    variants = sorted(weight_variants(folder) - {_NO_VARIANT})
+    if len(variants) == 1:
+        files = _variant_weight_files(folder, variants[0])
+        if files is not None:
+            return files
+        if len(weights) == 1:  # one file of an unusual name, e.g. weights.ema.safetensors
+            return weights
+    elif variants:
+        raise CheckpointError(
+            f"{folder} holds only variant weights ({', '.join(variants)}) and no default ones; pick one with "
+            f"variant= (--variant on the command line)"
         )
     pickles = sorted(p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES) if folder.is_dir() else []
     if pickles:
@@ -458,10 +597,16 @@ class ModelMixin(nn.Module):
         torch_dtype: torch.dtype | None = None,
         device: str | torch.device | None = None,
         allow_pickle: bool = False,
+        variant: str | None = None,
     ) -> T:
-        """Load a model from a diffusers-format folder, a built-in name or a hub repo id."""
+        """Load a model from a diffusers-format folder, a built-in name or a hub repo id.
+
+        `variant` ("fp16", "bf16", ...) loads diffusers' variant weight files, as diffusers'
+        ``from_pretrained(variant=...)`` does; the model is cast to `torch_dtype` (default float32) either way.
+        """
         torch_dtype, device = check_load_arguments(torch_dtype, device)
-        folder = resolve_model_path(ref, subfolder)
+        variant = check_variant(variant)
+        folder = resolve_model_path(ref, subfolder, variant)
         config_path = folder / CONFIG_NAME
         raw_config = read_json(config_path)
         named = raw_config.get("_class_name") if isinstance(raw_config, Mapping) else None
@@ -472,9 +617,13 @@ class ModelMixin(nn.Module):
         if QUANTIZATION_KEY in raw_config:  # int8 / fp8 weights: the quantized layers are rebuilt first
             from .quant import load_quantized
 
+            if variant is not None:
+                raise CheckpointError(f"{folder} holds quantized sanaflow weights, which have no variants; "
+                                      f"load it without variant={variant!r}")
+
             return load_quantized(cls, folder, torch_dtype=torch_dtype, device=device)
         config = cls.validate_config(raw_config, source=str(config_path))
-        state = load_state_dict_files(find_weight_files(folder, allow_pickle=allow_pickle))
+        state = load_state_dict_files(find_weight_files(folder, allow_pickle=allow_pickle, variant=variant))
         dtype = torch_dtype or torch.float32
         with torch.device("meta"):
             model = cls._build(config, str(config_path))

@@ -25,6 +25,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set sampling.steps=30 (repeatable)")
     p.add_argument("--model", default=None, help="model folder, built-in name or hub repo id (default: embedded)")
+    p.add_argument("--variant", default=None,
+                   help="weight-file variant to read where the model has it, e.g. fp16 or bf16 (the official "
+                        "repos' half-size files; default: the default weights)")
     p.add_argument("--negative", default=None, help="negative prompt")
     p.add_argument("--size", default=None, help="WIDTHxHEIGHT, multiples of 32 (default: the model's native size)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default 20)")
@@ -106,7 +109,7 @@ def check_sampler(name: str) -> str:
 
 
 # CLI flag -> dotted key of GenerateConfig (flags win over --config and --set).
-FLAG_KEYS = {"model": "model", "negative": "negative_prompt", "steps": "sampling.steps",
+FLAG_KEYS = {"model": "model", "variant": "variant", "negative": "negative_prompt", "steps": "sampling.steps",
              "cfg": "sampling.guidance_scale", "pag": "sampling.pag_scale", "seed": "sampling.seed",
              "num_images": "num_images_per_prompt", "sampler": "sampling.sampler", "out": "output_dir",
              "device": "device", "dtype": "dtype", "compile": "compile", "compile_regional": "compile_regional",
@@ -246,7 +249,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
     if cfg.compile or cfg.compile_regional or cfg.cuda_graphs or cfg.offload_text_encoder:
         _show_progress_logs()
-    pipe = load_pipeline(cfg.model, device=cfg.device, dtype=cfg.dtype, compile=cfg.compile,
+    pipe = load_pipeline(cfg.model, device=cfg.device, dtype=cfg.dtype, compile=cfg.compile, variant=cfg.variant,
                          offload_text_encoder=cfg.offload_text_encoder, cuda_graphs=cfg.cuda_graphs,
                          compile_regional=cfg.compile_regional, quantize=cfg.quantize)
     width = cfg.width or pipe.native_size

@@ -29,6 +29,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                                   "else cuda when available)")
     p.add_argument("--dtype", default=None, help="dtype of the layers kept in high precision: float32, bfloat16 or "
                                                  "float16 (default: bfloat16 for fp8, else float32)")
+    p.add_argument("--variant", default=None, help="read the transformer's variant weight files, e.g. fp16 or bf16, "
+                                                   "where the model has them (default: its default weights)")
     p.set_defaults(func=run_quantize)
 
 
@@ -36,7 +38,7 @@ def run_quantize(args: argparse.Namespace) -> int:
     """Load REF, quantize its transformer and save it (with the rest of the pipeline) to --out."""
     import torch  # here, not at module level: the CLI imports every command module at start
 
-    from ..hub import resolve_model_path
+    from ..hub import check_variant, component_variant, resolve_model_path
     from ..models.sana_transformer import SanaTransformer
     from ..quant import (
         check_mode,
@@ -47,6 +49,7 @@ def run_quantize(args: argparse.Namespace) -> int:
     )
 
     check_mode(args.mode)
+    variant = check_variant(args.variant)
     name = args.dtype or ("bfloat16" if args.mode == "fp8" else "float32")
     if name not in DTYPES:
         raise ConfigError(f"unknown --dtype {name!r}; choose from: {', '.join(DTYPES)}")
@@ -62,11 +65,13 @@ def run_quantize(args: argparse.Namespace) -> int:
         raise InputError(f"--mode fp8 needs a CUDA GPU with FP8 tensor cores (H100/H200, L40S, RTX 40xx); "
                          f"device {device} has none. Use --mode int8, or run this on such a GPU")
     out = check_out_folder(args.out, args.model)  # before resolving REF, which may download it
-    root = resolve_model_path(args.model)
+    root = resolve_model_path(args.model, variant=variant)
     check_out_not_source(args.out, out, root)  # before loading and quantizing
     is_pipeline = (root / "model_index.json").is_file()
     subfolder = "transformer" if is_pipeline else None
-    transformer = SanaTransformer.from_pretrained(root, subfolder=subfolder, torch_dtype=dtype, device=device)
+    variant = component_variant(root / subfolder if subfolder else root, variant)
+    transformer = SanaTransformer.from_pretrained(root, subfolder=subfolder, torch_dtype=dtype, device=device,
+                                                  variant=variant)
     quantize_transformer(transformer, args.mode)  # fp8 off a suitable GPU -> SanaflowError
     if is_pipeline:
         copy_pipeline_with_quantized_transformer(root, out, transformer)

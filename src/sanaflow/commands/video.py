@@ -13,6 +13,9 @@ from ..errors import InputError
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("video", help="video file (mp4, mov, webm, gif, ...) or a folder of frames")
     p.add_argument("--model", default=None, help="model folder / hub id (default: the embedded model)")
+    p.add_argument("--variant", default=None,
+                   help="weight-file variant to read where the model has it, e.g. fp16 or bf16 (default: the "
+                        "default weights)")
     p.add_argument("--source-prompt", default="", help="prompt describing the source video (default: empty)")
     p.add_argument("--steps", type=int, default=50, help="editing steps; latents are cached at these times")
     p.add_argument("--inversion-steps", type=int, default=None,
@@ -117,6 +120,7 @@ def _controlnet_ref(args) -> str | None:
 
 def _check_options(args) -> None:
     """Judge the options `edit` and `invert` share before any file is read or model loaded."""
+    from ..hub import check_variant
     from ..tokenflow.inversion import default_cache_dir
     from ..utils import check_folder_writable
     from ..video import check_fps, check_selection
@@ -126,6 +130,7 @@ def _check_options(args) -> None:
         if value is not None and value < 1:
             raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     check_selection(args.frames, args.start, args.stride)
+    check_variant(args.variant)
     if args.fps is not None:
         check_fps(args.fps, "--fps")
     if args.size is not None:
@@ -194,7 +199,7 @@ def _pipeline(args, controlnet: str | None = None):
             if importlib.util.find_spec(name) is not None:
                 importlib.import_module(name).utils.logging.disable_progress_bar()
     return VideoEditPipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype,
-                                             controlnet=controlnet, cache_dir=args.cache_dir)
+                                             controlnet=controlnet, cache_dir=args.cache_dir, variant=args.variant)
 
 
 def _default_out(video: str, suffix: str) -> Path:

@@ -98,11 +98,11 @@ def _describe(value: Any) -> str:
     return f"{type(value).__name__} {text[:60] + '...' if len(text) > 60 else text}"
 
 
-def _resolve_folder(root: str | os.PathLike, subfolder: str | None) -> Path:
+def _resolve_folder(root: str | os.PathLike, subfolder: str | None, variant: str | None = None) -> Path:
     """Local folder (or hub download) of a text encoder / tokenizer component."""
     from ..hub import resolve_model_path
 
-    return resolve_model_path(root, subfolder or None)
+    return resolve_model_path(root, subfolder or None, variant)
 
 
 def _read_model_type(folder: Path) -> str:
@@ -125,7 +125,8 @@ def _load_tokenizer(folder: Path):
         raise CheckpointError(f"cannot load a tokenizer from {folder}: {e}") from e
 
 
-def _load_model(cls, folder: Path, dtype: torch.dtype | None, device: str | torch.device | None):
+def _load_model(cls, folder: Path, dtype: torch.dtype | None, device: str | torch.device | None,
+                variant: str | None = None):
     from transformers.utils import logging as hf_logging
 
     # transformers draws a "Loading weights" bar on stderr; a local load takes well under a second
@@ -133,7 +134,8 @@ def _load_model(cls, folder: Path, dtype: torch.dtype | None, device: str | torc
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
-        model = cls.from_pretrained(str(folder), dtype=dtype or torch.float32, local_files_only=True)
+        kw = {} if variant is None else {"variant": variant}  # transformers' variant files (model.fp16.safetensors)
+        model = cls.from_pretrained(str(folder), dtype=dtype or torch.float32, local_files_only=True, **kw)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise CheckpointError(f"cannot load {cls.__name__} weights from {folder}: {e}") from e
     finally:
@@ -253,11 +255,19 @@ class GemmaTextEncoder(_TransformersTextEncoder):
         device: str | torch.device | None = None,
         max_length: int = GEMMA_MAX_LENGTH,
         instruction: Sequence[str] = SANA_COMPLEX_HUMAN_INSTRUCTION,
+        variant: str | None = None,
     ) -> GemmaTextEncoder:
-        """Load Gemma-2 and its tokenizer from a SANA diffusers folder (or hub repo id); float32 by default."""
+        """Load Gemma-2 and its tokenizer from a SANA diffusers folder (or hub repo id); float32 by default.
+
+        `variant` ("fp16", "bf16") loads those weight files where the folder has them (see
+        `hub.component_variant`), else its default weights.
+        """
         from transformers import Gemma2Model
 
-        model_folder = _resolve_folder(root, text_encoder_subfolder)
+        from ..hub import check_variant, component_variant
+
+        variant = check_variant(variant)
+        model_folder = _resolve_folder(root, text_encoder_subfolder, variant)
         model_type = _read_model_type(model_folder)
         if model_type != "gemma2":
             raise CheckpointError(
@@ -265,7 +275,7 @@ class GemmaTextEncoder(_TransformersTextEncoder):
                 "(use SentenceTextEncoder for BERT-style encoders)"
             )
         tokenizer = _load_tokenizer(_resolve_folder(root, tokenizer_subfolder))
-        model = _load_model(Gemma2Model, model_folder, torch_dtype, device)
+        model = _load_model(Gemma2Model, model_folder, torch_dtype, device, component_variant(model_folder, variant))
         return cls(model, tokenizer, max_length=max_length, instruction=instruction)
 
     def tokenize(self, prompts: Sequence[str] | str, use_instruction: bool = True) -> tuple[torch.Tensor, torch.Tensor]:

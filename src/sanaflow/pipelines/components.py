@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError, ConfigError
-from ..hub import DEFAULT_MODEL, read_json, resolve_model_path
+from ..hub import DEFAULT_MODEL, check_variant, component_variant, read_json, resolve_model_path
 
 # Schedulers whose config we understand (the class names official SANA folders use).
 SUPPORTED_SCHEDULERS = ("DPMSolverMultistepScheduler", "FlowMatchEulerDiscreteScheduler", "SCMScheduler")
@@ -74,8 +74,9 @@ def index_entry(index: dict[str, Any], key: str) -> list | None:
     return value
 
 
-def load_text_encoder(root: Path, index: dict[str, Any], device: torch.device) -> Any:
-    """The text encoder named by model_index.json: Gemma-2 from the folder, or a packaged MiniLM."""
+def load_text_encoder(root: Path, index: dict[str, Any], device: torch.device, variant: str | None = None) -> Any:
+    """The text encoder named by model_index.json: Gemma-2 from the folder (`variant`'s weights where
+    it has them), or a packaged MiniLM."""
     from ..models import text_encoders
 
     entry = index_entry(index, "text_encoder")
@@ -93,7 +94,8 @@ def load_text_encoder(root: Path, index: dict[str, Any], device: torch.device) -
     library, cls = entry
     if cls.startswith("Gemma"):
         te_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        return text_encoders.GemmaTextEncoder.from_pretrained(root, torch_dtype=te_dtype, device=device)
+        return text_encoders.GemmaTextEncoder.from_pretrained(root, torch_dtype=te_dtype, device=device,
+                                                              variant=variant)
     raise CheckpointError(f"unsupported text encoder {library}.{cls} in {root}/model_index.json; expected a Gemma-2 model")
 
 
@@ -101,19 +103,27 @@ def load_components(
     ref: str | os.PathLike | None = None,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
+    variant: str | None = None,
 ) -> tuple[SanaComponents, torch.device]:
-    """Load transformer, DC-AE, text encoder and scheduler config of a SANA folder / hub repo."""
+    """Load transformer, DC-AE, text encoder and scheduler config of a SANA folder / hub repo.
+
+    `variant` ("fp16", "bf16": the official repos' half-size weight files) is read where a component
+    has it and the default weights elsewhere; the models are cast to the pipeline's dtypes either way.
+    """
     from ..models import DCAE, SanaTransformer
 
     dev = pick_device(device)
     tdtype = pick_dtype(dtype, dev)
-    root = resolve_model_path(ref)
+    variant = check_variant(variant)
+    root = resolve_model_path(ref, variant=variant)
     index = read_json(root / "model_index.json")
-    transformer = SanaTransformer.from_pretrained(root, subfolder="transformer", torch_dtype=tdtype, device=dev)
+    transformer = SanaTransformer.from_pretrained(root, subfolder="transformer", torch_dtype=tdtype, device=dev,
+                                                  variant=component_variant(root / "transformer", variant))
     # The DC-AE stays in float32 on CPU and bf16 on GPU (fp16 overflows in its decoder).
     vae_dtype = torch.float32 if (dev.type == "cpu" or tdtype == torch.float32) else torch.bfloat16
-    vae = DCAE.from_pretrained(root, subfolder="vae", torch_dtype=vae_dtype, device=dev)
-    text_encoder = load_text_encoder(root, index, dev)
+    vae = DCAE.from_pretrained(root, subfolder="vae", torch_dtype=vae_dtype, device=dev,
+                               variant=component_variant(root / "vae", variant))
+    text_encoder = load_text_encoder(root, index, dev, variant)
     scheduler_config = read_json(root / "scheduler" / "scheduler_config.json")
     cls = scheduler_config.get("_class_name")
     if cls not in SUPPORTED_SCHEDULERS:

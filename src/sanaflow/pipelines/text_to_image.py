@@ -208,9 +208,13 @@ class TextToImagePipeline:
 
     @classmethod
     def from_pretrained(cls, ref: str | os.PathLike | None = None, device=None, dtype=None,
-                        offload_text_encoder: bool = False, cuda_graphs: bool = False) -> TextToImagePipeline:
-        """Load from a diffusers-format folder, a built-in name or a hub repo id (None = embedded model)."""
-        components, dev = load_components(ref, device=device, dtype=dtype)
+                        offload_text_encoder: bool = False, cuda_graphs: bool = False,
+                        variant: str | None = None) -> TextToImagePipeline:
+        """Load from a diffusers-format folder, a built-in name or a hub repo id (None = embedded model).
+
+        `variant` ("fp16" / "bf16") reads those weight files where the folder has them (`load_components`).
+        """
+        components, dev = load_components(ref, device=device, dtype=dtype, variant=variant)
         return cls(components, dev, offload_text_encoder=offload_text_encoder, cuda_graphs=cuda_graphs)
 
     # ---------------------------------------------------------------------------------- fast paths
@@ -609,13 +613,15 @@ def swapped_self_attention(transformer, layers, processor):
 
 def load_pipeline(ref: str | os.PathLike | None = None, device=None, dtype=None, compile: bool = False,
                   offload_text_encoder: bool = False, cuda_graphs: bool = False,
-                  compile_regional: bool = False, quantize: str | None = None) -> TextToImagePipeline:
+                  compile_regional: bool = False, quantize: str | None = None,
+                  variant: str | None = None) -> TextToImagePipeline:
     """Load a text-to-image pipeline (None = the embedded default model); see TextToImagePipeline for the options.
 
     `compile_regional` compiles per transformer block (`TextToImagePipeline.compile(regional=True)`); it implies
     `compile`. `quantize` ("int8" / "fp8") quantizes the transformer after loading (`TextToImagePipeline.quantize`).
+    `variant` ("fp16" / "bf16") reads the repo's variant weight files where it has them.
     """
-    pipe = TextToImagePipeline.from_pretrained(ref, device=device, dtype=dtype,
+    pipe = TextToImagePipeline.from_pretrained(ref, device=device, dtype=dtype, variant=variant,
                                                offload_text_encoder=offload_text_encoder, cuda_graphs=cuda_graphs)
     if quantize is not None:
         pipe.quantize(quantize)

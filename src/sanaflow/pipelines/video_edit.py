@@ -114,13 +114,18 @@ class VideoEditPipeline:
         dtype: str | torch.dtype | None = None,
         controlnet: str | os.PathLike | None = None,
         cache_dir: str | os.PathLike | None = None,
+        variant: str | None = None,
     ) -> VideoEditPipeline:
-        """Load the backbone of `ref` (None: the embedded default model); SD folders may add a ControlNet."""
+        """Load the backbone of `ref` (None: the embedded default model); SD folders may add a ControlNet.
+
+        `variant` ("fp16", "bf16") reads those weight files where a component has them.
+        """
         from .components import pick_device, pick_dtype
 
         dev = pick_device(device)
         tdtype = None if dtype is None else pick_dtype(dtype, dev)
-        return cls(load_backbone(ref, device=dev, dtype=tdtype, controlnet=controlnet), cache_dir=cache_dir)
+        return cls(load_backbone(ref, device=dev, dtype=tdtype, controlnet=controlnet, variant=variant),
+                   cache_dir=cache_dir)
 
     # 1. frames ------------------------------------------------------------------------------
 

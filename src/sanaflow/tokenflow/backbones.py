@@ -175,15 +175,18 @@ def tokenflow_hooks(backbone: Backbone, state: TokenFlowState) -> Iterator[None]
         backbone.set_self_attention_processors(original)
 
 
-def model_identity(root: Path) -> str:
-    """The folder plus a fingerprint of its files (names, sizes, times), so retrained weights miss the cache."""
+def model_identity(root: Path, variant: str | None = None) -> str:
+    """The folder plus a fingerprint of its files (names, sizes, times), so retrained weights miss the cache.
+
+    A weight `variant` read (fp16 / bf16 files) is part of it: other weights, other inversions.
+    """
     import hashlib
 
     h = hashlib.sha256()
     for f in sorted(p for p in Path(root).rglob("*") if p.is_file()):
         st = f.stat()
         h.update(f"{f.relative_to(root)}:{st.st_size}:{st.st_mtime_ns};".encode())
-    return f"{Path(root).resolve()}#{h.hexdigest()[:16]}"
+    return f"{Path(root).resolve()}#{h.hexdigest()[:16]}" + (f"@{variant}" if variant else "")
 
 
 def canny_edges(frames: np.ndarray, low: int = CANNY_THRESHOLDS[0], high: int = CANNY_THRESHOLDS[1]) -> np.ndarray:
@@ -320,36 +323,48 @@ class StableDiffusionBackbone:
         device: str | torch.device = "cpu",
         dtype: torch.dtype | None = None,
         controlnet: str | os.PathLike | None = None,
+        variant: str | None = None,
     ) -> StableDiffusionBackbone:
-        """Load from a diffusers SD folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/)."""
+        """Load from a diffusers SD folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/).
+
+        `variant` ("fp16", ...) reads those weight files where a component has them (SD repos ship fp16 ones).
+        """
         if importlib.util.find_spec("diffusers") is None:
             raise ConfigError("Stable Diffusion backbones need diffusers: pip install 'sanaflow[sd]'")
         from diffusers import AutoencoderKL, ControlNetModel, DDIMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
-        from ..hub import resolve_model_path
+        from ..hub import check_variant, component_variant, resolve_model_path
 
-        root = resolve_model_path(ref)
+        variant = check_variant(variant)
+        root = resolve_model_path(ref, variant=variant)
         device = torch.device(device)
         dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
         missing = [s for s in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if not (root / s).is_dir()]
         if missing:
             raise CheckpointError(f"{root} is not a Stable Diffusion folder: missing {', '.join(missing)}")
+        variants = {s: component_variant(root / s, variant) for s in ("unet", "vae", "text_encoder")}
         try:
-            unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet", torch_dtype=dtype)
+            unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet", torch_dtype=dtype,
+                                                        variant=variants["unet"])
             # The VAE stays in float32: SD's VAE overflows in float16 (black or NaN frames).
-            vae = AutoencoderKL.from_pretrained(root, subfolder="vae", torch_dtype=torch.float32)
-            text_encoder = CLIPTextModel.from_pretrained(root / "text_encoder", torch_dtype=dtype)
+            vae = AutoencoderKL.from_pretrained(root, subfolder="vae", torch_dtype=torch.float32,
+                                                variant=variants["vae"])
+            text_encoder = CLIPTextModel.from_pretrained(root / "text_encoder", torch_dtype=dtype,
+                                                         variant=variants["text_encoder"])
             tokenizer = CLIPTokenizer.from_pretrained(root / "tokenizer")
             scheduler = DDIMScheduler.from_pretrained(root, subfolder="scheduler")
             cnet = None
             if controlnet is not None:
-                cnet = ControlNetModel.from_pretrained(resolve_model_path(controlnet), torch_dtype=dtype).to(device)
+                cnet_root = resolve_model_path(controlnet, variant=variant)
+                cnet = ControlNetModel.from_pretrained(cnet_root, torch_dtype=dtype,
+                                                       variant=component_variant(cnet_root, variant)).to(device)
         except (OSError, ValueError) as e:
             raise CheckpointError(f"cannot load Stable Diffusion from {root}: {e}") from e
         for m in (unet, vae, text_encoder):
             m.to(device).eval().requires_grad_(False)
-        return cls(unet, vae, text_encoder, tokenizer, scheduler, controlnet=cnet, name=model_identity(root))
+        return cls(unet, vae, text_encoder, tokenizer, scheduler, controlnet=cnet,
+                   name=model_identity(root, variant if variant in variants.values() else None))
 
     # frames <-> latents -------------------------------------------------------------------
 
@@ -505,17 +520,23 @@ def load_backbone(
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
     controlnet: str | os.PathLike | None = None,
+    variant: str | None = None,
 ) -> Backbone:
-    """Load the backbone a model folder holds: SD (has unet/) or SANA (has transformer/)."""
-    from ..hub import resolve_model_path
+    """Load the backbone a model folder holds: SD (has unet/) or SANA (has transformer/).
 
-    root: Path = resolve_model_path(ref)
+    `variant` ("fp16", "bf16") reads those weight files where a component has them.
+    """
+    from ..hub import check_variant, resolve_model_path
+
+    variant = check_variant(variant)
+    root: Path = resolve_model_path(ref, variant=variant)
     if (root / "unet").is_dir():
-        return StableDiffusionBackbone.from_pretrained(root, device=device, dtype=dtype, controlnet=controlnet)
+        return StableDiffusionBackbone.from_pretrained(root, device=device, dtype=dtype, controlnet=controlnet,
+                                                       variant=variant)
     if (root / "transformer").is_dir():
         if controlnet is not None:
             raise ConfigError("--controlnet is only available with Stable Diffusion models")
-        return SanaBackbone.from_pretrained(root, device=device, dtype=dtype)
+        return SanaBackbone.from_pretrained(root, device=device, dtype=dtype, variant=variant)
     raise CheckpointError(
         f"{root} is neither a Stable Diffusion folder (unet/) nor a SANA folder (transformer/) in diffusers layout"
     )
@@ -651,12 +672,20 @@ class SanaBackbone:
         self.pnp_sites = [f"transformer_blocks.{i}.attn1" for i in range(layers // 2, layers)]
 
     @classmethod
-    def from_pretrained(cls, ref, device="cpu", dtype=None) -> SanaBackbone:
-        """Load a SANA folder in diffusers layout (transformer/, vae/, text_encoder/, scheduler/)."""
+    def from_pretrained(cls, ref, device="cpu", dtype=None, variant: str | None = None) -> SanaBackbone:
+        """Load a SANA folder in diffusers layout (transformer/, vae/, text_encoder/, scheduler/).
+
+        `variant` ("fp16", "bf16") reads those weight files where a component has them.
+        """
+        from ..hub import component_variant
         from ..pipelines.components import load_components
 
-        parts, _ = load_components(ref, device=device, dtype=dtype)
-        name = model_identity(parts.root) if parts.root is not None else parts.name
+        parts, _ = load_components(ref, device=device, dtype=dtype, variant=variant)
+        read = None
+        if parts.root is not None and variant is not None:
+            subs = ("transformer", "vae", "text_encoder")
+            read = variant if any(component_variant(parts.root / s, variant) == variant for s in subs) else None
+        name = model_identity(parts.root, read) if parts.root is not None else parts.name
         return cls(parts.transformer, parts.vae, parts.text_encoder, parts.scheduler_config, name=name)
 
     @torch.no_grad()
