@@ -304,3 +304,47 @@ def test_transformer_return_dict_and_attention_kwargs(ours):
                        ({"scale": "1"}, "scale='1'")]:
         with pytest.raises(SanaflowError, match=match):
             net(x, ctx, 0.5, attention_kwargs=bad)
+
+
+def test_prompt_embeds_give_the_images_of_the_prompts(ours, ref):
+    prompts = ["a red star above a blue square", "a photo of a cat"]
+    latents = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(7))
+    kw = dict(height=32, width=32, num_inference_steps=STEPS, guidance_scale=4.5, latents=latents,
+              output_type="pt", use_resolution_binning=False, num_images_per_prompt=2)
+    expected = ours(prompts, negative_prompt="blurry", **kw).images
+    batch = [p for p in prompts for _ in range(2)]  # what the call encodes: images of a prompt in a row
+    cond, uncond = ours.encode_prompts(prompts, ["blurry"] * 2)
+    both = ours(prompt_embeds=cond[0], prompt_attention_mask=cond[1], negative_prompt_embeds=uncond[0],
+                negative_prompt_attention_mask=uncond[1], **kw)
+    assert (both.images - expected).abs().max().item() <= 1e-5 and len(both.prompts) == len(batch)
+    # the negative encoded by the pipeline, padded to the (trimmed) length of the given features
+    only = ours(prompt_embeds=cond[0], prompt_attention_mask=cond[1], negative_prompt="blurry", **kw).images
+    assert (only - expected).abs().max().item() <= 1e-5
+    # diffusers' own encode_prompt output serves as well (its __call__ passes SANA's instruction prefix;
+    # encode_prompt's default is none)
+    from sanaflow.models.text_encoders import SANA_COMPLEX_HUMAN_INSTRUCTION
+
+    pe, pm, ne, nm = ref.encode_prompt(prompts, negative_prompt="blurry", do_classifier_free_guidance=True,
+                                       complex_human_instruction=list(SANA_COMPLEX_HUMAN_INSTRUCTION))
+    theirs = ours(prompt_embeds=pe, prompt_attention_mask=pm, negative_prompt_embeds=ne,
+                  negative_prompt_attention_mask=nm, **kw).images
+    assert (theirs - expected).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({}, "give a prompt, or prompt_embeds"),
+    ({"prompt": "a cat", "prompt_embeds": torch.zeros(1, 3, 16)}, "not both"),
+    ({"prompt_embeds": torch.zeros(1, 3, 16)}, "needs its prompt_attention_mask"),
+    ({"prompt_embeds": torch.zeros(1, 3, 5), "prompt_attention_mask": torch.ones(1, 3)}, r"\(B, L, 16\)"),
+    ({"prompt_embeds": torch.zeros(1, 3, 16), "prompt_attention_mask": torch.ones(1, 4)}, r"must be a \(1, 3\)"),
+    ({"prompt_embeds": torch.zeros(1, 3, 16), "prompt_attention_mask": torch.full((1, 3), 2)}, "only 0"),
+    ({"prompt_embeds": torch.full((1, 3, 16), float("nan")), "prompt_attention_mask": torch.ones(1, 3)}, "NaN"),
+    ({"prompt": "a cat", "negative_prompt_embeds": torch.zeros(1, 3, 16)}, "need prompt_embeds"),
+    ({"prompt_embeds": torch.zeros(1, 3, 16), "prompt_attention_mask": torch.ones(1, 3), "negative_prompt": "x",
+      "negative_prompt_embeds": torch.zeros(1, 3, 16), "negative_prompt_attention_mask": torch.ones(1, 3)}, "not both"),
+    ({"prompt_embeds": torch.zeros(1, 3, 16), "prompt_attention_mask": torch.ones(1, 3),
+      "negative_prompt_embeds": torch.zeros(1, 4, 16), "negative_prompt_attention_mask": torch.ones(1, 4)}, "shape of"),
+])
+def test_bad_prompt_embeds(ours, kwargs, match):
+    with pytest.raises(SanaflowError, match=match):
+        ours(num_inference_steps=1, height=32, width=32, **kwargs)

@@ -105,6 +105,69 @@ def check_call_arguments(
                              "(pass a generator for the noise of later Sprint steps)")
 
 
+def _check_embeds(embeds: Any, mask: Any, what: str, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A (B, L, channels) float tensor of caption features with its (B, L) 0/1 mask."""
+    if not isinstance(embeds, torch.Tensor) or embeds.ndim != 3 or embeds.shape[-1] != channels \
+            or not embeds.is_floating_point() or embeds.shape[0] == 0:
+        got = tuple(embeds.shape) if isinstance(embeds, torch.Tensor) else type(embeds).__name__
+        raise InputError(f"{what}_embeds must be a floating-point (B, L, {channels}) tensor of text features "
+                         f"(B >= 1), got {got}")
+    if mask is None:
+        raise InputError(f"{what}_embeds needs its {what}_attention_mask (B, L): 1 for tokens, 0 for padding")
+    if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(embeds.shape[:2]):
+        got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise InputError(f"{what}_attention_mask must be a {tuple(embeds.shape[:2])} tensor, got {got}")
+    if not bool(((mask == 0) | (mask == 1)).all()):
+        raise InputError(f"{what}_attention_mask must hold only 0 (padding) and 1 (token)")
+    if not bool(torch.isfinite(embeds).all()):
+        raise InputError(f"{what}_embeds hold NaN or infinite values")
+    return embeds, mask
+
+
+def _check_prompt_embeds(prompt, embeds, mask, negative_prompt, neg_embeds, neg_mask, channels: int):
+    """None when prompts come as text; else ((embeds, mask), (neg embeds, neg mask) | None), checked."""
+    if embeds is None:
+        if mask is not None or neg_embeds is not None or neg_mask is not None:
+            raise InputError("prompt_attention_mask / negative_prompt_embeds need prompt_embeds; with text "
+                             "prompts pass prompt= and negative_prompt=")
+        if prompt is None:
+            raise InputError("give a prompt, or prompt_embeds with prompt_attention_mask")
+        return None
+    if prompt is not None:
+        raise InputError("give prompt or prompt_embeds, not both")
+    cond = _check_embeds(embeds, mask, "prompt", channels)
+    if neg_embeds is None:
+        if neg_mask is not None:
+            raise InputError("negative_prompt_attention_mask needs negative_prompt_embeds")
+        return cond, None
+    if negative_prompt not in ("", None):
+        raise InputError("give negative_prompt or negative_prompt_embeds, not both")
+    neg = _check_embeds(neg_embeds, neg_mask, "negative_prompt", channels)
+    if neg[0].shape != cond[0].shape:
+        raise InputError(f"negative_prompt_embeds must have the shape of prompt_embeds, "
+                         f"{tuple(cond[0].shape)}; got {tuple(neg[0].shape)}")
+    return cond, neg
+
+
+def pad_caption_pair(cond, uncond):
+    """Give (hidden (B, L, C), mask (B, L)) pairs one caption length: the shorter gets padding columns.
+
+    A padding column (mask 0) adds nothing to the cross-attention, so this changes no output; it lets
+    caption features of another length (e.g. trimmed ones from `encode_prompts`) share a CFG batch.
+    """
+    length = max(cond[1].shape[1], uncond[1].shape[1])
+
+    def pad(pair):
+        h, m = pair
+        extra = length - m.shape[1]
+        if extra == 0:
+            return h, m
+        return (torch.cat([h, h.new_zeros(h.shape[0], extra, h.shape[2])], 1),
+                torch.cat([m, m.new_zeros(m.shape[0], extra)], 1))
+
+    return pad(cond), pad(uncond)
+
+
 CAPTION_TRIM_MULTIPLE = 64
 
 
@@ -339,6 +402,33 @@ class TextToImagePipeline:
             cond, uncond = trim_caption_padding(cond, uncond)
         return cond, uncond
 
+    def _given_features(self, given, negatives: list[str] | None, repeat: int):
+        """(cond, uncond) from `__call__`'s prompt_embeds: repeated per image, the negatives encoded if not given."""
+        (hidden, mask), neg = given
+
+        def per_image(pair):
+            h, m = pair
+            return (h.to(self.device).repeat_interleave(repeat, 0),
+                    m.to(self.device, torch.long).repeat_interleave(repeat, 0))
+
+        cond = per_image((hidden, mask))
+        uncond = None
+        if negatives is not None:  # guidance on
+            if neg is not None:
+                uncond = per_image(neg)
+            else:
+                if self._offload:
+                    self.text_encoder.to(self.device)
+                try:
+                    uncond = self.text_encoder.encode(negatives, use_instruction=False)
+                finally:
+                    if self._offload:
+                        self._park_text_encoder()
+                cond, uncond = pad_caption_pair(cond, uncond)
+        if self.trim_caption:
+            cond, uncond = trim_caption_padding(cond, uncond)
+        return cond, uncond
+
     def _transformer_call(self, pag: PAGSelfAttnProcessor | None = None, pag_layers: Sequence[int] = ()):
         """The per-step transformer call `(x, context, timestep, mask, guidance, perturbed) -> output`.
 
@@ -414,7 +504,7 @@ class TextToImagePipeline:
     @torch.inference_mode()
     def __call__(
         self,
-        prompt: str | Sequence[str],
+        prompt: str | Sequence[str] | None = None,
         negative_prompt: str | Sequence[str] = "",
         height: int | None = None,
         width: int | None = None,
@@ -432,12 +522,26 @@ class TextToImagePipeline:
         pag_layers: Sequence[int] | None = None,
         flow_shift: float | None = None,
         progress: bool = False,
+        prompt_embeds: torch.Tensor | None = None,
+        prompt_attention_mask: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_attention_mask: torch.Tensor | None = None,
     ) -> ImageOutput:
-        """Generate images for `prompt` (a string or a list); see the class docstring for the steps."""
+        """Generate images for `prompt` (a string or a list); see the class docstring for the steps.
+
+        Instead of `prompt`, text features may come precomputed, as in diffusers' ``SanaPipeline``:
+        `prompt_embeds` (B, L, caption_channels) with its `prompt_attention_mask` (B, L) (1 = token,
+        0 = padding), e.g. ``cond`` of `encode_prompts`; likewise `negative_prompt_embeds` / its mask
+        (same shape) for classifier-free guidance, else `negative_prompt` is encoded. The text encoder
+        then does not run for the prompts (or at all, with both given).
+        """
         from .. import sampling
 
         # 1. Inputs and size
-        prompts = _as_prompt_list(prompt)
+        given = _check_prompt_embeds(prompt, prompt_embeds, prompt_attention_mask, negative_prompt,
+                                     negative_prompt_embeds, negative_prompt_attention_mask,
+                                     self.transformer.config.caption_channels)
+        prompts = _as_prompt_list(prompt) if given is None else [""] * given[0][0].shape[0]
         if output_type not in OUTPUT_TYPES:
             raise unknown_choice("output_type", output_type, OUTPUT_TYPES)
         check_call_arguments(
@@ -473,7 +577,10 @@ class TextToImagePipeline:
             negatives = [n for n in negs for _ in range(num_images_per_prompt)]
 
         # 2. Text features
-        cond, uncond = self.encode_prompts(batch_prompts, negatives)
+        if given is None:
+            cond, uncond = self.encode_prompts(batch_prompts, negatives)
+        else:
+            cond, uncond = self._given_features(given, negatives, num_images_per_prompt)
 
         # 3. Initial noise
         c = self.transformer.config.in_channels
