@@ -422,3 +422,11 @@ def test_a_config_json_that_is_a_folder_is_named(saved):
     with pytest.raises(CheckpointError, match="is a folder; expected the JSON file config.json"):
         TinyNet.from_pretrained(folder)
     shutil.rmtree(folder / "config.json")
+
+
+def test_dtype_is_another_name_for_torch_dtype(saved):
+    _, folder = saved
+    assert TinyNet.from_pretrained(folder, dtype=torch.float16).proj_out.weight.dtype == torch.float16
+    assert TinyNet.from_pretrained(folder, dtype=torch.bfloat16, torch_dtype=torch.bfloat16).dtype == torch.bfloat16
+    with pytest.raises(SanaflowError, match="disagree"):
+        TinyNet.from_pretrained(folder, dtype=torch.float16, torch_dtype=torch.float32)

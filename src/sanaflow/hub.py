@@ -598,12 +598,18 @@ class ModelMixin(nn.Module):
         device: str | torch.device | None = None,
         allow_pickle: bool = False,
         variant: str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> T:
         """Load a model from a diffusers-format folder, a built-in name or a hub repo id.
 
         `variant` ("fp16", "bf16", ...) loads diffusers' variant weight files, as diffusers'
         ``from_pretrained(variant=...)`` does; the model is cast to `torch_dtype` (default float32) either way.
+        `dtype` is another name for `torch_dtype` (diffusers' newer spelling).
         """
+        if dtype is not None:
+            if torch_dtype is not None and torch_dtype != dtype:
+                raise InputError(f"torch_dtype={torch_dtype} and dtype={dtype} disagree; pass one of them")
+            torch_dtype = dtype
         torch_dtype, device = check_load_arguments(torch_dtype, device)
         variant = check_variant(variant)
         folder = resolve_model_path(ref, subfolder, variant)
