@@ -348,3 +348,8 @@ def test_prompt_embeds_give_the_images_of_the_prompts(ours, ref):
 def test_bad_prompt_embeds(ours, kwargs, match):
     with pytest.raises(SanaflowError, match=match):
         ours(num_inference_steps=1, height=32, width=32, **kwargs)
+
+
+def test_output_indexes_like_diffusers(ours):
+    out = ours("a red star", num_inference_steps=1, height=32, width=32, seed=3, output_type="np")
+    assert out[0] is out.images and out[1] == out.seeds == [3] and out[2] == out.prompts

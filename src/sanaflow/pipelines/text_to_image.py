@@ -43,6 +43,10 @@ class ImageOutput:
     seeds: list[int | None] = field(default_factory=list)
     prompts: list[str] = field(default_factory=list)
 
+    def __getitem__(self, index: int) -> Any:
+        """``out[0]`` is the images, as in diffusers' pipeline outputs (then the seeds, the prompts)."""
+        return (self.images, self.seeds, self.prompts)[index]
+
 
 def _as_prompt_list(prompt: str | Sequence[str], what: str = "prompt") -> list[str]:
     if not isinstance(prompt, (str, list, tuple)):
