@@ -83,9 +83,10 @@ EXTRA_IMPLS = {
                          "ours-fp8-cudagraphs", "ours-fp8-regional", "ours-fp8-regional-cudagraphs"),
     # ours-tileN: tiled with N-pixel tiles (default 1024), to trade peak memory against time
     "dcae_decode": ("ours-untiled", "ours-tiled", "ours-tile512", "ours-tile768", "ours-tile1536"),
-    "e2e_t2i": ("diffusers-compile", "ours-fp8"),
-    "e2e_t2i_text": ("diffusers-compile", "ours-fp8"),
-    "sprint_e2e": ("diffusers-compile", "ours-fp8"),
+    # diffusers-ours-models: diffusers' own pipeline with our transformer and DC-AE swapped in (eager)
+    "e2e_t2i": ("diffusers-compile", "ours-fp8", "diffusers-ours-models"),
+    "e2e_t2i_text": ("diffusers-compile", "ours-fp8", "diffusers-ours-models"),
+    "sprint_e2e": ("diffusers-compile", "ours-fp8", "diffusers-ours-models"),
 }
 
 # ------------------------------------------------------------------------------------------------
@@ -922,6 +923,11 @@ def _pipeline_case(rec: Recorder, settings: Settings, case: str, vaes, embeds) -
         free_memory(settings)
 
     ours = ours_like(SanaTransformer, dt, cfg)
+    if settings.wants(case, "diffusers-ours-models"):
+        dpipe.transformer, dpipe.vae = ours, ours_vae
+        run_all("diffusers-ours-models", diffusers_call)
+        dpipe.transformer, dpipe.vae = dt, dvae
+        free_memory(settings)
     for impl in ("ours", "ours-compile", "ours-compile-cudagraphs", "ours-compile-all", "ours-fp8"):
         if not settings.wants(case, impl):
             continue
