@@ -279,3 +279,12 @@ def test_checking_the_rng_file_leaves_the_rng_states_alone(tmp_path):
     _load_resume_files(ckpt, 1)
     assert (random.random(), np.random.standard_normal()) == expected[:2]
     assert torch.equal(torch.rand(3), expected[2])
+
+
+def test_scm_eval_sampler_is_refused_for_flow_matching_before_any_model(tmp_path, capsys, no_models):
+    # It used to pass validation and fail at the first evaluation, after the training steps.
+    cfg = write_yaml(tmp_path / "cfg.yaml", tiny_config(tmp_path / "run"))
+    assert main(["train", "--config", str(cfg), "--set", "eval.sampler=scm"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "eval.sampler 'scm'" in err and "euler or dpm++2m" in err
+    assert not (tmp_path / "run").exists()

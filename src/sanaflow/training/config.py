@@ -338,6 +338,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     check_flow_shift(e.flow_shift, "eval.flow_shift", ConfigError)  # the samplers' range
     _seed("eval.seed", e.seed)
     _integer("eval.num_images", e.num_images, 1)
+    if cfg.task == "t2i" and e.sampler == "scm":  # the sampler itself would refuse it at the first evaluation
+        raise ConfigError("eval.sampler 'scm' is SANA-Sprint's (TrigFlow) sampler and task 't2i' trains a "
+                          "flow-matching model; use euler or dpm++2m")
 
     # what the task and the data source need
     if d.source == "folder" and not d.path:

@@ -265,10 +265,12 @@ def collate(items: list[dict]) -> dict:
 
 def _worker_init(_: int) -> None:
     # One thread per worker: the workers already use every core, and OpenCV's / torch's own thread
-    # pools inside each of them would oversubscribe the CPU (renders are small).
+    # pools inside each of them would oversubscribe the CPU (renders are small). 0, not 1: 0 turns
+    # OpenCV's threading off (its functions run sequentially), while 1 rebuilds its pthreads pool,
+    # which deadlocks inside a DataLoader worker (opencv-python 5.x: the first batch never came).
     import cv2
 
-    cv2.setNumThreads(1)
+    cv2.setNumThreads(0)
     torch.set_num_threads(1)
 
 

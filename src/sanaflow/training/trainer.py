@@ -4,8 +4,10 @@ A checkpoint (``<output_dir>/checkpoints/step_NNNNNNN/``) holds everything a res
 continue exactly as an uninterrupted one: the network (``model/``, diffusers layout), its EMA
 (``ema/``), other trainable parts of the loss (``extra.safetensors``, e.g. a discriminator), the
 optimizer and LR schedule (``optimizer.pt``), every rank's RNG states (``rng.pt``) and the step /
-data position (``trainer_state.json``). It is written to a temporary folder and renamed, so an
-interrupted save never leaves a broken checkpoint behind.
+data position (``trainer_state.json``, with each rank's partial log window, so the first log record
+after a resume averages the same steps). It is written to a temporary folder and renamed, so an
+interrupted save never leaves a broken checkpoint behind; the temporary folder of a save that was
+killed (SIGTERM, SIGKILL) is deleted by the next save.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
 METRICS_FILE = "metrics.jsonl"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+# What `atomic_path` leaves of a checkpoint save that was killed: ".step_NNNNNNN.<random>.tmp" (or ".old").
+_STALE_DIR = re.compile(r"^\.step_\d+\.(\w+\.tmp|old)$")
 
 
 @dataclass
@@ -117,6 +121,31 @@ def _broken(path: Path, problem: str) -> CheckpointError:
         f"{problem}; checkpoint {ckpt} cannot be resumed: delete that folder to resume from the checkpoint "
         "before it, or start a new run (without --resume) in another output_dir"
     )
+
+
+def _saved_log_window(state: dict[str, Any], rank: int) -> tuple[int, dict[str, float]]:
+    """Rank `rank`'s partial log window of a checkpoint: (steps since its last log record, summed logs).
+
+    (0, {}) where the checkpoint has none (written at a log step, or by an older sanaflow).
+    """
+    try:
+        window = state["log_windows"][rank]
+        steps, sums = window["steps"], {str(k): float(v) for k, v in window["sums"].items()}
+    except (KeyError, IndexError, TypeError, AttributeError, ValueError):
+        return 0, {}
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
+        return 0, {}
+    return steps, sums
+
+
+def _metrics_step(line: str) -> int | None:
+    """The step of a metrics.jsonl line; None for a blank line or one a killed run left half-written."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    step = record.get("step", 0) if isinstance(record, dict) else None
+    return step if isinstance(step, int) else None
 
 
 def _read_state(path: Path) -> dict[str, Any]:
@@ -280,15 +309,19 @@ class Trainer:
         return {k: v.detach().cpu() for k, v in loss.state_dict().items()
                 if not k.startswith("net.") and k not in ("null_hidden", "null_mask")}
 
-    def save_checkpoint(self, acc, loss_unwrapped, ema, optimizer, scheduler, step, micro_step, samples) -> Path:
-        """Write a complete checkpoint for `step` (collective: every rank must call it)."""
+    def save_checkpoint(self, acc, loss_unwrapped, ema, optimizer, scheduler, step, micro_step, samples,
+                        log_window: dict[str, Any] | None = None) -> Path:
+        """Write a complete checkpoint for `step` (collective: every rank must call it).
+
+        `log_window`: this rank's logs since its last log record, ``{"steps": n, "sums": {name: float}}``.
+        """
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        rng = [_rng_state()]
+        rng, windows = [_rng_state()], [log_window or {"steps": 0, "sums": {}}]
         if acc.num_processes > 1:
             gathered: list[Any] = [None] * acc.num_processes
-            torch.distributed.all_gather_object(gathered, rng[0])
-            rng = gathered
+            torch.distributed.all_gather_object(gathered, (rng[0], windows[0]))
+            rng, windows = [g[0] for g in gathered], [g[1] for g in gathered]
         fsdp = self.cfg.train.distributed == "fsdp" and acc.num_processes > 1
         if fsdp:
             from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
@@ -320,10 +353,13 @@ class Trainer:
                 torch.save(rng, tmp / "rng.pt")
                 state = {"step": step, "micro_step": micro_step, "samples": samples,
                          "world_size": acc.num_processes, "fingerprint": self.task.fingerprint,
-                         "config": self.cfg.to_dict()}
+                         "config": self.cfg.to_dict(), "log_windows": windows}
                 (tmp / STATE_FILE).write_text(json.dumps(state, indent=2), encoding="utf-8")
             for old in list_checkpoints(self.out)[: -max(1, self.cfg.train.keep_checkpoints)]:
                 shutil.rmtree(old, ignore_errors=True)
+            for stale in (self.out / CHECKPOINTS).iterdir():  # temporary folders of saves that were killed
+                if _STALE_DIR.match(stale.name) and stale.is_dir():
+                    shutil.rmtree(stale, ignore_errors=True)
         acc.wait_for_everyone()
         return path
 
@@ -340,12 +376,13 @@ class Trainer:
             writer.flush()
 
     def _truncate_metrics(self, step: int) -> None:
-        # A resumed run rewrites the steps after its checkpoint; drop their old records.
+        # A resumed run rewrites the steps after its checkpoint, and a new run (step 0) all of them:
+        # drop their old records (and a line that a killed run left half-written).
         path = self.out / METRICS_FILE
         if not path.is_file():
             return
         keep = [line for line in path.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
+                if (n := _metrics_step(line)) is not None and n <= step]
         atomic_write_text(path, "".join(line + "\n" for line in keep))
 
     # ------------------------------------------------------------------------------ the loop
@@ -433,12 +470,12 @@ class Trainer:
             import yaml
 
             atomic_write_text(self.out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-            if ckpt_state is not None:
-                self._truncate_metrics(step)
+            self._truncate_metrics(step)
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                writer = SummaryWriter(str(self.out / "tensorboard"))
+                # purge_step: TensorBoard drops the events of earlier runs here from step + 1 on, as above.
+                writer = SummaryWriter(str(self.out / "tensorboard"), purge_step=step + 1)
             except ImportError:
                 acc.print("tensorboard is not installed: scalars go to metrics.jsonl only")
         if rng_states is not None:
@@ -462,7 +499,10 @@ class Trainer:
         params = [p for p in loss.parameters() if p.requires_grad]
         has_step = "step" in dict(loss_unwrapped.named_buffers())
         window_t, window_n = time.time(), 0
-        logs_acc: dict[str, Any] = {}  # name -> running sum (device tensor or float)
+        # name -> running sum (device tensor or float) over the window_steps steps since the last log
+        # record; a resumed run continues the checkpoint's window, so its first record is the same.
+        window_steps, logs_acc = (_saved_log_window(ckpt_state, acc.process_index)
+                                  if ckpt_state is not None else (0, {}))
         last_ckpt = step if ckpt_state is not None else -1
         stop_reason = "max_steps"
         eval_scores: dict[str, float] = {}
@@ -487,12 +527,12 @@ class Trainer:
             optimizer.zero_grad(set_to_none=True)
             ema.update(loss_unwrapped.net, step)
             step += 1
+            window_steps += 1
             samples += batch_global
             window_n += batch_global
             if pbar is not None:
                 pbar.update(1)
             if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
-                n_steps = cfg.train.log_every if step % cfg.train.log_every == 0 else max(1, step % cfg.train.log_every)
                 elapsed = time.time() - window_t
                 record = {"step": step, "lr": scheduler.get_last_lr()[0], "samples": samples,
                           "img_per_s": window_n / max(elapsed, 1e-9)}
@@ -501,7 +541,7 @@ class Trainer:
                     keys = sorted(logs_acc)
                     mean = acc.reduce(torch.tensor([logs_acc[k] for k in keys], device=device), reduction="mean")
                     logs_acc = dict(zip(keys, mean.tolist()))
-                record.update({k: v / n_steps for k, v in logs_acc.items()})
+                record.update({k: v / window_steps for k, v in logs_acc.items()})
                 if grad_norm is not None:
                     record["grad_norm"] = float(grad_norm)
                 self._log(acc, writer, record)
@@ -509,7 +549,7 @@ class Trainer:
                     pbar.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}", img_s=f"{record['img_per_s']:.1f}")
                 else:
                     acc.print(dumps_json({k: round(v, 5) if isinstance(v, float) else v for k, v in record.items()}))
-                logs_acc, window_t, window_n = {}, time.time(), 0
+                logs_acc, window_steps, window_t, window_n = {}, 0, time.time(), 0
             out_of_time = cfg.train.max_minutes is not None and (time.time() - t_start) / 60 > cfg.train.max_minutes
             if acc.num_processes > 1 and cfg.train.max_minutes is not None:
                 # The ranks must stop at the same step, but agreeing waits for the GPU (a host sync that
@@ -520,7 +560,8 @@ class Trainer:
                 else:
                     out_of_time = False
             if step % cfg.train.checkpoint_every == 0 or out_of_time or step == cfg.train.max_steps:
-                self.save_checkpoint(acc, loss_unwrapped, ema, optimizer, scheduler, step, micro_step, samples)
+                self.save_checkpoint(acc, loss_unwrapped, ema, optimizer, scheduler, step, micro_step, samples,
+                                     {"steps": window_steps, "sums": {k: float(v) for k, v in logs_acc.items()}})
                 last_ckpt = step
             if task.evaluate is not None and cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.train.max_steps:
                 eval_scores = self._evaluate(acc, writer, ema, step)
@@ -528,7 +569,8 @@ class Trainer:
                 stop_reason = "max_minutes"
                 break
         if last_ckpt != step:
-            self.save_checkpoint(acc, loss_unwrapped, ema, optimizer, scheduler, step, micro_step, samples)
+            self.save_checkpoint(acc, loss_unwrapped, ema, optimizer, scheduler, step, micro_step, samples,
+                                 {"steps": window_steps, "sums": {k: float(v) for k, v in logs_acc.items()}})
         if pbar is not None:
             pbar.close()
         if task.evaluate is not None and cfg.eval.at_end and stop_reason == "max_steps":
