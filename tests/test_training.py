@@ -457,3 +457,17 @@ def test_terminal_share_moves_samples_to_the_pure_noise_end_and_is_free_when_off
     assert float((plain > 0.97).float().mean()) < 0.02 and float((on > 0.97).float().mean()) > 0.19
     all_end = sample_flow_sigmas(1000, 0.0, 1.0, 1.0, torch.device("cpu"), terminal=1.0, terminal_from=0.9)
     assert float(all_end.min()) >= 0.9
+
+
+def test_logged_lr_is_the_rate_each_step_used(tmp_path):
+    from sanaflow.training.config import OptimConfig
+    from sanaflow.training.optim import lr_factor
+
+    cfg_path = write_yaml(tmp_path / "c.yaml", tiny_config(tmp_path / "run", optim={"schedule": "cosine"}))
+    run(cfg_path)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    logged = {r["step"]: r["lr"] for r in rows if "lr" in r}
+    optim = OptimConfig(lr=1e-3, warmup_steps=2, schedule="cosine")
+    # record of step s (1-based) holds the rate of the update it made: the schedule at index s - 1
+    assert logged == pytest.approx({s: 1e-3 * lr_factor(s - 1, optim, 4) for s in range(1, 5)})
+    assert logged[1] == pytest.approx(5e-4)  # the first warmup step, not the second

@@ -523,6 +523,7 @@ class Trainer:
                 micro_step += 1
             grad_norm = acc.clip_grad_norm_(params, cfg.optim.grad_clip) if cfg.optim.grad_clip > 0 else None
             optimizer.step()
+            lr = scheduler.get_last_lr()[0]  # the rate this step used (after scheduler.step(): the next one's)
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             ema.update(loss_unwrapped.net, step)
@@ -534,7 +535,7 @@ class Trainer:
                 pbar.update(1)
             if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
                 elapsed = time.time() - window_t
-                record = {"step": step, "lr": scheduler.get_last_lr()[0], "samples": samples,
+                record = {"step": step, "lr": lr, "samples": samples,
                           "img_per_s": window_n / max(elapsed, 1e-9)}
                 logs_acc = {k: float(v) for k, v in logs_acc.items()}  # the one host sync per log window
                 if logs_acc and acc.num_processes > 1:  # log the mean over all ranks, not rank 0's share
