@@ -113,3 +113,25 @@ def host_microseconds(fn: Callable[[], Any], n: int, warmup: int = 5) -> tuple[f
     torch.cuda.synchronize()
     t2 = time.perf_counter()
     return (t1 - t0) / n * 1e6, (t2 - t0) / n * 1e6
+
+
+def cuda_event_seconds(fn: Callable[[], Any], repeats: int, inner: int = 10, warmup: int = 3) -> tuple[float, float]:
+    """(median, min) seconds per call of `fn` on the GPU: CUDA events around `inner` calls, `repeats` times.
+
+    Several calls between two events hide the launch overhead of one.
+    """
+    import statistics
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(inner):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / inner)
+    return statistics.median(times), min(times)

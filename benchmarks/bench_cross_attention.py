@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from _common import cuda_event_seconds  # noqa: E402  (a sibling of this script: on sys.path when it runs)
 
 MODELS = {"600M": (16, 72), "1600M": (20, 112)}
 CAPTION_TOKENS = 300
@@ -77,23 +77,6 @@ def cases(tca, lengths) -> dict:
     return out
 
 
-def timed(fn, repeats: int, inner: int = 10) -> tuple[float, float]:
-    """(median, min) seconds per call; `inner` calls between two events, so launch overhead hides."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for _ in range(inner):
-            fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b) / 1e3 / inner)
-    return statistics.median(times), min(times)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default="600M,1600M")
@@ -139,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
                     try:
                         out = call()
                         rec["rel_err"] = ((out.double() - ref[masked]).norm() / ref[masked].norm()).item()
-                        rec["seconds"], rec["seconds_min"] = timed(call, args.repeats)
+                        rec["seconds"], rec["seconds_min"] = cuda_event_seconds(call, args.repeats)
                         if name == "triton":
                             rec["config"] = tca.tuned_config(q, k)
                     except Exception as err:  # a backend that does not take the shape

@@ -9,8 +9,9 @@ each with and without fast accumulation.
 
     python benchmarks/fp8_gemm_probe.py --out benchmarks/results/fp8_gemm_probe.json
 
-CUDA only (fp8 ``_scaled_mm`` needs compute capability 8.9 or newer); CUDA events around N calls,
-after warm-up. The weight-row scales do not change the speed, so unit scales are used.
+CUDA only (fp8 ``_scaled_mm`` needs compute capability 8.9 or newer); the median of 5 CUDA-event
+windows of N / 5 calls each, after warm-up. The weight-row scales do not change the speed, so unit
+scales are used.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import sys
 from pathlib import Path
 
 import torch
+from _common import cuda_event_seconds
 
 # (name, K, N) of each linear layer of a block, hidden 1152 / 2240, Mix-FFN hidden 2880 / 5600 (GLU: 2x).
 SHAPES = {
@@ -31,17 +33,9 @@ SHAPES = {
 }
 
 
-def cuda_ms(fn, n: int) -> float:
-    for _ in range(5):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(n):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / n
+def cuda_ms(fn, runs: int) -> float:
+    """Median milliseconds per call over 5 windows of runs / 5 calls each (`_common.cuda_event_seconds`)."""
+    return cuda_event_seconds(fn, repeats=5, inner=max(1, runs // 5), warmup=5)[0] * 1e3
 
 
 def time_shape(m: int, k: int, n: int, runs: int) -> dict[str, float]:
