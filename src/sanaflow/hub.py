@@ -326,9 +326,13 @@ def component_variant(folder: Path, variant: str | None) -> str | None:
     if variant is not None and present:
         logger.warning("%s has no %r variant weights; loading its %s weights", folder, variant,
                        "default" if _NO_VARIANT in present else "only")
-    if _NO_VARIANT in present or len(present) != 1:
-        return None
-    return next(iter(present))
+    return _sole_variant(present)
+
+
+def _sole_variant(present: set[str]) -> str | None:
+    # The variant a folder's weights must be read with when none is asked for: its only one, if it has
+    # no default (variant-less) weights; else None.
+    return next(iter(present)) if len(present) == 1 and _NO_VARIANT not in present else None
 
 
 def _index_shards(index: Path) -> list[Path]:
@@ -394,8 +398,8 @@ def find_weight_files(folder: Path, allow_pickle: bool = False, variant: str | N
             f"*.safetensors.index.json saying how they combine; expected {' or '.join(WEIGHTS_NAMES)}"
         )
     variants = sorted(weight_variants(folder) - {_NO_VARIANT})
-    if len(variants) == 1:
-        files = _variant_weight_files(folder, variants[0])
+    if (sole := _sole_variant(set(variants))) is not None:
+        files = _variant_weight_files(folder, sole)
         if files is not None:
             return files
         if len(weights) == 1:  # one file of an unusual name, e.g. weights.ema.safetensors
@@ -482,6 +486,14 @@ def _weight_files(folder: Path, name: str) -> set[Path]:
 def _remove(paths: set[Path]) -> None:
     for p in paths:
         p.unlink(missing_ok=True)
+
+
+def wrap_output(value: torch.Tensor, return_dict: bool | None, output_cls: Callable[[torch.Tensor], Any]) -> Any:
+    """A model's result as its caller asked: the tensor (None, sanaflow's default), diffusers' output
+    object (True: `output_cls(value)`) or the tuple ``(value,)`` (False), as diffusers' ``return_dict``."""
+    if return_dict is None:
+        return value
+    return output_cls(value) if return_dict else (value,)
 
 
 # --------------------------------------------------------------------------------------------
@@ -611,8 +623,7 @@ class ModelMixin(nn.Module):
                 raise InputError(f"torch_dtype={torch_dtype} and dtype={dtype} disagree; pass one of them")
             torch_dtype = dtype
         torch_dtype, device = check_load_arguments(torch_dtype, device)
-        variant = check_variant(variant)
-        folder = resolve_model_path(ref, subfolder, variant)
+        folder = resolve_model_path(ref, subfolder, variant)  # checks `variant`
         config_path = folder / CONFIG_NAME
         raw_config = read_json(config_path)
         named = raw_config.get("_class_name") if isinstance(raw_config, Mapping) else None

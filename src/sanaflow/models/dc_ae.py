@@ -42,7 +42,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import ConfigError, InputError, unknown_choice
-from ..hub import ModelMixin, register_to_config
+from ..hub import ModelMixin, register_to_config, wrap_output
 from ..utils import is_int
 
 BLOCK_TYPES = ("ResBlock", "EfficientViTBlock")
@@ -916,7 +916,7 @@ class DCAE(ModelMixin):
             z = self.tiled_encode(images, tile=tile, overlap=overlap, tile_batch=tile_batch)
         else:
             z = self.encoder(images.to(self.dtype))
-        return z if return_dict is None else DCAEEncoderOutput(z) if return_dict else (z,)
+        return wrap_output(z, return_dict, DCAEEncoderOutput)
 
     def decode(self, latents: torch.Tensor, tiling: bool | str = "auto", tile: int | None = None,
                overlap: int | None = None, tile_batch: int | None = None, *,
@@ -938,7 +938,7 @@ class DCAE(ModelMixin):
         else:
             z = latents.to(self.dtype)
             x = self.decoder(z.contiguous(memory_format=self._decode_format(z)))
-        return x if return_dict is None else DCAEDecoderOutput(x) if return_dict else (x,)
+        return wrap_output(x, return_dict, DCAEDecoderOutput)
 
     def _empty_latents(self, images: torch.Tensor) -> torch.Tensor:
         """The encoding of an empty batch (0, 3, H, W): (0, C, H/f, W/f) in the weights' dtype."""

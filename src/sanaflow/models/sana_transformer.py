@@ -59,7 +59,7 @@ from torch.nn.modules import module as _torch_module
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import ConfigError, InputError, suggest
-from ..hub import ModelMixin, register_to_config
+from ..hub import ModelMixin, register_to_config, wrap_output
 from ..ops import norm as norm_ops
 from ..ops.cross_attention import attend_tokens
 from ..ops.linear_attention import linear_attention
@@ -878,9 +878,7 @@ class SanaTransformer(ModelMixin):
         x = self.proj_out(x)  # (B, N, p*p*C)
         x = x.reshape(batch, h, w, p, p, -1).permute(0, 5, 1, 3, 2, 4)  # (B, C, h, p, w, p)
         x = x.reshape(batch, -1, height, width)  # (B, C, H, W)
-        if return_dict is None:
-            return x
-        return SanaTransformerOutput(x) if return_dict else (x,)
+        return wrap_output(x, return_dict, SanaTransformerOutput)
 
 
 class SanaTransformerOutput(NamedTuple):

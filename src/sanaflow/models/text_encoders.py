@@ -264,10 +264,9 @@ class GemmaTextEncoder(_TransformersTextEncoder):
         """
         from transformers import Gemma2Model
 
-        from ..hub import check_variant, component_variant
+        from ..hub import component_variant
 
-        variant = check_variant(variant)
-        model_folder = _resolve_folder(root, text_encoder_subfolder, variant)
+        model_folder = _resolve_folder(root, text_encoder_subfolder, variant)  # checks `variant`
         model_type = _read_model_type(model_folder)
         if model_type != "gemma2":
             raise CheckpointError(

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError, ConfigError
-from ..hub import DEFAULT_MODEL, check_variant, component_variant, read_json, resolve_model_path
+from ..hub import DEFAULT_MODEL, component_variant, read_json, resolve_model_path
 
 # Schedulers whose config we understand (the class names official SANA folders use).
 SUPPORTED_SCHEDULERS = ("DPMSolverMultistepScheduler", "FlowMatchEulerDiscreteScheduler", "SCMScheduler")
@@ -33,6 +33,7 @@ class SanaComponents:
     scheduler_config: dict[str, Any]
     name: str
     root: Path | None = None
+    variant: str | None = None  # the weight-file variant some component was read from (None: default weights)
 
 
 def pick_device(device: str | torch.device | None) -> torch.device:
@@ -114,19 +115,19 @@ def load_components(
 
     dev = pick_device(device)
     tdtype = pick_dtype(dtype, dev)
-    variant = check_variant(variant)
-    root = resolve_model_path(ref, variant=variant)
+    root = resolve_model_path(ref, variant=variant)  # checks `variant`
     index = read_json(root / "model_index.json")
+    read = {s: component_variant(root / s, variant) for s in ("transformer", "vae", "text_encoder")}
     transformer = SanaTransformer.from_pretrained(root, subfolder="transformer", torch_dtype=tdtype, device=dev,
-                                                  variant=component_variant(root / "transformer", variant))
+                                                  variant=read["transformer"])
     # The DC-AE stays in float32 on CPU and bf16 on GPU (fp16 overflows in its decoder).
     vae_dtype = torch.float32 if (dev.type == "cpu" or tdtype == torch.float32) else torch.bfloat16
-    vae = DCAE.from_pretrained(root, subfolder="vae", torch_dtype=vae_dtype, device=dev,
-                               variant=component_variant(root / "vae", variant))
-    text_encoder = load_text_encoder(root, index, dev, variant)
+    vae = DCAE.from_pretrained(root, subfolder="vae", torch_dtype=vae_dtype, device=dev, variant=read["vae"])
+    text_encoder = load_text_encoder(root, index, dev, read["text_encoder"])
     scheduler_config = read_json(root / "scheduler" / "scheduler_config.json")
     cls = scheduler_config.get("_class_name")
     if cls not in SUPPORTED_SCHEDULERS:
         raise CheckpointError(f"unsupported scheduler {cls!r} in {root}/scheduler; supported: {', '.join(SUPPORTED_SCHEDULERS)}")
     name = str(ref) if ref is not None else DEFAULT_MODEL
-    return SanaComponents(transformer, vae, text_encoder, scheduler_config, name, root), dev
+    used = variant if variant in read.values() else None
+    return SanaComponents(transformer, vae, text_encoder, scheduler_config, name, root, used), dev

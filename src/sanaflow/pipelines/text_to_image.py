@@ -362,6 +362,17 @@ class TextToImagePipeline:
             self.text_encoder.to(self.device)  # back for good
         self._offload = bool(value)
 
+    @contextlib.contextmanager
+    def _text_encoder_on_device(self):
+        """The text encoder on the pipeline's device while encoding; parked again after, when offloaded."""
+        if self._offload:
+            self.text_encoder.to(self.device)
+        try:
+            yield
+        finally:
+            if self._offload:
+                self._park_text_encoder()
+
     def _park_text_encoder(self) -> None:
         self.text_encoder.to(self.offload_device)
         if self.device.type == "cuda":
@@ -394,14 +405,9 @@ class TextToImagePipeline:
         for p in prompts:
             if not p.strip():
                 raise InputError("empty prompt; describe the image you want")
-        if self._offload:
-            self.text_encoder.to(self.device)
-        try:
+        with self._text_encoder_on_device():
             cond = self.text_encoder.encode(prompts)
             uncond = self.text_encoder.encode(negative, use_instruction=False) if negative is not None else None
-        finally:
-            if self._offload:
-                self._park_text_encoder()
         if self.trim_caption:
             cond, uncond = trim_caption_padding(cond, uncond)
         return cond, uncond
@@ -421,13 +427,8 @@ class TextToImagePipeline:
             if neg is not None:
                 uncond = per_image(neg)
             else:
-                if self._offload:
-                    self.text_encoder.to(self.device)
-                try:
+                with self._text_encoder_on_device():
                     uncond = self.text_encoder.encode(negatives, use_instruction=False)
-                finally:
-                    if self._offload:
-                        self._park_text_encoder()
                 cond, uncond = pad_caption_pair(cond, uncond)
         if self.trim_caption:
             cond, uncond = trim_caption_padding(cond, uncond)

@@ -334,10 +334,9 @@ class StableDiffusionBackbone:
         from diffusers import AutoencoderKL, ControlNetModel, DDIMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
-        from ..hub import check_variant, component_variant, resolve_model_path
+        from ..hub import component_variant, resolve_model_path
 
-        variant = check_variant(variant)
-        root = resolve_model_path(ref, variant=variant)
+        root = resolve_model_path(ref, variant=variant)  # checks `variant`
         device = torch.device(device)
         dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
         missing = [s for s in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if not (root / s).is_dir()]
@@ -526,10 +525,9 @@ def load_backbone(
 
     `variant` ("fp16", "bf16") reads those weight files where a component has them.
     """
-    from ..hub import check_variant, resolve_model_path
+    from ..hub import resolve_model_path
 
-    variant = check_variant(variant)
-    root: Path = resolve_model_path(ref, variant=variant)
+    root: Path = resolve_model_path(ref, variant=variant)  # checks `variant`
     if (root / "unet").is_dir():
         return StableDiffusionBackbone.from_pretrained(root, device=device, dtype=dtype, controlnet=controlnet,
                                                        variant=variant)
@@ -677,15 +675,10 @@ class SanaBackbone:
 
         `variant` ("fp16", "bf16") reads those weight files where a component has them.
         """
-        from ..hub import component_variant
         from ..pipelines.components import load_components
 
         parts, _ = load_components(ref, device=device, dtype=dtype, variant=variant)
-        read = None
-        if parts.root is not None and variant is not None:
-            subs = ("transformer", "vae", "text_encoder")
-            read = variant if any(component_variant(parts.root / s, variant) == variant for s in subs) else None
-        name = model_identity(parts.root, read) if parts.root is not None else parts.name
+        name = model_identity(parts.root, parts.variant) if parts.root is not None else parts.name
         return cls(parts.transformer, parts.vae, parts.text_encoder, parts.scheduler_config, name=name)
 
     @torch.no_grad()

@@ -504,6 +504,10 @@ class Trainer:
         window_steps, logs_acc = (_saved_log_window(ckpt_state, acc.process_index)
                                   if ckpt_state is not None else (0, {}))
         last_ckpt = step if ckpt_state is not None else -1
+
+        def window() -> dict[str, Any]:  # this rank's partial log window, as a checkpoint keeps it
+            return {"steps": window_steps, "sums": {k: float(v) for k, v in logs_acc.items()}}
+
         stop_reason = "max_steps"
         eval_scores: dict[str, float] = {}
         while step < cfg.train.max_steps:
@@ -562,7 +566,7 @@ class Trainer:
                     out_of_time = False
             if step % cfg.train.checkpoint_every == 0 or out_of_time or step == cfg.train.max_steps:
                 self.save_checkpoint(acc, loss_unwrapped, ema, optimizer, scheduler, step, micro_step, samples,
-                                     {"steps": window_steps, "sums": {k: float(v) for k, v in logs_acc.items()}})
+                                     window())
                 last_ckpt = step
             if task.evaluate is not None and cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.train.max_steps:
                 eval_scores = self._evaluate(acc, writer, ema, step)
@@ -571,7 +575,7 @@ class Trainer:
                 break
         if last_ckpt != step:
             self.save_checkpoint(acc, loss_unwrapped, ema, optimizer, scheduler, step, micro_step, samples,
-                                 {"steps": window_steps, "sums": {k: float(v) for k, v in logs_acc.items()}})
+                                 window())
         if pbar is not None:
             pbar.close()
         if task.evaluate is not None and cfg.eval.at_end and stop_reason == "max_steps":
